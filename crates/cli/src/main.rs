@@ -1,0 +1,2 @@
+//! twinhub binary (stub)
+fn main() {}
