@@ -1,1 +1,18 @@
-//! (stub)
+//! twinhub's domain without sockets: the identity registry, twin documents and their rules,
+//! direct methods, authorization decisions, and the directory of connected devices. The
+//! server crate drives it from REST handlers and MQTT sessions; `twinhub-store` persists it.
+
+pub mod auth;
+pub mod directory;
+pub mod error;
+pub mod hub;
+pub mod keys;
+pub mod methods;
+pub mod record;
+pub mod registry;
+pub mod sessions;
+pub mod twin_doc;
+pub mod twins;
+
+pub use error::{Error, Result};
+pub use hub::Hub;

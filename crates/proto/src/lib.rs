@@ -1,1 +1,40 @@
-//! (stub)
+//! twinhub-proto: IoT Hub's wire types, shared by the hub core, the REST server, the Rust SDK
+//! and the CLI. No I/O, no async, no randomness: callers pass keys, ids and times in.
+//!
+//! * [`error`]: error codes and the REST error body.
+//! * [`sas`]: SAS token parsing, verification and signing.
+//! * [`connection_string`]: connection string parsing and printing.
+//! * [`model`]: REST JSON documents (devices, twins, methods, bulk import, statistics).
+//! * [`time`]: IoT Hub's timestamp spelling.
+//! * [`topic`]: the device-facing MQTT topic grammar and property bags.
+//! * [`ids`]: device id, module id and method name rules.
+
+pub mod connection_string;
+pub mod error;
+pub mod ids;
+pub mod model;
+pub mod sas;
+pub mod time;
+pub mod topic;
+
+mod encoding;
+
+pub use connection_string::{ConnectionString, ConnectionStringError, ConnectionStringKind};
+pub use error::{ERROR_CODE_HEADER, ErrorBody, ErrorCode};
+pub use ids::{IdError, validate_device_id, validate_method_name, validate_module_id};
+pub use sas::{SasError, SasToken, generate_sas_token};
+pub use topic::{Delivery, Inbound, Subscription, TopicError};
+
+/// Any error this crate reports, for callers that want one type. Each module also exposes its
+/// own error enum with the specific variants.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Sas(#[from] SasError),
+    #[error(transparent)]
+    ConnectionString(#[from] ConnectionStringError),
+    #[error(transparent)]
+    Topic(#[from] TopicError),
+    #[error(transparent)]
+    Id(#[from] IdError),
+}

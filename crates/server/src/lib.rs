@@ -1,1 +1,252 @@
-//! (stub)
+//! twinhub's process: it binds the HTTPS and MQTT ports, prepares TLS and the data dir, opens
+//! the store and the hub, and runs one TLS accept loop per port (REST and MQTT over WebSockets
+//! on HTTPS; MQTT on the MQTT port) until shutdown. The only crate that knows sockets.
+
+pub mod config;
+pub mod error;
+pub mod hub_file;
+pub mod mqtt;
+pub mod rest;
+pub mod tls;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::service::TowerToHyperService;
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use tokio::net::TcpListener;
+use tokio_rustls::TlsAcceptor;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use twinhub_core::Hub;
+use twinhub_store::{RedbStore, Store};
+
+pub use config::{Config, Overrides};
+pub use error::ServerError;
+pub use hub_file::HubFile;
+
+use mqtt::SessionContext;
+
+/// How long a client has to finish the TLS handshake.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long shutdown waits for in-flight work before giving up on it.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(20);
+
+/// A started hub.
+pub struct RunningServer {
+    pub https_addr: SocketAddr,
+    pub mqtt_addr: SocketAddr,
+    pub hub: Arc<Hub>,
+    pub hub_file: HubFile,
+    pub ca_pem: Option<PathBuf>,
+    pub ca_bundle: Option<PathBuf>,
+    pub config: Config,
+    store: Arc<RedbStore>,
+    shutdown: CancellationToken,
+    tracker: TaskTracker,
+}
+
+fn metrics_handle() -> PrometheusHandle {
+    static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+    HANDLE
+        .get_or_init(|| {
+            let builder = PrometheusBuilder::new()
+                .set_buckets_for_metric(
+                    Matcher::Suffix("seconds".into()),
+                    &[
+                        0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+                        5.0, 10.0, 30.0,
+                    ],
+                )
+                .unwrap_or_else(|_| PrometheusBuilder::new());
+            match builder.install_recorder() {
+                Ok(h) => h,
+                // Another recorder is installed (an embedding program): keep ours unregistered.
+                Err(_) => PrometheusBuilder::new().build_recorder().handle(),
+            }
+        })
+        .clone()
+}
+
+async fn bind(addr: SocketAddr, flag: &'static str, alt: u16) -> Result<TcpListener, ServerError> {
+    TcpListener::bind(addr).await.map_err(|e| match e.kind() {
+        std::io::ErrorKind::AddrInUse => ServerError::AddrInUse { addr, flag },
+        std::io::ErrorKind::PermissionDenied if addr.port() < 1024 => {
+            ServerError::PrivilegedPort { addr, flag, alt }
+        }
+        _ => ServerError::Listen { addr, source: e },
+    })
+}
+
+impl RunningServer {
+    /// Starts a hub with `config`. Returns once both ports accept connections.
+    pub async fn start(config: Config) -> Result<RunningServer, ServerError> {
+        hub_file::ensure_data_dir(&config.data_dir)?;
+        let https = bind(
+            SocketAddr::new(config.bind, config.https_port),
+            "https-port",
+            8443,
+        )
+        .await?;
+        let mqtt = bind(
+            SocketAddr::new(config.bind, config.mqtt_port),
+            "mqtt-port",
+            8883,
+        )
+        .await?;
+        let https_addr = https.local_addr().map_err(|e| ServerError::Listen {
+            addr: SocketAddr::new(config.bind, config.https_port),
+            source: e,
+        })?;
+        let mqtt_addr = mqtt.local_addr().map_err(|e| ServerError::Listen {
+            addr: SocketAddr::new(config.bind, config.mqtt_port),
+            source: e,
+        })?;
+
+        let hub_file = HubFile::load_or_create(&config, https_addr.port(), mqtt_addr.port())?;
+        let tls = tls::prepare(&config)?;
+        let store = Arc::new(RedbStore::open(&config.data_dir.join("store.redb"))?);
+        let hub = Hub::open(
+            store.clone() as Arc<dyn Store>,
+            config.hostname.clone(),
+            hub_file.policies.clone(),
+        )
+        .await?;
+
+        let shutdown = CancellationToken::new();
+        let tracker = TaskTracker::new();
+        let sessions = SessionContext {
+            hub: hub.clone(),
+            connect_timeout: Duration::from_secs(config.mqtt_connect_timeout),
+            shutdown: shutdown.clone(),
+        };
+        let router = rest::router(rest::AppState {
+            hub: hub.clone(),
+            metrics: metrics_handle(),
+            sessions: sessions.clone(),
+        });
+
+        tracker.spawn(accept_loop(
+            https,
+            TlsAcceptor::from(tls.https),
+            Listener::Https(router),
+            shutdown.clone(),
+            tracker.clone(),
+        ));
+        tracker.spawn(accept_loop(
+            mqtt,
+            TlsAcceptor::from(tls.mqtt),
+            Listener::Mqtt(sessions),
+            shutdown.clone(),
+            tracker.clone(),
+        ));
+        Ok(RunningServer {
+            https_addr,
+            mqtt_addr,
+            hub,
+            hub_file,
+            ca_pem: tls.ca_pem,
+            ca_bundle: tls.ca_bundle,
+            config,
+            store,
+            shutdown,
+            tracker,
+        })
+    }
+
+    /// A service connection string for `policy` (default `iothubowner`).
+    pub fn connection_string(&self, policy: &str) -> Option<String> {
+        self.hub_file.connection_string(policy)
+    }
+
+    /// Stops accepting, closes device sessions, lets in-flight requests finish (bounded),
+    /// then flushes and closes the store.
+    pub async fn shutdown(self) {
+        self.shutdown.cancel();
+        self.hub.close_all_sessions();
+        self.tracker.close();
+        if tokio::time::timeout(SHUTDOWN_GRACE, self.tracker.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!("some connections did not finish within {SHUTDOWN_GRACE:?}");
+        }
+        if let Err(e) = self.store.close().await {
+            tracing::error!("closing the store failed: {e}");
+        }
+    }
+}
+
+enum Listener {
+    Https(axum::Router),
+    Mqtt(SessionContext),
+}
+
+async fn accept_loop(
+    listener: TcpListener,
+    acceptor: TlsAcceptor,
+    kind: Listener,
+    shutdown: CancellationToken,
+    tracker: TaskTracker,
+) {
+    let kind = Arc::new(kind);
+    loop {
+        let (tcp, peer) = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    // Out of file descriptors and the like: back off instead of spinning.
+                    tracing::warn!("accept failed: {e}");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+        };
+        let _ = tcp.set_nodelay(true);
+        let acceptor = acceptor.clone();
+        let kind = kind.clone();
+        let shutdown = shutdown.clone();
+        tracker.spawn(async move {
+            let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                Ok(Ok(tls)) => tls,
+                Ok(Err(e)) => {
+                    tracing::debug!(%peer, "TLS handshake failed: {e}");
+                    return;
+                }
+                Err(_) => {
+                    tracing::debug!(%peer, "TLS handshake timed out");
+                    return;
+                }
+            };
+            match &*kind {
+                Listener::Mqtt(ctx) => mqtt::run_session(ctx.clone(), tls, peer.to_string()).await,
+                Listener::Https(router) => serve_http(tls, router.clone(), shutdown).await,
+            }
+        });
+    }
+}
+
+async fn serve_http<S>(io: S, router: axum::Router, shutdown: CancellationToken)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    let conn =
+        builder.serve_connection_with_upgrades(TokioIo::new(io), TowerToHyperService::new(router));
+    tokio::pin!(conn);
+    tokio::select! {
+        res = conn.as_mut() => {
+            if let Err(e) = res {
+                tracing::debug!("HTTP connection ended: {e}");
+            }
+        }
+        _ = shutdown.cancelled() => {
+            conn.as_mut().graceful_shutdown();
+            let _ = conn.await;
+        }
+    }
+}

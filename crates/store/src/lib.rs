@@ -11,7 +11,7 @@ mod redb_store;
 pub mod conformance;
 
 pub use memory::MemoryStore;
-pub use redb_store::RedbStore;
+pub use redb_store::{RedbStore, StoreStats};
 
 use async_trait::async_trait;
 

@@ -1,0 +1,291 @@
+//! Authorization decisions: shared access policies and their rights, service SAS tokens on
+//! REST calls, and device SAS tokens on MQTT CONNECT. Token parsing and HMAC checks are in
+//! `twinhub_proto::sas`; this module decides what a valid token may do.
+
+use serde::{Deserialize, Serialize};
+use twinhub_proto::sas::SasToken;
+
+use crate::error::{Error, Result};
+use crate::keys;
+
+/// A right a shared access policy can grant.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum Right {
+    RegistryRead,
+    RegistryWrite,
+    ServiceConnect,
+    DeviceConnect,
+}
+
+/// A shared access policy: a name, two keys, and rights.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Policy {
+    pub name: String,
+    pub primary_key: String,
+    pub secondary_key: String,
+    pub rights: Vec<Right>,
+}
+
+impl Policy {
+    pub fn grants(&self, right: Right) -> bool {
+        // RegistryWrite implies RegistryRead, as in IoT Hub.
+        self.rights.contains(&right)
+            || (right == Right::RegistryRead && self.rights.contains(&Right::RegistryWrite))
+    }
+}
+
+/// The hub's built-in policies, with fresh random keys.
+pub fn default_policies() -> Vec<Policy> {
+    use Right::*;
+    let make = |name: &str, rights: &[Right]| Policy {
+        name: name.to_string(),
+        primary_key: keys::generate_key(),
+        secondary_key: keys::generate_key(),
+        rights: rights.to_vec(),
+    };
+    vec![
+        make(
+            "iothubowner",
+            &[RegistryRead, RegistryWrite, ServiceConnect, DeviceConnect],
+        ),
+        make("service", &[ServiceConnect]),
+        make("registryRead", &[RegistryRead]),
+        make("registryReadWrite", &[RegistryRead, RegistryWrite]),
+        make("device", &[DeviceConnect]),
+    ]
+}
+
+/// Checks tokens against the hub's name and policies.
+#[derive(Debug, Clone)]
+pub struct Authorizer {
+    hostname: String,
+    policies: Vec<Policy>,
+}
+
+impl Authorizer {
+    pub fn new(hostname: impl Into<String>, policies: Vec<Policy>) -> Self {
+        Authorizer {
+            hostname: hostname.into(),
+            policies,
+        }
+    }
+
+    pub fn hostname(&self) -> &str {
+        &self.hostname
+    }
+
+    pub fn policy(&self, name: &str) -> Option<&Policy> {
+        self.policies.iter().find(|p| p.name == name)
+    }
+
+    pub fn policies(&self) -> &[Policy] {
+        &self.policies
+    }
+
+    /// Authorizes a service call from its `Authorization` header value. Returns the policy.
+    pub fn authorize_service(
+        &self,
+        header: Option<&str>,
+        right: Right,
+        now_unix: u64,
+    ) -> Result<&Policy> {
+        let header = header.ok_or_else(|| Error::unauthorized("Missing Authorization header"))?;
+        let token = SasToken::parse(header)
+            .map_err(|e| Error::unauthorized(format!("Malformed SharedAccessSignature: {e}")))?;
+        let name = token
+            .key_name
+            .as_deref()
+            .ok_or_else(|| Error::unauthorized("The token names no shared access policy (skn)"))?;
+        let policy = self
+            .policy(name)
+            .ok_or_else(|| Error::unauthorized(format!("Unknown shared access policy '{name}'")))?;
+        if !self.hub_resource_matches(&token.resource) {
+            return Err(Error::unauthorized(format!(
+                "The token's resource '{}' does not name this hub",
+                token.resource
+            )));
+        }
+        if !(token.verify(&policy.primary_key) || token.verify(&policy.secondary_key)) {
+            return Err(Error::unauthorized("The token's signature is invalid"));
+        }
+        if token.is_expired(now_unix) {
+            return Err(Error::unauthorized("The token has expired"));
+        }
+        if !policy.grants(right) {
+            return Err(Error::unauthorized(format!(
+                "Policy '{name}' does not grant {right:?}"
+            )));
+        }
+        Ok(policy)
+    }
+
+    /// `sr` names this hub: the host name, with or without a port, case-insensitively.
+    fn hub_resource_matches(&self, resource: &str) -> bool {
+        let host = resource.trim_end_matches('/');
+        host_matches(host, &self.hostname)
+    }
+
+    /// Authenticates a device's CONNECT password against its keys (or a policy with
+    /// DeviceConnect). Returns the token's expiry (unix seconds).
+    pub fn authenticate_device(
+        &self,
+        device_id: &str,
+        primary_key: Option<&str>,
+        secondary_key: Option<&str>,
+        password: &str,
+        now_unix: u64,
+    ) -> Result<u64> {
+        let token = SasToken::parse(password)
+            .map_err(|e| Error::unauthorized(format!("Malformed SharedAccessSignature: {e}")))?;
+        let Some((host, path)) = token.resource.split_once('/') else {
+            return Err(Error::unauthorized("The token's resource names no device"));
+        };
+        if !host_matches(host, &self.hostname)
+            || path.trim_end_matches('/') != format!("devices/{device_id}")
+        {
+            return Err(Error::unauthorized(format!(
+                "The token's resource '{}' does not name device '{device_id}' on this hub",
+                token.resource
+            )));
+        }
+        let valid = match token.key_name.as_deref() {
+            None => [primary_key, secondary_key]
+                .into_iter()
+                .flatten()
+                .any(|k| token.verify(k)),
+            Some(name) => self.policy(name).is_some_and(|p| {
+                p.grants(Right::DeviceConnect)
+                    && (token.verify(&p.primary_key) || token.verify(&p.secondary_key))
+            }),
+        };
+        if !valid {
+            return Err(Error::unauthorized("The token's signature is invalid"));
+        }
+        if token.is_expired(now_unix) {
+            return Err(Error::unauthorized("The token has expired"));
+        }
+        Ok(token.expiry)
+    }
+}
+
+/// `candidate` (possibly `host:port`) names `hostname`.
+fn host_matches(candidate: &str, hostname: &str) -> bool {
+    if candidate.eq_ignore_ascii_case(hostname) {
+        return true;
+    }
+    match candidate.rsplit_once(':') {
+        Some((h, port)) if !port.is_empty() && port.bytes().all(|b| b.is_ascii_digit()) => {
+            h.eq_ignore_ascii_case(hostname)
+        }
+        _ => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use twinhub_proto::sas::generate_sas_token;
+
+    fn authorizer() -> Authorizer {
+        Authorizer::new("hub.local", default_policies())
+    }
+
+    fn service_token(a: &Authorizer, policy: &str, sr: &str, expiry: u64) -> String {
+        let key = &a.policy(policy).unwrap().primary_key;
+        generate_sas_token(sr, key, Some(policy), expiry).unwrap()
+    }
+
+    #[test]
+    fn service_tokens() {
+        let a = authorizer();
+        let now = 1_000_000;
+        let ok = service_token(&a, "iothubowner", "hub.local", now + 60);
+        assert!(
+            a.authorize_service(Some(&ok), Right::RegistryWrite, now)
+                .is_ok()
+        );
+        let with_port = service_token(&a, "iothubowner", "hub.local:8443", now + 60);
+        assert!(
+            a.authorize_service(Some(&with_port), Right::ServiceConnect, now)
+                .is_ok()
+        );
+        let expired = service_token(&a, "iothubowner", "hub.local", now - 1);
+        assert!(
+            a.authorize_service(Some(&expired), Right::RegistryRead, now)
+                .is_err()
+        );
+        let other_hub = service_token(&a, "iothubowner", "other.local", now + 60);
+        assert!(
+            a.authorize_service(Some(&other_hub), Right::RegistryRead, now)
+                .is_err()
+        );
+        let read_only = service_token(&a, "registryRead", "hub.local", now + 60);
+        assert!(
+            a.authorize_service(Some(&read_only), Right::RegistryRead, now)
+                .is_ok()
+        );
+        assert!(
+            a.authorize_service(Some(&read_only), Right::RegistryWrite, now)
+                .is_err()
+        );
+        let rw = service_token(&a, "registryReadWrite", "hub.local", now + 60);
+        assert!(
+            a.authorize_service(Some(&rw), Right::RegistryRead, now)
+                .is_ok()
+        );
+        assert!(
+            a.authorize_service(Some(&rw), Right::ServiceConnect, now)
+                .is_err()
+        );
+        assert!(a.authorize_service(None, Right::RegistryRead, now).is_err());
+        let forged = generate_sas_token(
+            "hub.local",
+            &keys::generate_key(),
+            Some("iothubowner"),
+            now + 60,
+        )
+        .unwrap();
+        assert!(
+            a.authorize_service(Some(&forged), Right::RegistryRead, now)
+                .is_err()
+        );
+    }
+
+    #[test]
+    fn device_tokens() {
+        let a = authorizer();
+        let now = 1_000_000;
+        let key = keys::generate_key();
+        let tok = generate_sas_token("hub.local/devices/d1", &key, None, now + 60).unwrap();
+        assert_eq!(
+            a.authenticate_device("d1", Some(&key), None, &tok, now)
+                .unwrap(),
+            now + 60
+        );
+        assert!(
+            a.authenticate_device("d2", Some(&key), None, &tok, now)
+                .is_err()
+        );
+        assert!(
+            a.authenticate_device("d1", Some(&keys::generate_key()), None, &tok, now)
+                .is_err()
+        );
+        assert!(
+            a.authenticate_device("d1", None, Some(&key), &tok, now)
+                .is_ok()
+        );
+        assert!(
+            a.authenticate_device("d1", Some(&key), None, &tok, now + 61)
+                .is_err()
+        );
+        let pol = a.policy("device").unwrap().primary_key.clone();
+        let tok =
+            generate_sas_token("hub.local/devices/d1", &pol, Some("device"), now + 60).unwrap();
+        assert!(a.authenticate_device("d1", None, None, &tok, now).is_ok());
+        let svc = a.policy("service").unwrap().primary_key.clone();
+        let tok =
+            generate_sas_token("hub.local/devices/d1", &svc, Some("service"), now + 60).unwrap();
+        assert!(a.authenticate_device("d1", None, None, &tok, now).is_err());
+    }
+}

@@ -1,0 +1,338 @@
+//! The directory of connected devices: which session serves which device, what it has
+//! subscribed to, and how to reach it. A session registers a [`SessionHandle`]; the hub sends
+//! it [`SessionCommand`]s over a bounded channel. Sharded so connects and lookups on
+//! different devices never contend on one lock.
+
+use std::collections::HashMap;
+use std::hash::{BuildHasher, Hash, Hasher};
+use std::sync::atomic::{AtomicU8, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+
+use bytes::Bytes;
+use tokio::sync::{Notify, OwnedMutexGuard, mpsc, oneshot};
+
+const SHARDS: usize = 64;
+
+/// Why the hub closes a session.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CloseReason {
+    /// Another connection for the same device took over.
+    ReplacedByNewConnection,
+    /// The device was disabled or deleted.
+    DeviceDisabled,
+    /// The session's command queue overflowed; the device will resync on reconnect.
+    SlowConsumer,
+    /// The hub is shutting down.
+    Shutdown,
+}
+
+/// A device's answer to a direct method.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MethodResponse {
+    pub status: i32,
+    /// The device's JSON payload, validated as JSON by the session.
+    pub payload: Bytes,
+}
+
+/// Why a method call failed inside the session.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MethodFailure {
+    /// The device's reply was not acceptable (too large, not JSON).
+    BadResponse(String),
+}
+
+/// What the hub asks of a session.
+#[derive(Debug)]
+pub enum SessionCommand {
+    /// Publish a method request and answer `reply` with the device's response.
+    InvokeMethod {
+        method_name: String,
+        payload: Bytes,
+        reply: oneshot::Sender<Result<MethodResponse, MethodFailure>>,
+    },
+    /// Publish a desired-properties patch (payload already carries `$version`).
+    DesiredPatch { version: u64, payload: Bytes },
+}
+
+/// An out-of-band request to close a session; works even when its command queue is full.
+#[derive(Debug, Default)]
+pub struct CloseSignal {
+    reason: Mutex<Option<CloseReason>>,
+    notify: Notify,
+}
+
+impl CloseSignal {
+    pub fn close(&self, reason: CloseReason) {
+        let mut r = self.reason.lock().unwrap_or_else(|e| e.into_inner());
+        if r.is_none() {
+            *r = Some(reason);
+        }
+        drop(r);
+        self.notify.notify_one();
+    }
+
+    /// Completes when [`CloseSignal::close`] has been called; yields the first reason.
+    pub async fn closed(&self) -> CloseReason {
+        loop {
+            let notified = self.notify.notified();
+            if let Some(r) = *self.reason.lock().unwrap_or_else(|e| e.into_inner()) {
+                return r;
+            }
+            notified.await;
+        }
+    }
+}
+
+/// Subscription flags a session publishes for the hub's routing decisions.
+pub mod subs {
+    pub const METHODS: u8 = 1;
+    pub const DESIRED: u8 = 2;
+    pub const TWIN_RESPONSES: u8 = 4;
+    pub const C2D: u8 = 8;
+}
+
+/// How the hub reaches one connected session.
+#[derive(Debug, Clone)]
+pub struct SessionHandle {
+    pub connection_id: u64,
+    pub commands: mpsc::Sender<SessionCommand>,
+    pub close: Arc<CloseSignal>,
+    subscriptions: Arc<AtomicU8>,
+}
+
+impl SessionHandle {
+    pub fn new(commands: mpsc::Sender<SessionCommand>) -> Self {
+        static NEXT: AtomicU64 = AtomicU64::new(1);
+        SessionHandle {
+            connection_id: NEXT.fetch_add(1, Ordering::Relaxed),
+            commands,
+            close: Arc::new(CloseSignal::default()),
+            subscriptions: Arc::new(AtomicU8::new(0)),
+        }
+    }
+
+    pub fn is_subscribed(&self, flag: u8) -> bool {
+        self.subscriptions.load(Ordering::Acquire) & flag != 0
+    }
+
+    pub fn subscriptions(&self) -> u8 {
+        self.subscriptions.load(Ordering::Acquire)
+    }
+}
+
+type Shard = RwLock<HashMap<String, SessionHandle>>;
+
+/// Device id → the session currently serving it.
+pub struct Directory {
+    shards: Vec<Shard>,
+    hasher: std::collections::hash_map::RandomState,
+    connected: AtomicUsize,
+    /// Woken whenever a session registers or subscribes (for method connect-timeouts).
+    changed: Notify,
+}
+
+impl Default for Directory {
+    fn default() -> Self {
+        Directory {
+            shards: (0..SHARDS).map(|_| RwLock::new(HashMap::new())).collect(),
+            hasher: Default::default(),
+            connected: AtomicUsize::new(0),
+            changed: Notify::new(),
+        }
+    }
+}
+
+impl Directory {
+    fn shard(&self, device_id: &str) -> &Shard {
+        let mut h = self.hasher.build_hasher();
+        device_id.hash(&mut h);
+        &self.shards[(h.finish() as usize) % SHARDS]
+    }
+
+    /// Registers `handle` for `device_id`; returns the handle it replaced, if any.
+    pub fn register(&self, device_id: &str, handle: SessionHandle) -> Option<SessionHandle> {
+        let old = self
+            .shard(device_id)
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(device_id.to_string(), handle);
+        if old.is_none() {
+            self.connected.fetch_add(1, Ordering::Relaxed);
+        }
+        self.changed.notify_waiters();
+        old
+    }
+
+    /// Removes the entry for `device_id` if it is still `connection_id`'s. Returns whether
+    /// it was removed.
+    pub fn unregister(&self, device_id: &str, connection_id: u64) -> bool {
+        let mut shard = self
+            .shard(device_id)
+            .write()
+            .unwrap_or_else(|e| e.into_inner());
+        if shard
+            .get(device_id)
+            .is_some_and(|h| h.connection_id == connection_id)
+        {
+            shard.remove(device_id);
+            self.connected.fetch_sub(1, Ordering::Relaxed);
+            true
+        } else {
+            false
+        }
+    }
+
+    pub fn get(&self, device_id: &str) -> Option<SessionHandle> {
+        self.shard(device_id)
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(device_id)
+            .cloned()
+    }
+
+    pub fn is_connected(&self, device_id: &str) -> bool {
+        self.shard(device_id)
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains_key(device_id)
+    }
+
+    pub fn connected_count(&self) -> usize {
+        self.connected.load(Ordering::Relaxed)
+    }
+
+    /// Records a session's subscriptions (a bit set of [`subs`]) and wakes waiters.
+    pub fn set_subscriptions(&self, handle: &SessionHandle, flags: u8) {
+        handle.subscriptions.store(flags, Ordering::Release);
+        self.changed.notify_waiters();
+    }
+
+    /// A future that completes at the next registration or subscription change.
+    pub fn changed(&self) -> tokio::sync::futures::Notified<'_> {
+        self.changed.notified()
+    }
+
+    /// Every registered handle (for shutdown).
+    pub fn all(&self) -> Vec<SessionHandle> {
+        self.shards
+            .iter()
+            .flat_map(|s| {
+                s.read()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .values()
+                    .cloned()
+                    .collect::<Vec<_>>()
+            })
+            .collect()
+    }
+}
+
+/// One async mutex per key, created on demand and dropped when unused, so a slow write to
+/// one device never queues writes to another.
+pub struct KeyedLocks {
+    shards: Vec<Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>>,
+    hasher: std::collections::hash_map::RandomState,
+}
+
+impl Default for KeyedLocks {
+    fn default() -> Self {
+        KeyedLocks {
+            shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
+            hasher: Default::default(),
+        }
+    }
+}
+
+/// Holds a key's lock; releases it (and forgets the key when no one waits) on drop.
+pub struct KeyGuard<'a> {
+    locks: &'a KeyedLocks,
+    key: String,
+    guard: Option<OwnedMutexGuard<()>>,
+}
+
+impl KeyedLocks {
+    fn shard(&self, key: &str) -> &Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>> {
+        let mut h = self.hasher.build_hasher();
+        key.hash(&mut h);
+        &self.shards[(h.finish() as usize) % SHARDS]
+    }
+
+    pub async fn lock(&self, key: &str) -> KeyGuard<'_> {
+        let mutex = {
+            let mut map = self.shard(key).lock().unwrap_or_else(|e| e.into_inner());
+            map.entry(key.to_string()).or_default().clone()
+        };
+        let guard = mutex.lock_owned().await;
+        KeyGuard {
+            locks: self,
+            key: key.to_string(),
+            guard: Some(guard),
+        }
+    }
+}
+
+impl Drop for KeyGuard<'_> {
+    fn drop(&mut self) {
+        drop(self.guard.take());
+        let mut map = self
+            .locks
+            .shard(&self.key)
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        // Only the map holds it now: nobody waits, so forget the key.
+        if map
+            .get(&self.key)
+            .is_some_and(|m| Arc::strong_count(m) == 1)
+        {
+            map.remove(&self.key);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[tokio::test]
+    async fn register_replace_unregister() {
+        let d = Directory::default();
+        let (tx, _rx) = mpsc::channel(1);
+        let h1 = SessionHandle::new(tx.clone());
+        let h2 = SessionHandle::new(tx);
+        assert!(d.register("a", h1.clone()).is_none());
+        assert_eq!(d.connected_count(), 1);
+        let old = d.register("a", h2.clone()).unwrap();
+        assert_eq!(old.connection_id, h1.connection_id);
+        assert_eq!(d.connected_count(), 1);
+        // The replaced session's late unregister must not remove the new one.
+        assert!(!d.unregister("a", h1.connection_id));
+        assert!(d.is_connected("a"));
+        assert!(d.unregister("a", h2.connection_id));
+        assert_eq!(d.connected_count(), 0);
+    }
+
+    #[tokio::test]
+    async fn keyed_locks_serialize_one_key_only() {
+        let locks = Arc::new(KeyedLocks::default());
+        let g = locks.lock("x").await;
+        // Another key is free.
+        tokio::time::timeout(Duration::from_millis(100), locks.lock("y"))
+            .await
+            .expect("other key blocked");
+        // Same key waits.
+        let l2 = locks.clone();
+        let waiter = tokio::spawn(async move {
+            let _g = l2.lock("x").await;
+        });
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(!waiter.is_finished());
+        drop(g);
+        tokio::time::timeout(Duration::from_secs(1), waiter)
+            .await
+            .expect("waiter never got the lock")
+            .unwrap();
+        let total: usize = locks.shards.iter().map(|s| s.lock().unwrap().len()).sum();
+        assert_eq!(total, 0, "unused keys must be forgotten");
+    }
+}

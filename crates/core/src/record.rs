@@ -1,0 +1,202 @@
+//! The persisted form of a device: identity and twin in one record under one key, so a
+//! device and its twin change atomically. Renders into the wire models of `twinhub-proto`.
+
+use base64::Engine as _;
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+use twinhub_proto::model::{
+    AuthenticationMechanism, AuthenticationType, ConnectionState, Device, DeviceCapabilities,
+    DeviceStatus, SymmetricKey, Twin, TwinProperties, X509Thumbprint,
+};
+
+use crate::error::{Error, Result};
+use crate::twin_doc::Section;
+
+/// Stored credentials of a device.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StoredAuth {
+    pub auth_type: AuthenticationType,
+    pub primary_key: Option<String>,
+    pub secondary_key: Option<String>,
+    pub primary_thumbprint: Option<String>,
+    pub secondary_thumbprint: Option<String>,
+}
+
+/// The twin part of a device record.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TwinState {
+    /// Increments on any change of tags, desired or reported.
+    pub version: u64,
+    pub tags: Map<String, Value>,
+    pub desired: Section,
+    pub reported: Section,
+}
+
+/// One device: identity, credentials, presence times and twin.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DeviceRecord {
+    pub device_id: String,
+    pub generation_id: String,
+    /// Bumped on every identity change; the device etag is derived from it.
+    pub identity_version: u64,
+    pub status: DeviceStatus,
+    pub status_reason: Option<String>,
+    pub status_updated_time: String,
+    pub auth: StoredAuth,
+    pub iot_edge: bool,
+    pub device_scope: Option<String>,
+    pub parent_scopes: Vec<String>,
+    pub connection_state_updated_time: String,
+    pub last_activity_time: String,
+    pub cloud_to_device_message_count: u64,
+    pub twin: TwinState,
+}
+
+impl DeviceRecord {
+    pub fn encode(&self) -> Vec<u8> {
+        // Serializing plain data into a Vec cannot fail.
+        serde_json::to_vec(self).unwrap_or_default()
+    }
+
+    pub fn decode(bytes: &[u8]) -> Result<Self> {
+        serde_json::from_slice(bytes).map_err(|e| {
+            tracing::error!(error = %e, "corrupt device record in store");
+            Error::internal()
+        })
+    }
+
+    /// The identity etag as IoT Hub shapes it: base64 of a decimal counter.
+    pub fn device_etag(&self) -> String {
+        base64::engine::general_purpose::STANDARD.encode(self.identity_version.to_string())
+    }
+
+    /// The twin etag: base64 of the twin version as 8 big-endian bytes (`AAAAAAAAAAE=` is 1).
+    pub fn twin_etag(&self) -> String {
+        base64::engine::general_purpose::STANDARD.encode(self.twin.version.to_be_bytes())
+    }
+
+    pub fn authentication(&self, with_keys: bool) -> AuthenticationMechanism {
+        let a = &self.auth;
+        AuthenticationMechanism {
+            symmetric_key: Some(SymmetricKey {
+                primary_key: if with_keys {
+                    a.primary_key.clone()
+                } else {
+                    None
+                },
+                secondary_key: if with_keys {
+                    a.secondary_key.clone()
+                } else {
+                    None
+                },
+            }),
+            x509_thumbprint: Some(X509Thumbprint {
+                primary_thumbprint: a.primary_thumbprint.clone(),
+                secondary_thumbprint: a.secondary_thumbprint.clone(),
+            }),
+            auth_type: a.auth_type,
+        }
+    }
+
+    /// The Device document of the registry API.
+    pub fn to_device(&self, connected: bool) -> Device {
+        Device {
+            device_id: self.device_id.clone(),
+            generation_id: Some(self.generation_id.clone()),
+            etag: Some(self.device_etag()),
+            connection_state: Some(connection_state(connected)),
+            status: self.status,
+            status_reason: self.status_reason.clone(),
+            connection_state_updated_time: Some(self.connection_state_updated_time.clone()),
+            status_updated_time: Some(self.status_updated_time.clone()),
+            last_activity_time: Some(self.last_activity_time.clone()),
+            cloud_to_device_message_count: Some(self.cloud_to_device_message_count),
+            authentication: Some(self.authentication(true)),
+            capabilities: Some(DeviceCapabilities {
+                iot_edge: self.iot_edge,
+            }),
+            device_scope: self.device_scope.clone(),
+            parent_scopes: Some(self.parent_scopes.clone()),
+        }
+    }
+
+    /// The full Twin document of the twin API.
+    pub fn to_twin(&self, connected: bool) -> Twin {
+        let (Value::Object(desired), Value::Object(reported)) = (
+            self.twin.desired.to_service_json(),
+            self.twin.reported.to_service_json(),
+        ) else {
+            unreachable!("a section renders as an object")
+        };
+        Twin {
+            device_id: self.device_id.clone(),
+            module_id: None,
+            etag: Some(self.twin_etag()),
+            device_etag: Some(self.device_etag()),
+            status: Some(self.status),
+            status_reason: self.status_reason.clone(),
+            status_update_time: Some(self.status_updated_time.clone()),
+            connection_state: Some(connection_state(connected)),
+            last_activity_time: Some(self.last_activity_time.clone()),
+            cloud_to_device_message_count: Some(self.cloud_to_device_message_count),
+            authentication_type: Some(self.auth.auth_type),
+            x509_thumbprint: Some(X509Thumbprint {
+                primary_thumbprint: self.auth.primary_thumbprint.clone(),
+                secondary_thumbprint: self.auth.secondary_thumbprint.clone(),
+            }),
+            model_id: Some(String::new()),
+            version: Some(self.twin.version),
+            tags: Some(self.twin.tags.clone()),
+            properties: Some(TwinProperties { desired, reported }),
+            capabilities: Some(DeviceCapabilities {
+                iot_edge: self.iot_edge,
+            }),
+            device_scope: self.device_scope.clone(),
+            parent_scopes: Some(self.parent_scopes.clone()),
+        }
+    }
+
+    /// What a device receives for a twin GET: `{"desired": {..}, "reported": {..}}`.
+    pub fn device_twin_json(&self) -> Value {
+        let mut m = Map::new();
+        m.insert("desired".into(), self.twin.desired.to_device_json());
+        m.insert("reported".into(), self.twin.reported.to_device_json());
+        Value::Object(m)
+    }
+}
+
+fn connection_state(connected: bool) -> ConnectionState {
+    if connected {
+        ConnectionState::Connected
+    } else {
+        ConnectionState::Disconnected
+    }
+}
+
+/// Strips surrounding quotes from an If-Match value; `None` when it matches anything.
+pub fn if_match_value(if_match: Option<&str>) -> Option<&str> {
+    let v = if_match?.trim();
+    let v = v
+        .strip_prefix('"')
+        .and_then(|s| s.strip_suffix('"'))
+        .unwrap_or(v);
+    if v == "*" || v.is_empty() {
+        None
+    } else {
+        Some(v)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn if_match_forms() {
+        assert_eq!(if_match_value(None), None);
+        assert_eq!(if_match_value(Some("*")), None);
+        assert_eq!(if_match_value(Some("\"*\"")), None);
+        assert_eq!(if_match_value(Some("\"AAAA\"")), Some("AAAA"));
+        assert_eq!(if_match_value(Some("AAAA")), Some("AAAA"));
+    }
+}

@@ -1,0 +1,501 @@
+//! The identity registry: create, read, update and delete devices one at a time or in bulk,
+//! and the registry and service statistics. Credentials are validated here, keys generated
+//! when a caller gives none.
+
+use std::collections::BTreeSet;
+use std::sync::atomic::Ordering;
+
+use base64::Engine as _;
+use serde_json::{Map, Value};
+use twinhub_proto::error::ErrorCode;
+use twinhub_proto::model::{
+    AuthenticationMechanism, AuthenticationType, BulkRegistryOperationResult, Device,
+    DeviceRegistryOperationError, DeviceStatus, ExportImportDevice, ImportMode, RegistryStatistics,
+    ServiceStatistics,
+};
+use twinhub_store::{Table, Write};
+
+use crate::directory::CloseReason;
+use crate::error::{Error, Result};
+use crate::hub::Hub;
+use crate::keys;
+use crate::record::{DeviceRecord, StoredAuth, TwinState, if_match_value};
+use crate::twin_doc::{self, Section, SectionKind};
+
+/// IoT Hub's cap on devices in one bulk registry call.
+pub const BULK_LIMIT: usize = 100;
+/// IoT Hub's cap on `GET /devices?top=`.
+pub const LIST_LIMIT: usize = 1000;
+
+/// The identity fields a caller may set on create or update.
+#[derive(Debug, Clone, Default)]
+pub struct DeviceSpec {
+    pub status: Option<DeviceStatus>,
+    pub status_reason: Option<String>,
+    pub authentication: Option<AuthenticationMechanism>,
+    pub iot_edge: bool,
+    pub device_scope: Option<String>,
+    pub parent_scopes: Vec<String>,
+}
+
+impl From<&Device> for DeviceSpec {
+    fn from(d: &Device) -> Self {
+        DeviceSpec {
+            status: Some(d.status),
+            status_reason: d.status_reason.clone(),
+            authentication: d.authentication.clone(),
+            iot_edge: d.capabilities.as_ref().is_some_and(|c| c.iot_edge),
+            device_scope: d.device_scope.clone(),
+            parent_scopes: d.parent_scopes.clone().unwrap_or_default(),
+        }
+    }
+}
+
+impl From<&ExportImportDevice> for DeviceSpec {
+    fn from(d: &ExportImportDevice) -> Self {
+        DeviceSpec {
+            status: d.status,
+            status_reason: d.status_reason.clone(),
+            authentication: d.authentication.clone(),
+            iot_edge: d.capabilities.as_ref().is_some_and(|c| c.iot_edge),
+            device_scope: d.device_scope.clone(),
+            parent_scopes: d.parent_scopes.clone().unwrap_or_default(),
+        }
+    }
+}
+
+pub fn validate_device_id(id: &str) -> Result<()> {
+    twinhub_proto::ids::validate_device_id(id).map_err(|e| Error::invalid(e.to_string()))
+}
+
+fn validate_key(key: &str, which: &str) -> Result<()> {
+    let raw = base64::engine::general_purpose::STANDARD
+        .decode(key)
+        .map_err(|_| Error::invalid(format!("The {which} key is not valid base64")))?;
+    if !(16..=64).contains(&raw.len()) {
+        return Err(Error::invalid(format!(
+            "The {which} key must decode to between 16 and 64 bytes"
+        )));
+    }
+    Ok(())
+}
+
+fn validate_thumbprint(t: &str, which: &str) -> Result<String> {
+    let ok = (t.len() == 40 || t.len() == 64) && t.bytes().all(|b| b.is_ascii_hexdigit());
+    if !ok {
+        return Err(Error::invalid(format!(
+            "The {which} thumbprint must be 40 (SHA-1) or 64 (SHA-256) hex characters"
+        )));
+    }
+    Ok(t.to_ascii_uppercase())
+}
+
+/// Turns requested credentials into stored ones, generating SAS keys when absent. `previous`
+/// keeps existing SAS keys on an update that names the type but not the keys.
+fn resolve_auth(
+    requested: Option<&AuthenticationMechanism>,
+    previous: Option<&StoredAuth>,
+) -> Result<StoredAuth> {
+    let auth_type = requested
+        .map(|a| a.auth_type)
+        .unwrap_or(AuthenticationType::Sas);
+    let nonempty = |s: &Option<String>| s.as_ref().filter(|v| !v.is_empty()).cloned();
+    match auth_type {
+        AuthenticationType::Sas => {
+            let sk = requested.and_then(|a| a.symmetric_key.as_ref());
+            let prev = previous.filter(|p| p.auth_type == AuthenticationType::Sas);
+            let primary = sk.and_then(|k| nonempty(&k.primary_key));
+            let secondary = sk.and_then(|k| nonempty(&k.secondary_key));
+            let primary = match primary {
+                Some(k) => {
+                    validate_key(&k, "primary")?;
+                    k
+                }
+                None => prev
+                    .and_then(|p| p.primary_key.clone())
+                    .unwrap_or_else(keys::generate_key),
+            };
+            let secondary = match secondary {
+                Some(k) => {
+                    validate_key(&k, "secondary")?;
+                    k
+                }
+                None => prev
+                    .and_then(|p| p.secondary_key.clone())
+                    .unwrap_or_else(keys::generate_key),
+            };
+            Ok(StoredAuth {
+                auth_type,
+                primary_key: Some(primary),
+                secondary_key: Some(secondary),
+                primary_thumbprint: None,
+                secondary_thumbprint: None,
+            })
+        }
+        AuthenticationType::SelfSigned => {
+            let tp = requested.and_then(|a| a.x509_thumbprint.as_ref());
+            let primary = tp
+                .and_then(|t| nonempty(&t.primary_thumbprint))
+                .ok_or_else(|| Error::invalid("A selfSigned device needs a primary thumbprint"))?;
+            let secondary = tp.and_then(|t| nonempty(&t.secondary_thumbprint));
+            Ok(StoredAuth {
+                auth_type,
+                primary_key: None,
+                secondary_key: None,
+                primary_thumbprint: Some(validate_thumbprint(&primary, "primary")?),
+                secondary_thumbprint: secondary
+                    .map(|s| validate_thumbprint(&s, "secondary"))
+                    .transpose()?,
+            })
+        }
+        AuthenticationType::CertificateAuthority | AuthenticationType::None => Ok(StoredAuth {
+            auth_type,
+            primary_key: None,
+            secondary_key: None,
+            primary_thumbprint: None,
+            secondary_thumbprint: None,
+        }),
+    }
+}
+
+fn new_record(device_id: &str, spec: &DeviceSpec, now: &str) -> Result<DeviceRecord> {
+    Ok(DeviceRecord {
+        device_id: device_id.to_string(),
+        generation_id: keys::generation_id(),
+        identity_version: 1,
+        status: spec.status.unwrap_or(DeviceStatus::Enabled),
+        status_reason: spec.status_reason.clone(),
+        status_updated_time: twinhub_proto::time::NEVER.to_string(),
+        auth: resolve_auth(spec.authentication.as_ref(), None)?,
+        iot_edge: spec.iot_edge,
+        device_scope: spec.device_scope.clone(),
+        parent_scopes: spec.parent_scopes.clone(),
+        connection_state_updated_time: twinhub_proto::time::NEVER.to_string(),
+        last_activity_time: twinhub_proto::time::NEVER.to_string(),
+        cloud_to_device_message_count: 0,
+        twin: TwinState {
+            version: 1,
+            tags: Map::new(),
+            desired: Section::new(now, true),
+            reported: Section::new(now, false),
+        },
+    })
+}
+
+/// Applies an identity update; returns whether the device is now disabled (to close it).
+fn update_record(rec: &mut DeviceRecord, spec: &DeviceSpec, now: &str) -> Result<bool> {
+    rec.auth = resolve_auth(spec.authentication.as_ref(), Some(&rec.auth))?;
+    let status = spec.status.unwrap_or(rec.status);
+    if status != rec.status {
+        rec.status = status;
+        rec.status_updated_time = now.to_string();
+    }
+    rec.status_reason = spec.status_reason.clone();
+    rec.iot_edge = spec.iot_edge;
+    rec.device_scope = spec.device_scope.clone();
+    rec.parent_scopes = spec.parent_scopes.clone();
+    rec.identity_version += 1;
+    Ok(rec.status == DeviceStatus::Disabled)
+}
+
+fn check_etag(if_match: Option<&str>, actual: &str, what: &str) -> Result<()> {
+    match if_match_value(if_match) {
+        Some(expected) if expected != actual => Err(Error::precondition_failed(what)),
+        _ => Ok(()),
+    }
+}
+
+impl Hub {
+    /// `PUT /devices/{id}`: creates the device when `if_match` is absent (409 if it exists),
+    /// updates it otherwise (404 if missing, 412 on a stale etag).
+    pub async fn put_device(
+        &self,
+        device_id: &str,
+        body: &Device,
+        if_match: Option<&str>,
+    ) -> Result<Device> {
+        validate_device_id(device_id)?;
+        if !body.device_id.is_empty() && body.device_id != device_id {
+            return Err(Error::invalid(format!(
+                "The deviceId in the body ('{}') does not match the path ('{device_id}')",
+                body.device_id
+            )));
+        }
+        let spec = DeviceSpec::from(body);
+        let now = keys::now_text();
+        let _guard = self.locks.lock(device_id).await;
+        let existing = self.load(device_id).await?;
+        let record = match (existing, if_match.is_some()) {
+            (None, false) => {
+                let rec = new_record(device_id, &spec, &now)?;
+                self.save(&rec).await?;
+                self.counts.add(rec.status);
+                rec
+            }
+            (None, true) => return Err(Error::device_not_found(device_id)),
+            (Some(_), false) => {
+                return Err(Error::new(
+                    ErrorCode::DeviceAlreadyExists,
+                    format!("A device with ID '{device_id}' is already registered"),
+                ));
+            }
+            (Some(mut rec), true) => {
+                check_etag(if_match, &rec.device_etag(), "device")?;
+                let before = rec.status;
+                let disabled = update_record(&mut rec, &spec, &now)?;
+                self.save(&rec).await?;
+                self.counts.change(before, rec.status);
+                if disabled {
+                    self.close_device_session(device_id, CloseReason::DeviceDisabled);
+                }
+                rec
+            }
+        };
+        Ok(record.to_device(self.directory.is_connected(device_id)))
+    }
+
+    pub async fn get_device(&self, device_id: &str) -> Result<Device> {
+        let rec = self
+            .load(device_id)
+            .await?
+            .ok_or_else(|| Error::device_not_found(device_id))?;
+        Ok(rec.to_device(self.directory.is_connected(device_id)))
+    }
+
+    /// The stored record (for device authentication and the server's own needs).
+    pub async fn device_record(&self, device_id: &str) -> Result<Option<DeviceRecord>> {
+        self.load(device_id).await
+    }
+
+    /// `DELETE /devices/{id}`.
+    pub async fn delete_device(&self, device_id: &str, if_match: Option<&str>) -> Result<()> {
+        let _guard = self.locks.lock(device_id).await;
+        let rec = self
+            .load(device_id)
+            .await?
+            .ok_or_else(|| Error::device_not_found(device_id))?;
+        check_etag(if_match, &rec.device_etag(), "device")?;
+        self.store
+            .commit(vec![
+                Write::delete(Table::Devices, device_id),
+                Write::delete(Table::Sessions, device_id),
+            ])
+            .await?;
+        self.counts.remove(rec.status);
+        self.close_device_session(device_id, CloseReason::DeviceDisabled);
+        Ok(())
+    }
+
+    /// `GET /devices?top=N`: the first `top` devices in id order.
+    pub async fn list_devices(&self, top: Option<usize>) -> Result<Vec<Device>> {
+        let top = top.unwrap_or(LIST_LIMIT);
+        if top > LIST_LIMIT {
+            return Err(Error::invalid(format!("top must be at most {LIST_LIMIT}")));
+        }
+        let page = self.store.scan(Table::Devices, None, top).await?;
+        page.iter()
+            .map(|(id, bytes)| {
+                DeviceRecord::decode(bytes).map(|r| r.to_device(self.directory.is_connected(id)))
+            })
+            .collect()
+    }
+
+    pub fn registry_statistics(&self) -> RegistryStatistics {
+        let total = self.counts.total.load(Ordering::Relaxed);
+        let enabled = self.counts.enabled.load(Ordering::Relaxed);
+        RegistryStatistics {
+            total_device_count: total,
+            enabled_device_count: enabled,
+            disabled_device_count: total.saturating_sub(enabled),
+        }
+    }
+
+    pub fn service_statistics(&self) -> ServiceStatistics {
+        ServiceStatistics {
+            connected_device_count: self.directory.connected_count() as u64,
+        }
+    }
+
+    pub(crate) fn close_device_session(&self, device_id: &str, reason: CloseReason) {
+        if let Some(h) = self.directory.get(device_id) {
+            h.close.close(reason);
+        }
+    }
+
+    /// `POST /devices`: a bulk import. Every operation is checked on its own; the ones that
+    /// pass are committed together in one durable batch. Returns the result IoT Hub shapes.
+    pub async fn bulk_devices(
+        &self,
+        ops: &[ExportImportDevice],
+    ) -> Result<BulkRegistryOperationResult> {
+        if ops.is_empty() {
+            return Err(Error::invalid("The bulk operation list is empty"));
+        }
+        if ops.len() > BULK_LIMIT {
+            return Err(Error::invalid(format!(
+                "At most {BULK_LIMIT} devices per bulk operation"
+            )));
+        }
+        let mut seen = BTreeSet::new();
+        for op in ops {
+            validate_device_id(&op.id)?;
+            if !seen.insert(op.id.as_str()) {
+                return Err(Error::new(
+                    ErrorCode::DeviceDefinedMultipleTimes,
+                    format!("Device '{}' appears more than once", op.id),
+                ));
+            }
+        }
+        // Lock in id order so two bulk calls can never deadlock each other.
+        let mut guards = Vec::with_capacity(seen.len());
+        for id in &seen {
+            guards.push(self.locks.lock(id).await);
+        }
+        let now = keys::now_text();
+        let mut writes = Vec::new();
+        let mut errors = Vec::new();
+        let mut effects: Vec<(String, Option<DeviceStatus>, Option<DeviceStatus>)> = Vec::new();
+        for op in ops {
+            let existing = self.load(&op.id).await?;
+            let before = existing.as_ref().map(|r| r.status);
+            match apply_import(op, existing, &now) {
+                Ok(Some(rec)) => {
+                    writes.push(Write::put(
+                        Table::Devices,
+                        rec.device_id.clone(),
+                        rec.encode(),
+                    ));
+                    effects.push((op.id.clone(), before, Some(rec.status)));
+                }
+                Ok(None) => {
+                    writes.push(Write::delete(Table::Devices, op.id.clone()));
+                    writes.push(Write::delete(Table::Sessions, op.id.clone()));
+                    effects.push((op.id.clone(), before, None));
+                }
+                Err(e) => errors.push(DeviceRegistryOperationError {
+                    device_id: op.id.clone(),
+                    error_code: e.code().name().to_string(),
+                    error_status: e.message().to_string(),
+                    module_id: None,
+                    operation: Some(format!("{:?}", op.import_mode)),
+                }),
+            }
+        }
+        if !writes.is_empty() {
+            self.store.commit(writes).await?;
+        }
+        for (id, before, after) in effects {
+            match (before, after) {
+                (None, Some(s)) => self.counts.add(s),
+                (Some(b), Some(a)) => self.counts.change(b, a),
+                (Some(b), None) => self.counts.remove(b),
+                (None, None) => {}
+            }
+            if after != Some(DeviceStatus::Enabled) && before.is_some() {
+                self.close_device_session(&id, CloseReason::DeviceDisabled);
+            }
+        }
+        drop(guards);
+        Ok(BulkRegistryOperationResult {
+            is_successful: errors.is_empty(),
+            errors,
+            warnings: Vec::new(),
+        })
+    }
+}
+
+/// The outcome of one import operation: the record to store, `None` to delete.
+fn apply_import(
+    op: &ExportImportDevice,
+    existing: Option<DeviceRecord>,
+    now: &str,
+) -> Result<Option<DeviceRecord>> {
+    use ImportMode::*;
+    let spec = DeviceSpec::from(op);
+    let not_found = || Error::device_not_found(&op.id);
+    match op.import_mode {
+        Create => {
+            if existing.is_some() {
+                return Err(Error::new(
+                    ErrorCode::DeviceAlreadyExists,
+                    format!("A device with ID '{}' is already registered", op.id),
+                ));
+            }
+            let mut rec = new_record(&op.id, &spec, now)?;
+            apply_import_twin(op, &mut rec, now)?;
+            Ok(Some(rec))
+        }
+        CreateOrUpdate | CreateOrUpdateIfMatchETag => match existing {
+            None => {
+                let mut rec = new_record(&op.id, &spec, now)?;
+                apply_import_twin(op, &mut rec, now)?;
+                Ok(Some(rec))
+            }
+            Some(mut rec) => {
+                if op.import_mode == CreateOrUpdateIfMatchETag {
+                    check_etag(op.e_tag.as_deref(), &rec.device_etag(), "device")?;
+                }
+                update_record(&mut rec, &spec, now)?;
+                apply_import_twin(op, &mut rec, now)?;
+                Ok(Some(rec))
+            }
+        },
+        Update | UpdateIfMatchETag => {
+            let mut rec = existing.ok_or_else(not_found)?;
+            if op.import_mode == UpdateIfMatchETag {
+                check_etag(op.e_tag.as_deref(), &rec.device_etag(), "device")?;
+            }
+            update_record(&mut rec, &spec, now)?;
+            apply_import_twin(op, &mut rec, now)?;
+            Ok(Some(rec))
+        }
+        Delete | DeleteIfMatchETag => {
+            let rec = existing.ok_or_else(not_found)?;
+            if op.import_mode == DeleteIfMatchETag {
+                check_etag(op.e_tag.as_deref(), &rec.device_etag(), "device")?;
+            }
+            Ok(None)
+        }
+        UpdateTwin | UpdateTwinIfMatchETag => {
+            let mut rec = existing.ok_or_else(not_found)?;
+            if op.import_mode == UpdateTwinIfMatchETag {
+                check_etag(op.twin_e_tag.as_deref(), &rec.twin_etag(), "twin")?;
+            }
+            apply_import_twin(op, &mut rec, now)?;
+            Ok(Some(rec))
+        }
+    }
+}
+
+/// Applies the tags and desired/reported properties an import carries, as patches.
+fn apply_import_twin(op: &ExportImportDevice, rec: &mut DeviceRecord, now: &str) -> Result<()> {
+    let mut changed = false;
+    if let Some(tags) = &op.tags {
+        let patch = twin_doc::validate_section(SectionKind::Tags, &Value::Object(tags.clone()))?;
+        crate::twins::merge_tags(&mut rec.twin.tags, &patch);
+        twin_doc::check_size(SectionKind::Tags, &rec.twin.tags)?;
+        changed = true;
+    }
+    if let Some(props) = &op.properties {
+        if let Some(desired) = Some(&props.desired).filter(|d| !d.is_empty()) {
+            let patch =
+                twin_doc::validate_section(SectionKind::Desired, &Value::Object(desired.clone()))?;
+            rec.twin.desired.apply_patch(&patch, now, true);
+            twin_doc::check_size(SectionKind::Desired, &rec.twin.desired.props)?;
+            changed = true;
+        }
+        if let Some(reported) = Some(&props.reported).filter(|r| !r.is_empty()) {
+            let patch = twin_doc::validate_section(
+                SectionKind::Reported,
+                &Value::Object(reported.clone()),
+            )?;
+            rec.twin.reported.apply_patch(&patch, now, false);
+            twin_doc::check_size(SectionKind::Reported, &rec.twin.reported.props)?;
+            changed = true;
+        }
+    }
+    if changed {
+        rec.twin.version += 1;
+    }
+    Ok(())
+}

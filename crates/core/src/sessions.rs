@@ -1,0 +1,137 @@
+//! Device sessions as the hub sees them: authenticating a CONNECT, registering the session in
+//! the directory (closing an older one for the same device), the subscriptions a device keeps
+//! across reconnects (the official SDK never subscribes again), and presence times.
+
+use serde::{Deserialize, Serialize};
+use twinhub_proto::model::{AuthenticationType, DeviceStatus};
+use twinhub_store::{Table, Write};
+
+use crate::directory::{CloseReason, SessionHandle};
+use crate::error::{Error, Result};
+use crate::hub::Hub;
+use crate::keys;
+
+/// Session state kept between connections of a CleanSession=0 client.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct PersistedSession {
+    pub subscriptions: Vec<String>,
+}
+
+/// What a newly accepted session starts from.
+#[derive(Debug, Clone)]
+pub struct SessionStart {
+    /// A previous session was resumed (CONNACK's session-present flag).
+    pub session_present: bool,
+    /// Subscription filters restored from that session.
+    pub subscriptions: Vec<String>,
+    /// When the device's SAS token expires (unix seconds); the session ends then.
+    pub token_expiry: u64,
+}
+
+impl Hub {
+    /// Authenticates a device's CONNECT and registers its session. Any failure means
+    /// "not authorized" to the device; the error's message says why, for the log.
+    pub async fn connect_device(
+        &self,
+        device_id: &str,
+        password: Option<&str>,
+        clean_session: bool,
+        handle: SessionHandle,
+    ) -> Result<SessionStart> {
+        let rec = self.load(device_id).await?.ok_or_else(|| {
+            Error::unauthorized(format!("Device '{device_id}' is not registered"))
+        })?;
+        if rec.status != DeviceStatus::Enabled {
+            return Err(Error::unauthorized(format!(
+                "Device '{device_id}' is disabled"
+            )));
+        }
+        if rec.auth.auth_type != AuthenticationType::Sas {
+            return Err(Error::unauthorized(format!(
+                "Device '{device_id}' uses {:?} authentication, which needs a client certificate",
+                rec.auth.auth_type
+            )));
+        }
+        let password = password
+            .ok_or_else(|| Error::unauthorized("CONNECT carries no password (SAS token)"))?;
+        let token_expiry = self.auth.authenticate_device(
+            device_id,
+            rec.auth.primary_key.as_deref(),
+            rec.auth.secondary_key.as_deref(),
+            password,
+            keys::now_unix(),
+        )?;
+
+        let _guard = self.locks.lock(device_id).await;
+        // Reload under the lock: the device may have changed since the check above.
+        let mut rec = self.load(device_id).await?.ok_or_else(|| {
+            Error::unauthorized(format!("Device '{device_id}' is not registered"))
+        })?;
+        if rec.status != DeviceStatus::Enabled {
+            return Err(Error::unauthorized(format!(
+                "Device '{device_id}' is disabled"
+            )));
+        }
+        let previous = match self.store.get(Table::Sessions, device_id).await? {
+            Some(bytes) => serde_json::from_slice::<PersistedSession>(&bytes).ok(),
+            None => None,
+        };
+        let now = keys::now_text();
+        rec.connection_state_updated_time = now.clone();
+        rec.last_activity_time = now;
+        let mut writes = vec![Write::put(Table::Devices, device_id, rec.encode())];
+        if clean_session && previous.is_some() {
+            writes.push(Write::delete(Table::Sessions, device_id));
+        }
+        self.store.commit(writes).await?;
+        if let Some(old) = self.directory.register(device_id, handle) {
+            old.close.close(CloseReason::ReplacedByNewConnection);
+        }
+        let resumed = if clean_session { None } else { previous };
+        Ok(SessionStart {
+            session_present: resumed.is_some(),
+            subscriptions: resumed.map(|s| s.subscriptions).unwrap_or_default(),
+            token_expiry,
+        })
+    }
+
+    /// Records a session's subscriptions so a reconnect (CleanSession=0) restores them.
+    /// Returns after the durable commit, so a SUBACK sent afterwards is never a lie.
+    pub async fn save_subscriptions(&self, device_id: &str, filters: &[String]) -> Result<()> {
+        let state = PersistedSession {
+            subscriptions: filters.to_vec(),
+        };
+        let bytes = serde_json::to_vec(&state).unwrap_or_default();
+        self.store
+            .commit(vec![Write::put(Table::Sessions, device_id, bytes)])
+            .await?;
+        Ok(())
+    }
+
+    /// Called when a session ends. Updates presence only if this connection was still the
+    /// device's current one (a replaced session must not mark the device disconnected).
+    /// A clean session's stored state is dropped.
+    pub async fn disconnect_device(
+        &self,
+        device_id: &str,
+        connection_id: u64,
+        clean_session: bool,
+    ) -> Result<()> {
+        let _guard = self.locks.lock(device_id).await;
+        if !self.directory.unregister(device_id, connection_id) {
+            return Ok(());
+        }
+        let Some(mut rec) = self.load(device_id).await? else {
+            return Ok(());
+        };
+        let now = keys::now_text();
+        rec.connection_state_updated_time = now.clone();
+        rec.last_activity_time = now;
+        let mut writes = vec![Write::put(Table::Devices, device_id, rec.encode())];
+        if clean_session {
+            writes.push(Write::delete(Table::Sessions, device_id));
+        }
+        self.store.commit(writes).await?;
+        Ok(())
+    }
+}

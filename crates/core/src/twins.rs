@@ -1,0 +1,216 @@
+//! Twin operations: the service's get, patch and replace (tags and desired), and the device's
+//! twin GET and reported patch. After a desired change commits, the patch goes to the
+//! device's session while the device lock is still held, so pushes leave in version order.
+
+use bytes::Bytes;
+use serde_json::{Map, Value};
+use twinhub_proto::model::Twin;
+
+use crate::directory::{CloseReason, SessionCommand, subs};
+use crate::error::{Error, Result};
+use crate::hub::Hub;
+use crate::keys;
+use crate::record::if_match_value;
+use crate::twin_doc::{self, SectionKind};
+
+/// Merges a tags patch: objects merge recursively, `null` deletes. Tags carry no metadata.
+pub(crate) fn merge_tags(tags: &mut Map<String, Value>, patch: &Map<String, Value>) {
+    for (k, v) in patch {
+        match v {
+            Value::Null => {
+                tags.shift_remove(k);
+            }
+            Value::Object(sub) => {
+                if !matches!(tags.get(k), Some(Value::Object(_))) {
+                    tags.insert(k.clone(), Value::Object(Map::new()));
+                }
+                if let Some(Value::Object(inner)) = tags.get_mut(k) {
+                    merge_tags(inner, sub);
+                }
+            }
+            other => {
+                tags.insert(k.clone(), other.clone());
+            }
+        }
+    }
+}
+
+/// The parts of a service twin body the hub honours: `tags` and `properties.desired`. Every
+/// other field (read-only ones an SDK echoes back) is ignored.
+struct TwinInput {
+    tags: Option<Map<String, Value>>,
+    desired: Option<Map<String, Value>>,
+}
+
+fn parse_twin_input(body: &Value) -> Result<TwinInput> {
+    let Value::Object(obj) = body else {
+        return Err(Error::invalid("The twin must be a JSON object"));
+    };
+    let tags = match obj.get("tags") {
+        None | Some(Value::Null) => None,
+        Some(v) => Some(twin_doc::validate_section(SectionKind::Tags, v)?),
+    };
+    let desired = match obj.get("properties") {
+        None | Some(Value::Null) => None,
+        Some(Value::Object(props)) => match props.get("desired") {
+            None | Some(Value::Null) => None,
+            Some(v) => Some(twin_doc::validate_section(SectionKind::Desired, v)?),
+        },
+        Some(_) => return Err(Error::invalid("properties must be a JSON object")),
+    };
+    Ok(TwinInput { tags, desired })
+}
+
+impl Hub {
+    /// `GET /twins/{id}`.
+    pub async fn get_twin(&self, device_id: &str) -> Result<Twin> {
+        let rec = self
+            .load(device_id)
+            .await?
+            .ok_or_else(|| Error::device_not_found(device_id))?;
+        Ok(rec.to_twin(self.directory.is_connected(device_id)))
+    }
+
+    /// `PATCH /twins/{id}` (`replace == false`) or `PUT /twins/{id}` (`replace == true`).
+    pub async fn write_twin(
+        &self,
+        device_id: &str,
+        body: &Value,
+        if_match: Option<&str>,
+        replace: bool,
+    ) -> Result<Twin> {
+        let input = parse_twin_input(body)?;
+        if !replace && input.tags.is_none() && input.desired.is_none() {
+            // Nothing to change: answer with the twin as it is, without a new version.
+            return self.get_twin(device_id).await;
+        }
+        let now = keys::now_text();
+        let _guard = self.locks.lock(device_id).await;
+        let mut rec = self
+            .load(device_id)
+            .await?
+            .ok_or_else(|| Error::device_not_found(device_id))?;
+        if let Some(expected) = if_match_value(if_match)
+            && expected != rec.twin_etag()
+        {
+            return Err(Error::precondition_failed("twin"));
+        }
+        let mut desired_patch = None;
+        if replace {
+            let mut tags = input.tags.unwrap_or_default();
+            twin_doc::strip_nulls(&mut tags);
+            twin_doc::check_size(SectionKind::Tags, &tags)?;
+            let mut desired = input.desired.unwrap_or_default();
+            twin_doc::strip_nulls(&mut desired);
+            twin_doc::check_size(SectionKind::Desired, &desired)?;
+            rec.twin.tags = tags;
+            desired_patch = Some(rec.twin.desired.replace(desired, &now, true));
+        } else {
+            if let Some(patch) = &input.tags {
+                merge_tags(&mut rec.twin.tags, patch);
+                twin_doc::check_size(SectionKind::Tags, &rec.twin.tags)?;
+            }
+            if let Some(patch) = input.desired {
+                rec.twin.desired.apply_patch(&patch, &now, true);
+                twin_doc::check_size(SectionKind::Desired, &rec.twin.desired.props)?;
+                desired_patch = Some(patch);
+            }
+        }
+        rec.twin.version += 1;
+        self.save(&rec).await?;
+        if let Some(patch) = desired_patch {
+            self.push_desired(device_id, rec.twin.desired.version, patch);
+        }
+        Ok(rec.to_twin(self.directory.is_connected(device_id)))
+    }
+
+    /// Sends a committed desired patch to the device's session if it listens for them. Called
+    /// with the device lock held, so patches are queued in version order. A session whose
+    /// queue is full is closed: on reconnect the device reads the whole twin again.
+    fn push_desired(&self, device_id: &str, version: u64, mut patch: Map<String, Value>) {
+        let Some(handle) = self.directory.get(device_id) else {
+            return;
+        };
+        if !handle.is_subscribed(subs::DESIRED) {
+            return;
+        }
+        patch.insert("$version".into(), Value::from(version));
+        let payload = Bytes::from(serde_json::to_vec(&patch).unwrap_or_default());
+        if handle
+            .commands
+            .try_send(SessionCommand::DesiredPatch { version, payload })
+            .is_err()
+        {
+            tracing::warn!(
+                device_id,
+                version,
+                "desired patch queue full; closing the session so the device resyncs"
+            );
+            handle.close.close(CloseReason::SlowConsumer);
+        }
+    }
+
+    /// A device's twin GET: `{"desired": {.., "$version"}, "reported": {.., "$version"}}`.
+    pub async fn device_get_twin(&self, device_id: &str) -> Result<Bytes> {
+        let rec = self
+            .load(device_id)
+            .await?
+            .ok_or_else(|| Error::device_not_found(device_id))?;
+        Ok(Bytes::from(
+            serde_json::to_vec(&rec.device_twin_json()).unwrap_or_default(),
+        ))
+    }
+
+    /// A device's reported-properties patch. Returns the new reported `$version` once the
+    /// change is durable.
+    pub async fn device_patch_reported(&self, device_id: &str, payload: &[u8]) -> Result<u64> {
+        let value: Value = serde_json::from_slice(payload)
+            .map_err(|e| Error::invalid(format!("The reported patch is not valid JSON: {e}")))?;
+        let patch = twin_doc::validate_section(SectionKind::Reported, &value)?;
+        let now = keys::now_text();
+        let _guard = self.locks.lock(device_id).await;
+        let mut rec = self
+            .load(device_id)
+            .await?
+            .ok_or_else(|| Error::device_not_found(device_id))?;
+        let version = rec.twin.reported.apply_patch(&patch, &now, false);
+        twin_doc::check_size(SectionKind::Reported, &rec.twin.reported.props)?;
+        rec.twin.version += 1;
+        rec.last_activity_time = now;
+        self.save(&rec).await?;
+        Ok(version)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn tags_merge_recursively_and_null_deletes() {
+        let mut tags = match json!({"a": {"b": 1, "c": 2}, "d": 1}) {
+            Value::Object(m) => m,
+            _ => unreachable!(),
+        };
+        let patch = match json!({"a": {"b": null, "e": 3}, "d": null}) {
+            Value::Object(m) => m,
+            _ => unreachable!(),
+        };
+        merge_tags(&mut tags, &patch);
+        assert_eq!(Value::Object(tags), json!({"a": {"c": 2, "e": 3}}));
+    }
+
+    #[test]
+    fn twin_input_ignores_echoed_read_only_fields() {
+        let body = json!({
+            "deviceId": "d", "etag": "AAAA", "version": 3, "status": "enabled",
+            "x509Thumbprint": {}, "connectionState": "Disconnected",
+            "tags": {"t": 1},
+            "properties": {"desired": {"x": 1, "$version": 2, "$metadata": {}}, "reported": {"r": 1}}
+        });
+        let input = parse_twin_input(&body).unwrap();
+        assert_eq!(Value::Object(input.tags.unwrap()), json!({"t": 1}));
+        assert_eq!(Value::Object(input.desired.unwrap()), json!({"x": 1}));
+    }
+}

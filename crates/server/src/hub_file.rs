@@ -1,0 +1,120 @@
+//! `<data_dir>/hub.json`: the hub's shared access policies and the names and ports it last
+//! served on. A plain file (not the store) because the CLI reads it while a running hub holds
+//! the store's exclusive lock. Written once with fresh keys, then reused, so connection
+//! strings survive restarts.
+
+use std::fs;
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use twinhub_core::auth::{Policy, default_policies};
+use twinhub_proto::connection_string::ConnectionString;
+
+use crate::config::Config;
+use crate::error::ServerError;
+
+pub const FILE_NAME: &str = "hub.json";
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct HubFile {
+    pub hostname: String,
+    pub https_port: u16,
+    pub mqtt_port: u16,
+    pub policies: Vec<Policy>,
+}
+
+fn data_dir_err(path: &Path, reason: impl std::fmt::Display) -> ServerError {
+    ServerError::DataDir {
+        path: path.display().to_string(),
+        reason: reason.to_string(),
+    }
+}
+
+/// Makes sure the data dir exists and is writable (a probe file, fsynced and removed).
+pub fn ensure_data_dir(dir: &Path) -> Result<(), ServerError> {
+    fs::create_dir_all(dir).map_err(|e| data_dir_err(dir, format!("cannot create it: {e}")))?;
+    let probe = dir.join(".write-probe");
+    fs::File::create(&probe)
+        .and_then(|mut f| f.write_all(b"ok").and_then(|_| f.sync_all()))
+        .map_err(|e| data_dir_err(dir, format!("not writable: {e}")))?;
+    let _ = fs::remove_file(&probe);
+    Ok(())
+}
+
+impl HubFile {
+    pub fn path(data_dir: &Path) -> PathBuf {
+        data_dir.join(FILE_NAME)
+    }
+
+    /// Reads `hub.json` from a data dir (for the CLI).
+    pub fn read(data_dir: &Path) -> Result<HubFile, ServerError> {
+        let path = Self::path(data_dir);
+        let text = fs::read_to_string(&path).map_err(|e| {
+            data_dir_err(
+                data_dir,
+                format!(
+                    "cannot read {FILE_NAME} ({e}); has `twinhub serve` run with this data dir?"
+                ),
+            )
+        })?;
+        serde_json::from_str(&text)
+            .map_err(|e| data_dir_err(data_dir, format!("{FILE_NAME} is corrupt: {e}")))
+    }
+
+    /// Loads `hub.json`, creating it with fresh policies on first start, and records the
+    /// hostname and ports of this start.
+    pub fn load_or_create(
+        config: &Config,
+        https_port: u16,
+        mqtt_port: u16,
+    ) -> Result<HubFile, ServerError> {
+        let dir = &config.data_dir;
+        let policies = if Self::path(dir).exists() {
+            Self::read(dir)?.policies
+        } else {
+            default_policies()
+        };
+        let file = HubFile {
+            hostname: config.hostname.clone(),
+            https_port,
+            mqtt_port,
+            policies,
+        };
+        file.write(dir)?;
+        Ok(file)
+    }
+
+    fn write(&self, dir: &Path) -> Result<(), ServerError> {
+        let path = Self::path(dir);
+        let tmp = dir.join(format!("{FILE_NAME}.tmp"));
+        let text = serde_json::to_string_pretty(self).unwrap_or_default();
+        let mut opts = fs::OpenOptions::new();
+        opts.write(true).create(true).truncate(true);
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::OpenOptionsExt;
+            opts.mode(0o600);
+        }
+        opts.open(&tmp)
+            .and_then(|mut f| f.write_all(text.as_bytes()).and_then(|_| f.sync_all()))
+            .and_then(|_| fs::rename(&tmp, &path))
+            .map_err(|e| data_dir_err(dir, format!("cannot write {FILE_NAME}: {e}")))
+    }
+
+    /// The host part of service connection strings (with `:port` off 443).
+    pub fn service_host(&self) -> String {
+        if self.https_port == 443 {
+            self.hostname.clone()
+        } else {
+            format!("{}:{}", self.hostname, self.https_port)
+        }
+    }
+
+    /// A service connection string for `policy`.
+    pub fn connection_string(&self, policy: &str) -> Option<String> {
+        let p = self.policies.iter().find(|p| p.name == policy)?;
+        Some(ConnectionString::service(&self.service_host(), &p.name, &p.primary_key).to_string())
+    }
+}

@@ -1,0 +1,96 @@
+//! Registry routes: `/devices`, `/devices/{id}`, bulk import, and `/statistics/*`.
+
+use std::collections::HashMap;
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use twinhub_core::auth::Right;
+use twinhub_proto::model::{Device, ExportImportDevice};
+
+use super::{ApiError, ApiResult, AppState, authorize, if_match, ok_json, parse_json};
+
+pub fn routes() -> Router<AppState> {
+    Router::new()
+        .route("/devices", get(list).post(bulk))
+        .route("/devices/{id}", get(get_one).put(put).delete(delete))
+        .route("/statistics/devices", get(registry_statistics))
+        .route("/statistics/service", get(service_statistics))
+}
+
+async fn list(
+    State(s): State<AppState>,
+    headers: HeaderMap,
+    Query(q): Query<HashMap<String, String>>,
+) -> ApiResult {
+    authorize(&s, &headers, Right::RegistryRead)?;
+    let top = match q.get("top") {
+        None => None,
+        Some(t) => Some(t.parse::<usize>().map_err(|_| {
+            ApiError(twinhub_core::Error::invalid(
+                "top must be a non-negative integer",
+            ))
+        })?),
+    };
+    Ok(ok_json(&s.hub.list_devices(top).await?))
+}
+
+async fn get_one(
+    State(s): State<AppState>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> ApiResult {
+    authorize(&s, &headers, Right::RegistryRead)?;
+    Ok(ok_json(&s.hub.get_device(&id).await?))
+}
+
+async fn put(
+    State(s): State<AppState>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    body: Bytes,
+) -> ApiResult {
+    authorize(&s, &headers, Right::RegistryWrite)?;
+    let device: Device = parse_json(&body)?;
+    Ok(ok_json(
+        &s.hub.put_device(&id, &device, if_match(&headers)).await?,
+    ))
+}
+
+async fn delete(
+    State(s): State<AppState>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> ApiResult {
+    authorize(&s, &headers, Right::RegistryWrite)?;
+    s.hub.delete_device(&id, if_match(&headers)).await?;
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+async fn bulk(State(s): State<AppState>, headers: HeaderMap, body: Bytes) -> ApiResult {
+    authorize(&s, &headers, Right::RegistryWrite)?;
+    let ops: Vec<ExportImportDevice> = parse_json(&body)?;
+    let result = s.hub.bulk_devices(&ops).await?;
+    // IoT Hub answers 400 with the same result body when any operation failed.
+    let status = if result.is_successful {
+        StatusCode::OK
+    } else {
+        StatusCode::BAD_REQUEST
+    };
+    let mut resp: Response = ok_json(&result);
+    *resp.status_mut() = status;
+    Ok(resp)
+}
+
+async fn registry_statistics(State(s): State<AppState>, headers: HeaderMap) -> ApiResult {
+    authorize(&s, &headers, Right::RegistryRead)?;
+    Ok(ok_json(&s.hub.registry_statistics()))
+}
+
+async fn service_statistics(State(s): State<AppState>, headers: HeaderMap) -> ApiResult {
+    authorize(&s, &headers, Right::ServiceConnect)?;
+    Ok(ok_json(&s.hub.service_statistics()))
+}

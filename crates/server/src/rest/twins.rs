@@ -1,0 +1,88 @@
+//! Twin and direct-method routes: `/twins/{id}` and `/twins/{id}/methods`.
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::Response;
+use axum::routing::{get, post};
+use serde_json::Value;
+use twinhub_core::auth::Right;
+use twinhub_core::methods::MethodCall;
+use twinhub_proto::model::CloudToDeviceMethod;
+
+use super::{ApiResult, AppState, authorize, if_match, json_response, ok_json, parse_json};
+
+pub fn routes() -> Router<AppState> {
+    Router::new()
+        .route(
+            "/twins/{id}",
+            get(get_twin).patch(patch_twin).put(replace_twin),
+        )
+        .route("/twins/{id}/methods", post(invoke))
+}
+
+async fn get_twin(
+    State(s): State<AppState>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> ApiResult {
+    authorize(&s, &headers, Right::ServiceConnect)?;
+    Ok(ok_json(&s.hub.get_twin(&id).await?))
+}
+
+async fn patch_twin(
+    State(s): State<AppState>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    body: Bytes,
+) -> ApiResult {
+    authorize(&s, &headers, Right::ServiceConnect)?;
+    let body: Value = parse_json(&body)?;
+    Ok(ok_json(
+        &s.hub
+            .write_twin(&id, &body, if_match(&headers), false)
+            .await?,
+    ))
+}
+
+async fn replace_twin(
+    State(s): State<AppState>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    body: Bytes,
+) -> ApiResult {
+    authorize(&s, &headers, Right::ServiceConnect)?;
+    let body: Value = parse_json(&body)?;
+    Ok(ok_json(
+        &s.hub
+            .write_twin(&id, &body, if_match(&headers), true)
+            .await?,
+    ))
+}
+
+async fn invoke(
+    State(s): State<AppState>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    body: Bytes,
+) -> ApiResult {
+    authorize(&s, &headers, Right::ServiceConnect)?;
+    let request: CloudToDeviceMethod = parse_json(&body)?;
+    let call = MethodCall::from_request(&request)?;
+    let started = std::time::Instant::now();
+    let answer = s.hub.invoke_method(&id, call).await;
+    metrics::histogram!("twinhub_method_duration_seconds").record(started.elapsed().as_secs_f64());
+    let answer = answer?;
+    // The device's payload was validated as JSON by its session; splice it in as is.
+    let payload = if answer.payload.is_empty() {
+        &b"null"[..]
+    } else {
+        &answer.payload[..]
+    };
+    let mut out = Vec::with_capacity(payload.len() + 32);
+    out.extend_from_slice(format!("{{\"status\":{},\"payload\":", answer.status).as_bytes());
+    out.extend_from_slice(payload);
+    out.push(b'}');
+    Ok(json_response(StatusCode::OK, out) as Response)
+}

@@ -1,0 +1,300 @@
+//! TLS for both listeners: the development PKI (a CA kept in the data dir, and a server
+//! certificate it signs at every start so its SANs follow the current hostname and bind
+//! address), or an operator's own certificate; and the rustls server configs.
+
+use std::fs;
+use std::io::Write as _;
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use rcgen::{
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
+    Issuer, KeyPair, KeyUsagePurpose, SanType,
+};
+use rustls::ServerConfig;
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+
+use crate::config::Config;
+use crate::error::ServerError;
+
+/// Where the system's public roots usually live (Debian first).
+const SYSTEM_BUNDLES: [&str; 3] = [
+    "/etc/ssl/certs/ca-certificates.crt",
+    "/etc/pki/tls/certs/ca-bundle.crt",
+    "/etc/ssl/cert.pem",
+];
+
+/// The TLS setup of a running hub.
+pub struct TlsSetup {
+    /// For the HTTPS port (ALPN h2 and http/1.1).
+    pub https: Arc<ServerConfig>,
+    /// For the MQTT port (no ALPN).
+    pub mqtt: Arc<ServerConfig>,
+    /// The dev CA alone (None with an operator certificate).
+    pub ca_pem: Option<PathBuf>,
+    /// System roots plus the dev CA, for `REQUESTS_CA_BUNDLE` / `SSL_CERT_FILE`.
+    pub ca_bundle: Option<PathBuf>,
+}
+
+fn tls_err(what: &str, e: impl std::fmt::Display) -> ServerError {
+    ServerError::Tls(format!("{what}: {e}"))
+}
+
+fn write_private(path: &Path, contents: &str) -> Result<(), ServerError> {
+    let mut opts = fs::OpenOptions::new();
+    opts.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        opts.mode(0o600);
+    }
+    let mut f = opts
+        .open(path)
+        .map_err(|e| tls_err(&format!("writing {}", path.display()), e))?;
+    f.write_all(contents.as_bytes())
+        .and_then(|_| f.sync_all())
+        .map_err(|e| tls_err(&format!("writing {}", path.display()), e))
+}
+
+fn write_public(path: &Path, contents: &str) -> Result<(), ServerError> {
+    fs::write(path, contents).map_err(|e| tls_err(&format!("writing {}", path.display()), e))
+}
+
+fn ca_params() -> CertificateParams {
+    let mut params = CertificateParams::default();
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::OrganizationName, "twinhub");
+    dn.push(DnType::CommonName, "twinhub development CA");
+    params.distinguished_name = dn;
+    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    params.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::CrlSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
+    params.not_before = rcgen::date_time_ymd(2024, 1, 1);
+    params.not_after = rcgen::date_time_ymd(2049, 12, 31);
+    params
+}
+
+/// Loads the dev CA from `dir`, creating it on first start.
+fn dev_ca(dir: &Path) -> Result<(String, KeyPair), ServerError> {
+    let cert_path = dir.join("ca.pem");
+    let key_path = dir.join("ca-key.pem");
+    if cert_path.exists() && key_path.exists() {
+        let cert = fs::read_to_string(&cert_path).map_err(|e| tls_err("reading the dev CA", e))?;
+        let key =
+            fs::read_to_string(&key_path).map_err(|e| tls_err("reading the dev CA key", e))?;
+        let key = KeyPair::from_pem(&key).map_err(|e| tls_err("parsing the dev CA key", e))?;
+        return Ok((cert, key));
+    }
+    let key = KeyPair::generate().map_err(|e| tls_err("generating the dev CA key", e))?;
+    let mut params = ca_params();
+    // A random serial distinguishes this CA from another data dir's.
+    params.serial_number = Some(rcgen::SerialNumber::from_slice(&random_serial()));
+    let cert = params
+        .self_signed(&key)
+        .map_err(|e| tls_err("creating the dev CA", e))?;
+    write_private(&key_path, &key.serialize_pem())?;
+    write_public(&cert_path, &cert.pem())?;
+    Ok((cert.pem(), key))
+}
+
+fn random_serial() -> [u8; 16] {
+    let mut b = [0u8; 16];
+    // Without randomness no key could be made either; failing loudly is right.
+    getrandom::fill(&mut b).expect("the operating system's random source failed");
+    b[0] &= 0x7f;
+    b
+}
+
+/// The names the server certificate must carry.
+fn server_sans(config: &Config) -> Vec<SanType> {
+    let mut names: Vec<String> = vec!["localhost".into(), "127.0.0.1".into(), "::1".into()];
+    names.push(config.hostname.clone());
+    if !config.bind.is_unspecified() {
+        names.push(config.bind.to_string());
+    }
+    let mut sans = Vec::new();
+    let mut seen = std::collections::HashSet::new();
+    for n in names {
+        if !seen.insert(n.to_ascii_lowercase()) {
+            continue;
+        }
+        let san = match n.parse::<IpAddr>() {
+            Ok(ip) => SanType::IpAddress(ip),
+            Err(_) => match n.clone().try_into() {
+                Ok(dns) => SanType::DnsName(dns),
+                Err(_) => continue,
+            },
+        };
+        sans.push(san);
+    }
+    sans
+}
+
+/// Issues a fresh server certificate signed by the dev CA.
+fn dev_server_cert(
+    config: &Config,
+    ca_pem: &str,
+    ca_key: KeyPair,
+) -> Result<(String, String), ServerError> {
+    let issuer =
+        Issuer::from_ca_cert_pem(ca_pem, ca_key).map_err(|e| tls_err("loading the dev CA", e))?;
+    let key = KeyPair::generate().map_err(|e| tls_err("generating the server key", e))?;
+    let mut params = CertificateParams::default();
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::OrganizationName, "twinhub");
+    dn.push(DnType::CommonName, config.hostname.clone());
+    params.distinguished_name = dn;
+    params.subject_alt_names = server_sans(config);
+    params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+    params.serial_number = Some(rcgen::SerialNumber::from_slice(&random_serial()));
+    let now = time::OffsetDateTime::now_utc();
+    params.not_before = now - time::Duration::days(1);
+    params.not_after = now + time::Duration::days(825);
+    let cert = params
+        .signed_by(&key, &issuer)
+        .map_err(|e| tls_err("issuing the server certificate", e))?;
+    // The chain carries the CA too, so clients that trust it build the path at once.
+    Ok((format!("{}{}", cert.pem(), ca_pem), key.serialize_pem()))
+}
+
+/// Writes system roots plus the dev CA into `ca-bundle.pem`.
+fn write_bundle(dir: &Path, ca_pem: &str) -> Result<PathBuf, ServerError> {
+    let mut bundle = String::new();
+    if let Some(system) = SYSTEM_BUNDLES
+        .iter()
+        .find_map(|p| fs::read_to_string(p).ok())
+    {
+        bundle.push_str(&system);
+        if !bundle.ends_with('\n') {
+            bundle.push('\n');
+        }
+    } else {
+        tracing::warn!("no system CA bundle found; ca-bundle.pem holds only the dev CA");
+    }
+    bundle.push_str("# twinhub development CA\n");
+    bundle.push_str(ca_pem);
+    let path = dir.join("ca-bundle.pem");
+    write_public(&path, &bundle)?;
+    Ok(path)
+}
+
+fn server_config(
+    chain: Vec<CertificateDer<'static>>,
+    key: PrivateKeyDer<'static>,
+    alpn: &[&[u8]],
+) -> Result<Arc<ServerConfig>, ServerError> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut cfg = ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+        .map_err(|e| tls_err("protocol versions", e))?
+        .with_no_client_auth()
+        .with_single_cert(chain, key)
+        .map_err(|e| match e {
+            rustls::Error::InconsistentKeys(_) => {
+                ServerError::Tls("the certificate and the private key do not match".into())
+            }
+            other => tls_err("the certificate or key is not usable", other),
+        })?;
+    cfg.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    Ok(Arc::new(cfg))
+}
+
+fn parse_chain(pem: &[u8], what: &str) -> Result<Vec<CertificateDer<'static>>, ServerError> {
+    let chain: Vec<_> = CertificateDer::pem_slice_iter(pem)
+        .collect::<Result<_, _>>()
+        .map_err(|e| tls_err(&format!("parsing {what}"), e))?;
+    if chain.is_empty() {
+        return Err(ServerError::Tls(format!("{what} holds no certificate")));
+    }
+    Ok(chain)
+}
+
+fn parse_key(pem: &[u8], what: &str) -> Result<PrivateKeyDer<'static>, ServerError> {
+    PrivateKeyDer::from_pem_slice(pem).map_err(|e| tls_err(&format!("parsing {what}"), e))
+}
+
+/// Prepares TLS for a hub: the operator's certificate when configured, else the dev PKI in
+/// `<data_dir>/tls`.
+pub fn prepare(config: &Config) -> Result<TlsSetup, ServerError> {
+    let (chain_pem, key_pem, ca_pem, ca_bundle) = match (&config.tls_cert, &config.tls_key) {
+        (Some(cert), Some(key)) => {
+            let c =
+                fs::read(cert).map_err(|e| tls_err(&format!("reading {}", cert.display()), e))?;
+            let k = fs::read(key).map_err(|e| tls_err(&format!("reading {}", key.display()), e))?;
+            (c, k, None, None)
+        }
+        _ => {
+            let dir = config.data_dir.join("tls");
+            fs::create_dir_all(&dir)
+                .map_err(|e| tls_err(&format!("creating {}", dir.display()), e))?;
+            let (ca, ca_key) = dev_ca(&dir)?;
+            let (chain, key) = dev_server_cert(config, &ca, ca_key)?;
+            write_public(&dir.join("server.pem"), &chain)?;
+            write_private(&dir.join("server-key.pem"), &key)?;
+            let bundle = write_bundle(&dir, &ca)?;
+            (
+                chain.into_bytes(),
+                key.into_bytes(),
+                Some(dir.join("ca.pem")),
+                Some(bundle),
+            )
+        }
+    };
+    let chain = parse_chain(&chain_pem, "the certificate")?;
+    let key = parse_key(&key_pem, "the private key")?;
+    Ok(TlsSetup {
+        https: server_config(chain.clone(), key.clone_key(), &[b"h2", b"http/1.1"])?,
+        mqtt: server_config(chain, key, &[])?,
+        ca_pem,
+        ca_bundle,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(dir: &Path) -> Config {
+        Config {
+            data_dir: dir.to_path_buf(),
+            hostname: "hub.test".into(),
+            bind: "127.0.0.9".parse().unwrap(),
+            ..Config::default()
+        }
+    }
+
+    #[test]
+    fn dev_pki_is_created_once_and_reused() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = config(dir.path());
+        let first = prepare(&cfg).unwrap();
+        let ca1 = fs::read(first.ca_pem.as_ref().unwrap()).unwrap();
+        let bundle = fs::read_to_string(first.ca_bundle.as_ref().unwrap()).unwrap();
+        assert!(bundle.ends_with(&String::from_utf8(ca1.clone()).unwrap()));
+        let second = prepare(&cfg).unwrap();
+        assert_eq!(ca1, fs::read(second.ca_pem.unwrap()).unwrap());
+    }
+
+    #[test]
+    fn operator_cert_with_wrong_key_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = config(dir.path());
+        prepare(&cfg).unwrap();
+        let other = KeyPair::generate().unwrap();
+        let wrong_key = dir.path().join("wrong.pem");
+        fs::write(&wrong_key, other.serialize_pem()).unwrap();
+        let cfg = Config {
+            tls_cert: Some(dir.path().join("tls/server.pem")),
+            tls_key: Some(wrong_key),
+            ..cfg
+        };
+        let err = prepare(&cfg).err().expect("mismatched key accepted");
+        assert!(err.to_string().contains("do not match"), "{err}");
+    }
+}

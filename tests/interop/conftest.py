@@ -1,0 +1,157 @@
+"""Fixtures for the interop tests: twinhub processes, registry clients, device clients.
+
+Each hub runs on its own loopback address (127.0.0.10 upwards) with the fixed ports the
+device SDK dials (443 and 8883), its own temp data dir, and hostname = that address. The test
+process trusts every hub's dev CA through REQUESTS_CA_BUNDLE / SSL_CERT_FILE (see
+harness.TrustStore); subprocesses get one hub's bundle through `hub.env()`.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+import threading
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import pytest
+
+from harness import AddressAllocator, Hub, HubError, TrustStore, hub_binary
+
+_ALLOCATOR = AddressAllocator(start=10)
+_TRUST: TrustStore | None = None
+_TRUST_DIR: Path | None = None
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    global _TRUST, _TRUST_DIR
+    _TRUST_DIR = Path(tempfile.mkdtemp(prefix="twinhub-interop-trust-"))
+    _TRUST = TrustStore(_TRUST_DIR / "session-ca-bundle.pem")
+    # Set before any test imports an SDK: a machine may set these globally to other bundles.
+    _TRUST.apply_to_process()
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    if _TRUST_DIR is not None:
+        shutil.rmtree(_TRUST_DIR, ignore_errors=True)
+
+
+class HubFactory:
+    """Starts hubs on demand and stops every one of them at teardown."""
+
+    def __init__(self, tmp_path_factory: pytest.TempPathFactory) -> None:
+        self._tmp = tmp_path_factory
+        self.hubs: list[Hub] = []
+
+    def __call__(
+        self,
+        *,
+        https_port: int = 443,
+        mqtt_port: int = 8883,
+        mqtt_connect_timeout: float | None = None,
+        extra_args: tuple[str, ...] = (),
+    ) -> Hub:
+        ip = _ALLOCATOR.allocate(extra_ports=(https_port, mqtt_port))
+        hub = Hub(
+            binary=hub_binary(),
+            ip=ip,
+            workdir=self._tmp.mktemp(f"hub-{ip}-", numbered=True),
+            trust=_TRUST,
+            https_port=https_port,
+            mqtt_port=mqtt_port,
+            mqtt_connect_timeout=mqtt_connect_timeout,
+            extra_args=extra_args,
+        )
+        self.hubs.append(hub)
+        hub.start()
+        return hub
+
+    def close(self) -> None:
+        errors: list[str] = []
+        for hub in self.hubs:
+            try:
+                hub.teardown()
+            except HubError as e:
+                errors.append(f"{hub!r}: {e}")
+        if errors:
+            raise HubError("hub teardown failed:\n" + "\n".join(errors))
+
+
+@pytest.fixture
+def hub_factory(tmp_path_factory: pytest.TempPathFactory) -> Iterator[HubFactory]:
+    """Function-scoped factory: `hub_factory(mqtt_connect_timeout=2)` starts a hub."""
+    factory = HubFactory(tmp_path_factory)
+    yield factory
+    factory.close()
+
+
+@pytest.fixture(scope="module")
+def module_hub_factory(tmp_path_factory: pytest.TempPathFactory) -> Iterator[HubFactory]:
+    factory = HubFactory(tmp_path_factory)
+    yield factory
+    factory.close()
+
+
+@pytest.fixture(scope="module")
+def hub(module_hub_factory: HubFactory) -> Hub:
+    """One hub shared by the tests of a module that never restart it."""
+    return module_hub_factory()
+
+
+@pytest.fixture
+def fresh_hub(hub_factory: HubFactory) -> Hub:
+    """A hub of the test's own, for tests that stop, kill or restart it."""
+    return hub_factory()
+
+
+@pytest.fixture(scope="module")
+def rm(hub: Hub):
+    """An IoTHubRegistryManager (iothubowner) on the module hub; `.recorder` holds statuses."""
+    return hub.registry()
+
+
+def shutdown_bounded(client: Any, timeout: float = 20.0) -> None:
+    """client.shutdown() can block on a dead hub; never let it hang the suite."""
+    t = threading.Thread(target=client.shutdown, daemon=True)
+    t.start()
+    t.join(timeout)
+
+
+@pytest.fixture
+def device_client() -> Iterator[Callable[..., Any]]:
+    """Factory for IoTHubDeviceClient from a connection string; all are shut down at teardown."""
+    from azure.iot.device import IoTHubDeviceClient
+
+    clients: list[Any] = []
+
+    def make(cs: str, **kwargs: Any) -> Any:
+        client = IoTHubDeviceClient.create_from_connection_string(cs, **kwargs)
+        clients.append(client)
+        return client
+
+    yield make
+    for client in clients:
+        shutdown_bounded(client)
+
+
+def _hubs_of(item: pytest.Item) -> list[Hub]:
+    found: list[Hub] = []
+    for value in getattr(item, "funcargs", {}).values():
+        if isinstance(value, Hub):
+            found.append(value)
+        elif isinstance(value, HubFactory):
+            found.extend(value.hubs)
+    unique: list[Hub] = []
+    for h in found:
+        if all(h is not u for u in unique):
+            unique.append(h)
+    return unique
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]):
+    outcome = yield
+    report = outcome.get_result()
+    if report.failed:
+        for h in _hubs_of(item):
+            report.sections.append((f"twinhub {h.ip} log", h.log_tail()))
