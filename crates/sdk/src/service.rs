@@ -166,6 +166,22 @@ impl ServiceClient {
         headers: &[(&str, String)],
         body: Option<Vec<u8>>,
     ) -> Result<reqwest::Response> {
+        let resp = self.send_any(method, path, query, headers, body).await?;
+        if resp.status().is_success() {
+            return Ok(resp);
+        }
+        Err(hub_error(resp).await)
+    }
+
+    /// Sends a request and returns the response whatever its status.
+    async fn send_any(
+        &self,
+        method: Method,
+        path: &str,
+        query: &[(&str, String)],
+        headers: &[(&str, String)],
+        body: Option<Vec<u8>>,
+    ) -> Result<reqwest::Response> {
         let mut req = self
             .http
             .request(method, format!("{}{}", self.base, path))
@@ -182,17 +198,13 @@ impl ServiceClient {
                 .body(b),
             None => req.header("Content-Length", "0"),
         };
-        let resp = req.send().await.map_err(|e| {
+        req.send().await.map_err(|e| {
             if e.is_timeout() {
                 Error::TimedOut
             } else {
                 Error::Unreachable(error_chain(&e))
             }
-        })?;
-        if resp.status().is_success() {
-            return Ok(resp);
-        }
-        Err(hub_error(resp).await)
+        })
     }
 
     async fn call<T: DeserializeOwned>(
@@ -308,27 +320,25 @@ impl ServiceClient {
     /// Creates, updates or deletes up to 100 devices in one call. A partly failed batch is
     /// not an error: its result lists the failures.
     pub async fn bulk(&self, ops: &[ExportImportDevice]) -> Result<BulkRegistryOperationResult> {
-        match self
-            .call(
-                Method::POST,
-                "/devices",
-                &[],
-                &[],
-                Self::json(&ops),
-                StatusCode::OK,
-            )
-            .await
-        {
-            Err(Error::Hub {
-                status: 400,
-                message,
-                ..
-            }) => serde_json::from_str(&message).map_err(|_| Error::Hub {
-                status: 400,
-                code: None,
-                message,
+        let resp = self
+            .send_any(Method::POST, "/devices", &[], &[], Self::json(&ops))
+            .await?;
+        // IoT Hub answers 400 with the same result shape when some operations failed; any
+        // other refusal carries the usual error body.
+        if resp.status() != StatusCode::OK && resp.status() != StatusCode::BAD_REQUEST {
+            return Err(hub_error(resp).await);
+        }
+        let status = resp.status().as_u16();
+        let text = resp.text().await.map_err(|e| Error::Unreachable(error_chain(&e)))?;
+        match serde_json::from_str::<BulkRegistryOperationResult>(&text) {
+            Ok(r) if text.contains("isSuccessful") => Ok(r),
+            _ => Err(Error::Hub {
+                status,
+                code: serde_json::from_str::<ErrorBody>(&text)
+                    .ok()
+                    .and_then(|b| b.parse_code()),
+                message: text,
             }),
-            other => other,
         }
     }
 

@@ -11,7 +11,7 @@ use axum::routing::get;
 use twinhub_core::auth::Right;
 use twinhub_proto::model::{Device, ExportImportDevice};
 
-use super::{ApiError, ApiResult, AppState, authorize, if_match, ok_json, parse_json};
+use super::{ApiError, ApiResult, AppState, authorize, if_match, ok_json, parse_json, parse_json_array};
 
 pub fn routes() -> Router<AppState> {
     Router::new()
@@ -72,7 +72,7 @@ async fn delete(
 
 async fn bulk(State(s): State<AppState>, headers: HeaderMap, body: Bytes) -> ApiResult {
     authorize(&s, &headers, Right::RegistryWrite)?;
-    let ops: Vec<ExportImportDevice> = parse_json(&body)?;
+    let ops: Vec<ExportImportDevice> = parse_json_array(&body)?;
     let result = s.hub.bulk_devices(&ops).await?;
     // IoT Hub answers 400 with the same result body when any operation failed.
     let status = if result.is_successful {

@@ -101,13 +101,27 @@ pub fn if_match(headers: &HeaderMap) -> Option<&str> {
     headers.get(header::IF_MATCH).and_then(|v| v.to_str().ok())
 }
 
-/// Parses a JSON body, answering 400 with the IoT Hub body when it is not valid.
+/// Parses a JSON body that must be an object (serde would also take an array for a
+/// struct), answering 400 with the IoT Hub body when it is not valid.
 pub fn parse_json<T: serde::de::DeserializeOwned>(body: &[u8]) -> ApiResult<T> {
-    serde_json::from_slice(body).map_err(|e| {
+    parse_shaped(body, b'{', "a JSON object")
+}
+
+/// Parses a JSON body that must be an array.
+pub fn parse_json_array<T: serde::de::DeserializeOwned>(body: &[u8]) -> ApiResult<T> {
+    parse_shaped(body, b'[', "a JSON array")
+}
+
+fn parse_shaped<T: serde::de::DeserializeOwned>(body: &[u8], opener: u8, what: &str) -> ApiResult<T> {
+    let invalid = |why: String| {
         ApiError(twinhub_core::Error::invalid(format!(
-            "The request body is not valid: {e}"
+            "The request body is not valid: {why}"
         )))
-    })
+    };
+    if body.iter().find(|b| !b.is_ascii_whitespace()) != Some(&opener) {
+        return Err(invalid(format!("expected {what}")));
+    }
+    serde_json::from_slice(body).map_err(|e| invalid(e.to_string()))
 }
 
 async fn track(req: Request, next: Next) -> Response {

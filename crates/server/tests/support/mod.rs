@@ -1,0 +1,254 @@
+//! Shared test support: a real hub started in-process on loopback (ephemeral ports, a temp
+//! data dir, real TLS and the real store), a service client for it, and a minimal raw MQTT
+//! client over TLS built on the project's codec, for byte-level device tests.
+
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::BytesMut;
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, ServerName};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio_rustls::TlsConnector;
+use tokio_rustls::client::TlsStream;
+use twinhub_mqtt::{Connect, ConnectReturnCode, Packet, QoS, decode, encode};
+use twinhub_sdk::ServiceClient;
+use twinhub_server::{Config, RunningServer};
+
+pub struct TestHub {
+    pub server: Option<RunningServer>,
+    pub dir: tempfile::TempDir,
+    pub https: SocketAddr,
+    pub mqtt: SocketAddr,
+}
+
+pub fn config(dir: &std::path::Path, https_port: u16, mqtt_port: u16) -> Config {
+    Config {
+        data_dir: dir.to_path_buf(),
+        hostname: "localhost".into(),
+        bind: "127.0.0.1".parse().unwrap(),
+        https_port,
+        mqtt_port,
+        mqtt_connect_timeout: 2,
+        ..Config::default()
+    }
+}
+
+impl TestHub {
+    pub async fn start() -> TestHub {
+        let dir = tempfile::tempdir().unwrap();
+        let server = RunningServer::start(config(dir.path(), 0, 0)).await.expect("hub starts");
+        TestHub {
+            https: server.https_addr,
+            mqtt: server.mqtt_addr,
+            server: Some(server),
+            dir,
+        }
+    }
+
+    pub fn server(&self) -> &RunningServer {
+        self.server.as_ref().expect("hub is running")
+    }
+
+    pub async fn stop(&mut self) {
+        if let Some(s) = self.server.take() {
+            s.shutdown().await;
+        }
+    }
+
+    /// Restarts on the same data dir and the same ports.
+    pub async fn restart(&mut self) {
+        self.stop().await;
+        let server = RunningServer::start(config(self.dir.path(), self.https.port(), self.mqtt.port()))
+            .await
+            .expect("hub restarts");
+        self.server = Some(server);
+    }
+
+    pub fn ca_pem(&self) -> PathBuf {
+        self.dir.path().join("tls").join("ca.pem")
+    }
+
+    pub fn service_cs(&self, policy: &str) -> String {
+        self.server().connection_string(policy).expect("policy exists")
+    }
+
+    pub fn service(&self, policy: &str) -> ServiceClient {
+        ServiceClient::builder(&self.service_cs(policy))
+            .extra_ca_pem(std::fs::read(self.ca_pem()).unwrap())
+            .timeout(Duration::from_secs(60))
+            .build()
+            .unwrap()
+    }
+
+    pub fn owner(&self) -> ServiceClient {
+        self.service("iothubowner")
+    }
+
+    /// Creates a SAS device and returns its primary key.
+    pub async fn device(&self, id: &str) -> String {
+        let d = self.owner().create_device(id, Default::default()).await.unwrap();
+        d.authentication.unwrap().symmetric_key.unwrap().primary_key.unwrap()
+    }
+}
+
+impl Drop for TestHub {
+    fn drop(&mut self) {
+        // A test that panicked leaves the server running: cancel what we can.
+        if let Some(s) = self.server.take() {
+            s.hub.close_all_sessions();
+        }
+    }
+}
+
+pub fn now_unix() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs()
+}
+
+pub fn device_token(device_id: &str, key: &str, ttl_secs: i64) -> String {
+    let expiry = (now_unix() as i64 + ttl_secs).max(0) as u64;
+    twinhub_proto::sas::generate_sas_token(&format!("localhost/devices/{device_id}"), key, None, expiry).unwrap()
+}
+
+/// A raw MQTT connection over TLS, for byte-level tests.
+pub struct RawMqtt {
+    pub stream: TlsStream<TcpStream>,
+    pub buf: BytesMut,
+}
+
+impl RawMqtt {
+    pub async fn open(hub: &TestHub) -> RawMqtt {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let mut roots = rustls::RootCertStore::empty();
+        for cert in CertificateDer::pem_file_iter(hub.ca_pem()).unwrap() {
+            roots.add(cert.unwrap()).unwrap();
+        }
+        let cfg = rustls::ClientConfig::builder().with_root_certificates(roots).with_no_client_auth();
+        let tcp = TcpStream::connect(hub.mqtt).await.unwrap();
+        let stream = TlsConnector::from(Arc::new(cfg))
+            .connect(ServerName::try_from("localhost").unwrap(), tcp)
+            .await
+            .unwrap();
+        RawMqtt { stream, buf: BytesMut::new() }
+    }
+
+    pub async fn send(&mut self, p: &Packet) {
+        let mut out = BytesMut::new();
+        encode(p, &mut out).unwrap();
+        self.stream.write_all(&out).await.unwrap();
+    }
+
+    pub async fn send_raw(&mut self, bytes: &[u8]) {
+        // The server may close while we write a large frame: that is what some tests want.
+        let _ = self.stream.write_all(bytes).await;
+        let _ = self.stream.flush().await;
+    }
+
+    /// The next packet, or None when the server closed the connection. Fails after 10 s.
+    pub async fn recv(&mut self) -> Option<Packet> {
+        self.recv_within(Duration::from_secs(10)).await.expect("no packet and no close within the deadline")
+    }
+
+    /// Ok(None) on close, Err(()) when nothing happened within `limit`.
+    pub async fn recv_within(&mut self, limit: Duration) -> Result<Option<Packet>, ()> {
+        let deadline = tokio::time::Instant::now() + limit;
+        loop {
+            if let Some(p) = decode(&mut self.buf, usize::MAX >> 4).unwrap() {
+                return Ok(Some(p));
+            }
+            self.buf.reserve(4096);
+            match tokio::time::timeout_at(deadline, self.stream.read_buf(&mut self.buf)).await {
+                Err(_) => return Err(()),
+                Ok(Ok(0)) | Ok(Err(_)) => return Ok(None),
+                Ok(Ok(_)) => {}
+            }
+        }
+    }
+
+    /// Waits for the server to close the connection (skipping packets); panics otherwise.
+    pub async fn expect_closed(&mut self, within: Duration) {
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            match self.recv_within(left).await {
+                Ok(None) => return,
+                Ok(Some(_)) => continue,
+                Err(()) => panic!("the server did not close the connection within {within:?}"),
+            }
+        }
+    }
+
+    /// Sends CONNECT and returns the CONNACK code and session-present flag.
+    pub async fn connect(&mut self, c: Connect) -> (ConnectReturnCode, bool) {
+        self.send(&Packet::Connect(c)).await;
+        match self.recv().await {
+            Some(Packet::ConnAck(a)) => (a.code, a.session_present),
+            other => panic!("expected CONNACK, got {other:?}"),
+        }
+    }
+
+    /// A connected device session (asserts CONNACK 0).
+    pub async fn device(hub: &TestHub, device_id: &str, key: &str, clean: bool) -> (RawMqtt, bool) {
+        let mut m = RawMqtt::open(hub).await;
+        let (code, present) = m.connect(connect_packet(device_id, Some(&device_token(device_id, key, 3600)), clean, 60)).await;
+        assert_eq!(code, ConnectReturnCode::Accepted);
+        (m, present)
+    }
+
+    pub async fn subscribe(&mut self, filters: &[&str]) {
+        let sub = twinhub_mqtt::Subscribe {
+            pkid: 1,
+            filters: filters.iter().map(|f| (twinhub_mqtt::Topic::new(f.to_string()).unwrap(), QoS::AtLeastOnce)).collect(),
+        };
+        self.send(&Packet::Subscribe(sub)).await;
+        loop {
+            match self.recv().await {
+                Some(Packet::SubAck(a)) => return assert_eq!(a.pkid, 1),
+                // Acks of earlier publishes may still be in flight.
+                Some(Packet::PubAck(_)) => continue,
+                other => panic!("expected SUBACK, got {other:?}"),
+            }
+        }
+    }
+
+    pub async fn publish(&mut self, topic: &str, payload: &[u8], qos: QoS, pkid: u16, dup: bool) {
+        self.send(&Packet::Publish(twinhub_mqtt::Publish {
+            dup,
+            qos,
+            retain: false,
+            topic: twinhub_mqtt::Topic::new(topic.to_string()).unwrap(),
+            pkid,
+            payload: bytes::Bytes::copy_from_slice(payload),
+        }))
+        .await;
+    }
+
+    /// The next PUBLISH the hub sends, skipping acks.
+    pub async fn next_publish(&mut self) -> twinhub_mqtt::Publish {
+        loop {
+            match self.recv().await {
+                Some(Packet::Publish(p)) => return p,
+                Some(_) => continue,
+                None => panic!("connection closed while waiting for a PUBLISH"),
+            }
+        }
+    }
+}
+
+pub fn connect_packet(device_id: &str, password: Option<&str>, clean: bool, keep_alive: u16) -> Connect {
+    Connect {
+        protocol_name: "MQTT".into(),
+        protocol_level: 4,
+        clean_session: clean,
+        keep_alive,
+        client_id: device_id.into(),
+        will: None,
+        username: Some(format!("localhost/{device_id}/?api-version=2021-04-12")),
+        password: password.map(|p| bytes::Bytes::copy_from_slice(p.as_bytes())),
+    }
+}
