@@ -62,7 +62,9 @@ class App:
         while True:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                raise AssertionError(f"{self.script.name}: no line /{pattern}/ within {timeout}s\n{self.output()}")
+                raise AssertionError(
+                    f"{self.script.name}: no line /{pattern}/ within {timeout}s\n{self.output()}"
+                )
             try:
                 line = self._q.get(timeout=remaining)
             except queue.Empty:
@@ -85,7 +87,9 @@ class App:
             rc = self.proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
             self.terminate()
-            raise AssertionError(f"{self.script.name} did not finish within {timeout}s\n{self.output()}") from None
+            raise AssertionError(
+                f"{self.script.name} did not finish within {timeout}s\n{self.output()}"
+            ) from None
         for t in self._readers:
             t.join(timeout=5)
         return rc

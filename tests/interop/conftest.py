@@ -2,38 +2,25 @@
 
 Each hub runs on its own loopback address (127.0.0.10 upwards) with the fixed ports the
 device SDK dials (443 and 8883), its own temp data dir, and hostname = that address. The test
-process trusts every hub's dev CA through REQUESTS_CA_BUNDLE / SSL_CERT_FILE (see
-harness.TrustStore); subprocesses get one hub's bundle through `hub.env()`.
+process trusts the hub a test uses through REQUESTS_CA_BUNDLE / SSL_CERT_FILE (see
+harness.ProcessTrust); subprocesses get their hub's bundle through `hub.env()`.
 """
 
 from __future__ import annotations
 
-import shutil
-import tempfile
 import threading
-from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import pytest
 
-from harness import AddressAllocator, Hub, HubError, TrustStore, hub_binary
+from harness import TRUST, AddressAllocator, Hub, HubError, hub_binary, hub_for_host
 
 _ALLOCATOR = AddressAllocator(start=10)
-_TRUST: TrustStore | None = None
-_TRUST_DIR: Path | None = None
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    global _TRUST, _TRUST_DIR
-    _TRUST_DIR = Path(tempfile.mkdtemp(prefix="twinhub-interop-trust-"))
-    _TRUST = TrustStore(_TRUST_DIR / "session-ca-bundle.pem")
-    # Set before any test imports an SDK: a machine may set these globally to other bundles.
-    _TRUST.apply_to_process()
-
-
-def pytest_unconfigure(config: pytest.Config) -> None:
-    if _TRUST_DIR is not None:
-        shutil.rmtree(_TRUST_DIR, ignore_errors=True)
+    # Before any test builds an SDK client: a machine may set these globally to other bundles.
+    TRUST.apply_baseline()
 
 
 class HubFactory:
@@ -56,7 +43,6 @@ class HubFactory:
             binary=hub_binary(),
             ip=ip,
             workdir=self._tmp.mktemp(f"hub-{ip}-", numbered=True),
-            trust=_TRUST,
             https_port=https_port,
             mqtt_port=mqtt_port,
             mqtt_connect_timeout=mqtt_connect_timeout,
@@ -125,6 +111,12 @@ def device_client() -> Iterator[Callable[..., Any]]:
     clients: list[Any] = []
 
     def make(cs: str, **kwargs: Any) -> Any:
+        host = dict(p.split("=", 1) for p in cs.split(";")).get("HostName", "")
+        hub = hub_for_host(host)
+        if hub is None:
+            raise HubError(f"no running hub serves HostName={host}")
+        # The SDK reads SSL_CERT_FILE when it builds its TLS context, i.e. right here.
+        hub.trust_process()
         client = IoTHubDeviceClient.create_from_connection_string(cs, **kwargs)
         clients.append(client)
         return client
@@ -146,6 +138,14 @@ def _hubs_of(item: pytest.Item) -> list[Hub]:
         if all(h is not u for u in unique):
             unique.append(h)
     return unique
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_call(item: pytest.Item) -> None:
+    # Fixtures are set up; make the process trust the hub this test talks to.
+    hubs = _hubs_of(item)
+    if hubs:
+        hubs[0].trust_process()
 
 
 @pytest.hookimpl(hookwrapper=True)

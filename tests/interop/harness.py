@@ -113,41 +113,50 @@ class AddressAllocator:
 
 
 # --------------------------------------------------------------------------------------------
-# Trust: one bundle file for the test process, holding every hub's dev CA
+# Trust: the test process trusts the hub the current test talks to
 # --------------------------------------------------------------------------------------------
 
 
-class TrustStore:
-    """A PEM bundle the test process points REQUESTS_CA_BUNDLE and SSL_CERT_FILE at.
+class ProcessTrust:
+    """Points REQUESTS_CA_BUNDLE and SSL_CERT_FILE of the test process at one hub's bundle.
 
-    The in-process SDKs read those variables when they build a TLS context, and several hubs
-    (each with its own dev CA) can be alive in one session, so every hub's CA is appended here
-    as soon as it exists.
+    Every hub has its own dev CA, and they all share one subject name; with several of them
+    in a single bundle OpenSSL may pick the wrong same-named CA and fail the signature check.
+    So the process trusts one hub at a time: the hub being started, the hub a test uses
+    (conftest's pytest_runtest_call), or the hub a device client is built for. The in-process
+    SDKs read these variables when they build a TLS context.
     """
 
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self._lock = threading.Lock()
-        self._added: set[bytes] = set()
-        system = _system_bundle()
-        path.write_bytes(system.read_bytes() if system else b"")
+    def __init__(self) -> None:
+        self.current: Path | None = None
 
-    def add(self, ca_pem: Path) -> None:
-        data = ca_pem.read_bytes()
-        with self._lock:
-            if data in self._added:
-                return
-            self._added.add(data)
-            with self.path.open("ab") as f:
-                f.write(b"\n" + data.strip() + b"\n")
-
-    def apply_to_process(self) -> None:
+    def apply_baseline(self) -> None:
         for var in TRUST_VARS_REMOVED + TRUST_VARS_SET:
             _ORIGINAL_TRUST_ENV.setdefault(var, os.environ.get(var))
         for var in TRUST_VARS_REMOVED:
             os.environ.pop(var, None)
-        os.environ["REQUESTS_CA_BUNDLE"] = str(self.path)
-        os.environ["SSL_CERT_FILE"] = str(self.path)
+        system = _system_bundle()
+        for var in TRUST_VARS_SET:
+            if system is not None:
+                os.environ[var] = str(system)
+            else:
+                os.environ.pop(var, None)
+
+    def use(self, bundle: Path) -> None:
+        for var in TRUST_VARS_REMOVED:
+            os.environ.pop(var, None)
+        for var in TRUST_VARS_SET:
+            os.environ[var] = str(bundle)
+        self.current = bundle
+
+
+TRUST = ProcessTrust()
+_HUBS_BY_HOST: dict[str, "Hub"] = {}
+
+
+def hub_for_host(host: str) -> "Hub | None":
+    """The hub serving a connection string's HostName (with or without :port)."""
+    return _HUBS_BY_HOST.get(host) or _HUBS_BY_HOST.get(host.rsplit(":", 1)[0])
 
 
 def _system_bundle() -> Path | None:
@@ -234,7 +243,9 @@ def error_codes_in(body_text: str) -> set[int]:
                 inner = None
             if isinstance(inner, dict) and isinstance(inner.get("errorCode"), int):
                 codes.add(inner["errorCode"])
-    codes.update(int(m) for m in re.findall(r"(?<!\d)([1-5]\d{5})(?!\d)", body_text))
+        if isinstance(msg, str):
+            # Only numbers labelled as codes: tracking ids and device ids hold digit runs too.
+            codes.update(int(c) for c in re.findall(r"(?i)error\s*code\W{0,3}([1-5]\d{5})(?!\d)", msg))
     return codes
 
 
@@ -306,7 +317,6 @@ class Hub:
         binary: Path,
         ip: str,
         workdir: Path,
-        trust: TrustStore | None = None,
         https_port: int = 443,
         mqtt_port: int = 8883,
         mqtt_connect_timeout: float | None = None,
@@ -322,7 +332,6 @@ class Hub:
         self.workdir = workdir
         self.data_dir = workdir / "data"
         self.log_path = workdir / "hub.log"
-        self.trust = trust
         self.proc: subprocess.Popen[bytes] | None = None
         self.starts = 0
         self._expected_exit = False
@@ -406,8 +415,8 @@ class Hub:
             cwd=str(self.workdir),
         )
         self._wait_ready()
-        if self.trust is not None:
-            self.trust.add(self.ca_pem)
+        _HUBS_BY_HOST[self.hostname] = self
+        TRUST.use(self.ca_bundle)
         return self
 
     def _wait_ready(self) -> None:
@@ -419,9 +428,7 @@ class Hub:
             rc = self.proc.poll()
             if rc is not None:
                 self._close_log()
-                raise HubError(
-                    f"twinhub exited with code {rc} before becoming ready\n{self.log_tail()}"
-                )
+                raise HubError(f"twinhub exited with code {rc} before becoming ready\n{self.log_tail()}")
             if self.ca_pem.is_file():
                 try:
                     r = requests.get(url, verify=str(self.ca_pem), timeout=2)
@@ -562,6 +569,8 @@ class Hub:
         from azure.iot.hub import IoTHubRegistryManager
 
         rm = IoTHubRegistryManager.from_connection_string(cs or self.service_cs(policy))
+        # Explicit, so a registry manager keeps working whichever hub the env points at.
+        rm.protocol.config.connection.verify = str(self.ca_bundle)
         rec = StatusRecorder()
         rm.protocol.config.hooks.append(rec)
         rm.recorder = rec  # type: ignore[attr-defined]
@@ -593,6 +602,10 @@ class Hub:
     def device_key(self, device_id: str) -> str:
         cs = self.device_cs(device_id)
         return cs.split("SharedAccessKey=", 1)[1]
+
+    def trust_process(self) -> None:
+        """Makes the test process trust this hub (for SDK objects created afterwards)."""
+        TRUST.use(self.ca_bundle)
 
     def env(self) -> dict[str, str]:
         """Environment for a subprocess that must trust this hub through variables only."""
@@ -694,6 +707,8 @@ def _hub_process_env() -> dict[str, str]:
         else:
             env[var] = value
     env.setdefault("RUST_BACKTRACE", "1")
+    # The log goes to a file that is pasted into failure reports: no ANSI colours.
+    env["NO_COLOR"] = "1"
     return env
 
 

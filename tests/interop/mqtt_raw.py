@@ -73,7 +73,13 @@ def connect_packet(
 
 
 def publish_packet(
-    topic: str, payload: bytes, *, qos: int = 0, pid: int | None = None, dup: bool = False, retain: bool = False
+    topic: str,
+    payload: bytes,
+    *,
+    qos: int = 0,
+    pid: int | None = None,
+    dup: bool = False,
+    retain: bool = False,
 ) -> bytes:
     flags = (0x08 if dup else 0) | ((qos & 0x03) << 1) | (0x01 if retain else 0)
     body = mqtt_str(topic)
@@ -232,9 +238,7 @@ class RawMqtt:
         while True:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                raise AssertionError(
-                    f"server kept the connection open for {within}s (packets seen: {seen})"
-                )
+                raise AssertionError(f"server kept the connection open for {within}s (packets seen: {seen})")
             try:
                 seen.append(self.read_packet(remaining))
             except Closed:

@@ -43,7 +43,9 @@ def test_device_management_reboot_seed(hub: Hub, transport: str):
     device = App("dm_device.py", _device_env(hub, did, transport, REBOOT_SECONDS="2", APP_SECONDS="60"))
     try:
         device.wait_for_line(r"^READY$", timeout=30)
-        service = run_app("dm_service.py", _service_env(hub, did, WAIT_COUNT="20", WAIT_SECONDS="1"), timeout=90)
+        service = run_app(
+            "dm_service.py", _service_env(hub, did, WAIT_COUNT="20", WAIT_SECONDS="1"), timeout=90
+        )
         assert service.proc.returncode == 0, service.output() + device.output()
 
         out = service.lines
@@ -75,7 +77,9 @@ def test_direct_method_seed(hub: Hub, transport: str):
         assert service.proc.returncode == 0, service.output() + device.output()
         out = service.lines
         assert "Response status          : 200" in out, service.output()
-        assert "Response payload         : " + json.dumps(DEVICE_RESPONSE, sort_keys=True) in out, service.output()
+        assert "Response payload         : " + json.dumps(DEVICE_RESPONSE, sort_keys=True) in out, (
+            service.output()
+        )
 
         device.wait_for_line(r"^Direct method called\.$", timeout=5)
         m = device.wait_for_line(r"^METHOD DeviceMethod PAYLOAD (.*)$", timeout=5)

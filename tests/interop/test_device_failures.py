@@ -82,7 +82,9 @@ def test_device_status_and_payload_pass_through(hub: Hub, device_client):
 
     def handler(request) -> None:
         client.send_method_response(
-            MethodResponse.create_from_method_request(request, 418, {"echo": request.payload, "name": request.name})
+            MethodResponse.create_from_method_request(
+                request, 418, {"echo": request.payload, "name": request.name}
+            )
         )
 
     client.on_method_request_received = handler
@@ -136,7 +138,11 @@ def test_sas_renewal_reconnects_and_methods_still_arrive(hub: Hub, device_client
     assert _invoke_ok(rm, did).status == 200
 
     # A renewal is a disconnect followed by a connect with a new token.
-    wait_until(lambda: changes.count(False) >= 1 and changes[-1] is True and client.connected, timeout=40, what="token renewal reconnect")
+    wait_until(
+        lambda: changes.count(False) >= 1 and changes[-1] is True and client.connected,
+        timeout=40,
+        what="token renewal reconnect",
+    )
     res = _invoke_ok(rm, did)
     assert res.status == 200 and res.payload == RESPONSE
     assert len(calls) == 2
@@ -171,4 +177,6 @@ def test_connection_state_shows_in_registry(hub: Hub, device_client):
     assert rm.get_device(did).connection_state == "Connected"
     assert rm.get_service_statistics().connected_device_count >= 1
     client.disconnect()
-    wait_until(lambda: rm.get_device(did).connection_state == "Disconnected", timeout=10, what="Disconnected state")
+    wait_until(
+        lambda: rm.get_device(did).connection_state == "Disconnected", timeout=10, what="Disconnected state"
+    )

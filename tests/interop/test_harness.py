@@ -130,8 +130,16 @@ def test_decode_keeps_partial_input():
 
 
 def test_error_codes_found_in_both_layouts():
-    registry = '{"Message":"ErrorCode:DeviceNotFound;404001 device not found","ExceptionMessage":"Tracking ID:ab"}'
-    assert 404001 in error_codes_in(registry)
+    registry = '{"Message":"ErrorCode:404001;DeviceNotFound","ExceptionMessage":"Tracking ID:ab"}'
+    assert error_codes_in(registry) == {404001}
+    top = '{"Message":"ErrorCode:DeviceNotFound;x","ExceptionMessage":"","errorCode":404001}'
+    assert error_codes_in(top) == {404001}
+    # Digit runs in ids are not codes.
+    noise = (
+        '{"Message":"ErrorCode:DeviceNotFound;Device err-590285c3 not found",'
+        '"ExceptionMessage":"Tracking ID:453357ab"}'
+    )
+    assert error_codes_in(noise) == set()
     nested = '{"Message":"{\\"errorCode\\":404103,\\"message\\":\\"offline\\"}","ExceptionMessage":""}'
     assert error_codes_in(nested) == {404103}
     assert error_codes_in('{"Message":"ErrorCode:DeviceNotFound;no digits","ExceptionMessage":""}') == set()
@@ -160,10 +168,19 @@ def test_hub_env_sets_trust_vars_and_removes_overrides(tmp_path, monkeypatch):
     assert "CURL_CA_BUNDLE" not in env and "SSL_CERT_DIR" not in env
 
 
-def test_process_trust_vars_point_at_the_session_bundle():
+def test_process_trust_vars_have_no_overrides():
     assert "CURL_CA_BUNDLE" not in os.environ and "SSL_CERT_DIR" not in os.environ
-    assert os.environ["REQUESTS_CA_BUNDLE"] == os.environ["SSL_CERT_FILE"]
-    assert os.path.isfile(os.environ["SSL_CERT_FILE"])
+    assert os.environ.get("REQUESTS_CA_BUNDLE") == os.environ.get("SSL_CERT_FILE")
+
+
+def test_hub_process_env_restores_machine_trust_settings(monkeypatch):
+    monkeypatch.setitem(harness._ORIGINAL_TRUST_ENV, "SSL_CERT_FILE", "/machine/bundle.pem")
+    monkeypatch.setitem(harness._ORIGINAL_TRUST_ENV, "SSL_CERT_DIR", None)
+    monkeypatch.setenv("SSL_CERT_FILE", "/some/hub/ca-bundle.pem")
+    monkeypatch.setenv("SSL_CERT_DIR", "/x")
+    env = harness._hub_process_env()
+    assert env["SSL_CERT_FILE"] == "/machine/bundle.pem"
+    assert "SSL_CERT_DIR" not in env
 
 
 def test_missing_binary_fails_loudly(tmp_path):

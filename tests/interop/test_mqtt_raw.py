@@ -123,7 +123,15 @@ def test_subscribe_to_hash_closes(hub: Hub, raw, device):
         bytes([0x30, 0x05, 0x00, 0x02, 0xC3, 0x28, 0x00]),  # topic that is not UTF-8
         m.connect_packet("again", "u", "p"),  # a second CONNECT
     ],
-    ids=["type0", "type15", "varint-5-bytes", "subscribe-bad-flags", "topic-overrun", "bad-utf8", "second-connect"],
+    ids=[
+        "type0",
+        "type15",
+        "varint-5-bytes",
+        "subscribe-bad-flags",
+        "topic-overrun",
+        "bad-utf8",
+        "second-connect",
+    ],
 )
 def test_malformed_packet_closes(hub: Hub, raw, device, data):
     conn = _connected(hub, raw, device)
@@ -236,7 +244,9 @@ def test_duplicate_reported_patch_is_applied_once(hub: Hub, raw, device):
     conn.send(m.publish_packet(topic, b'{"counter": 1}', qos=1, pid=21, dup=True))
     seen = conn.drain(3)
 
-    answers = [p for p in seen if p.ptype == m.PUBLISH and _query(p.publish_parts()[0]).get("$rid") == "dup-rid-1"]
+    answers = [
+        p for p in seen if p.ptype == m.PUBLISH and _query(p.publish_parts()[0]).get("$rid") == "dup-rid-1"
+    ]
     assert len(answers) == 1, f"expected one twin response, got {[a.publish_parts()[0] for a in answers]}"
     answer_topic = answers[0].publish_parts()[0]
     assert answer_topic.startswith("$iothub/twin/res/204/"), answer_topic

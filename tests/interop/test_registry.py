@@ -223,7 +223,12 @@ def test_bulk_create_update_delete(rm):
     keys = {did: random_key() for did in ids}
     created = rm.bulk_create_or_update_devices(
         [
-            ExportImportDevice(id=did, import_mode="create", status="enabled", authentication=_sas_auth(keys[did], random_key()))
+            ExportImportDevice(
+                id=did,
+                import_mode="create",
+                status="enabled",
+                authentication=_sas_auth(keys[did], random_key()),
+            )
             for did in ids
         ]
     )
@@ -235,7 +240,12 @@ def test_bulk_create_update_delete(rm):
 
     updated = rm.bulk_create_or_update_devices(
         [
-            ExportImportDevice(id=did, import_mode="update", status="disabled", authentication=_sas_auth(keys[did], random_key()))
+            ExportImportDevice(
+                id=did,
+                import_mode="update",
+                status="disabled",
+                authentication=_sas_auth(keys[did], random_key()),
+            )
             for did in ids
         ]
     )
@@ -243,7 +253,9 @@ def test_bulk_create_update_delete(rm):
     assert updated.is_successful is True, updated.as_dict()
     assert all(rm.get_device(did).status == "disabled" for did in ids)
 
-    deleted = rm.bulk_create_or_update_devices([ExportImportDevice(id=did, import_mode="delete") for did in ids])
+    deleted = rm.bulk_create_or_update_devices(
+        [ExportImportDevice(id=did, import_mode="delete") for did in ids]
+    )
     assert _status(rm) == 200
     assert deleted.is_successful is True, deleted.as_dict()
     for did in ids:
@@ -269,7 +281,9 @@ def test_bulk_mixed_batch_reports_duplicate_create(rm):
     res = rm.bulk_create_or_update_devices(
         [
             ExportImportDevice(id=fresh, import_mode="create", status="enabled", authentication=_sas_auth()),
-            ExportImportDevice(id=existing, import_mode="create", status="enabled", authentication=_sas_auth()),
+            ExportImportDevice(
+                id=existing, import_mode="create", status="enabled", authentication=_sas_auth()
+            ),
         ]
     )
     # The SDK accepts 200 or 400 here; IoT Hub answers a failed batch with 400 and the result body.

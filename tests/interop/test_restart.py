@@ -19,10 +19,15 @@ def _populate(rm, n: int = 3) -> dict[str, dict]:
     state: dict[str, dict] = {}
     for i in range(n):
         did = unique_id("persist")
-        dev = rm.create_device_with_sas(did, random_key(), random_key(), "enabled" if i % 2 == 0 else "disabled")
+        dev = rm.create_device_with_sas(
+            did, random_key(), random_key(), "enabled" if i % 2 == 0 else "disabled"
+        )
         twin = rm.update_twin(
             did,
-            Twin(tags={"index": i, "site": "lab"}, properties=TwinProperties(desired={"setpoint": 20 + i, "cfg": {"on": True}})),
+            Twin(
+                tags={"index": i, "site": "lab"},
+                properties=TwinProperties(desired={"setpoint": 20 + i, "cfg": {"on": True}}),
+            ),
         )
         state[did] = {"device": dev, "twin": twin}
     return state
@@ -36,7 +41,9 @@ def _assert_state_kept(rm, state: dict[str, dict]) -> None:
         assert got.generation_id == dev.generation_id
         assert got.status == dev.status
         assert got.authentication.symmetric_key.primary_key == dev.authentication.symmetric_key.primary_key
-        assert got.authentication.symmetric_key.secondary_key == dev.authentication.symmetric_key.secondary_key
+        assert (
+            got.authentication.symmetric_key.secondary_key == dev.authentication.symmetric_key.secondary_key
+        )
         t = rm.get_twin(did)
         assert t.tags == twin.tags
         assert t.etag == twin.etag

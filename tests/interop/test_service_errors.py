@@ -41,7 +41,7 @@ def test_stale_etag_on_device_update_is_412(rm):
     did, dev = _device(rm)
     rm.update_device_with_sas(did, dev.etag, random_key(), random_key(), "enabled")
     e = _fails(rm.update_device_with_sas, did, dev.etag, random_key(), random_key(), "disabled")
-    assert_iothub_error(e.response, 412, 412002, "PreconditionFailed")
+    assert_iothub_error(e.response, 412, 412001, "PreconditionFailed")
     assert rm.get_device(did).status == "enabled", "a rejected update must change nothing"
 
 
@@ -49,7 +49,7 @@ def test_stale_etag_on_delete_is_412(rm):
     did, dev = _device(rm)
     rm.update_device_with_sas(did, dev.etag, random_key(), random_key(), "enabled")
     e = _fails(rm.delete_device, did, dev.etag)
-    assert_iothub_error(e.response, 412, 412002, "PreconditionFailed")
+    assert_iothub_error(e.response, 412, 412001, "PreconditionFailed")
     assert rm.get_device(did).device_id == did, "a rejected delete must not delete"
 
 
@@ -58,9 +58,9 @@ def test_stale_etag_on_twin_update_and_replace_is_412(rm):
     t0 = rm.get_twin(did)
     rm.update_twin(did, Twin(tags={"a": 1}), t0.etag)
     e = _fails(rm.update_twin, did, Twin(tags={"a": 2}), t0.etag)
-    assert_iothub_error(e.response, 412, 412002, "PreconditionFailed")
+    assert_iothub_error(e.response, 412, 412001, "PreconditionFailed")
     e = _fails(rm.replace_twin, did, Twin(tags={"a": 3}), t0.etag)
-    assert_iothub_error(e.response, 412, 412002, "PreconditionFailed")
+    assert_iothub_error(e.response, 412, 412001, "PreconditionFailed")
     assert rm.get_twin(did).tags == {"a": 1}
 
 
@@ -111,7 +111,12 @@ def test_expired_token_is_401(hub: Hub):
 
 @pytest.mark.parametrize(
     "token",
-    ["", "Bearer abc", "SharedAccessSignature sr=x", "SharedAccessSignature sr=x&sig=%%%&se=zz&skn=iothubowner"],
+    [
+        "",
+        "Bearer abc",
+        "SharedAccessSignature sr=x",
+        "SharedAccessSignature sr=x&sig=%%%&se=zz&skn=iothubowner",
+    ],
     ids=["empty", "bearer", "truncated", "garbage"],
 )
 def test_malformed_authorization_is_401(hub: Hub, token):
@@ -176,9 +181,11 @@ def _nested(depth: int) -> dict:
         {"bad$key": 1},
         {"ok": {"nested.dot": 1}},
         _nested(15),
-        {"big": "x" * (33 * 1024)},
+        # 10 x 3.5 KiB: every string is under the 4 KiB value limit, the whole is over 32 KiB.
+        {f"part{i}": "x" * 3584 for i in range(10)},
+        {"long": "x" * 5000},
     ],
-    ids=["dot-in-key", "dollar-in-key", "nested-dot", "depth-15", "desired-over-32KiB"],
+    ids=["dot-in-key", "dollar-in-key", "nested-dot", "depth-15", "desired-over-32KiB", "string-over-4KiB"],
 )
 def test_invalid_twin_patch_is_400(rm, hub: Hub, desired):
     did, _ = _device(rm)
@@ -191,11 +198,12 @@ def test_invalid_twin_patch_is_400(rm, hub: Hub, desired):
 
 
 def test_valid_twin_patch_near_limits_is_accepted(rm):
-    # Controls for the test above: depth 5 and ~8 KiB are fine.
+    # Controls for the test above: depth 5, 4000-byte strings and ~12 KiB in all are fine.
     did, _ = _device(rm)
-    t = rm.update_twin(did, Twin(properties=TwinProperties(desired={"deep": _nested(5), "blob": "y" * 8192})))
+    blobs = {f"blob{i}": "y" * 4000 for i in range(3)}
+    t = rm.update_twin(did, Twin(properties=TwinProperties(desired={"deep": _nested(5), **blobs})))
     assert rm.recorder.last == 200
-    assert t.properties.desired["blob"] == "y" * 8192
+    assert all(t.properties.desired[k] == v for k, v in blobs.items())
 
 
 def test_invalid_tags_key_is_400(rm):

@@ -60,7 +60,10 @@ def test_update_twin_merges_tags_and_desired(rm, hub: Hub):
 
     t1 = rm.update_twin(
         did,
-        Twin(tags={"site": "lab", "floor": 3}, properties=TwinProperties(desired={"temp": 21, "mode": {"fan": "auto"}})),
+        Twin(
+            tags={"site": "lab", "floor": 3},
+            properties=TwinProperties(desired={"temp": 21, "mode": {"fan": "auto"}}),
+        ),
         t0.etag,
     )
     assert rm.recorder.last_call()[0] == "PATCH" and rm.recorder.last == 200
@@ -77,7 +80,10 @@ def test_update_twin_merges_tags_and_desired(rm, hub: Hub):
     # A second patch merges; null deletes a key (and its metadata); etag None sends If-Match "*".
     t2 = rm.update_twin(
         did,
-        Twin(tags={"floor": None, "owner": "ops"}, properties=TwinProperties(desired={"temp": None, "mode": {"speed": 2}})),
+        Twin(
+            tags={"floor": None, "owner": "ops"},
+            properties=TwinProperties(desired={"temp": None, "mode": {"speed": 2}}),
+        ),
     )
     assert rm.recorder.last == 200
     assert t2.tags == {"site": "lab", "owner": "ops"}
@@ -105,7 +111,9 @@ def test_update_twin_tags_only_keeps_desired_version(rm):
 
 def test_replace_twin_with_edited_get_twin_result(rm, hub: Hub):
     did = _new_device(rm)
-    rm.update_twin(did, Twin(tags={"old": 1, "keep": "x"}, properties=TwinProperties(desired={"a": 1, "b": 2})))
+    rm.update_twin(
+        did, Twin(tags={"old": 1, "keep": "x"}, properties=TwinProperties(desired={"a": 1, "b": 2}))
+    )
     twin = rm.get_twin(did)
     v_before = twin.properties.desired["$version"]
     reported_before = dict(twin.properties.reported)

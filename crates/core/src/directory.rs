@@ -3,10 +3,11 @@
 //! it [`SessionCommand`]s over a bounded channel. Sharded so connects and lookups on
 //! different devices never contend on one lock.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::hash::{BuildHasher, Hash, Hasher};
 use std::sync::atomic::{AtomicU8, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use tokio::sync::{Notify, OwnedMutexGuard, mpsc, oneshot};
@@ -122,6 +123,23 @@ impl SessionHandle {
 
 type Shard = RwLock<HashMap<String, SessionHandle>>;
 
+/// A twin request a session answered: kept so a redelivery of the same `$rid` (paho resends
+/// unacknowledged QoS 1 publishes with DUP after a reconnect) is never applied twice.
+#[derive(Debug, Clone)]
+pub struct RecentAnswer {
+    pub rid: String,
+    /// The connection that sent the answer: a redelivery on the same connection already has
+    /// it and gets none; one on a later connection may have missed it and gets it again.
+    pub connection_id: u64,
+    pub topic: String,
+    pub payload: Bytes,
+}
+
+/// How long a device's recent answers outlive its session, waiting for it to reconnect.
+const PARKED_FOR: Duration = Duration::from_secs(120);
+
+type Parked = Mutex<HashMap<String, (Instant, VecDeque<RecentAnswer>)>>;
+
 /// Device id → the session currently serving it.
 pub struct Directory {
     shards: Vec<Shard>,
@@ -129,11 +147,14 @@ pub struct Directory {
     connected: AtomicUsize,
     /// Woken whenever a session registers or subscribes (for method connect-timeouts).
     changed: Notify,
+    /// Recent twin answers of devices between two sessions.
+    parked: Vec<Parked>,
 }
 
 impl Default for Directory {
     fn default() -> Self {
         Directory {
+            parked: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
             shards: (0..SHARDS).map(|_| RwLock::new(HashMap::new())).collect(),
             hasher: Default::default(),
             connected: AtomicUsize::new(0),
@@ -144,9 +165,7 @@ impl Default for Directory {
 
 impl Directory {
     fn shard(&self, device_id: &str) -> &Shard {
-        let mut h = self.hasher.build_hasher();
-        device_id.hash(&mut h);
-        &self.shards[(h.finish() as usize) % SHARDS]
+        &self.shards[self.shard_index(device_id)]
     }
 
     /// Registers `handle` for `device_id`; returns the handle it replaced, if any.
@@ -210,6 +229,35 @@ impl Directory {
     /// A future that completes at the next registration or subscription change.
     pub fn changed(&self) -> tokio::sync::futures::Notified<'_> {
         self.changed.notified()
+    }
+
+    fn shard_index(&self, device_id: &str) -> usize {
+        let mut h = self.hasher.build_hasher();
+        device_id.hash(&mut h);
+        (h.finish() as usize) % SHARDS
+    }
+
+    /// Keeps a finished session's recent answers for the device's next session.
+    pub fn park_recent(&self, device_id: &str, recent: VecDeque<RecentAnswer>) {
+        let now = Instant::now();
+        let mut parked = self.parked[self.shard_index(device_id)]
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        parked.retain(|_, (at, _)| now.duration_since(*at) < PARKED_FOR);
+        if !recent.is_empty() {
+            parked.insert(device_id.to_string(), (now, recent));
+        }
+    }
+
+    /// The recent answers a previous session of the device left, if it ended lately.
+    pub fn take_recent(&self, device_id: &str) -> VecDeque<RecentAnswer> {
+        let mut parked = self.parked[self.shard_index(device_id)]
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        match parked.remove(device_id) {
+            Some((at, recent)) if at.elapsed() < PARKED_FOR => recent,
+            _ => VecDeque::new(),
+        }
     }
 
     /// Every registered handle (for shutdown).

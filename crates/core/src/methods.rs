@@ -87,12 +87,22 @@ fn not_online(device_id: &str) -> Error {
 impl Hub {
     /// Invokes a direct method on a device and returns its answer.
     pub async fn invoke_method(&self, device_id: &str, call: MethodCall) -> Result<MethodResponse> {
-        if self.load(device_id).await?.is_none() {
-            return Err(Error::device_not_found(device_id));
-        }
-        let handle = self
-            .wait_for_method_listener(device_id, call.connect_timeout)
-            .await?;
+        // The common case is a listening device: no store read on that path. Only when it is
+        // not listening does the registry tell "unknown device" from "not online".
+        let listening = self
+            .directory
+            .get(device_id)
+            .filter(|h| h.is_subscribed(subs::METHODS));
+        let handle = match listening {
+            Some(h) => h,
+            None => {
+                if self.load(device_id).await?.is_none() {
+                    return Err(Error::device_not_found(device_id));
+                }
+                self.wait_for_method_listener(device_id, call.connect_timeout)
+                    .await?
+            }
+        };
         let (reply, answer) = oneshot::channel();
         let command = SessionCommand::InvokeMethod {
             method_name: call.method_name,

@@ -151,26 +151,42 @@ impl ErrorBody {
     /// (also worth logging), and `now` the time of the failure.
     pub fn new(code: ErrorCode, text: &str, tracking_id: &str, now: jiff::Timestamp) -> ErrorBody {
         if code.uses_json_message() {
-            // json! keeps insertion order (preserve_order), giving the real hub's key order.
-            let detail = serde_json::json!({
-                "errorCode": code.code(),
-                "trackingId": tracking_id,
-                "message": text,
-                "info": {},
-                "timestampUtc": format_timestamp(now),
-            });
-            ErrorBody {
-                message: detail.to_string(),
-                exception_message: String::new(),
-            }
+            Self::json(code, text, tracking_id, now)
         } else {
-            ErrorBody {
-                message: format!("{PLAIN_PREFIX}{};{text}", code.name()),
-                exception_message: format!(
-                    "Tracking ID:{tracking_id}-G:0-TimeStamp:{}",
-                    format_exception_time(now)
-                ),
-            }
+            Self::plain(code, text, tracking_id, now)
+        }
+    }
+
+    /// The newer style, used by the direct-method endpoints for every error: `Message` is a
+    /// JSON document with the numeric code.
+    pub fn json(code: ErrorCode, text: &str, tracking_id: &str, now: jiff::Timestamp) -> ErrorBody {
+        // json! keeps insertion order (preserve_order), giving the real hub's key order.
+        let detail = serde_json::json!({
+            "errorCode": code.code(),
+            "trackingId": tracking_id,
+            "message": text,
+            "info": {},
+            "timestampUtc": format_timestamp(now),
+        });
+        ErrorBody {
+            message: detail.to_string(),
+            exception_message: String::new(),
+        }
+    }
+
+    /// The registry style: `Message` is `ErrorCode:<Name>;<text>`.
+    pub fn plain(
+        code: ErrorCode,
+        text: &str,
+        tracking_id: &str,
+        now: jiff::Timestamp,
+    ) -> ErrorBody {
+        ErrorBody {
+            message: format!("{PLAIN_PREFIX}{};{text}", code.name()),
+            exception_message: format!(
+                "Tracking ID:{tracking_id}-G:0-TimeStamp:{}",
+                format_exception_time(now)
+            ),
         }
     }
 

@@ -13,13 +13,61 @@
 //!     .build()?;
 //! let device = service.create_device("thermostat-1", Default::default()).await?;
 //! println!("{} has key {:?}", device.device_id,
-//!     device.authentication.symmetric_key.and_then(|k| k.primary_key));
+//!     device.authentication.and_then(|a| a.symmetric_key).and_then(|k| k.primary_key));
+//! # Ok(()) }
+//! ```
+//!
+//! # Devices
+//!
+//! [`DeviceClient`] is the device face: IoT Hub's MQTT 3.1.1 protocol over TLS (port 8883) or
+//! over WebSockets (port 443), authenticated with a device connection string. It answers
+//! direct methods, reads the twin, patches reported properties, receives desired-property
+//! changes and sends telemetry. One background task owns the connection: it reconnects with
+//! backoff after a drop, renews the SAS token before it expires, and re-subscribes when the
+//! hub lost the session. It works against twinhub and Azure IoT Hub alike.
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), twinhub_sdk::Error> {
+//! use std::time::Duration;
+//! use serde_json::json;
+//! use twinhub_sdk::{DeviceClient, MethodResponse, Transport};
+//!
+//! let device = DeviceClient::builder("HostName=localhost;DeviceId=thermostat-1;SharedAccessKey=...")
+//!     .extra_ca_pem(std::fs::read("twinhub-data/tls/ca.pem").unwrap_or_default())
+//!     .transport(Transport::Mqtt)
+//!     .sas_token_ttl(Duration::from_secs(3600))
+//!     .build()?;
+//! device.set_method_handler(|request| async move {
+//!     match request.name.as_str() {
+//!         "reboot" => MethodResponse::new(200, json!({"rebooting": true})),
+//!         _ => MethodResponse::new(404, json!({"unknown": request.name})),
+//!     }
+//! });
+//! let mut desired = device.desired_patches();
+//! device.connect().await?;
+//!
+//! let twin = device.get_twin().await?;
+//! println!("desired v{}: {:?}", twin.desired_version, twin.desired);
+//! let version = device.patch_reported(&json!({"firmware": "1.2.0"})).await?;
+//! println!("reported is now at v{version}");
+//! device
+//!     .send_event(r#"{"temperature": 21.5}"#, &[("$.ct".into(), "application/json".into())])
+//!     .await?;
+//! while let Some(patch) = desired.recv().await {
+//!     println!("desired v{} (full: {}): {:?}", patch.version, patch.full, patch.patch);
+//! }
+//! device.close().await;
 //! # Ok(()) }
 //! ```
 
+pub mod device;
 mod error;
 pub mod service;
 
+pub use device::{
+    ConnectionState, DesiredPatch, DesiredPatches, DeviceClient, DeviceClientBuilder, DeviceTwin,
+    MethodRequest, MethodRequests, MethodResponse, Transport,
+};
 pub use error::{Error, Result};
 pub use service::{NewDevice, ServiceClient, ServiceClientBuilder};
 pub use twinhub_proto as proto;

@@ -329,7 +329,10 @@ impl ServiceClient {
             return Err(hub_error(resp).await);
         }
         let status = resp.status().as_u16();
-        let text = resp.text().await.map_err(|e| Error::Unreachable(error_chain(&e)))?;
+        let text = resp
+            .text()
+            .await
+            .map_err(|e| Error::Unreachable(error_chain(&e)))?;
         match serde_json::from_str::<BulkRegistryOperationResult>(&text) {
             Ok(r) if text.contains("isSuccessful") => Ok(r),
             _ => Err(Error::Hub {

@@ -92,8 +92,14 @@ fn dev_ca(dir: &Path) -> Result<(String, KeyPair), ServerError> {
     }
     let key = KeyPair::generate().map_err(|e| tls_err("generating the dev CA key", e))?;
     let mut params = ca_params();
-    // A random serial distinguishes this CA from another data dir's.
-    params.serial_number = Some(rcgen::SerialNumber::from_slice(&random_serial()));
+    let serial = random_serial();
+    params.serial_number = Some(rcgen::SerialNumber::from_slice(&serial));
+    // A unique name: with two hubs' CAs in one trust bundle, OpenSSL looks issuers up by
+    // name, and identical names would make it try the wrong one.
+    let tag: String = serial[..4].iter().map(|b| format!("{b:02x}")).collect();
+    params
+        .distinguished_name
+        .push(DnType::CommonName, format!("twinhub development CA {tag}"));
     let cert = params
         .self_signed(&key)
         .map_err(|e| tls_err("creating the dev CA", e))?;
@@ -152,6 +158,7 @@ fn dev_server_cert(
     params.subject_alt_names = server_sans(config);
     params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
     params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+    params.use_authority_key_identifier_extension = true;
     params.serial_number = Some(rcgen::SerialNumber::from_slice(&random_serial()));
     let now = time::OffsetDateTime::now_utc();
     params.not_before = now - time::Duration::days(1);
@@ -161,6 +168,55 @@ fn dev_server_cert(
         .map_err(|e| tls_err("issuing the server certificate", e))?;
     // The chain carries the CA too, so clients that trust it build the path at once.
     Ok((format!("{}{}", cert.pem(), ca_pem), key.serialize_pem()))
+}
+
+/// The server certificate of an earlier start, if it was issued by this CA, still names every
+/// SAN this configuration needs, and is valid for at least 30 more days.
+fn reusable_server_cert(dir: &Path, config: &Config, ca_pem: &str) -> Option<(String, String)> {
+    let chain = fs::read_to_string(dir.join("server.pem")).ok()?;
+    let key = fs::read_to_string(dir.join("server-key.pem")).ok()?;
+    if !chain.ends_with(ca_pem) {
+        return None;
+    }
+    let (_, pem) = x509_parser::pem::parse_x509_pem(chain.as_bytes()).ok()?;
+    let cert = pem.parse_x509().ok()?;
+    let mut have = std::collections::HashSet::new();
+    if let Ok(Some(ext)) = cert.subject_alternative_name() {
+        for name in &ext.value.general_names {
+            match name {
+                x509_parser::extensions::GeneralName::DNSName(d) => {
+                    have.insert(d.to_ascii_lowercase());
+                }
+                x509_parser::extensions::GeneralName::IPAddress(raw) => {
+                    let ip = match raw.len() {
+                        4 => <[u8; 4]>::try_from(*raw).ok().map(IpAddr::from),
+                        16 => <[u8; 16]>::try_from(*raw).ok().map(IpAddr::from),
+                        _ => None,
+                    };
+                    if let Some(ip) = ip {
+                        have.insert(ip.to_string());
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+    let covered = server_sans(config)
+        .iter()
+        .all(|s| have.contains(&san_text(s)));
+    let expires = cert.validity().not_after.timestamp();
+    let fresh =
+        expires > (time::OffsetDateTime::now_utc() + time::Duration::days(30)).unix_timestamp();
+    KeyPair::from_pem(&key).ok()?;
+    (covered && fresh).then_some((chain, key))
+}
+
+fn san_text(san: &SanType) -> String {
+    match san {
+        SanType::IpAddress(ip) => ip.to_string(),
+        SanType::DnsName(n) => n.as_str().to_ascii_lowercase(),
+        other => format!("{other:?}"),
+    }
 }
 
 /// Writes system roots plus the dev CA into `ca-bundle.pem`.
@@ -234,9 +290,15 @@ pub fn prepare(config: &Config) -> Result<TlsSetup, ServerError> {
             fs::create_dir_all(&dir)
                 .map_err(|e| tls_err(&format!("creating {}", dir.display()), e))?;
             let (ca, ca_key) = dev_ca(&dir)?;
-            let (chain, key) = dev_server_cert(config, &ca, ca_key)?;
-            write_public(&dir.join("server.pem"), &chain)?;
-            write_private(&dir.join("server-key.pem"), &key)?;
+            let (chain, key) = match reusable_server_cert(&dir, config, &ca) {
+                Some(existing) => existing,
+                None => {
+                    let (chain, key) = dev_server_cert(config, &ca, ca_key)?;
+                    write_public(&dir.join("server.pem"), &chain)?;
+                    write_private(&dir.join("server-key.pem"), &key)?;
+                    (chain, key)
+                }
+            };
             let bundle = write_bundle(&dir, &ca)?;
             (
                 chain.into_bytes(),
@@ -277,8 +339,23 @@ mod tests {
         let ca1 = fs::read(first.ca_pem.as_ref().unwrap()).unwrap();
         let bundle = fs::read_to_string(first.ca_bundle.as_ref().unwrap()).unwrap();
         assert!(bundle.ends_with(&String::from_utf8(ca1.clone()).unwrap()));
+        let server1 = fs::read(dir.path().join("tls/server.pem")).unwrap();
         let second = prepare(&cfg).unwrap();
         assert_eq!(ca1, fs::read(second.ca_pem.unwrap()).unwrap());
+        assert_eq!(
+            server1,
+            fs::read(dir.path().join("tls/server.pem")).unwrap(),
+            "server cert reused"
+        );
+        // A new hostname needs a new SAN: the certificate is reissued by the same CA.
+        let renamed = Config {
+            hostname: "other.test".into(),
+            ..cfg
+        };
+        prepare(&renamed).unwrap();
+        let server2 = fs::read_to_string(dir.path().join("tls/server.pem")).unwrap();
+        assert_ne!(server1, server2.as_bytes());
+        assert!(server2.ends_with(&String::from_utf8(ca1).unwrap()));
     }
 
     #[test]

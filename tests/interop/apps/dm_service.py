@@ -28,7 +28,8 @@ def main() -> int:
 
     say("Invoking device to reboot...")
     result = registry.invoke_device_method(
-        device_id, CloudToDeviceMethod(method_name=METHOD_NAME, payload=METHOD_PAYLOAD, response_timeout_in_seconds=60)
+        device_id,
+        CloudToDeviceMethod(method_name=METHOD_NAME, payload=METHOD_PAYLOAD, response_timeout_in_seconds=60),
     )
     say("Successfully invoked the device to reboot.")
     say("METHOD_STATUS", result.status)

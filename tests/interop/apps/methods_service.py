@@ -23,7 +23,9 @@ def main() -> int:
     device_id = env_required("IOTHUB_DEVICE_ID")
     result = registry.invoke_device_method(
         device_id,
-        CloudToDeviceMethod(method_name=METHOD_NAME, payload=METHOD_PAYLOAD, response_timeout_in_seconds=TIMEOUT),
+        CloudToDeviceMethod(
+            method_name=METHOD_NAME, payload=METHOD_PAYLOAD, response_timeout_in_seconds=TIMEOUT
+        ),
     )
     say("Device Method called")
     say("Device Method name       :", METHOD_NAME)

@@ -10,7 +10,9 @@ use bytes::{Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::{Instant, sleep_until, timeout};
-use twinhub_core::directory::{MethodFailure, MethodResponse, SessionCommand, SessionHandle, subs};
+use twinhub_core::directory::{
+    MethodFailure, MethodResponse, RecentAnswer, SessionCommand, SessionHandle, subs,
+};
 use twinhub_core::methods::MAX_METHOD_PAYLOAD;
 use twinhub_core::{Error, keys};
 use twinhub_mqtt::{
@@ -132,7 +134,7 @@ where
         filters: BTreeSet::new(),
         next_rid: 1,
         pending: HashMap::new(),
-        recent: VecDeque::new(),
+        recent: ctx.hub.directory().take_recent(&device_id),
         out,
     };
     session.out.push(&Packet::ConnAck(ConnAck {
@@ -164,6 +166,9 @@ where
     }
     let _ = session.out.flush().await;
     let _ = session.out.wr.shutdown().await;
+    ctx.hub
+        .directory()
+        .park_recent(&device_id, std::mem::take(&mut session.recent));
     if let Err(e) = ctx
         .hub
         .disconnect_device(&device_id, handle.connection_id, connect.clean_session)
@@ -314,8 +319,8 @@ struct Session<W> {
     filters: BTreeSet<String>,
     next_rid: u64,
     pending: HashMap<String, Reply>,
-    /// Recently answered twin requests: `$rid` → the answer sent.
-    recent: VecDeque<(String, String, Bytes)>,
+    /// Recently answered twin requests (carried over from the device's previous session).
+    recent: VecDeque<RecentAnswer>,
     out: Out<W>,
 }
 
@@ -544,10 +549,15 @@ impl<W: AsyncWrite + Unpin> Session<W> {
             }
             Inbound::TwinPatchReported { rid } => {
                 let rid = rid.to_string();
-                if let Some((_, topic, payload)) = self.recent.iter().find(|(r, _, _)| *r == rid) {
-                    // A redelivery (DUP) of a request already applied: answer it again only.
-                    let (topic, payload) = (topic.clone(), payload.clone());
-                    self.out.publish(topic, payload);
+                let connection_id = self.handle.connection_id;
+                if let Some(seen) = self.recent.iter_mut().find(|a| a.rid == rid) {
+                    // A redelivery of a request already applied: never apply it twice. This
+                    // connection already has the answer; a new one may have missed it.
+                    if seen.connection_id != connection_id {
+                        seen.connection_id = connection_id;
+                        let (topic, payload) = (seen.topic.clone(), seen.payload.clone());
+                        self.out.publish(topic, payload);
+                    }
                 } else {
                     let (topic, payload) = match self
                         .ctx
@@ -564,7 +574,12 @@ impl<W: AsyncWrite + Unpin> Session<W> {
                     if self.recent.len() >= RECENT_TWIN_REQUESTS {
                         self.recent.pop_front();
                     }
-                    self.recent.push_back((rid, topic.clone(), payload.clone()));
+                    self.recent.push_back(RecentAnswer {
+                        rid,
+                        connection_id,
+                        topic: topic.clone(),
+                        payload: payload.clone(),
+                    });
                     self.out.publish(topic, payload);
                 }
             }

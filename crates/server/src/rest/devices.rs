@@ -11,7 +11,9 @@ use axum::routing::get;
 use twinhub_core::auth::Right;
 use twinhub_proto::model::{Device, ExportImportDevice};
 
-use super::{ApiError, ApiResult, AppState, authorize, if_match, ok_json, parse_json, parse_json_array};
+use super::{
+    ApiError, ApiResult, AppState, authorize, if_match, ok_json, parse_json, parse_json_array,
+};
 
 pub fn routes() -> Router<AppState> {
     Router::new()
@@ -30,7 +32,7 @@ async fn list(
     let top = match q.get("top") {
         None => None,
         Some(t) => Some(t.parse::<usize>().map_err(|_| {
-            ApiError(twinhub_core::Error::invalid(
+            ApiError::from(twinhub_core::Error::invalid(
                 "top must be a non-negative integer",
             ))
         })?),

@@ -44,7 +44,9 @@ impl From<twinhub_core::Error> for ApiError {
 }
 
 /// The one mapping from hub errors to HTTP: status from the code, the IoT Hub body, and the
-/// `iothub-errorcode` header.
+/// `iothub-errorcode` header. Every endpoint answers in the JSON-message style (IoT Hub's
+/// newer form, used by its method endpoints) because it carries the numeric error code that
+/// SDKs other than Python's read; the header carries the name.
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let code = self.0.code();
@@ -56,7 +58,7 @@ impl IntoResponse for ApiError {
         } else {
             tracing::debug!(code = code.name(), tracking_id = %tracking, message = self.0.message(), "request refused");
         }
-        let body = ErrorBody::new(code, self.0.message(), &tracking, jiff::Timestamp::now());
+        let body = ErrorBody::json(code, self.0.message(), &tracking, jiff::Timestamp::now());
         let mut resp = json_response(status, serde_json::to_vec(&body).unwrap_or_default());
         if let Ok(v) = HeaderValue::from_str(code.name()) {
             resp.headers_mut().insert(ERROR_CODE_HEADER, v);
@@ -94,7 +96,7 @@ pub fn authorize(state: &AppState, headers: &HeaderMap, right: Right) -> ApiResu
         .authorizer()
         .authorize_service(header, right, keys::now_unix())
         .map(|_| ())
-        .map_err(ApiError)
+        .map_err(ApiError::from)
 }
 
 pub fn if_match(headers: &HeaderMap) -> Option<&str> {
@@ -112,9 +114,13 @@ pub fn parse_json_array<T: serde::de::DeserializeOwned>(body: &[u8]) -> ApiResul
     parse_shaped(body, b'[', "a JSON array")
 }
 
-fn parse_shaped<T: serde::de::DeserializeOwned>(body: &[u8], opener: u8, what: &str) -> ApiResult<T> {
+fn parse_shaped<T: serde::de::DeserializeOwned>(
+    body: &[u8],
+    opener: u8,
+    what: &str,
+) -> ApiResult<T> {
     let invalid = |why: String| {
-        ApiError(twinhub_core::Error::invalid(format!(
+        ApiError::from(twinhub_core::Error::invalid(format!(
             "The request body is not valid: {why}"
         )))
     };
@@ -161,7 +167,7 @@ async fn websocket(State(state): State<AppState>, ws: WebSocketUpgrade) -> Respo
 }
 
 async fn not_found() -> ApiError {
-    ApiError(twinhub_core::Error::new(
+    ApiError::from(twinhub_core::Error::new(
         ErrorCode::InvalidOperation,
         "No such endpoint",
     ))

@@ -4,7 +4,6 @@ use axum::Router;
 use axum::body::Bytes;
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode};
-use axum::response::Response;
 use axum::routing::{get, post};
 use serde_json::Value;
 use twinhub_core::auth::Right;
@@ -84,5 +83,5 @@ async fn invoke(
     out.extend_from_slice(format!("{{\"status\":{},\"payload\":", answer.status).as_bytes());
     out.extend_from_slice(payload);
     out.push(b'}');
-    Ok(json_response(StatusCode::OK, out) as Response)
+    Ok(json_response(StatusCode::OK, out))
 }

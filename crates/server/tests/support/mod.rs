@@ -42,7 +42,9 @@ pub fn config(dir: &std::path::Path, https_port: u16, mqtt_port: u16) -> Config 
 impl TestHub {
     pub async fn start() -> TestHub {
         let dir = tempfile::tempdir().unwrap();
-        let server = RunningServer::start(config(dir.path(), 0, 0)).await.expect("hub starts");
+        let server = RunningServer::start(config(dir.path(), 0, 0))
+            .await
+            .expect("hub starts");
         TestHub {
             https: server.https_addr,
             mqtt: server.mqtt_addr,
@@ -64,9 +66,10 @@ impl TestHub {
     /// Restarts on the same data dir and the same ports.
     pub async fn restart(&mut self) {
         self.stop().await;
-        let server = RunningServer::start(config(self.dir.path(), self.https.port(), self.mqtt.port()))
-            .await
-            .expect("hub restarts");
+        let server =
+            RunningServer::start(config(self.dir.path(), self.https.port(), self.mqtt.port()))
+                .await
+                .expect("hub restarts");
         self.server = Some(server);
     }
 
@@ -75,7 +78,9 @@ impl TestHub {
     }
 
     pub fn service_cs(&self, policy: &str) -> String {
-        self.server().connection_string(policy).expect("policy exists")
+        self.server()
+            .connection_string(policy)
+            .expect("policy exists")
     }
 
     pub fn service(&self, policy: &str) -> ServiceClient {
@@ -92,8 +97,17 @@ impl TestHub {
 
     /// Creates a SAS device and returns its primary key.
     pub async fn device(&self, id: &str) -> String {
-        let d = self.owner().create_device(id, Default::default()).await.unwrap();
-        d.authentication.unwrap().symmetric_key.unwrap().primary_key.unwrap()
+        let d = self
+            .owner()
+            .create_device(id, Default::default())
+            .await
+            .unwrap();
+        d.authentication
+            .unwrap()
+            .symmetric_key
+            .unwrap()
+            .primary_key
+            .unwrap()
     }
 }
 
@@ -107,12 +121,21 @@ impl Drop for TestHub {
 }
 
 pub fn now_unix() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs()
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
 }
 
 pub fn device_token(device_id: &str, key: &str, ttl_secs: i64) -> String {
     let expiry = (now_unix() as i64 + ttl_secs).max(0) as u64;
-    twinhub_proto::sas::generate_sas_token(&format!("localhost/devices/{device_id}"), key, None, expiry).unwrap()
+    twinhub_proto::sas::generate_sas_token(
+        &format!("localhost/devices/{device_id}"),
+        key,
+        None,
+        expiry,
+    )
+    .unwrap()
 }
 
 /// A raw MQTT connection over TLS, for byte-level tests.
@@ -128,13 +151,18 @@ impl RawMqtt {
         for cert in CertificateDer::pem_file_iter(hub.ca_pem()).unwrap() {
             roots.add(cert.unwrap()).unwrap();
         }
-        let cfg = rustls::ClientConfig::builder().with_root_certificates(roots).with_no_client_auth();
+        let cfg = rustls::ClientConfig::builder()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
         let tcp = TcpStream::connect(hub.mqtt).await.unwrap();
         let stream = TlsConnector::from(Arc::new(cfg))
             .connect(ServerName::try_from("localhost").unwrap(), tcp)
             .await
             .unwrap();
-        RawMqtt { stream, buf: BytesMut::new() }
+        RawMqtt {
+            stream,
+            buf: BytesMut::new(),
+        }
     }
 
     pub async fn send(&mut self, p: &Packet) {
@@ -151,7 +179,9 @@ impl RawMqtt {
 
     /// The next packet, or None when the server closed the connection. Fails after 10 s.
     pub async fn recv(&mut self) -> Option<Packet> {
-        self.recv_within(Duration::from_secs(10)).await.expect("no packet and no close within the deadline")
+        self.recv_within(Duration::from_secs(10))
+            .await
+            .expect("no packet and no close within the deadline")
     }
 
     /// Ok(None) on close, Err(()) when nothing happened within `limit`.
@@ -195,7 +225,14 @@ impl RawMqtt {
     /// A connected device session (asserts CONNACK 0).
     pub async fn device(hub: &TestHub, device_id: &str, key: &str, clean: bool) -> (RawMqtt, bool) {
         let mut m = RawMqtt::open(hub).await;
-        let (code, present) = m.connect(connect_packet(device_id, Some(&device_token(device_id, key, 3600)), clean, 60)).await;
+        let (code, present) = m
+            .connect(connect_packet(
+                device_id,
+                Some(&device_token(device_id, key, 3600)),
+                clean,
+                60,
+            ))
+            .await;
         assert_eq!(code, ConnectReturnCode::Accepted);
         (m, present)
     }
@@ -203,7 +240,15 @@ impl RawMqtt {
     pub async fn subscribe(&mut self, filters: &[&str]) {
         let sub = twinhub_mqtt::Subscribe {
             pkid: 1,
-            filters: filters.iter().map(|f| (twinhub_mqtt::Topic::new(f.to_string()).unwrap(), QoS::AtLeastOnce)).collect(),
+            filters: filters
+                .iter()
+                .map(|f| {
+                    (
+                        twinhub_mqtt::Topic::new(f.to_string()).unwrap(),
+                        QoS::AtLeastOnce,
+                    )
+                })
+                .collect(),
         };
         self.send(&Packet::Subscribe(sub)).await;
         loop {
@@ -240,7 +285,12 @@ impl RawMqtt {
     }
 }
 
-pub fn connect_packet(device_id: &str, password: Option<&str>, clean: bool, keep_alive: u16) -> Connect {
+pub fn connect_packet(
+    device_id: &str,
+    password: Option<&str>,
+    clean: bool,
+    keep_alive: u16,
+) -> Connect {
     Connect {
         protocol_name: "MQTT".into(),
         protocol_level: 4,

@@ -1,0 +1,357 @@
+//! The twinhub under test: started as a child process (`twinhub serve`, the default, so its
+//! resident memory can be read from /proc and its CPU is not mixed with the load generator's)
+//! or in-process through `twinhub_server::RunningServer` (for tests). Also registers the
+//! bench's devices in bulk with keys the bench chooses, so it never has to read them back.
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use std::process::Command;
+use tokio::task::JoinSet;
+use twinhub_proto::model::{
+    AuthenticationMechanism, AuthenticationType, ExportImportDevice, ImportMode, SymmetricKey,
+};
+use twinhub_sdk::ServiceClient;
+use twinhub_server::{Config, HubFile, RunningServer};
+
+use crate::child::ChildProcess;
+use crate::error::{Error, Result};
+use crate::progress::Progress;
+
+/// Every bench device shares this primary key (base64 of 32 bytes); each device's SAS token
+/// still differs because it signs the device's own resource URI.
+pub const DEVICE_KEY: &str = "dHdpbmh1Yi1iZW5jaC1kZXZpY2Uta2V5LTAwMDAwMDA=";
+/// The hub's name, in its certificate, connection strings and device user names.
+pub const HOSTNAME: &str = "localhost";
+/// The registry's bulk call takes at most this many devices.
+const BULK_CHUNK: usize = 100;
+/// Bulk calls in flight while registering.
+const BULK_CONCURRENCY: usize = 4;
+/// How long the hub may take to come up.
+const START_LIMIT: Duration = Duration::from_secs(60);
+
+/// The id of bench device `i`.
+pub fn device_id(i: usize) -> String {
+    format!("dev-{i:06}")
+}
+
+/// How to run the hub.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Launch {
+    /// `twinhub serve` from this binary, as a child process.
+    Process { bin: PathBuf, log_filter: String },
+    /// `RunningServer` inside the bench process.
+    InProcess,
+}
+
+enum Running {
+    Child(ChildProcess),
+    InProcess(Box<RunningServer>),
+}
+
+/// A started hub and what clients need to reach it.
+pub struct Hub {
+    pub https_addr: SocketAddr,
+    pub mqtt_addr: SocketAddr,
+    pub connection_string: String,
+    /// The dev CA (PEM) that signed the hub's certificate.
+    pub ca_pem: String,
+    /// The dev CA's private key (PEM), to sign the peers' certificates.
+    pub ca_key_pem: String,
+    pub data_dir: PathBuf,
+    pub version: String,
+    running: Running,
+}
+
+fn read_text(path: &Path) -> Result<String> {
+    std::fs::read_to_string(path).map_err(|e| Error::io(format!("reading {}", path.display()), e))
+}
+
+impl Hub {
+    /// Starts a hub with a fresh store in `data_dir` on loopback, on ports the system picks.
+    pub async fn start(launch: &Launch, data_dir: &Path) -> Result<Hub> {
+        std::fs::create_dir_all(data_dir)
+            .map_err(|e| Error::io(format!("creating {}", data_dir.display()), e))?;
+        let loopback = IpAddr::from([127, 0, 0, 1]);
+        match launch {
+            Launch::InProcess => {
+                let server = RunningServer::start(Config {
+                    data_dir: data_dir.to_path_buf(),
+                    hostname: HOSTNAME.into(),
+                    bind: loopback,
+                    https_port: 0,
+                    mqtt_port: 0,
+                    ..Config::default()
+                })
+                .await?;
+                let connection_string = server
+                    .connection_string("iothubowner")
+                    .ok_or_else(|| Error::Setup("the hub has no iothubowner policy".into()))?;
+                let tls = data_dir.join("tls");
+                Ok(Hub {
+                    https_addr: server.https_addr,
+                    mqtt_addr: server.mqtt_addr,
+                    connection_string,
+                    ca_pem: read_text(&tls.join("ca.pem"))?,
+                    ca_key_pem: read_text(&tls.join("ca-key.pem"))?,
+                    data_dir: data_dir.to_path_buf(),
+                    version: format!("twinhub {} (in-process)", env!("CARGO_PKG_VERSION")),
+                    running: Running::InProcess(Box::new(server)),
+                })
+            }
+            Launch::Process { bin, log_filter } => {
+                Self::start_child(bin, log_filter, data_dir, loopback).await
+            }
+        }
+    }
+
+    async fn start_child(
+        bin: &Path,
+        log_filter: &str,
+        data_dir: &Path,
+        loopback: IpAddr,
+    ) -> Result<Hub> {
+        if !bin.is_file() {
+            return Err(Error::Setup(format!(
+                "no twinhub binary at {}: build it with `cargo build --release -p twinhub` \
+                 or pass --hub-bin",
+                bin.display()
+            )));
+        }
+        let version = Command::new(bin)
+            .arg("--version")
+            .output()
+            .ok()
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+            .filter(|v| !v.is_empty())
+            .unwrap_or_else(|| "twinhub (version unknown)".into());
+        let log_path = data_dir.join("hub.log");
+        let log = std::fs::File::create(&log_path)
+            .map_err(|e| Error::io(format!("creating {}", log_path.display()), e))?;
+        let mut child = ChildProcess::spawn(
+            Command::new(bin)
+                .arg("serve")
+                .arg("--data-dir")
+                .arg(data_dir)
+                .args(["--hostname", HOSTNAME, "--bind", &loopback.to_string()])
+                .args(["--https-port", "0", "--mqtt-port", "0"])
+                .env("RUST_LOG", log_filter)
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::from(log)),
+            &bin.display().to_string(),
+        )?;
+
+        // hub.json is written with the bound ports early in startup; the hub is ready when
+        // a REST call with its connection string succeeds.
+        let started = Instant::now();
+        loop {
+            if let Some(status) = child.exited() {
+                let tail = std::fs::read_to_string(&log_path).unwrap_or_default();
+                let tail: String = tail.lines().rev().take(10).collect::<Vec<_>>().join(" | ");
+                return Err(Error::Setup(format!("the hub exited ({status}): {tail}")));
+            }
+            if started.elapsed() > START_LIMIT {
+                return Err(Error::timeout("starting the hub", START_LIMIT));
+            }
+            if let Some(found) = Self::probe(data_dir, loopback, &version).await {
+                return Ok(found.with(Running::Child(child)));
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Everything needed to talk to a child hub, once it answers.
+    async fn probe(data_dir: &Path, loopback: IpAddr, version: &str) -> Option<Probed> {
+        let file = HubFile::read(data_dir).ok()?;
+        if file.https_port == 0 || file.mqtt_port == 0 {
+            return None;
+        }
+        let tls = data_dir.join("tls");
+        let ca_pem = std::fs::read_to_string(tls.join("ca.pem")).ok()?;
+        let ca_key_pem = std::fs::read_to_string(tls.join("ca-key.pem")).ok()?;
+        let connection_string = file.connection_string("iothubowner")?;
+        let service = ServiceClient::builder(&connection_string)
+            .extra_ca_pem(ca_pem.clone())
+            .timeout(Duration::from_secs(5))
+            .build()
+            .ok()?;
+        service.registry_statistics().await.ok()?;
+        Some(Probed {
+            https_addr: SocketAddr::new(loopback, file.https_port),
+            mqtt_addr: SocketAddr::new(loopback, file.mqtt_port),
+            connection_string,
+            ca_pem,
+            ca_key_pem,
+            data_dir: data_dir.to_path_buf(),
+            version: version.to_string(),
+        })
+    }
+
+    /// The hub's process id when it runs as a child (its memory is then the hub's alone).
+    pub fn pid(&self) -> Option<u32> {
+        match &self.running {
+            Running::Child(child) => Some(child.id()),
+            Running::InProcess(_) => None,
+        }
+    }
+
+    /// A service client with its own connection to the hub.
+    pub fn service(&self) -> Result<ServiceClient> {
+        Ok(ServiceClient::builder(&self.connection_string)
+            .extra_ca_pem(self.ca_pem.clone())
+            .timeout(Duration::from_secs(60))
+            .build()?)
+    }
+
+    /// Stops the hub: SIGTERM and a bounded wait for its graceful shutdown, then SIGKILL.
+    pub async fn stop(self) {
+        match self.running {
+            Running::InProcess(server) => server.shutdown().await,
+            // The hub flushes and closes its store on SIGTERM.
+            Running::Child(child) => child.terminate(Duration::from_secs(30)).await,
+        }
+    }
+}
+
+/// A [`Hub`] without its process, as found by [`Hub::probe`].
+struct Probed {
+    https_addr: SocketAddr,
+    mqtt_addr: SocketAddr,
+    connection_string: String,
+    ca_pem: String,
+    ca_key_pem: String,
+    data_dir: PathBuf,
+    version: String,
+}
+
+impl Probed {
+    fn with(self, running: Running) -> Hub {
+        let Probed {
+            https_addr,
+            mqtt_addr,
+            connection_string,
+            ca_pem,
+            ca_key_pem,
+            data_dir,
+            version,
+        } = self;
+        Hub {
+            https_addr,
+            mqtt_addr,
+            connection_string,
+            ca_pem,
+            ca_key_pem,
+            data_dir,
+            version,
+            running,
+        }
+    }
+}
+
+/// The bulk entry creating bench device `i` with the shared key.
+fn create_op(i: usize) -> ExportImportDevice {
+    ExportImportDevice {
+        id: device_id(i),
+        import_mode: ImportMode::Create,
+        authentication: Some(AuthenticationMechanism {
+            symmetric_key: Some(SymmetricKey {
+                primary_key: Some(DEVICE_KEY.into()),
+                secondary_key: Some(DEVICE_KEY.into()),
+            }),
+            x509_thumbprint: None,
+            auth_type: AuthenticationType::Sas,
+        }),
+        ..Default::default()
+    }
+}
+
+/// Registers devices `0..count` in bulk calls of 100, a few at a time. Returns how long it
+/// took.
+pub async fn register_devices(
+    service: &ServiceClient,
+    count: usize,
+    progress: &Progress,
+) -> Result<Duration> {
+    let started = Instant::now();
+    let bar = progress.bar("registering devices", count as u64);
+    let mut chunks = (0..count).step_by(BULK_CHUNK);
+    let mut calls = JoinSet::new();
+    loop {
+        while calls.len() < BULK_CONCURRENCY {
+            let Some(first) = chunks.next() else { break };
+            let ops: Vec<_> = (first..count.min(first + BULK_CHUNK))
+                .map(create_op)
+                .collect();
+            let service = service.clone();
+            calls.spawn(async move {
+                let n = ops.len();
+                let result = service.bulk(&ops).await?;
+                if result.is_successful {
+                    Ok(n)
+                } else {
+                    let first = result
+                        .errors
+                        .first()
+                        .map(|e| format!("{}: {}", e.device_id, e.error_code))
+                        .unwrap_or_default();
+                    Err(Error::Setup(format!(
+                        "registering {} devices failed ({} errors; first {first})",
+                        n,
+                        result.errors.len()
+                    )))
+                }
+            });
+        }
+        let Some(done) = calls.join_next().await else {
+            break;
+        };
+        let n = done.map_err(|e| Error::Setup(format!("a registration task failed: {e}")))??;
+        bar.inc(n as u64);
+    }
+    bar.finish();
+    Ok(started.elapsed())
+}
+
+/// Waits until the hub reports no connected device, so one scenario's teardown does not
+/// run into the next one's measurement.
+pub async fn wait_disconnected(service: &ServiceClient, limit: Duration) -> Result<()> {
+    let started = Instant::now();
+    loop {
+        let stats = service.service_statistics().await?;
+        if stats.connected_device_count == 0 {
+            return Ok(());
+        }
+        if started.elapsed() > limit {
+            return Err(Error::timeout(
+                format!(
+                    "waiting for {} devices to disconnect",
+                    stats.connected_device_count
+                ),
+                limit,
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn device_ids_sort_in_creation_order_and_keys_decode() {
+        assert_eq!(device_id(7), "dev-000007");
+        assert!(device_id(9) < device_id(10));
+        let op = create_op(3);
+        assert_eq!(op.id, "dev-000003");
+        assert_eq!(op.import_mode, ImportMode::Create);
+        // The key must sign, or every CONNECT would be refused.
+        assert!(
+            twinhub_proto::generate_sas_token("localhost/devices/dev-000003", DEVICE_KEY, None, 1)
+                .is_ok()
+        );
+    }
+}

@@ -1,0 +1,528 @@
+//! The run's results: the [`Report`] written as JSON (every figure, the machine, the versions,
+//! the settings), the side-by-side table printed on stdout (twinhub, Mosquitto, their ratio,
+//! and the TLS echo floor), and the check against the issue's targets.
+
+use std::fmt::Write as _;
+
+use serde::Serialize;
+
+use crate::machine::Machine;
+use crate::run::Settings;
+use crate::scenario::connect::ConnectResult;
+use crate::scenario::fanout::Fanout;
+use crate::stats::{Latency, Throughput};
+
+/// 2 GiB: the memory target for 50,000 idle connections.
+const RSS_TARGET: f64 = 2.0 * 1024.0 * 1024.0 * 1024.0;
+const CONNECTIONS_TARGET: usize = 50_000;
+const METHODS_RATE_TARGET: f64 = 20_000.0;
+const TWIN_RATE_TARGET: f64 = 20_000.0;
+const P50_RATIO_TARGET: f64 = 1.5;
+
+/// twinhub's and Mosquitto's figures for one scenario.
+#[derive(Debug, Clone, Serialize)]
+pub struct Pair<T> {
+    pub twinhub: Option<T>,
+    pub mosquitto: Option<T>,
+}
+
+/// One concurrency level of the methods scenario.
+#[derive(Debug, Clone, Serialize)]
+pub struct MethodsRow {
+    pub concurrency: usize,
+    pub twinhub: Option<Throughput>,
+    pub mosquitto: Option<Throughput>,
+    /// The raw TLS echo round trip at the same concurrency.
+    pub floor: Option<Throughput>,
+}
+
+/// Registering the bench's devices (bulk REST calls of 100).
+#[derive(Debug, Clone, Serialize)]
+pub struct Registration {
+    pub devices: usize,
+    pub seconds: f64,
+    pub per_second: f64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Versions {
+    pub twinhub: String,
+    pub bench: String,
+    pub mosquitto: Option<String>,
+    pub client_stack: String,
+    pub rest_client: String,
+}
+
+/// One target of the issue, measured.
+#[derive(Debug, Clone, Serialize)]
+pub struct TargetCheck {
+    pub goal: String,
+    pub measured: String,
+    /// `None` when the figures needed were not measured.
+    pub met: Option<bool>,
+}
+
+/// Everything one run measured.
+#[derive(Debug, Clone, Serialize)]
+pub struct Report {
+    pub tool: &'static str,
+    pub started_unix: u64,
+    pub elapsed_seconds: f64,
+    pub machine: Machine,
+    pub versions: Versions,
+    pub settings: Settings,
+    pub registration: Option<Registration>,
+    pub methods: Vec<MethodsRow>,
+    pub twin: Option<Pair<Throughput>>,
+    pub connect: Option<Pair<ConnectResult>>,
+    pub desired_fanout: Option<Pair<Fanout>>,
+    pub targets: Vec<TargetCheck>,
+    pub notes: Vec<String>,
+}
+
+fn ms(us: u64) -> f64 {
+    us as f64 / 1000.0
+}
+
+fn mib(bytes: f64) -> f64 {
+    bytes / (1024.0 * 1024.0)
+}
+
+impl Report {
+    /// Judges the issue's targets from the figures.
+    pub fn check_targets(&self) -> Vec<TargetCheck> {
+        let mut out = Vec::new();
+        let row = |c: usize| self.methods.iter().find(|r| r.concurrency == c);
+
+        let p50 = row(1).and_then(|r| {
+            let hub = r.twinhub.as_ref()?.latency.p50_us;
+            let peer = r.mosquitto.as_ref()?.latency.p50_us;
+            Some((hub, peer))
+        });
+        out.push(match p50 {
+            Some((hub, peer)) if peer > 0 => {
+                let ratio = hub as f64 / peer as f64;
+                TargetCheck {
+                    goal: format!(
+                        "method p50 at C=1 <= {P50_RATIO_TARGET}x Mosquitto request/response p50"
+                    ),
+                    measured: format!("{ratio:.2}x ({:.3} ms vs {:.3} ms)", ms(hub), ms(peer)),
+                    met: Some(ratio <= P50_RATIO_TARGET),
+                }
+            }
+            _ => unmeasured(format!(
+                "method p50 at C=1 <= {P50_RATIO_TARGET}x Mosquitto request/response p50"
+            )),
+        });
+
+        let goal = "methods at C=256 >= 20,000/s".to_string();
+        out.push(match row(256).and_then(|r| r.twinhub.as_ref()) {
+            Some(t) => TargetCheck {
+                goal,
+                measured: format!("{}/s ({} errors)", thousands(t.per_second), t.errors),
+                met: Some(t.per_second >= METHODS_RATE_TARGET && t.errors == 0),
+            },
+            None => unmeasured(goal),
+        });
+
+        let goal = "durable twin acks >= 20,000/s".to_string();
+        out.push(match self.twin.as_ref().and_then(|p| p.twinhub.as_ref()) {
+            Some(t) => TargetCheck {
+                goal,
+                measured: format!("{}/s ({} errors)", thousands(t.per_second), t.errors),
+                met: Some(t.per_second >= TWIN_RATE_TARGET && t.errors == 0),
+            },
+            None => unmeasured(goal),
+        });
+
+        let goal = "50,000 idle TLS connections with server RSS <= 2 GiB".to_string();
+        out.push(
+            match self.connect.as_ref().and_then(|p| p.twinhub.as_ref()) {
+                Some(c) if c.connected >= CONNECTIONS_TARGET => match c.server_rss_after {
+                    Some(rss) => TargetCheck {
+                        goal,
+                        measured: format!(
+                            "{} connections, {:.0} MiB",
+                            c.connected,
+                            mib(rss as f64)
+                        ),
+                        met: Some(rss as f64 <= RSS_TARGET),
+                    },
+                    None => unmeasured(goal),
+                },
+                Some(c) => match c.server_rss_at(CONNECTIONS_TARGET) {
+                    Some(projected) if c.connected > 0 => TargetCheck {
+                        goal,
+                        measured: format!(
+                            "{} connections measured ({:.1} KiB each); 50,000 extrapolated to \
+                             {:.0} MiB",
+                            c.connected,
+                            c.server_rss_per_connection.unwrap_or(0.0) / 1024.0,
+                            mib(projected)
+                        ),
+                        met: Some(projected <= RSS_TARGET),
+                    },
+                    _ => unmeasured(goal),
+                },
+                None => unmeasured(goal),
+            },
+        );
+        out
+    }
+
+    /// The report as pretty JSON.
+    pub fn to_json(&self) -> String {
+        serde_json::to_string_pretty(self).unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}"))
+    }
+
+    /// The side-by-side table.
+    pub fn table(&self) -> String {
+        let mut t = Table::default();
+        let m = &self.machine;
+        t.line(&format!(
+            "twinhub-bench ({:?} mode): {} cores, {:.1} GiB, {}; {}; {}",
+            self.settings.mode,
+            m.cores,
+            m.memory_bytes.map_or(0.0, |b| b as f64 / 1024f64.powi(3)),
+            m.cpu_model.as_deref().unwrap_or("unknown CPU"),
+            self.versions.twinhub,
+            self.versions.mosquitto.as_deref().unwrap_or("no Mosquitto"),
+        ));
+        t.line("ratio = twinhub / Mosquitto (latency: above 1 is slower; rate: below 1 is slower)");
+
+        if !self.methods.is_empty() {
+            t.section(&format!(
+                "methods: {} devices answering, C concurrent callers over {} connections; \
+                 twinhub = REST invoke -> MQTT device -> REST answer; mosquitto = MQTT \
+                 request/response; floor = raw TLS echo",
+                self.settings.methods_devices, self.settings.caller_conns
+            ));
+            t.header(true);
+            for r in &self.methods {
+                let (h, p, f) = (r.twinhub.as_ref(), r.mosquitto.as_ref(), r.floor.as_ref());
+                let label = format!("C={}", r.concurrency);
+                t.row(
+                    &label,
+                    "calls/s",
+                    h.map(|x| x.per_second),
+                    p.map(|x| x.per_second),
+                    Some(f.map(|x| x.per_second)),
+                    Unit::Rate,
+                );
+                latency_rows(
+                    &mut t,
+                    h.map(|x| &x.latency),
+                    p.map(|x| &x.latency),
+                    Some(f.map(|x| &x.latency)),
+                );
+                t.row(
+                    "",
+                    "errors",
+                    h.map(|x| x.errors as f64),
+                    p.map(|x| x.errors as f64),
+                    Some(f.map(|x| x.errors as f64)),
+                    Unit::Count,
+                );
+            }
+        }
+
+        if let Some(pair) = &self.twin {
+            t.section(&format!(
+                "twin: {} devices, {} reported patch(es) in flight each; twinhub = ack after the \
+                 durable commit; mosquitto = QoS 1 PUBACK (in memory, not durable)",
+                self.settings.twin_devices, self.settings.twin_inflight
+            ));
+            t.header(false);
+            let (h, p) = (pair.twinhub.as_ref(), pair.mosquitto.as_ref());
+            t.row(
+                "",
+                "acks/s",
+                h.map(|x| x.per_second),
+                p.map(|x| x.per_second),
+                None,
+                Unit::Rate,
+            );
+            latency_rows(&mut t, h.map(|x| &x.latency), p.map(|x| &x.latency), None);
+            t.row(
+                "",
+                "errors",
+                h.map(|x| x.errors as f64),
+                p.map(|x| x.errors as f64),
+                None,
+                Unit::Count,
+            );
+        }
+
+        if let Some(pair) = &self.connect {
+            let (h, p) = (pair.twinhub.as_ref(), pair.mosquitto.as_ref());
+            t.section(&format!(
+                "connect: ramp to {} idle TLS + MQTT connections from {} source addresses, {} \
+                 handshakes at a time; memory is the server process's VmRSS",
+                self.settings.connections,
+                h.map_or(0, |c| c.source_addrs),
+                self.settings.connect_concurrency
+            ));
+            t.header(false);
+            t.row(
+                "",
+                "connected",
+                h.map(|x| x.connected as f64),
+                p.map(|x| x.connected as f64),
+                None,
+                Unit::Count,
+            );
+            t.row(
+                "",
+                "connections/s",
+                h.map(|x| x.per_second),
+                p.map(|x| x.per_second),
+                None,
+                Unit::Rate,
+            );
+            t.row(
+                "",
+                "handshake p50 ms",
+                h.map(|x| ms(x.handshake.p50_us)),
+                p.map(|x| ms(x.handshake.p50_us)),
+                None,
+                Unit::Ms,
+            );
+            t.row(
+                "",
+                "handshake p99 ms",
+                h.map(|x| ms(x.handshake.p99_us)),
+                p.map(|x| ms(x.handshake.p99_us)),
+                None,
+                Unit::Ms,
+            );
+            t.row(
+                "",
+                "server RSS MiB",
+                h.and_then(|x| x.server_rss_after).map(|b| mib(b as f64)),
+                p.and_then(|x| x.server_rss_after).map(|b| mib(b as f64)),
+                None,
+                Unit::Mib,
+            );
+            t.row(
+                "",
+                "RSS KiB/connection",
+                h.and_then(|x| x.server_rss_per_connection)
+                    .map(|b| b / 1024.0),
+                p.and_then(|x| x.server_rss_per_connection)
+                    .map(|b| b / 1024.0),
+                None,
+                Unit::Mib,
+            );
+            t.row(
+                "",
+                "errors",
+                h.map(|x| x.errors as f64),
+                p.map(|x| x.errors as f64),
+                None,
+                Unit::Count,
+            );
+        }
+
+        if let Some(pair) = &self.desired_fanout {
+            t.section(&format!(
+                "desired-fanout: one desired patch to each of {} devices, {} sends in flight; \
+                 twinhub = REST PATCH /twins/{{id}} -> durable commit -> push; mosquitto = QoS 1 \
+                 publish to each device's topic",
+                self.settings.fanout_devices, self.settings.fanout_concurrency
+            ));
+            t.header(false);
+            let (h, p) = (pair.twinhub.as_ref(), pair.mosquitto.as_ref());
+            t.row(
+                "",
+                "time to all s",
+                h.and_then(|x| x.seconds_to_all),
+                p.and_then(|x| x.seconds_to_all),
+                None,
+                Unit::Secs,
+            );
+            t.row(
+                "",
+                "devices/s",
+                h.map(|x| x.per_second),
+                p.map(|x| x.per_second),
+                None,
+                Unit::Rate,
+            );
+            latency_rows(&mut t, h.map(|x| &x.latency), p.map(|x| &x.latency), None);
+            t.row(
+                "",
+                "received",
+                h.map(|x| x.received as f64),
+                p.map(|x| x.received as f64),
+                None,
+                Unit::Count,
+            );
+            t.row(
+                "",
+                "errors",
+                h.map(|x| x.errors as f64),
+                p.map(|x| x.errors as f64),
+                None,
+                Unit::Count,
+            );
+        }
+
+        if !self.targets.is_empty() {
+            t.section("targets (twinhub)");
+            for c in &self.targets {
+                let verdict = match c.met {
+                    Some(true) => "MET",
+                    Some(false) => "MISSED",
+                    None => "not measured",
+                };
+                t.line(&format!("  {:<56} {:<12} {}", c.goal, verdict, c.measured));
+            }
+        }
+        if !self.notes.is_empty() {
+            t.section("notes");
+            for n in &self.notes {
+                t.line(&format!("  - {n}"));
+            }
+        }
+        t.out
+    }
+}
+
+fn unmeasured(goal: String) -> TargetCheck {
+    TargetCheck {
+        goal,
+        measured: "not measured".into(),
+        met: None,
+    }
+}
+
+fn latency_rows(
+    t: &mut Table,
+    h: Option<&Latency>,
+    p: Option<&Latency>,
+    f: Option<Option<&Latency>>,
+) {
+    type Pick = fn(&Latency) -> u64;
+    let picks: [(&str, Pick); 5] = [
+        ("p50 ms", |l| l.p50_us),
+        ("p90 ms", |l| l.p90_us),
+        ("p99 ms", |l| l.p99_us),
+        ("p99.9 ms", |l| l.p999_us),
+        ("max ms", |l| l.max_us),
+    ];
+    for (name, pick) in picks {
+        let v = |l: Option<&Latency>| l.filter(|l| l.count > 0).map(|l| ms(pick(l)));
+        t.row("", name, v(h), v(p), f.map(|f| v(f)), Unit::Ms);
+    }
+}
+
+/// How a figure is printed.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Unit {
+    Rate,
+    Count,
+    Ms,
+    Mib,
+    Secs,
+}
+
+fn thousands(v: f64) -> String {
+    let n = v.round().max(0.0) as u64;
+    let digits = n.to_string();
+    let mut out = String::new();
+    for (i, ch) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i) % 3 == 0 {
+            out.push(',');
+        }
+        out.push(ch);
+    }
+    out
+}
+
+fn format_value(v: Option<f64>, unit: Unit) -> String {
+    match v {
+        None => "-".into(),
+        Some(v) => match unit {
+            Unit::Rate | Unit::Count => thousands(v),
+            Unit::Ms | Unit::Secs => format!("{v:.3}"),
+            Unit::Mib => format!("{v:.1}"),
+        },
+    }
+}
+
+/// twinhub / Mosquitto, when both are there and the divisor is not zero.
+fn ratio(h: Option<f64>, p: Option<f64>, unit: Unit) -> String {
+    match (h, p) {
+        (Some(h), Some(p)) if p > 0.0 && unit != Unit::Count => format!("{:.2}x", h / p),
+        _ => String::new(),
+    }
+}
+
+#[derive(Default)]
+struct Table {
+    out: String,
+}
+
+impl Table {
+    fn line(&mut self, s: &str) {
+        self.out.push_str(s);
+        self.out.push('\n');
+    }
+
+    fn section(&mut self, title: &str) {
+        self.out.push('\n');
+        self.line(title);
+    }
+
+    fn header(&mut self, floor: bool) {
+        let mut s = format!(
+            "  {:<7} {:<20} {:>12} {:>12} {:>9}",
+            "", "", "twinhub", "mosquitto", "ratio"
+        );
+        if floor {
+            let _ = write!(s, " {:>12}", "TLS floor");
+        }
+        self.line(&s);
+    }
+
+    fn row(
+        &mut self,
+        label: &str,
+        metric: &str,
+        hub: Option<f64>,
+        peer: Option<f64>,
+        floor: Option<Option<f64>>,
+        unit: Unit,
+    ) {
+        let mut s = format!(
+            "  {:<7} {:<20} {:>12} {:>12} {:>9}",
+            label,
+            metric,
+            format_value(hub, unit),
+            format_value(peer, unit),
+            ratio(hub, peer, unit)
+        );
+        if let Some(f) = floor {
+            let _ = write!(s, " {:>12}", format_value(f, unit));
+        }
+        self.line(&s);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn numbers_print_with_separators_and_ratios_only_when_meaningful() {
+        assert_eq!(thousands(0.0), "0");
+        assert_eq!(thousands(999.4), "999");
+        assert_eq!(thousands(1_234_567.0), "1,234,567");
+        assert_eq!(format_value(Some(0.15), Unit::Ms), "0.150");
+        assert_eq!(format_value(None, Unit::Rate), "-");
+        assert_eq!(ratio(Some(3.0), Some(2.0), Unit::Ms), "1.50x");
+        assert_eq!(ratio(Some(3.0), Some(0.0), Unit::Ms), "");
+        assert_eq!(ratio(Some(3.0), None, Unit::Rate), "");
+        assert_eq!(ratio(Some(3.0), Some(1.0), Unit::Count), "");
+    }
+}

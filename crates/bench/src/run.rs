@@ -1,0 +1,558 @@
+//! One bench run: settings for quick and full mode, starting the targets (twinhub, Mosquitto,
+//! the TLS echo floor), registering devices, running the chosen scenarios against each target
+//! in a fixed order, and collecting every figure into a [`Report`].
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use serde::Serialize;
+
+use crate::echo::{self, EchoServer};
+use crate::error::{Error, Result};
+use crate::hub::{self, Hub, Launch};
+use crate::machine::{self, Machine};
+use crate::mosquitto::{self, Mosquitto};
+use crate::progress::Progress;
+use crate::report::{MethodsRow, Pair, Report, Versions};
+use crate::scenario::{Ctx, Flavor, Target, connect, fanout, methods, twin};
+use crate::tls;
+
+/// Open files the bench keeps for itself besides the connection scenario's sockets.
+const FD_RESERVE: u64 = 512;
+
+/// Quick (under a minute in all) or full.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum Mode {
+    Quick,
+    Full,
+}
+
+/// A scenario.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum Scenario {
+    Methods,
+    Twin,
+    Connect,
+    DesiredFanout,
+}
+
+impl Scenario {
+    pub const ALL: [Scenario; 4] = [
+        Scenario::Methods,
+        Scenario::Twin,
+        Scenario::Connect,
+        Scenario::DesiredFanout,
+    ];
+}
+
+/// Whether and where to find Mosquitto.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Peer {
+    /// Look on PATH and in /usr/sbin; skip the peer (with a note) if it is missing.
+    Auto,
+    Off,
+    Bin(PathBuf),
+}
+
+/// Everything a run is shaped by.
+#[derive(Debug, Clone, Serialize)]
+pub struct Settings {
+    pub mode: Mode,
+    pub scenarios: Vec<Scenario>,
+    pub methods_devices: usize,
+    pub concurrency: Vec<usize>,
+    pub caller_conns: usize,
+    pub warmup_secs: f64,
+    pub duration_secs: f64,
+    pub twin_devices: usize,
+    pub twin_inflight: usize,
+    pub twin_duration_secs: f64,
+    pub connections: usize,
+    pub connect_concurrency: usize,
+    pub source_addrs: usize,
+    pub fanout_devices: usize,
+    pub fanout_concurrency: usize,
+    pub floor: bool,
+    #[serde(skip)]
+    pub hub: Launch,
+    #[serde(skip)]
+    pub mosquitto: Peer,
+    /// The binary that serves `echo-server` (this one); `None` serves the floor in-process.
+    #[serde(skip)]
+    pub echo_exe: Option<PathBuf>,
+    #[serde(skip)]
+    pub work_dir: Option<PathBuf>,
+    #[serde(skip)]
+    pub keep_work_dir: bool,
+}
+
+impl Settings {
+    /// Under a minute in all on a 2-core machine.
+    pub fn quick(hub: Launch) -> Settings {
+        Settings {
+            mode: Mode::Quick,
+            scenarios: Scenario::ALL.to_vec(),
+            methods_devices: 16,
+            concurrency: vec![1, 16, 256],
+            caller_conns: 4,
+            warmup_secs: 0.3,
+            duration_secs: 1.5,
+            twin_devices: 64,
+            twin_inflight: 1,
+            twin_duration_secs: 2.0,
+            connections: 2_000,
+            connect_concurrency: 64,
+            source_addrs: 4,
+            fanout_devices: 500,
+            fanout_concurrency: 32,
+            floor: true,
+            hub,
+            mosquitto: Peer::Auto,
+            echo_exe: None,
+            work_dir: None,
+            keep_work_dir: false,
+        }
+    }
+
+    /// Longer windows and the full scales (connections up to 100,000, as far as the
+    /// open-file limit allows).
+    pub fn full(hub: Launch) -> Settings {
+        Settings {
+            mode: Mode::Full,
+            methods_devices: 100,
+            warmup_secs: 2.0,
+            duration_secs: 10.0,
+            twin_devices: 1_000,
+            twin_duration_secs: 15.0,
+            connections: 100_000,
+            connect_concurrency: 128,
+            fanout_devices: 10_000,
+            fanout_concurrency: 64,
+            ..Settings::quick(hub)
+        }
+    }
+
+    fn runs(&self, s: Scenario) -> bool {
+        self.scenarios.contains(&s)
+    }
+
+    /// How many registered devices the chosen scenarios need.
+    fn devices_needed(&self) -> usize {
+        [
+            (Scenario::Methods, self.methods_devices),
+            (Scenario::Twin, self.twin_devices),
+            (Scenario::Connect, self.connections),
+            (Scenario::DesiredFanout, self.fanout_devices),
+        ]
+        .iter()
+        .filter(|(s, _)| self.runs(*s))
+        .map(|(_, n)| *n)
+        .max()
+        .unwrap_or(0)
+    }
+
+    fn methods_shape(&self) -> methods::Shape {
+        methods::Shape {
+            devices: self.methods_devices.max(1),
+            concurrency: 1,
+            caller_conns: self.caller_conns.max(1),
+            warmup: secs(self.warmup_secs),
+            duration: secs(self.duration_secs),
+        }
+    }
+}
+
+fn secs(s: f64) -> Duration {
+    Duration::try_from_secs_f64(s).unwrap_or(Duration::ZERO)
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// Everything started for a run, stopped together at the end.
+struct Targets {
+    hub: Hub,
+    hub_target: Target,
+    mosquitto: Option<Mosquitto>,
+    broker_target: Option<Target>,
+    echo: Option<EchoServer>,
+}
+
+impl Targets {
+    async fn stop(self) {
+        if let Some(m) = self.mosquitto {
+            m.stop().await;
+        }
+        if let Some(e) = self.echo {
+            e.stop().await;
+        }
+        self.hub.stop().await;
+    }
+}
+
+/// Runs the bench as `settings` says. Setup failures of the hub are errors; a peer or a
+/// scenario that cannot run leaves its figures empty and a note in the report.
+pub async fn run(mut settings: Settings, progress: Progress) -> Result<Report> {
+    let started = Instant::now();
+    let started_unix = unix_now();
+    let nofile = machine::raise_nofile_limit();
+    let machine = Machine::read();
+    let mut notes = Vec::new();
+
+    let max_conns = usize::try_from(nofile.saturating_sub(FD_RESERVE)).unwrap_or(usize::MAX);
+    if settings.runs(Scenario::Connect) && settings.connections > max_conns {
+        notes.push(format!(
+            "connect: {} connections requested, {max_conns} run: the open-file limit is {nofile} \
+             (hard limit {}); the hub and Mosquitto inherit it. Raise the hard limit \
+             (`ulimit -Hn`, needs CAP_SYS_RESOURCE) to go further.",
+            settings.connections, machine.nofile_hard
+        ));
+        settings.connections = max_conns;
+    }
+
+    let work_dir = settings.work_dir.clone().unwrap_or_else(|| {
+        std::env::temp_dir().join(format!(
+            "twinhub-bench-{}-{started_unix}",
+            std::process::id()
+        ))
+    });
+    std::fs::create_dir_all(&work_dir)
+        .map_err(|e| Error::io(format!("creating {}", work_dir.display()), e))?;
+    progress.note(&format!("work dir: {}", work_dir.display()));
+
+    let outcome = run_in(&settings, &progress, &work_dir, &mut notes).await;
+    if !settings.keep_work_dir {
+        let _ = std::fs::remove_dir_all(&work_dir);
+    }
+    let (versions, results) = outcome?;
+    let mut report = Report {
+        tool: "twinhub-bench",
+        started_unix,
+        elapsed_seconds: started.elapsed().as_secs_f64(),
+        machine,
+        versions,
+        settings,
+        methods: results.methods,
+        twin: results.twin,
+        connect: results.connect,
+        desired_fanout: results.fanout,
+        registration: results.registration,
+        targets: Vec::new(),
+        notes,
+    };
+    report.targets = report.check_targets();
+    Ok(report)
+}
+
+#[derive(Default)]
+struct Results {
+    registration: Option<crate::report::Registration>,
+    methods: Vec<MethodsRow>,
+    twin: Option<Pair<crate::stats::Throughput>>,
+    connect: Option<Pair<connect::ConnectResult>>,
+    fanout: Option<Pair<fanout::Fanout>>,
+}
+
+async fn start_targets(
+    settings: &Settings,
+    progress: &Progress,
+    work_dir: &std::path::Path,
+    notes: &mut Vec<String>,
+) -> Result<(Targets, Ctx, Versions)> {
+    progress.note("starting twinhub");
+    let hub = Hub::start(&settings.hub, &work_dir.join("hub")).await?;
+    if let Some(pid) = hub.pid() {
+        progress.note(&format!(
+            "twinhub pid {pid} (profile with `perf record -g -p {pid}`)"
+        ));
+    }
+    let services = (0..settings.caller_conns.max(1))
+        .map(|_| hub.service())
+        .collect::<Result<Vec<_>>>()?;
+    let ctx = Ctx {
+        tls: tls::Client::new(hub.ca_pem.as_bytes())?,
+        progress: progress.clone(),
+    };
+    let hub_target = Target {
+        name: "twinhub",
+        mqtt_addr: hub.mqtt_addr,
+        pid: hub.pid(),
+        flavor: Flavor::Hub { services },
+    };
+    let peer_cert = tls::issue_server_cert(&hub.ca_pem, &hub.ca_key_pem)?;
+
+    let bin = match &settings.mosquitto {
+        Peer::Off => None,
+        Peer::Auto => {
+            let found = mosquitto::find(None);
+            if found.is_none() {
+                notes.push(
+                    "Mosquitto is not installed (bench/run.sh installs it: apt-get install -y \
+                     mosquitto); its columns are empty"
+                        .into(),
+                );
+            }
+            found
+        }
+        Peer::Bin(p) => Some(
+            mosquitto::find(Some(p))
+                .ok_or_else(|| Error::Setup(format!("no Mosquitto binary at {}", p.display())))?,
+        ),
+    };
+    let mut mosquitto = None;
+    if let Some(bin) = bin {
+        progress.note("starting mosquitto");
+        match Mosquitto::start(
+            &bin,
+            &work_dir.join("mosquitto"),
+            &peer_cert,
+            &hub.ca_pem,
+            &ctx.tls,
+        )
+        .await
+        {
+            Ok(m) => mosquitto = Some(m),
+            Err(e) => notes.push(format!("Mosquitto did not start: {e}")),
+        }
+    }
+    let broker_target = mosquitto.as_ref().map(|m| Target {
+        name: "mosquitto",
+        mqtt_addr: m.addr,
+        pid: Some(m.pid()),
+        flavor: Flavor::Broker,
+    });
+
+    let mut echo = None;
+    if settings.floor && settings.runs(Scenario::Methods) {
+        let started = match &settings.echo_exe {
+            Some(exe) => EchoServer::start_child(exe, work_dir, &peer_cert).await,
+            None => EchoServer::start_in_process(&peer_cert).await,
+        };
+        match started {
+            Ok(e) => echo = Some(e),
+            Err(e) => notes.push(format!("the TLS echo floor did not start: {e}")),
+        }
+    }
+    let versions = Versions {
+        twinhub: hub.version.clone(),
+        bench: format!("twinhub-bench {}", env!("CARGO_PKG_VERSION")),
+        mosquitto: mosquitto.as_ref().map(|m| m.version.clone()),
+        client_stack: "tokio, rustls 0.23 with ring (TLS 1.3, no resumption), twinhub-mqtt codec"
+            .into(),
+        rest_client: format!(
+            "twinhub-sdk ServiceClient (reqwest, HTTP/2 negotiated by ALPN): {} clients, one \
+             connection each, calls multiplexed",
+            settings.caller_conns.max(1)
+        ),
+    };
+    Ok((
+        Targets {
+            hub,
+            hub_target,
+            mosquitto,
+            broker_target,
+            echo,
+        },
+        ctx,
+        versions,
+    ))
+}
+
+async fn run_in(
+    settings: &Settings,
+    progress: &Progress,
+    work_dir: &std::path::Path,
+    notes: &mut Vec<String>,
+) -> Result<(Versions, Results)> {
+    let (targets, ctx, versions) = start_targets(settings, progress, work_dir, notes).await?;
+    let outcome = scenarios(settings, &ctx, &targets, notes).await;
+    targets.stop().await;
+    Ok((versions, outcome?))
+}
+
+/// Records a phase's error as a note and yields its figures, if any.
+fn keep<T>(notes: &mut Vec<String>, what: &str, r: Result<T>) -> Option<T> {
+    match r {
+        Ok(v) => Some(v),
+        Err(e) => {
+            notes.push(format!("{what} failed: {e}"));
+            None
+        }
+    }
+}
+
+async fn scenarios(
+    settings: &Settings,
+    ctx: &Ctx,
+    targets: &Targets,
+    notes: &mut Vec<String>,
+) -> Result<Results> {
+    let mut results = Results::default();
+    let hub_t = &targets.hub_target;
+    let broker_t = targets.broker_target.as_ref();
+    let service = hub_t
+        .services()?
+        .first()
+        .cloned()
+        .ok_or_else(|| Error::Setup("no service client".into()))?;
+    let settle_wait = Duration::from_secs(120);
+
+    let needed = settings.devices_needed();
+    let took = hub::register_devices(&service, needed, &ctx.progress).await?;
+    results.registration = Some(crate::report::Registration {
+        devices: needed,
+        seconds: took.as_secs_f64(),
+        per_second: needed as f64 / took.as_secs_f64().max(1e-9),
+    });
+
+    // Connect first: the servers' memory baseline is cleanest before other load.
+    if settings.runs(Scenario::Connect) {
+        let shape = connect::Shape {
+            connections: settings.connections,
+            concurrency: settings.connect_concurrency,
+            source_addrs: settings.source_addrs,
+            settle: Duration::from_secs(2),
+            limit: Duration::from_secs(if settings.mode == Mode::Full { 900 } else { 60 }),
+        };
+        let hub_r = connect::run(ctx, hub_t, shape).await;
+        keep(
+            notes,
+            "waiting for the hub after connect",
+            hub::wait_disconnected(&service, settle_wait).await,
+        );
+        let broker_r = match broker_t {
+            Some(b) => Some(connect::run(ctx, b, shape).await),
+            None => None,
+        };
+        results.connect = Some(Pair {
+            twinhub: Some(hub_r),
+            mosquitto: broker_r,
+        });
+    }
+
+    if settings.runs(Scenario::Methods) {
+        let shape = settings.methods_shape();
+        let levels = &settings.concurrency;
+        let hub_r = keep(
+            notes,
+            "twinhub methods",
+            methods::run(ctx, hub_t, shape, levels).await,
+        );
+        keep(
+            notes,
+            "waiting for the hub after methods",
+            hub::wait_disconnected(&service, settle_wait).await,
+        );
+        let broker_r = match broker_t {
+            Some(b) => keep(
+                notes,
+                "mosquitto request/response",
+                methods::run(ctx, b, shape, levels).await,
+            ),
+            None => None,
+        };
+        for &c in levels {
+            let find = |r: &Option<Vec<(usize, crate::stats::Throughput)>>| {
+                r.as_ref()
+                    .and_then(|v| v.iter().find(|(l, _)| *l == c).map(|(_, t)| t.clone()))
+            };
+            let floor = match &targets.echo {
+                Some(e) => keep(
+                    notes,
+                    "TLS echo floor",
+                    echo::round_trips(
+                        ctx,
+                        e.addr,
+                        methods::Shape {
+                            concurrency: c,
+                            ..shape
+                        },
+                    )
+                    .await,
+                ),
+                None => None,
+            };
+            results.methods.push(MethodsRow {
+                concurrency: c,
+                twinhub: find(&hub_r),
+                mosquitto: find(&broker_r),
+                floor,
+            });
+        }
+    }
+
+    if settings.runs(Scenario::Twin) {
+        let shape = twin::Shape {
+            devices: settings.twin_devices.max(1),
+            inflight: settings.twin_inflight.max(1),
+            warmup: secs(settings.warmup_secs),
+            duration: secs(settings.twin_duration_secs),
+        };
+        let hub_r = keep(notes, "twinhub twin", twin::run(ctx, hub_t, shape).await);
+        keep(
+            notes,
+            "waiting for the hub after twin",
+            hub::wait_disconnected(&service, settle_wait).await,
+        );
+        let broker_r = match broker_t {
+            Some(b) => keep(notes, "mosquitto QoS 1", twin::run(ctx, b, shape).await),
+            None => None,
+        };
+        results.twin = Some(Pair {
+            twinhub: hub_r,
+            mosquitto: broker_r,
+        });
+    }
+
+    if settings.runs(Scenario::DesiredFanout) {
+        let shape = fanout::Shape {
+            devices: settings.fanout_devices.max(1),
+            concurrency: settings.fanout_concurrency.max(1),
+            limit: Duration::from_secs(if settings.mode == Mode::Full { 600 } else { 60 }),
+        };
+        let hub_r = keep(
+            notes,
+            "twinhub desired fan-out",
+            fanout::run(ctx, hub_t, shape).await,
+        );
+        keep(
+            notes,
+            "waiting for the hub after fan-out",
+            hub::wait_disconnected(&service, settle_wait).await,
+        );
+        let broker_r = match broker_t {
+            Some(b) => keep(notes, "mosquitto fan-out", fanout::run(ctx, b, shape).await),
+            None => None,
+        };
+        results.fanout = Some(Pair {
+            twinhub: hub_r,
+            mosquitto: broker_r,
+        });
+    }
+    Ok(results)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn full_mode_scales_up_and_devices_cover_every_scenario() {
+        let quick = Settings::quick(Launch::InProcess);
+        let full = Settings::full(Launch::InProcess);
+        assert!(full.duration_secs > quick.duration_secs);
+        assert!(full.connections > quick.connections);
+        assert_eq!(full.concurrency, vec![1, 16, 256]);
+        assert_eq!(quick.devices_needed(), 2_000);
+        let only_methods = Settings {
+            scenarios: vec![Scenario::Methods],
+            ..quick
+        };
+        assert_eq!(only_methods.devices_needed(), 16);
+    }
+}

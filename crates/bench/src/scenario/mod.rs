@@ -1,0 +1,244 @@
+//! The scenarios and what they share: the two kinds of MQTT target (twinhub, which speaks
+//! IoT Hub's topics and authenticates devices by SAS, and a plain broker such as Mosquitto,
+//! which gets the mirrored raw-MQTT flows), connecting a fleet of devices, and stopping the
+//! device tasks at the end of a phase.
+
+pub mod connect;
+pub mod fanout;
+pub mod methods;
+pub mod twin;
+
+use std::net::{IpAddr, SocketAddr};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+use twinhub_mqtt::QoS;
+use twinhub_sdk::ServiceClient;
+
+use crate::error::{Error, Result};
+use crate::hub::{DEVICE_KEY, HOSTNAME, device_id};
+use crate::mqtt::{Conn, Login};
+use crate::progress::Progress;
+use crate::stats::Window;
+use crate::tls;
+
+/// How long one connection may take from TCP connect to CONNACK (and to SUBACK).
+pub const CONNECT_LIMIT: Duration = Duration::from_secs(30);
+/// Keep-alive announced by every simulated client: long enough that no PINGREQ falls inside
+/// a phase, so idle means idle.
+pub const KEEP_ALIVE: u16 = 600;
+/// Connections opened at once while a fleet comes up (outside any measurement).
+const FLEET_CONCURRENCY: usize = 64;
+/// After the window closes, how long requests still in flight may take before a worker
+/// stops waiting for them (they are then not counted).
+pub const DRAIN_LIMIT: Duration = Duration::from_secs(5);
+
+/// Which protocol dialect a target speaks.
+#[derive(Clone)]
+pub enum Flavor {
+    /// twinhub: IoT Hub topics, SAS-authenticated devices, and its REST API for callers.
+    Hub { services: Vec<ServiceClient> },
+    /// A plain MQTT broker: anonymous clients and the bench's own mirror topics.
+    Broker,
+}
+
+/// One system under test.
+#[derive(Clone)]
+pub struct Target {
+    /// `twinhub` or `mosquitto`, as printed in the table.
+    pub name: &'static str,
+    pub mqtt_addr: SocketAddr,
+    /// The process to read resident memory from, when it is a separate process.
+    pub pid: Option<u32>,
+    pub flavor: Flavor,
+}
+
+impl Target {
+    /// What device `i` says in CONNECT on this target.
+    pub fn login(&self, i: usize) -> Result<Login> {
+        let id = device_id(i);
+        match self.flavor {
+            Flavor::Hub { .. } => {
+                Login::hub_device(HOSTNAME, &id, DEVICE_KEY, token_expiry(), KEEP_ALIVE)
+            }
+            Flavor::Broker => Ok(Login::anonymous(&id, KEEP_ALIVE)),
+        }
+    }
+
+    /// The service clients (one HTTP connection each) of a hub target.
+    pub fn services(&self) -> Result<&[ServiceClient]> {
+        match &self.flavor {
+            Flavor::Hub { services } if !services.is_empty() => Ok(services),
+            _ => Err(Error::Setup(format!(
+                "{} has no REST API to call",
+                self.name
+            ))),
+        }
+    }
+
+    pub fn is_hub(&self) -> bool {
+        matches!(self.flavor, Flavor::Hub { .. })
+    }
+}
+
+/// A SAS expiry a day ahead: no token expires during a run.
+fn token_expiry() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+        + 86_400
+}
+
+/// What the scenarios share.
+#[derive(Clone)]
+pub struct Ctx {
+    pub tls: tls::Client,
+    pub progress: Progress,
+}
+
+/// Connects devices `0..count` to `target`, each subscribed to the filters `filters(i)`
+/// gives (none when empty), a bounded number at a time. The result is in device order.
+pub async fn connect_fleet(
+    ctx: &Ctx,
+    target: &Target,
+    count: usize,
+    filters: impl Fn(usize) -> Vec<String>,
+    label: &str,
+) -> Result<Vec<Conn>> {
+    let bar = ctx.progress.bar(label, count as u64);
+    let mut conns: Vec<Option<Conn>> = (0..count).map(|_| None).collect();
+    let mut pending = JoinSet::new();
+    let mut next = 0;
+    loop {
+        while pending.len() < FLEET_CONCURRENCY && next < count {
+            let i = next;
+            next += 1;
+            let login = target.login(i)?;
+            let subs = filters(i);
+            let tls = ctx.tls.clone();
+            let addr = target.mqtt_addr;
+            pending.spawn(async move {
+                let mut conn = Conn::open(&tls, addr, None, &login, CONNECT_LIMIT).await?;
+                if !subs.is_empty() {
+                    conn.subscribe(&subs, QoS::AtMostOnce, CONNECT_LIMIT)
+                        .await?;
+                }
+                Ok::<_, Error>((i, conn))
+            });
+        }
+        let Some(joined) = pending.join_next().await else {
+            break;
+        };
+        let (i, conn) =
+            joined.map_err(|e| Error::Setup(format!("a connecting task failed: {e}")))??;
+        if let Some(slot) = conns.get_mut(i) {
+            *slot = Some(conn);
+        }
+        bar.inc(1);
+    }
+    bar.finish();
+    Ok(conns.into_iter().flatten().collect())
+}
+
+/// Tells device tasks to say DISCONNECT and end.
+pub struct Stop {
+    tx: watch::Sender<bool>,
+}
+
+impl Stop {
+    pub fn new() -> (Stop, watch::Receiver<bool>) {
+        let (tx, rx) = watch::channel(false);
+        (Stop { tx }, rx)
+    }
+
+    pub fn stop(&self) {
+        let _ = self.tx.send(true);
+    }
+}
+
+/// Closes a set of device tasks: signals them, then waits (bounded) for each to finish.
+pub async fn stop_devices<T: 'static>(stop: Stop, mut tasks: JoinSet<T>) -> Vec<T> {
+    stop.stop();
+    let mut out = Vec::with_capacity(tasks.len());
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        match tokio::time::timeout_at(deadline, tasks.join_next()).await {
+            Ok(Some(Ok(v))) => out.push(v),
+            Ok(Some(Err(_))) => {}
+            Ok(None) => break,
+            Err(_) => {
+                tasks.abort_all();
+                break;
+            }
+        }
+    }
+    out
+}
+
+/// Shows a bar that fills over the measured window (on a terminal only); it ends with the
+/// window.
+pub fn window_bar(ctx: &Ctx, label: &str, window: Window) -> tokio::task::JoinHandle<()> {
+    let total = window.end.saturating_duration_since(Instant::now());
+    let bar = ctx
+        .progress
+        .bar(label, u64::try_from(total.as_millis()).unwrap_or(u64::MAX));
+    let start = Instant::now();
+    tokio::spawn(async move {
+        while Instant::now() < window.end {
+            let done = u64::try_from(start.elapsed().as_millis()).unwrap_or(u64::MAX);
+            bar.set_position(done);
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        bar.finish();
+    })
+}
+
+/// `count` source addresses 127.0.0.1, 127.0.0.2, ...: each gives the client side its own
+/// ephemeral port range towards the one listening address.
+pub fn source_addrs(count: usize) -> Vec<IpAddr> {
+    (1..=count.clamp(1, 254))
+        .map(|i| IpAddr::from([127, 0, 0, u8::try_from(i).unwrap_or(1)]))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn source_addresses_stay_in_loopback() {
+        let addrs = source_addrs(4);
+        assert_eq!(addrs.len(), 4);
+        assert_eq!(addrs[0], IpAddr::from([127, 0, 0, 1]));
+        assert_eq!(addrs[3], IpAddr::from([127, 0, 0, 4]));
+        assert!(source_addrs(1000).iter().all(|a| a.is_loopback()));
+        assert_eq!(source_addrs(0).len(), 1);
+    }
+
+    #[test]
+    fn hub_devices_sign_and_broker_devices_are_anonymous() {
+        let hub = Target {
+            name: "twinhub",
+            mqtt_addr: "127.0.0.1:1"
+                .parse()
+                .unwrap_or(SocketAddr::from(([127, 0, 0, 1], 1))),
+            pid: None,
+            flavor: Flavor::Hub { services: vec![] },
+        };
+        let login = hub.login(5).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(login.client_id, "dev-000005");
+        assert!(
+            login
+                .password
+                .is_some_and(|p| p.starts_with("SharedAccessSignature "))
+        );
+        assert!(hub.services().is_err(), "no clients were given");
+        let broker = Target {
+            flavor: Flavor::Broker,
+            name: "mosquitto",
+            ..hub
+        };
+        assert!(broker.login(5).is_ok_and(|l| l.password.is_none()));
+    }
+}

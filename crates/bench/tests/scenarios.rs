@@ -1,0 +1,111 @@
+//! Runs every scenario at a tiny scale against an in-process hub, with the TLS echo floor as a
+//! child process of this package's own binary: proves the load generator speaks the hub's
+//! protocols (SAS CONNECT, method round trips, durable twin acks, desired pushes) and that
+//! the report and table carry the figures.
+
+use std::path::PathBuf;
+
+use twinhub_bench::hub::Launch;
+use twinhub_bench::progress::Progress;
+use twinhub_bench::run::{Peer, Settings};
+
+fn tiny(work: PathBuf) -> Settings {
+    let mut s = Settings::quick(Launch::InProcess);
+    s.methods_devices = 2;
+    s.concurrency = vec![1, 4];
+    s.caller_conns = 2;
+    s.warmup_secs = 0.1;
+    s.duration_secs = 0.5;
+    s.twin_devices = 3;
+    s.twin_duration_secs = 0.5;
+    s.connections = 20;
+    s.connect_concurrency = 8;
+    s.source_addrs = 2;
+    s.fanout_devices = 10;
+    s.fanout_concurrency = 4;
+    s.mosquitto = Peer::Off;
+    s.echo_exe = Some(PathBuf::from(env!("CARGO_BIN_EXE_twinhub-bench")));
+    s.work_dir = Some(work);
+    s
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_scenario_runs_against_an_in_process_hub() {
+    let dir = tempfile::tempdir().expect("a temp dir");
+    let work = dir.path().join("work");
+    let report = twinhub_bench::run(tiny(work.clone()), Progress::silent())
+        .await
+        .expect("the run completes");
+    assert!(report.notes.is_empty(), "{:?}", report.notes);
+    assert!(!work.exists(), "the work dir is removed after the run");
+
+    assert_eq!(report.methods.len(), 2);
+    for row in &report.methods {
+        let hub = row.twinhub.as_ref().expect("twinhub figures");
+        assert!(hub.completed > 0, "C={}: {hub:?}", row.concurrency);
+        assert_eq!(
+            hub.errors, 0,
+            "C={}: {:?}",
+            row.concurrency, hub.first_error
+        );
+        assert!(hub.latency.p50_us > 0 && hub.latency.p50_us <= hub.latency.max_us);
+        let floor = row.floor.as_ref().expect("floor figures");
+        assert!(floor.completed > 0 && floor.errors == 0, "{floor:?}");
+        assert!(row.mosquitto.is_none());
+    }
+
+    let twin = report
+        .twin
+        .as_ref()
+        .and_then(|p| p.twinhub.as_ref())
+        .expect("twin figures");
+    assert!(twin.completed > 0, "{twin:?}");
+    assert_eq!(twin.errors, 0, "{:?}", twin.first_error);
+
+    let conn = report
+        .connect
+        .as_ref()
+        .and_then(|p| p.twinhub.as_ref())
+        .expect("connect figures");
+    assert_eq!(conn.connected, 20, "{:?}", conn.first_error);
+    assert_eq!(conn.errors, 0);
+    assert_eq!(conn.source_addrs, 2);
+    // In-process, the hub's memory cannot be told from the bench's.
+    assert!(conn.server_rss_per_connection.is_none());
+
+    let fan = report
+        .desired_fanout
+        .as_ref()
+        .and_then(|p| p.twinhub.as_ref())
+        .expect("fan-out figures");
+    assert_eq!(fan.received, 10, "{fan:?}");
+    assert_eq!(fan.errors, 0, "{:?}", fan.first_error);
+    assert!(fan.seconds_to_all.is_some_and(|s| s > 0.0));
+
+    let registration = report.registration.as_ref().expect("registration figures");
+    assert_eq!(registration.devices, 20);
+
+    // Without Mosquitto the ratio target cannot be judged; the others can.
+    assert_eq!(report.targets.len(), 4);
+    assert_eq!(report.targets[0].met, None);
+    assert!(report.targets[2].met.is_some());
+
+    let table = report.table();
+    for needle in [
+        "methods:",
+        "C=4",
+        "twin:",
+        "connect:",
+        "desired-fanout:",
+        "TLS floor",
+    ] {
+        assert!(table.contains(needle), "{needle} missing from\n{table}");
+    }
+    let json: serde_json::Value = serde_json::from_str(&report.to_json()).expect("valid JSON");
+    assert!(
+        json["machine"]["cores"].as_u64().is_some_and(|c| c >= 1),
+        "{json}"
+    );
+    assert_eq!(json["methods"][1]["concurrency"], 4);
+    assert_eq!(json["settings"]["mode"], "quick");
+}

@@ -1,0 +1,599 @@
+//! The device client: IoT Hub's device-side MQTT protocol (direct methods, twins, desired
+//! property patches, telemetry) against twinhub or Azure IoT Hub, over MQTT/TLS or MQTT over
+//! WebSockets.
+//!
+//! [`DeviceClient`] is a cheap handle; the connection belongs to one background task
+//! (`task`) that the handle feeds with commands. `settings` resolves the connection string
+//! and TLS trust once, `link` dials and authenticates one connection, `messages` holds the
+//! values the application sees, and `backoff` paces reconnects.
+
+mod backoff;
+mod link;
+mod messages;
+mod settings;
+mod task;
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use serde_json::Value;
+use tokio::sync::{mpsc, oneshot, watch};
+use twinhub_proto::connection_string::{ConnectionString, ConnectionStringKind};
+use twinhub_proto::error::ErrorCode;
+
+use crate::error::{Error, Result};
+pub use messages::{
+    ConnectionState, DesiredPatch, DesiredPatches, DeviceTwin, MethodRequest, MethodRequests,
+    MethodResponse,
+};
+use settings::Settings;
+pub use settings::Transport;
+use task::{Command, Handler, Outbound, Shared, Task, TwinReply, TwinRequest};
+
+/// IoT Hub's limit on one device-to-cloud message body.
+pub const MAX_EVENT_SIZE: usize = 256 * 1024;
+/// The longest keep-alive IoT Hub accepts (29 minutes).
+pub const MAX_KEEP_ALIVE: Duration = Duration::from_secs(1740);
+/// Operations queued for the connection task before callers wait.
+const COMMAND_QUEUE: usize = 1024;
+/// Method requests waiting in a [`MethodRequests`] stream before the device answers "busy".
+const METHOD_QUEUE: usize = 64;
+
+/// Builds a [`DeviceClient`]; start with [`DeviceClient::builder`].
+#[derive(Clone)]
+pub struct DeviceClientBuilder {
+    connection_string: String,
+    extra_ca: Vec<Vec<u8>>,
+    transport: Transport,
+    port: Option<u16>,
+    keep_alive: Duration,
+    sas_token_ttl: Duration,
+    connect_timeout: Duration,
+    operation_timeout: Duration,
+}
+
+impl std::fmt::Debug for DeviceClientBuilder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // The connection string carries the device key.
+        f.debug_struct("DeviceClientBuilder")
+            .field("transport", &self.transport)
+            .field("port", &self.port)
+            .field("keep_alive", &self.keep_alive)
+            .field("sas_token_ttl", &self.sas_token_ttl)
+            .field("connect_timeout", &self.connect_timeout)
+            .field("operation_timeout", &self.operation_timeout)
+            .finish_non_exhaustive()
+    }
+}
+
+impl DeviceClientBuilder {
+    /// Trusts this CA (PEM text) in addition to the system roots, e.g. twinhub's dev CA.
+    pub fn extra_ca_pem(mut self, pem: impl Into<Vec<u8>>) -> Self {
+        self.extra_ca.push(pem.into());
+        self
+    }
+
+    /// MQTT over TLS (default) or MQTT over WebSockets.
+    pub fn transport(mut self, transport: Transport) -> Self {
+        self.transport = transport;
+        self
+    }
+
+    /// Dials this port instead of the transport's default (8883 for MQTT, 443 for
+    /// WebSockets), e.g. for a twinhub on unprivileged ports.
+    pub fn port(mut self, port: u16) -> Self {
+        self.port = Some(port);
+        self
+    }
+
+    /// The MQTT keep-alive, whole seconds from 1 s to 29 min (default 60 s). The client
+    /// pings when the link is quiet this long and reconnects if the hub does not answer
+    /// within another keep-alive.
+    pub fn keep_alive(mut self, keep_alive: Duration) -> Self {
+        self.keep_alive = keep_alive;
+        self
+    }
+
+    /// Lifetime of the SAS token each connection signs (default one hour, at least one
+    /// second). The client reconnects with a fresh token at 80% of it.
+    pub fn sas_token_ttl(mut self, ttl: Duration) -> Self {
+        self.sas_token_ttl = ttl;
+        self
+    }
+
+    /// Bound on one connection attempt: TCP, TLS, WebSocket upgrade and CONNACK (default
+    /// 30 s).
+    pub fn connect_timeout(mut self, timeout: Duration) -> Self {
+        self.connect_timeout = timeout;
+        self
+    }
+
+    /// Bound on one operation (twin read or patch, telemetry, method answer) including any
+    /// wait for a reconnect (default 30 s).
+    pub fn operation_timeout(mut self, timeout: Duration) -> Self {
+        self.operation_timeout = timeout;
+        self
+    }
+
+    /// Checks the settings and loads the TLS roots. Does not connect: see
+    /// [`DeviceClient::connect`].
+    pub fn build(self) -> Result<DeviceClient> {
+        let cs: ConnectionString = self.connection_string.parse().map_err(
+            |e: twinhub_proto::connection_string::ConnectionStringError| {
+                Error::ConnectionString(e.to_string())
+            },
+        )?;
+        match cs.kind() {
+            ConnectionStringKind::Device => {}
+            ConnectionStringKind::Module => {
+                return Err(Error::ConnectionString(
+                    "module identities are not supported by DeviceClient yet".into(),
+                ));
+            }
+            ConnectionStringKind::Service => {
+                return Err(Error::ConnectionString(
+                    "a device connection string (HostName, DeviceId, SharedAccessKey) is needed"
+                        .into(),
+                ));
+            }
+        }
+        let (Some(device_id), Some(key)) = (cs.device_id.clone(), cs.shared_access_key.clone())
+        else {
+            return Err(Error::ConnectionString(
+                "DeviceClient signs its own tokens: SharedAccessKey is required".into(),
+            ));
+        };
+        let dial_host = cs.dial_host().to_string();
+        if dial_host.parse::<std::net::IpAddr>().is_err() && dial_host.contains(':') {
+            return Err(Error::ConnectionString(format!(
+                "'{dial_host}' must be a bare host name; set the port with port()"
+            )));
+        }
+        let keep_alive = self.keep_alive.as_secs();
+        if keep_alive == 0 || self.keep_alive > MAX_KEEP_ALIVE {
+            return Err(Error::InvalidArgument(
+                "keep_alive must be between 1 second and 29 minutes".into(),
+            ));
+        }
+        if self.sas_token_ttl < Duration::from_secs(1) {
+            return Err(Error::InvalidArgument(
+                "sas_token_ttl must be at least 1 second".into(),
+            ));
+        }
+        if self.connect_timeout.is_zero() || self.operation_timeout.is_zero() {
+            return Err(Error::InvalidArgument("timeouts must not be zero".into()));
+        }
+        let settings = Settings {
+            server_name: settings::server_name(&dial_host)?,
+            host_name: cs.host_name,
+            dial_host,
+            device_id,
+            key,
+            transport: self.transport,
+            port: self.port.unwrap_or(self.transport.default_port()),
+            keep_alive: Duration::from_secs(keep_alive),
+            token_ttl: self.sas_token_ttl,
+            connect_timeout: self.connect_timeout,
+            operation_timeout: self.operation_timeout,
+            tls: settings::tls_config(&self.extra_ca)?,
+        };
+        let (commands, pending) = mpsc::channel(COMMAND_QUEUE);
+        Ok(DeviceClient {
+            inner: Arc::new(Inner {
+                settings: Arc::new(settings),
+                shared: Arc::new(Shared::new()),
+                commands,
+                pending: tokio::sync::Mutex::new(Some(pending)),
+            }),
+        })
+    }
+}
+
+/// A device's connection to IoT Hub or twinhub.
+///
+/// Cloning is cheap and every clone drives the same connection. After
+/// [`connect`](DeviceClient::connect) a background task keeps the connection up: it
+/// reconnects after a drop (exponential backoff with jitter, 100 ms doubling to 30 s), renews
+/// the SAS token by reconnecting at 80% of its lifetime, and stops only on
+/// [`close`](DeviceClient::close), when every handle is dropped, or when the hub refuses the
+/// credentials ([`ConnectionState::Failed`]). A method handler that captures a clone of the
+/// client keeps the connection alive until `close`.
+///
+/// Operations wait for a connection when there is none, bounded by the operation timeout.
+/// Telemetry and method answers are delivered at least once: after a reconnect, messages the
+/// hub had not acknowledged are sent again.
+#[derive(Clone)]
+pub struct DeviceClient {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    settings: Arc<Settings>,
+    shared: Arc<Shared>,
+    commands: mpsc::Sender<Command>,
+    /// The task's end of the queue until `connect` starts it.
+    pending: tokio::sync::Mutex<Option<mpsc::Receiver<Command>>>,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        // The last handle is gone: let the task say DISCONNECT and end.
+        self.shared.close.send_replace(true);
+    }
+}
+
+impl std::fmt::Debug for DeviceClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DeviceClient")
+            .field("settings", &self.inner.settings)
+            .finish_non_exhaustive()
+    }
+}
+
+impl DeviceClient {
+    /// Starts building a client from a device connection string
+    /// (`HostName=..;DeviceId=..;SharedAccessKey=..[;GatewayHostName=..]`). With
+    /// `GatewayHostName` the client dials the gateway and still names `HostName` in its
+    /// credentials.
+    pub fn builder(connection_string: &str) -> DeviceClientBuilder {
+        DeviceClientBuilder {
+            connection_string: connection_string.to_string(),
+            extra_ca: Vec::new(),
+            transport: Transport::Mqtt,
+            port: None,
+            keep_alive: Duration::from_secs(60),
+            sas_token_ttl: Duration::from_secs(3600),
+            connect_timeout: Duration::from_secs(30),
+            operation_timeout: Duration::from_secs(30),
+        }
+    }
+
+    /// The device id from the connection string.
+    pub fn device_id(&self) -> &str {
+        &self.inner.settings.device_id
+    }
+
+    /// Connects once. On success the background task takes over the connection; on failure
+    /// nothing runs and the error says why: [`Error::NotAuthorized`] (wrong key, unknown or
+    /// disabled device), [`Error::Unreachable`] (DNS, TCP, TLS), [`Error::TimedOut`] or
+    /// [`Error::Protocol`]. Calling it again after success does nothing; after a failure it
+    /// tries again.
+    pub async fn connect(&self) -> Result<()> {
+        let mut pending = self.inner.pending.lock().await;
+        if pending.is_none() {
+            return if *self.inner.shared.done.borrow() {
+                Err(self.ended())
+            } else {
+                Ok(())
+            };
+        }
+        if *self.inner.shared.close.borrow() {
+            return Err(Error::Closed);
+        }
+        match link::establish(&self.inner.settings).await {
+            Ok(link) => {
+                let Some(commands) = pending.take() else {
+                    return Err(Error::Closed);
+                };
+                let mut task = Task::new(
+                    self.inner.settings.clone(),
+                    self.inner.shared.clone(),
+                    commands,
+                    self.inner.commands.clone(),
+                );
+                // Subscribe for a handler or stream set up before connecting right away.
+                task.sync_dispatch();
+                self.inner
+                    .shared
+                    .state
+                    .send_replace(ConnectionState::Connected);
+                tokio::spawn(task.run(link));
+                Ok(())
+            }
+            Err(e) => {
+                self.inner
+                    .shared
+                    .state
+                    .send_replace(ConnectionState::Disconnected {
+                        reason: e.to_string(),
+                    });
+                Err(e)
+            }
+        }
+    }
+
+    /// Watches the connection: [`ConnectionState::Connected`], `Disconnected`, `Reconnecting`
+    /// or `Failed`.
+    pub fn connection_state(&self) -> watch::Receiver<ConnectionState> {
+        self.inner.shared.state.subscribe()
+    }
+
+    /// Answers direct methods with `handler`: each call runs it as its own task and sends
+    /// the [`MethodResponse`] it returns (a panicking handler answers 500). Replaces an
+    /// earlier handler and takes precedence over [`method_requests`](Self::method_requests).
+    /// Subscribes to methods now, or at connect when not connected yet.
+    pub fn set_method_handler<F, Fut>(&self, handler: F)
+    where
+        F: Fn(MethodRequest) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = MethodResponse> + Send + 'static,
+    {
+        let handler: Handler = Arc::new(move |request| Box::pin(handler(request)));
+        self.update_dispatch(|d| d.handler = Some(handler));
+    }
+
+    /// Direct-method calls as a stream; answer each with [`MethodRequest::respond`]. Only
+    /// used while no handler is set; a second call replaces (ends) the first stream. Calls
+    /// arriving while 64 are waiting unread are answered 503.
+    pub fn method_requests(&self) -> MethodRequests {
+        let (tx, rx) = mpsc::channel(METHOD_QUEUE);
+        self.update_dispatch(|d| d.methods = Some(tx));
+        MethodRequests { rx }
+    }
+
+    /// Desired-property changes as a stream, in version order. The first item is the whole
+    /// desired document (`full: true`); then each change as the hub sends it. After a
+    /// reconnect the client reads the twin and, if changes were missed, sends the whole
+    /// document again (`full: true`). A second call replaces (ends) the first stream.
+    pub fn desired_patches(&self) -> DesiredPatches {
+        let (tx, rx) = mpsc::unbounded_channel();
+        self.update_dispatch(|d| {
+            d.desired = Some(tx);
+            d.desired_generation += 1;
+        });
+        DesiredPatches { rx }
+    }
+
+    fn update_dispatch(&self, change: impl FnOnce(&mut task::Dispatch)) {
+        if *self.inner.shared.done.borrow() {
+            return;
+        }
+        change(&mut self.inner.shared.dispatch());
+        self.inner.shared.changed.notify_one();
+    }
+
+    /// Reads the twin's desired and reported properties.
+    pub async fn get_twin(&self) -> Result<DeviceTwin> {
+        let reply = self.twin(TwinRequest::Get).await?;
+        DeviceTwin::parse(&reply.payload)
+    }
+
+    /// Merges `patch` into the reported properties (`null` removes a property) and returns
+    /// the new reported `$version`. A refusal is [`Error::Hub`] with the hub's status and
+    /// message.
+    pub async fn patch_reported(&self, patch: &Value) -> Result<u64> {
+        let body = serde_json::to_vec(patch)
+            .map_err(|e| Error::InvalidArgument(format!("the patch is not JSON: {e}")))?;
+        let reply = self
+            .twin(TwinRequest::PatchReported(Bytes::from(body)))
+            .await?;
+        reply.version.ok_or_else(|| {
+            Error::Protocol("the hub acknowledged the patch without a $version".into())
+        })
+    }
+
+    async fn twin(&self, request: TwinRequest) -> Result<TwinReply> {
+        let (reply, answer) = oneshot::channel();
+        let reply = self.call(Command::Twin { request, reply }, answer).await?;
+        if reply.status >= 300 {
+            return Err(twin_error(&reply));
+        }
+        Ok(reply)
+    }
+
+    /// Sends a device-to-cloud message with application or system properties (`$.ct`,
+    /// `$.ce`, `$.mid`, ...), and returns once the hub acknowledged it (QoS 1).
+    pub async fn send_event(
+        &self,
+        payload: impl Into<Bytes>,
+        properties: &[(String, String)],
+    ) -> Result<()> {
+        let payload = payload.into();
+        if payload.len() > MAX_EVENT_SIZE {
+            return Err(Error::InvalidArgument(format!(
+                "the message is {} bytes; IoT Hub accepts at most {MAX_EVENT_SIZE}",
+                payload.len()
+            )));
+        }
+        let topic =
+            twinhub_proto::topic::telemetry_topic(&self.inner.settings.device_id, None, properties);
+        let (done, acked) = oneshot::channel();
+        let command = Command::Publish(Outbound {
+            topic,
+            payload,
+            done: Some(done),
+            method_rid: None,
+        });
+        self.call(command, acked).await
+    }
+
+    async fn call<T>(&self, command: Command, answer: oneshot::Receiver<Result<T>>) -> Result<T> {
+        let operation = async {
+            self.inner
+                .commands
+                .send(command)
+                .await
+                .map_err(|_| self.ended())?;
+            answer.await.map_err(|_| self.ended())?
+        };
+        tokio::time::timeout(self.inner.settings.operation_timeout, operation)
+            .await
+            .map_err(|_| Error::TimedOut)?
+    }
+
+    /// Why operations can no longer run.
+    fn ended(&self) -> Error {
+        match &*self.inner.shared.state.borrow() {
+            ConnectionState::Failed(e) => e.clone(),
+            _ => Error::Closed,
+        }
+    }
+
+    /// Sends what is queued, says DISCONNECT, and ends the background task; operations
+    /// still waiting fail with [`Error::Closed`].
+    pub async fn close(&self) {
+        self.inner.shared.close.send_replace(true);
+        {
+            let mut pending = self.inner.pending.lock().await;
+            if let Some(mut queue) = pending.take() {
+                // Never connected: nothing runs, so fail what was queued here.
+                queue.close();
+                drop(queue);
+                self.inner
+                    .shared
+                    .state
+                    .send_replace(ConnectionState::Disconnected {
+                        reason: "closed by the application".into(),
+                    });
+                self.inner.shared.done.send_replace(true);
+                return;
+            }
+        }
+        let mut done = self.inner.shared.done.subscribe();
+        let _ = done.wait_for(|d| *d).await;
+    }
+}
+
+/// Turns a twin answer with status >= 300 into [`Error::Hub`], with the message and code
+/// from the hub's error body when it has one.
+fn twin_error(reply: &TwinReply) -> Error {
+    let body: Option<Value> = serde_json::from_slice(&reply.payload).ok();
+    let field = |name: &str| body.as_ref().and_then(|b| b.get(name));
+    let code = field("errorCode")
+        .and_then(Value::as_u64)
+        .and_then(|c| u32::try_from(c).ok())
+        .and_then(ErrorCode::from_code);
+    let message = field("message")
+        .or_else(|| field("Message"))
+        .and_then(Value::as_str)
+        .map(str::to_string)
+        .unwrap_or_else(|| {
+            let text = String::from_utf8_lossy(&reply.payload).trim().to_string();
+            if text.is_empty() {
+                format!("twin operation returned status {}", reply.status)
+            } else {
+                text
+            }
+        });
+    Error::Hub {
+        status: reply.status,
+        code,
+        message,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const KEY: &str = "c2VjcmV0LWtleS1mb3ItdGVzdHM=";
+
+    #[test]
+    fn builder_validates_the_connection_string_and_options() {
+        let device = format!("HostName=hub.example.net;DeviceId=d1;SharedAccessKey={KEY}");
+        let client = DeviceClient::builder(&device).build().unwrap();
+        assert_eq!(client.device_id(), "d1");
+        assert_eq!(client.inner.settings.port, 8883);
+        let ws = DeviceClient::builder(&device)
+            .transport(Transport::WebSocket)
+            .build()
+            .unwrap();
+        assert_eq!(ws.inner.settings.port, 443);
+
+        let gateway = format!("{device};GatewayHostName=127.0.0.1");
+        let client = DeviceClient::builder(&gateway).port(9000).build().unwrap();
+        assert_eq!(client.inner.settings.dial_host, "127.0.0.1");
+        assert_eq!(client.inner.settings.host_name, "hub.example.net");
+        assert_eq!(client.inner.settings.port, 9000);
+
+        let service = format!("HostName=h;SharedAccessKeyName=iothubowner;SharedAccessKey={KEY}");
+        let module = format!("{device};ModuleId=m");
+        let with_port = format!("HostName=h:8883;DeviceId=d1;SharedAccessKey={KEY}");
+        for bad in [
+            service.as_str(),
+            &module,
+            &with_port,
+            "HostName=h;DeviceId=d;x509=true",
+        ] {
+            assert!(
+                matches!(
+                    DeviceClient::builder(bad).build(),
+                    Err(Error::ConnectionString(_))
+                ),
+                "{bad}"
+            );
+        }
+        for builder in [
+            DeviceClient::builder(&device).keep_alive(Duration::from_millis(500)),
+            DeviceClient::builder(&device).keep_alive(Duration::from_secs(1741)),
+            DeviceClient::builder(&device).sas_token_ttl(Duration::from_millis(999)),
+            DeviceClient::builder(&device).operation_timeout(Duration::ZERO),
+        ] {
+            assert!(matches!(builder.build(), Err(Error::InvalidArgument(_))));
+        }
+    }
+
+    #[test]
+    fn builder_debug_hides_the_key() {
+        let device = format!("HostName=h;DeviceId=d1;SharedAccessKey={KEY}");
+        let builder = DeviceClient::builder(&device);
+        assert!(!format!("{builder:?}").contains(KEY));
+        let client = builder.build().unwrap();
+        assert!(!format!("{client:?}").contains(KEY));
+    }
+
+    #[test]
+    fn twin_errors_carry_status_code_and_message() {
+        let reply = TwinReply {
+            status: 400,
+            version: None,
+            payload: Bytes::from_static(
+                br#"{"errorCode":400004,"trackingId":"t","message":"bad patch","timestampUtc":"x"}"#,
+            ),
+        };
+        match twin_error(&reply) {
+            Error::Hub {
+                status,
+                code,
+                message,
+            } => {
+                assert_eq!(status, 400);
+                assert_eq!(code, Some(ErrorCode::ArgumentInvalid));
+                assert_eq!(message, "bad patch");
+            }
+            other => panic!("{other:?}"),
+        }
+        let bare = TwinReply {
+            status: 429,
+            version: None,
+            payload: Bytes::new(),
+        };
+        assert!(twin_error(&bare).to_string().contains("429"));
+    }
+
+    #[tokio::test]
+    async fn operations_before_connect_fail_closed_after_close() {
+        let device = format!("HostName=h;DeviceId=d1;SharedAccessKey={KEY}");
+        let client = DeviceClient::builder(&device)
+            .operation_timeout(Duration::from_secs(5))
+            .build()
+            .unwrap();
+        let waiting = {
+            let client = client.clone();
+            tokio::spawn(async move { client.get_twin().await })
+        };
+        tokio::task::yield_now().await;
+        client.close().await;
+        let result = tokio::time::timeout(Duration::from_secs(2), waiting)
+            .await
+            .expect("the queued operation ends with close")
+            .expect("no panic");
+        assert!(matches!(result, Err(Error::Closed)), "{result:?}");
+        assert!(matches!(client.connect().await, Err(Error::Closed)));
+        assert!(matches!(
+            client.send_event("x", &[]).await,
+            Err(Error::Closed)
+        ));
+    }
+}
