@@ -51,6 +51,7 @@ pub struct Hub {
     pub(crate) directory: Directory,
     pub(crate) locks: KeyedLocks,
     pub(crate) counts: Counts,
+    pub(crate) jobs: crate::jobs::JobsState,
 }
 
 impl Hub {
@@ -66,6 +67,7 @@ impl Hub {
             directory: Directory::default(),
             locks: KeyedLocks::default(),
             counts: Counts::default(),
+            jobs: Default::default(),
         };
         let mut after: Option<String> = None;
         loop {
@@ -79,7 +81,9 @@ impl Hub {
                 hub.counts.add(DeviceRecord::decode(bytes)?.status);
             }
         }
-        Ok(Arc::new(hub))
+        let hub = Arc::new(hub);
+        hub.resume_jobs().await?;
+        Ok(hub)
     }
 
     pub fn authorizer(&self) -> &Authorizer {

@@ -61,6 +61,12 @@ fn parse_twin_input(body: &Value) -> Result<TwinInput> {
     Ok(TwinInput { tags, desired })
 }
 
+/// Checks a twin update body as `write_twin` would, without applying it (jobs validate their
+/// update when scheduled).
+pub(crate) fn check_twin_input(body: &Value) -> Result<()> {
+    parse_twin_input(body).map(|_| ())
+}
+
 impl Hub {
     /// `GET /twins/{id}`.
     pub async fn get_twin(&self, device_id: &str) -> Result<Twin> {

@@ -362,6 +362,78 @@ fn null_as_empty<'de, D: Deserializer<'de>>(deserializer: D) -> Result<JsonObjec
     Ok(Option::<JsonObject>::deserialize(deserializer)?.unwrap_or_default())
 }
 
+/// A scheduled job as created by `PUT /jobs/v2/{id}` (`scheduleDeviceMethod` or
+/// `scheduleUpdateTwin`).
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct JobRequest {
+    pub job_id: String,
+    #[serde(rename = "type")]
+    pub job_type: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cloud_to_device_method: Option<CloudToDeviceMethod>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub update_twin: Option<Twin>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub query_condition: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub start_time: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_execution_time_in_seconds: Option<i64>,
+}
+
+/// Per-device progress of a job.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct DeviceJobStatistics {
+    pub device_count: u64,
+    pub failed_count: u64,
+    pub succeeded_count: u64,
+    pub running_count: u64,
+    pub pending_count: u64,
+}
+
+/// A job as the hub reports it (`GET /jobs/v2/{id}` and friends).
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct JobResponse {
+    pub job_id: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub query_condition: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub created_time: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub start_time: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub end_time: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_execution_time_in_seconds: Option<i64>,
+    #[serde(rename = "type")]
+    pub job_type: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cloud_to_device_method: Option<CloudToDeviceMethod>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub update_twin: Option<Twin>,
+    /// `queued`, `scheduled`, `running`, `completed`, `failed` or `cancelled`.
+    pub status: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub failure_reason: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub status_message: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub device_job_statistics: Option<DeviceJobStatistics>,
+}
+
+/// A page of a jobs query (`GET /jobs/v2/query`): an object, as the Python SDK requires.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct QueryResult {
+    #[serde(rename = "type")]
+    pub item_type: String,
+    pub items: Vec<Value>,
+    pub continuation_token: Option<String>,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

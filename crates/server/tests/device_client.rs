@@ -410,6 +410,48 @@ async fn refused_credentials_fail_fast_and_stop_the_client() {
     hub.server.shutdown().await;
 }
 
+#[tokio::test]
+async fn connect_failures_are_typed() {
+    let hub = TestHub::start().await;
+    let key = hub.add_device("typed-dev").await;
+    let cs = format!("HostName=localhost;DeviceId=typed-dev;SharedAccessKey={key}");
+
+    // The hub's certificate is not trusted without its CA.
+    let untrusted = DeviceClient::builder(&cs)
+        .port(hub.server.mqtt_addr.port())
+        .build()
+        .unwrap();
+    match untrusted.connect().await {
+        Err(Error::Unreachable(why)) => assert!(why.contains("TLS"), "{why}"),
+        other => panic!("expected Unreachable, got {other:?}"),
+    }
+
+    // Nothing listens on the port.
+    let closed_port = {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        listener.local_addr().unwrap().port()
+    };
+    let nobody = DeviceClient::builder(&cs)
+        .port(closed_port)
+        .build()
+        .unwrap();
+    assert!(matches!(nobody.connect().await, Err(Error::Unreachable(_))));
+
+    // Something accepts but never answers.
+    let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let silent_port = silent.local_addr().unwrap().port();
+    let mute = DeviceClient::builder(&cs)
+        .port(silent_port)
+        .connect_timeout(Duration::from_millis(300))
+        .build()
+        .unwrap();
+    let started = Instant::now();
+    assert!(matches!(mute.connect().await, Err(Error::TimedOut)));
+    assert!(started.elapsed() < Duration::from_secs(5));
+    drop(silent);
+    hub.server.shutdown().await;
+}
+
 /// A device answering methods and watching desired properties, with its first (full)
 /// desired document already read.
 async fn sturdy_device(hub: &TestHub, id: &str) -> (DeviceClient, DesiredPatches, u64) {

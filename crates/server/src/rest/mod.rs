@@ -4,6 +4,7 @@
 //! `twins`; they call `twinhub_core::Hub`.
 
 mod devices;
+mod fleet;
 mod twins;
 
 use std::sync::Arc;
@@ -177,6 +178,7 @@ pub fn router(state: AppState) -> Router {
     Router::new()
         .merge(devices::routes())
         .merge(twins::routes())
+        .merge(fleet::routes())
         .route("/$iothub/websocket", get(websocket))
         .route_layer(middleware::from_fn(track))
         .route("/health", get(health))

@@ -20,6 +20,8 @@ pub(super) struct DesiredSync {
     pub delivered: Option<u64>,
     /// The `$rid` of the twin read in flight.
     pub resync: Option<String>,
+    /// A twin read was answered since the stream opened: patches need not wait for one.
+    pub synced: bool,
     /// Patches that arrived while the read is out, delivered after it.
     pub held: Vec<(u64, Map<String, Value>)>,
 }
@@ -29,6 +31,7 @@ impl DesiredSync {
     pub fn restart(&mut self, generation: u64) {
         self.generation = generation;
         self.delivered = None;
+        self.synced = false;
         self.held.clear();
     }
 }
@@ -55,6 +58,7 @@ impl Task {
 
     pub(super) fn resync_answer(&mut self, reply: TwinReply) {
         self.desired.resync = None;
+        self.desired.synced = true;
         if reply.status >= 300 {
             tracing::warn!(
                 status = reply.status,
@@ -97,10 +101,11 @@ impl Task {
             }
             _ => None,
         };
+        // A new stream gets its whole document first (a resumed session can deliver patches
+        // before the SUBACK that triggers the read); later reads also hold patches back.
+        let hold = self.desired.resync.is_some() || !self.desired.synced;
         match parsed {
-            Some((version, patch)) if self.desired.resync.is_some() => {
-                self.desired.held.push((version, patch));
-            }
+            Some((version, patch)) if hold => self.desired.held.push((version, patch)),
             Some((version, patch)) => self.deliver(version, patch),
             None => {
                 // Cannot order or apply it: read the whole document instead.
