@@ -183,7 +183,7 @@ fn take_frame(buf: &mut BytesMut) -> Option<Result<u64>> {
         return None;
     }
     let len = usize::try_from(u32::from_be_bytes([buf[0], buf[1], buf[2], buf[3]])).ok()?;
-    if len < 8 || len > 1 << 20 {
+    if !(8..=1 << 20).contains(&len) {
         return Some(Err(Error::Protocol(format!("echo frame of {len} bytes"))));
     }
     if buf.len() < 4 + len {

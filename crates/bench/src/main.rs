@@ -25,7 +25,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run the scenarios and print the side-by-side table
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Serve the TLS echo floor on a loopback port (started by `run`)
     #[command(hide = true)]
     EchoServer {
@@ -189,7 +189,7 @@ fn main() -> ExitCode {
     };
     let outcome = runtime.block_on(async {
         match cli.command {
-            Command::Run(args) => run(args).await,
+            Command::Run(args) => run(*args).await,
             Command::EchoServer { cert, key } => twinhub_bench::echo::serve_main(&cert, &key)
                 .await
                 .map_err(anyhow::Error::from),

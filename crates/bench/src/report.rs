@@ -412,7 +412,7 @@ fn latency_rows(
     ];
     for (name, pick) in picks {
         let v = |l: Option<&Latency>| l.filter(|l| l.count > 0).map(|l| ms(pick(l)));
-        t.row("", name, v(h), v(p), f.map(|f| v(f)), Unit::Ms);
+        t.row("", name, v(h), v(p), f.map(v), Unit::Ms);
     }
 }
 
@@ -431,7 +431,7 @@ fn thousands(v: f64) -> String {
     let digits = n.to_string();
     let mut out = String::new();
     for (i, ch) in digits.chars().enumerate() {
-        if i > 0 && (digits.len() - i) % 3 == 0 {
+        if i > 0 && (digits.len() - i).is_multiple_of(3) {
             out.push(',');
         }
         out.push(ch);

@@ -4,7 +4,7 @@
 //! different devices never contend on one lock.
 
 use std::collections::{HashMap, VecDeque};
-use std::hash::{BuildHasher, Hash, Hasher};
+use std::hash::BuildHasher;
 use std::sync::atomic::{AtomicU8, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
@@ -232,9 +232,7 @@ impl Directory {
     }
 
     fn shard_index(&self, device_id: &str) -> usize {
-        let mut h = self.hasher.build_hasher();
-        device_id.hash(&mut h);
-        (h.finish() as usize) % SHARDS
+        (self.hasher.hash_one(device_id) as usize) % SHARDS
     }
 
     /// Keeps a finished session's recent answers for the device's next session.
@@ -300,9 +298,7 @@ pub struct KeyGuard<'a> {
 
 impl KeyedLocks {
     fn shard(&self, key: &str) -> &Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>> {
-        let mut h = self.hasher.build_hasher();
-        key.hash(&mut h);
-        &self.shards[(h.finish() as usize) % SHARDS]
+        &self.shards[(self.hasher.hash_one(key) as usize) % SHARDS]
     }
 
     pub async fn lock(&self, key: &str) -> KeyGuard<'_> {

@@ -140,6 +140,8 @@ impl Config {
 }
 
 #[cfg(test)]
+// figment's test jail returns its own large error type; fine in tests.
+#[allow(clippy::result_large_err)]
 mod tests {
     use super::*;
 
