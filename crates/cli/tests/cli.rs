@@ -1,0 +1,316 @@
+//! The `twinhub` binary as a user runs it: `serve` prints what a user needs and shuts down
+//! cleanly on SIGTERM; startup failures give one clear line and a non-zero exit; the
+//! management commands print JSON and fail with the IoT Hub error code.
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+const BIN: &str = env!("CARGO_BIN_EXE_twinhub");
+
+/// A `twinhub serve` child on 127.0.0.1 with ephemeral ports, and what it printed.
+struct Served {
+    child: Child,
+    banner: Vec<String>,
+    https_port: u16,
+}
+
+impl Served {
+    fn start(data_dir: &Path) -> Served {
+        let mut child = Command::new(BIN)
+            .args(["serve", "--data-dir"])
+            .arg(data_dir)
+            .args([
+                "--bind",
+                "127.0.0.1",
+                "--https-port",
+                "0",
+                "--mqtt-port",
+                "0",
+            ])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("twinhub starts");
+        let out = BufReader::new(child.stdout.take().unwrap());
+        let mut banner = Vec::new();
+        for line in out.lines() {
+            let line = line.unwrap();
+            let done = line.starts_with("Next:");
+            banner.push(line);
+            if done {
+                break;
+            }
+        }
+        let https_port = banner
+            .iter()
+            .find_map(|l| l.split("https://127.0.0.1:").nth(1))
+            .and_then(|p| p.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no HTTPS address in the banner: {banner:#?}"));
+        Served {
+            child,
+            banner,
+            https_port,
+        }
+    }
+
+    fn stop(mut self) -> std::process::ExitStatus {
+        let pid = self.child.id().to_string();
+        Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "twinhub did not exit after SIGTERM"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Served {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+    }
+}
+
+fn run(args: &[&str], data_dir: &Path) -> Output {
+    Command::new(BIN)
+        .args(args)
+        .arg("--data-dir")
+        .arg(data_dir)
+        .env_remove("TWINHUB_CONNECTION_STRING")
+        .output()
+        .unwrap()
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+/// Runs `serve` expecting it to refuse to start; returns its stderr.
+fn refused(args: &[&str]) -> String {
+    let out = Command::new(BIN).arg("serve").args(args).output().unwrap();
+    assert!(!out.status.success(), "serve {args:?} started");
+    let err = text(&out.stderr);
+    let last = err.lines().last().unwrap_or_default().to_string();
+    assert!(last.starts_with("error: "), "no one-line error: {err}");
+    last
+}
+
+#[test]
+fn serve_banner_cli_commands_and_sigterm() {
+    let dir = tempfile::tempdir().unwrap();
+    let served = Served::start(dir.path());
+    let banner = served.banner.join("\n");
+    assert!(banner.contains("HostName=localhost:"), "{banner}");
+    assert!(
+        banner.contains("SharedAccessKeyName=iothubowner"),
+        "{banner}"
+    );
+    assert!(banner.contains("export REQUESTS_CA_BUNDLE="), "{banner}");
+    assert!(banner.contains("export SSL_CERT_FILE="), "{banner}");
+    let d = dir.path();
+
+    let cs = run(&["connection-string", "--policy", "service"], d);
+    assert!(cs.status.success());
+    assert!(text(&cs.stdout).contains(&format!(
+        "HostName=localhost:{};SharedAccessKeyName=service;",
+        served.https_port
+    )));
+
+    let created = run(&["device", "create", "cli-dev", "--edge"], d);
+    assert!(created.status.success(), "{}", text(&created.stderr));
+    let device: serde_json::Value = serde_json::from_slice(&created.stdout).unwrap();
+    assert_eq!(device["deviceId"], "cli-dev");
+    assert_eq!(device["capabilities"]["iotEdge"], true);
+
+    let listed: serde_json::Value =
+        serde_json::from_slice(&run(&["device", "list"], d).stdout).unwrap();
+    assert_eq!(listed.as_array().unwrap().len(), 1);
+
+    let updated: serde_json::Value = serde_json::from_slice(
+        &run(&["device", "update", "cli-dev", "--status", "disabled"], d).stdout,
+    )
+    .unwrap();
+    assert_eq!(updated["status"], "disabled");
+
+    let dcs = text(&run(&["device", "connection-string", "cli-dev"], d).stdout);
+    let key = device["authentication"]["symmetricKey"]["primaryKey"]
+        .as_str()
+        .unwrap();
+    assert_eq!(
+        dcs.trim(),
+        format!("HostName=localhost;DeviceId=cli-dev;SharedAccessKey={key}")
+    );
+
+    let twin = run(
+        &[
+            "twin",
+            "update",
+            "cli-dev",
+            "--desired",
+            r#"{"fw":"1.2"}"#,
+            "--tags",
+            r#"{"site":"lab"}"#,
+        ],
+        d,
+    );
+    assert!(twin.status.success(), "{}", text(&twin.stderr));
+    let shown: serde_json::Value =
+        serde_json::from_slice(&run(&["twin", "show", "cli-dev"], d).stdout).unwrap();
+    assert_eq!(shown["properties"]["desired"]["fw"], "1.2");
+    assert_eq!(shown["tags"]["site"], "lab");
+
+    let bad_json = run(&["twin", "update", "cli-dev", "--desired", "{nope"], d);
+    assert!(!bad_json.status.success());
+
+    let missing = run(&["device", "show", "nope"], d);
+    assert!(!missing.status.success());
+    let err = text(&missing.stderr);
+    assert!(
+        err.contains("404001") && err.contains("DeviceNotFound"),
+        "{err}"
+    );
+
+    assert!(run(&["device", "delete", "cli-dev"], d).status.success());
+    assert!(!run(&["device", "delete", "cli-dev"], d).status.success());
+
+    let status = served.stop();
+    assert!(
+        status.success(),
+        "SIGTERM must shut down cleanly, got {status}"
+    );
+}
+
+#[test]
+fn port_in_use_is_one_clear_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().port().to_string();
+    let line = refused(&[
+        "--data-dir",
+        dir.path().to_str().unwrap(),
+        "--https-port",
+        &port,
+        "--mqtt-port",
+        "0",
+    ]);
+    assert!(
+        line.contains("address already in use") && line.contains("--https-port"),
+        "{line}"
+    );
+}
+
+#[test]
+fn privileged_port_refused_to_a_user_without_the_capability() {
+    let dir = tempfile::tempdir().unwrap();
+    let dir_path = dir.path().to_str().unwrap().to_string();
+    // Run as an unprivileged user: as root, drop to nobody with setpriv.
+    let is_root = Command::new("id")
+        .arg("-u")
+        .output()
+        .map(|o| text(&o.stdout).trim() == "0")
+        .unwrap_or(false);
+    let mut cmd = if is_root {
+        std::fs::set_permissions(
+            dir.path(),
+            std::os::unix::fs::PermissionsExt::from_mode(0o777),
+        )
+        .unwrap();
+        let mut c = Command::new("setpriv");
+        c.args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "--inh-caps=-all",
+            BIN,
+        ]);
+        c
+    } else {
+        Command::new(BIN)
+    };
+    let out = cmd
+        .args([
+            "serve",
+            "--data-dir",
+            &dir_path,
+            "--bind",
+            "127.0.0.1",
+            "--https-port",
+            "443",
+            "--mqtt-port",
+            "0",
+        ])
+        .output()
+        .expect("setpriv (util-linux) runs");
+    assert!(!out.status.success());
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("permission denied")
+            && err.contains("--https-port")
+            && err.contains("setcap cap_net_bind_service"),
+        "{err}"
+    );
+}
+
+#[test]
+fn data_dir_not_writable() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("a-file");
+    std::fs::write(&file, "x").unwrap();
+    let line = refused(&[
+        "--data-dir",
+        file.join("sub").to_str().unwrap(),
+        "--https-port",
+        "0",
+        "--mqtt-port",
+        "0",
+    ]);
+    assert!(
+        line.contains("data directory") && line.contains("cannot create"),
+        "{line}"
+    );
+}
+
+#[test]
+fn bad_config_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("hub.toml");
+    std::fs::write(&cfg, "https_port = 0\nmqtt_prot = 1\n").unwrap();
+    let line = refused(&[
+        "--config",
+        cfg.to_str().unwrap(),
+        "--data-dir",
+        dir.path().to_str().unwrap(),
+    ]);
+    assert!(
+        line.contains("configuration error") && line.contains("mqtt_prot"),
+        "{line}"
+    );
+}
+
+#[test]
+fn certificate_and_key_that_do_not_match() {
+    let dir = tempfile::tempdir().unwrap();
+    // A first start creates the dev PKI; its CA key does not match the server certificate.
+    Served::start(dir.path()).stop();
+    let tls = dir.path().join("tls");
+    let line = refused(&[
+        "--data-dir",
+        dir.path().to_str().unwrap(),
+        "--https-port",
+        "0",
+        "--mqtt-port",
+        "0",
+        "--tls-cert",
+        tls.join("server.pem").to_str().unwrap(),
+        "--tls-key",
+        tls.join("ca-key.pem").to_str().unwrap(),
+    ]);
+    assert!(line.contains("do not match"), "{line}");
+}
