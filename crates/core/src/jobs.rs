@@ -75,9 +75,12 @@ fn job_not_found(job_id: &str) -> Error {
     )
 }
 
-/// Running jobs' cancel switches and the shared in-flight budget.
+/// Running jobs' cancel switches, the shutdown switch, and the shared in-flight budget.
 pub(crate) struct JobsState {
     cancels: Mutex<HashMap<String, watch::Sender<bool>>>,
+    /// Set when the hub stops: runners stop without recording anything, so the devices they
+    /// had not finished stay pending and the job resumes at the next start.
+    suspend: watch::Sender<bool>,
     budget: Arc<Semaphore>,
 }
 
@@ -85,6 +88,7 @@ impl Default for JobsState {
     fn default() -> Self {
         JobsState {
             cancels: Mutex::new(HashMap::new()),
+            suspend: watch::channel(false).0,
             budget: Arc::new(Semaphore::new(ALL_JOBS_IN_FLIGHT)),
         }
     }
@@ -283,6 +287,12 @@ impl Hub {
         Ok(out)
     }
 
+    /// Stops every job runner without recording an outcome (hub shutdown). Call before
+    /// device sessions close, so no device is marked failed for the hub's own exit.
+    pub fn suspend_jobs(&self) {
+        self.jobs.suspend.send_replace(true);
+    }
+
     /// Restarts the runners of jobs that had not finished when the hub stopped.
     pub(crate) async fn resume_jobs(self: &Arc<Self>) -> Result<()> {
         for job in self.list_jobs(None, None).await? {
@@ -323,8 +333,13 @@ impl Hub {
             .unwrap_or_else(|e| e.into_inner())
             .insert(job_id.clone(), tx);
         let hub = self.clone();
+        let mut suspend = self.jobs.suspend.subscribe();
         tokio::spawn(async move {
-            if let Err(e) = hub.run_job(&job_id, rx).await {
+            let outcome = tokio::select! {
+                r = hub.run_job(&job_id, rx) => Some(r),
+                _ = suspend.wait_for(|s| *s) => None,
+            };
+            if let Some(Err(e)) = outcome {
                 tracing::error!(%job_id, "job runner failed: {}", e.message());
                 if let Ok(Some(mut stored)) = hub.load_job(&job_id).await {
                     stored.job.status = "failed".into();

@@ -166,6 +166,9 @@ impl RunningServer {
     /// then flushes and closes the store.
     pub async fn shutdown(self) {
         self.shutdown.cancel();
+        // Jobs first: their in-flight calls must not be recorded as failures of closing
+        // sessions; unfinished devices resume at the next start.
+        self.hub.suspend_jobs();
         self.hub.close_all_sessions();
         self.tracker.close();
         if tokio::time::timeout(SHUTDOWN_GRACE, self.tracker.wait())
