@@ -19,6 +19,8 @@ declare -A ALLOWED_SKIPS=(
 if [[ -z "${TWINHUB_BIN:-}" ]]; then
     echo "test-interop: cargo build -p twinhub" >&2
     cargo build -p twinhub
+    # The Rust example programs, for test_cross_language.py (found next to the hub binary).
+    cargo build -p twinhub --examples
     TWINHUB_BIN="${CARGO_TARGET_DIR:-$repo/target}/debug/twinhub"
 fi
 [[ -x "$TWINHUB_BIN" ]] || { echo "test-interop: ERROR: no executable hub at $TWINHUB_BIN" >&2; exit 1; }

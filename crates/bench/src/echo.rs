@@ -22,7 +22,7 @@ use tokio_rustls::client::TlsStream;
 use crate::child::ChildProcess;
 use crate::error::{Error, Result};
 use crate::scenario::methods::Shape;
-use crate::scenario::{Ctx, DRAIN_LIMIT, window_bar};
+use crate::scenario::{Ctx, DRAIN_LIMIT, cpu_of, cpu_probe, window_bar};
 use crate::stats::{Recorder, Throughput, Window};
 use crate::tls::{self, ServerCert};
 
@@ -161,6 +161,14 @@ impl EchoServer {
         })
     }
 
+    /// The server's process id when it runs as a child.
+    pub fn pid(&self) -> Option<u32> {
+        match &self.running {
+            Running::Child(c) => Some(c.id()),
+            Running::Task(_) => None,
+        }
+    }
+
     pub async fn stop(self) {
         match self.running {
             Running::Child(child) => drop(child),
@@ -195,14 +203,21 @@ fn take_frame(buf: &mut BytesMut) -> Option<Result<u64>> {
     Some(Ok(rid))
 }
 
-/// C round trips in flight over `caller_conns` TLS connections to the echo server.
-pub async fn round_trips(ctx: &Ctx, addr: SocketAddr, shape: Shape) -> Result<Throughput> {
+/// C round trips in flight over `caller_conns` TLS connections to the echo server (process
+/// `pid`, if it is a child).
+pub async fn round_trips(
+    ctx: &Ctx,
+    addr: SocketAddr,
+    pid: Option<u32>,
+    shape: Shape,
+) -> Result<Throughput> {
     let conns = shape.caller_conns.clamp(1, shape.concurrency.max(1));
     let mut streams = Vec::with_capacity(conns);
     for _ in 0..conns {
         streams.push(ctx.tls.connect(addr, None).await?);
     }
     let window = Window::starting_now(shape.warmup, shape.duration);
+    let cpu = cpu_probe(pid, window);
     let bar = window_bar(ctx, &format!("TLS echo C={}", shape.concurrency), window);
     let mut set = JoinSet::new();
     for (k, stream) in streams.into_iter().enumerate() {
@@ -226,7 +241,10 @@ pub async fn round_trips(ctx: &Ctx, addr: SocketAddr, shape: Shape) -> Result<Th
         }
     }
     bar.abort();
-    Ok(total.throughput(window.measured()))
+    Ok(Throughput {
+        cpu: cpu_of(cpu).await,
+        ..total.throughput(window.measured())
+    })
 }
 
 async fn echo_caller(

@@ -215,6 +215,7 @@ impl Report {
                     p.map(|x| &x.latency),
                     Some(f.map(|x| &x.latency)),
                 );
+                cpu_rows(&mut t, h, p, Some(f));
                 t.row(
                     "",
                     "errors",
@@ -243,6 +244,7 @@ impl Report {
                 Unit::Rate,
             );
             latency_rows(&mut t, h.map(|x| &x.latency), p.map(|x| &x.latency), None);
+            cpu_rows(&mut t, h, p, None);
             t.row(
                 "",
                 "errors",
@@ -416,6 +418,35 @@ fn latency_rows(
     }
 }
 
+/// Server CPU (cores busy, and microseconds per operation), the load generator's cores, and
+/// whatever else kept the machine busy (steal included), which flags a disturbed window.
+fn cpu_rows(
+    t: &mut Table,
+    h: Option<&Throughput>,
+    p: Option<&Throughput>,
+    f: Option<Option<&Throughput>>,
+) {
+    type Pick = fn(&Throughput) -> Option<f64>;
+    let rows: [(&str, Pick, Unit); 4] = [
+        ("server CPU cores", |x| x.cpu?.server_cores, Unit::Cores),
+        (
+            "server CPU us/op",
+            |x| x.cpu?.server_us_per_op(x.per_second),
+            Unit::Mib,
+        ),
+        ("bench CPU cores", |x| x.cpu?.client_cores, Unit::Cores),
+        (
+            "other+steal cores",
+            |x| Some(x.cpu?.other_cores()? + x.cpu?.steal_cores.unwrap_or(0.0)),
+            Unit::Cores,
+        ),
+    ];
+    for (name, pick, unit) in rows {
+        let v = |x: Option<&Throughput>| x.and_then(pick);
+        t.row("", name, v(h), v(p), f.map(v), unit);
+    }
+}
+
 /// How a figure is printed.
 #[derive(Debug, Clone, Copy, PartialEq)]
 enum Unit {
@@ -424,6 +455,7 @@ enum Unit {
     Ms,
     Mib,
     Secs,
+    Cores,
 }
 
 fn thousands(v: f64) -> String {
@@ -446,6 +478,7 @@ fn format_value(v: Option<f64>, unit: Unit) -> String {
             Unit::Rate | Unit::Count => thousands(v),
             Unit::Ms | Unit::Secs => format!("{v:.3}"),
             Unit::Mib => format!("{v:.1}"),
+            Unit::Cores => format!("{v:.2}"),
         },
     }
 }

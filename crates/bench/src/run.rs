@@ -468,6 +468,7 @@ async fn scenarios(
                     echo::round_trips(
                         ctx,
                         e.addr,
+                        e.pid(),
                         methods::Shape {
                             concurrency: c,
                             ..shape

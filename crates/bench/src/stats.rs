@@ -34,6 +34,41 @@ pub struct Throughput {
     pub latency: Latency,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub first_error: Option<String>,
+    /// CPU the server and the load generator used during the window.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu: Option<CpuUse>,
+}
+
+/// CPU used during a measured window, in cores (CPU seconds per second of window).
+#[derive(Debug, Clone, Copy, PartialEq, Default, Serialize, Deserialize)]
+pub struct CpuUse {
+    /// The server process; absent when it runs inside the bench.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub server_cores: Option<f64>,
+    /// The bench process (load generator, and an in-process server if any).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub client_cores: Option<f64>,
+    /// Every process on the machine; well above server + bench means other load skewed
+    /// the window.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub machine_cores: Option<f64>,
+    /// CPU the hypervisor took from this machine during the window.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub steal_cores: Option<f64>,
+}
+
+impl CpuUse {
+    /// Busy cores not accounted to the server or the bench.
+    pub fn other_cores(&self) -> Option<f64> {
+        let other = self.machine_cores? - self.server_cores.unwrap_or(0.0) - self.client_cores?;
+        Some(other.max(0.0))
+    }
+
+    /// Server CPU microseconds per operation at `per_second` operations a second.
+    pub fn server_us_per_op(&self, per_second: f64) -> Option<f64> {
+        let cores = self.server_cores?;
+        (per_second > 0.0).then(|| cores * 1e6 / per_second)
+    }
 }
 
 /// Collects latencies and errors for one worker or one phase.
@@ -129,6 +164,7 @@ impl Recorder {
             },
             latency: self.latency(),
             first_error: self.first_error.clone(),
+            cpu: None,
         }
     }
 }

@@ -1,14 +1,19 @@
 //! The `twinhub` binary: `serve` runs the hub; the other commands manage a hub through its
-//! REST API with the SDK's `ServiceClient` (the same client Rust programs use).
+//! REST API with the SDK's `ServiceClient` (the same client Rust programs use): devices, twins,
+//! twin queries and scheduled jobs.
+
+use std::io::Write as _;
+mod demo;
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::time::Duration;
 
 use anyhow::{Context, Result, anyhow, bail};
 use clap::{Args, Parser, Subcommand};
 use serde_json::Value;
 use twinhub_sdk::proto::connection_string::ConnectionString;
-use twinhub_sdk::proto::model::DeviceStatus;
+use twinhub_sdk::proto::model::{CloudToDeviceMethod, DeviceStatus, JobResponse};
 use twinhub_sdk::{NewDevice, ServiceClient};
 use twinhub_server::{Config, HubFile, Overrides, RunningServer};
 
@@ -25,6 +30,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Run the reboot scenario end to end on a throwaway hub, and tell the story
+    Demo(demo::DemoArgs),
     /// Run the hub (HTTPS REST + MQTT over WebSockets, and MQTT over TLS)
     Serve(ServeArgs),
     /// Print a service connection string read from the data dir
@@ -49,6 +56,103 @@ enum Command {
         #[command(flatten)]
         target: Target,
     },
+    /// Run a twin query and print every row of every page
+    Query {
+        #[command(flatten)]
+        args: QueryArgs,
+        #[command(flatten)]
+        target: Target,
+    },
+    /// Schedule, inspect and cancel jobs that call a method or update twins on many devices
+    Job {
+        #[command(subcommand)]
+        command: JobCommand,
+        #[command(flatten)]
+        target: Target,
+    },
+}
+
+#[derive(Args)]
+struct QueryArgs {
+    /// The query, e.g. "SELECT * FROM devices WHERE tags.plant = 'Redmond43'"
+    query: String,
+    /// Rows per request (x-ms-max-item-count, 1 to 1000) [default: the hub's, 100]
+    #[arg(long, value_parser = clap::value_parser!(u16).range(1..=1000))]
+    page_size: Option<u16>,
+    /// Print an aligned table (one column per property) instead of JSON lines
+    #[arg(long)]
+    table: bool,
+}
+
+/// When a job starts and how long it may run.
+#[derive(Args)]
+struct JobTiming {
+    /// Start time, RFC 3339 (e.g. 2030-01-01T00:00:00Z) [default: now]
+    #[arg(long)]
+    start: Option<String>,
+    /// Seconds the whole job may run before the rest of its devices fail [default: 3600]
+    #[arg(long)]
+    max_execution: Option<u64>,
+}
+
+#[derive(Subcommand)]
+enum JobCommand {
+    /// Call a direct method on every device matching a condition
+    ScheduleMethod {
+        /// The new job's id
+        id: String,
+        /// Which devices: a WHERE condition (e.g. "tags.building = '43'"), or "*" for all
+        #[arg(long)]
+        condition: String,
+        /// The method's name
+        #[arg(long)]
+        method: String,
+        /// The method's payload, any JSON [default: null]
+        #[arg(long)]
+        payload: Option<String>,
+        /// Seconds to wait for each device's answer (5 to 300) [default: 30]
+        #[arg(long)]
+        response_timeout: Option<i64>,
+        /// Seconds to wait for an offline device to connect (0 to 300) [default: 0]
+        #[arg(long)]
+        connect_timeout: Option<i64>,
+        #[command(flatten)]
+        timing: JobTiming,
+    },
+    /// Patch desired properties and/or tags on every device matching a condition
+    ScheduleTwin {
+        /// The new job's id
+        id: String,
+        /// Which devices: a WHERE condition, or "*" for all
+        #[arg(long)]
+        condition: String,
+        /// Desired properties patch, a JSON object (null deletes a key)
+        #[arg(long)]
+        desired: Option<String>,
+        /// Tags patch, a JSON object (null deletes a key)
+        #[arg(long)]
+        tags: Option<String>,
+        #[command(flatten)]
+        timing: JobTiming,
+    },
+    /// Show a job's status and device statistics as JSON
+    Show {
+        id: String,
+        /// Poll until the job has completed, failed or been cancelled
+        #[arg(long)]
+        wait: bool,
+    },
+    /// List jobs as a JSON array
+    List {
+        /// Only jobs of this type (scheduleDeviceMethod, scheduleUpdateTwin)
+        #[arg(long = "type")]
+        job_type: Option<String>,
+        /// Only jobs in this status (scheduled, running, completed, failed, cancelled)
+        #[arg(long)]
+        status: Option<String>,
+    },
+    /// Cancel a job that has not finished
+    Cancel { id: String },
 }
 
 #[derive(Args)]
@@ -187,7 +291,10 @@ async fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Device { command, target } => device(command, &target).await,
+        Command::Demo(args) => demo::run(args).await,
         Command::Twin { command, target } => twin(command, &target).await,
+        Command::Query { args, target } => query(args, &target).await,
+        Command::Job { command, target } => job(command, &target).await,
     }
 }
 
@@ -409,5 +516,243 @@ async fn twin(command: TwinCommand, target: &Target) -> Result<()> {
             }
             print_json(&svc.update_twin(&id, &Value::Object(patch), None).await?)
         }
+    }
+}
+
+async fn query(args: QueryArgs, target: &Target) -> Result<()> {
+    let (svc, _) = client(target)?;
+    let mut pages = svc.query(args.query);
+    if let Some(n) = args.page_size {
+        pages = pages.page_size(usize::from(n));
+    }
+    let mut out = std::io::stdout().lock();
+    if args.table {
+        let mut rows = Vec::new();
+        while let Some(page) = pages.next_page().await? {
+            rows.extend(page.items);
+        }
+        return ignore_closed_pipe(out.write_all(render_table(&rows)?.as_bytes()));
+    }
+    // JSON lines as the pages arrive, so a large result starts printing at once.
+    while let Some(page) = pages.next_page().await? {
+        for row in &page.items {
+            ignore_closed_pipe(writeln!(out, "{}", serde_json::to_string(row)?))?;
+        }
+        ignore_closed_pipe(out.flush())?;
+    }
+    Ok(())
+}
+
+/// A reader that stopped reading (`twinhub query ... | head`) is not an error.
+fn ignore_closed_pipe(result: std::io::Result<()>) -> Result<()> {
+    match result {
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+        other => Ok(other?),
+    }
+}
+
+/// Renders flat rows (JSON objects) as a left-aligned table, one column per property in order
+/// of first appearance. Strings print bare; other values, nested ones included, as compact JSON.
+fn render_table(rows: &[Value]) -> Result<String> {
+    if rows.is_empty() {
+        return Ok(String::new());
+    }
+    let mut columns: Vec<&str> = Vec::new();
+    for row in rows {
+        let Value::Object(fields) = row else {
+            bail!("--table needs rows that are JSON objects; got {row}");
+        };
+        for key in fields.keys() {
+            if !columns.contains(&key.as_str()) {
+                columns.push(key);
+            }
+        }
+    }
+    let cell = |row: &Value, column: &str| match row.get(column) {
+        None => String::new(),
+        Some(Value::String(s)) => s.clone(),
+        Some(other) => other.to_string(),
+    };
+    let cells: Vec<Vec<String>> = rows
+        .iter()
+        .map(|row| columns.iter().map(|c| cell(row, c)).collect())
+        .collect();
+    let widths: Vec<usize> = columns
+        .iter()
+        .enumerate()
+        .map(|(i, c)| {
+            cells
+                .iter()
+                .map(|r| r[i].chars().count())
+                .chain([c.chars().count()])
+                .max()
+                .unwrap_or(0)
+        })
+        .collect();
+    let line = |values: &[String]| {
+        let mut text = String::new();
+        for (i, (value, width)) in values.iter().zip(&widths).enumerate() {
+            if i + 1 == values.len() {
+                text.push_str(value);
+            } else {
+                let pad = width.saturating_sub(value.chars().count());
+                text.push_str(value);
+                text.push_str(&" ".repeat(pad + 2));
+            }
+        }
+        // Empty trailing cells would leave padding at the end of the line.
+        text.truncate(text.trim_end().len());
+        text.push('\n');
+        text
+    };
+    let header: Vec<String> = columns.iter().map(|c| c.to_string()).collect();
+    let rule: Vec<String> = widths.iter().map(|w| "-".repeat(*w)).collect();
+    let mut table = line(&header);
+    table.push_str(&line(&rule));
+    for row in &cells {
+        table.push_str(&line(row));
+    }
+    Ok(table)
+}
+
+fn is_finished(job: &JobResponse) -> bool {
+    matches!(job.status.as_str(), "completed" | "failed" | "cancelled")
+}
+
+async fn job(command: JobCommand, target: &Target) -> Result<()> {
+    let (svc, _) = client(target)?;
+    match command {
+        JobCommand::ScheduleMethod {
+            id,
+            condition,
+            method,
+            payload,
+            response_timeout,
+            connect_timeout,
+            timing,
+        } => {
+            let payload = payload
+                .map(|p| serde_json::from_str::<Value>(&p).context("--payload is not valid JSON"))
+                .transpose()?;
+            let call = CloudToDeviceMethod {
+                method_name: method,
+                payload,
+                response_timeout_in_seconds: response_timeout,
+                connect_timeout_in_seconds: connect_timeout,
+            };
+            let created = svc
+                .schedule_method_job(&id, &condition, &call, timing.start, timing.max_execution)
+                .await?;
+            print_json(&created)
+        }
+        JobCommand::ScheduleTwin {
+            id,
+            condition,
+            desired,
+            tags,
+            timing,
+        } => {
+            if desired.is_none() && tags.is_none() {
+                bail!("give --desired and/or --tags");
+            }
+            let mut patch = serde_json::Map::new();
+            if let Some(t) = tags {
+                patch.insert("tags".into(), parse_object("tags", &t)?);
+            }
+            if let Some(d) = desired {
+                patch.insert(
+                    "properties".into(),
+                    serde_json::json!({ "desired": parse_object("desired", &d)? }),
+                );
+            }
+            let created = svc
+                .schedule_twin_job(
+                    &id,
+                    &condition,
+                    &Value::Object(patch),
+                    timing.start,
+                    timing.max_execution,
+                )
+                .await?;
+            print_json(&created)
+        }
+        JobCommand::Show { id, wait } => {
+            let mut state = svc.get_job(&id).await?;
+            while wait && !is_finished(&state) {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                state = svc.get_job(&id).await?;
+            }
+            print_json(&state)
+        }
+        JobCommand::List { job_type, status } => print_json(
+            &svc.list_jobs(job_type.as_deref(), status.as_deref())
+                .await?,
+        ),
+        JobCommand::Cancel { id } => print_json(&svc.cancel_job(&id).await?),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+    use serde_json::json;
+
+    #[test]
+    fn the_command_line_is_well_formed() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn table_aligns_columns_in_first_seen_order() {
+        let rows = [
+            json!({"deviceId": "d1", "n": 3}),
+            json!({"deviceId": "device-22", "fw": "1.2", "nested": {"a": [1]}}),
+        ];
+        let table = render_table(&rows).unwrap();
+        let expected = "\
+deviceId   n  fw   nested
+---------  -  ---  ---------
+d1         3
+device-22     1.2  {\"a\":[1]}
+";
+        assert_eq!(table, expected);
+    }
+
+    #[test]
+    fn table_refuses_rows_that_are_not_objects() {
+        assert!(render_table(&[json!(1)]).is_err());
+        assert_eq!(render_table(&[]).unwrap(), "");
+    }
+
+    #[test]
+    fn job_commands_parse() {
+        let cli = Cli::try_parse_from([
+            "twinhub",
+            "job",
+            "schedule-method",
+            "j1",
+            "--condition",
+            "tags.building = '43'",
+            "--method",
+            "lockDoor",
+            "--payload",
+            "{\"x\":1}",
+            "--max-execution",
+            "60",
+        ])
+        .unwrap();
+        assert!(matches!(
+            cli.command,
+            Command::Job {
+                command: JobCommand::ScheduleMethod { .. },
+                ..
+            }
+        ));
+        assert!(Cli::try_parse_from(["twinhub", "query", "SELECT *", "--page-size", "0"]).is_err());
+        assert!(
+            Cli::try_parse_from(["twinhub", "job", "schedule-method", "j", "--method", "m"])
+                .is_err()
+        );
     }
 }

@@ -460,8 +460,15 @@ impl Hub {
                 .max_execution_time_in_seconds
                 .unwrap_or(DEFAULT_MAX_EXECUTION) as u64,
         );
-        // The clock runs from the start time, so a job resumed after a restart keeps its limit.
-        let elapsed = Duration::try_from(jiff::Timestamp::now().duration_since(start))
+        // The clock runs from the start time, so a job resumed after a restart keeps its limit;
+        // a start time before the job was created means "now", so the clock starts at creation.
+        let clock_start = stored
+            .job
+            .created_time
+            .as_deref()
+            .and_then(parse_timestamp)
+            .map_or(start, |created| start.max(created));
+        let elapsed = Duration::try_from(jiff::Timestamp::now().duration_since(clock_start))
             .unwrap_or(Duration::ZERO);
         let deadline = tokio::time::Instant::now() + max.saturating_sub(elapsed);
         stored.job.status = "running".into();

@@ -1,9 +1,10 @@
 //! The service client: IoT Hub's REST API for back ends (registry, twins, direct methods,
-//! statistics), signing every request with a fresh SAS token from the connection string's
-//! shared access policy.
+//! statistics, twin queries and scheduled jobs), signing every request with a fresh SAS token
+//! from the connection string's shared access policy.
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use futures_util::Stream;
 use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, utf8_percent_encode};
 use reqwest::{Method, StatusCode};
 use serde::Serialize;
@@ -14,7 +15,8 @@ use twinhub_proto::error::{ERROR_CODE_HEADER, ErrorBody, ErrorCode};
 use twinhub_proto::model::{
     AuthenticationMechanism, AuthenticationType, BulkRegistryOperationResult, CloudToDeviceMethod,
     CloudToDeviceMethodResult, Device, DeviceCapabilities, DeviceStatus, ExportImportDevice,
-    RegistryStatistics, ServiceStatistics, SymmetricKey, Twin,
+    JobRequest, JobResponse, QueryResult, QuerySpecification, RegistryStatistics,
+    ServiceStatistics, SymmetricKey, Twin, TwinProperties,
 };
 use twinhub_proto::sas::generate_sas_token;
 
@@ -433,6 +435,342 @@ impl ServiceClient {
     }
 }
 
+/// The job type of a scheduled direct method (`JobRequest::job_type`).
+pub const METHOD_JOB: &str = "scheduleDeviceMethod";
+/// The job type of a scheduled twin update (`JobRequest::job_type`).
+pub const TWIN_JOB: &str = "scheduleUpdateTwin";
+
+const MAX_ITEM_COUNT_HEADER: &str = "x-ms-max-item-count";
+const CONTINUATION_HEADER: &str = "x-ms-continuation";
+const ITEM_TYPE_HEADER: &str = "x-ms-item-type";
+/// A jobs query that keeps handing out continuation tokens is cut off here rather than looping.
+const MAX_JOB_QUERY_PAGES: usize = 10_000;
+
+/// One page of a twin query.
+#[derive(Debug, Clone, PartialEq)]
+pub struct QueryPage {
+    /// The rows: twins for `SELECT * FROM devices`, per-device job records for
+    /// `SELECT * FROM devices.jobs`, otherwise projected or aggregated objects.
+    pub items: Vec<Value>,
+    /// What the rows are (`x-ms-item-type`: `twin`, `deviceJob`, `raw`...), when the hub says.
+    pub item_type: Option<String>,
+}
+
+/// The pages of a twin query (`POST /devices/query`), fetched one request at a time.
+///
+/// Made by [`ServiceClient::query`]. Each [`next_page`](QueryPages::next_page) sends the
+/// continuation token of the page before, so the hub resumes where it stopped; after the page
+/// that came without a token it returns `Ok(None)`. A failed request leaves the position
+/// unchanged, so calling `next_page` again retries the same page.
+#[derive(Debug, Clone)]
+pub struct QueryPages {
+    client: ServiceClient,
+    query: String,
+    page_size: Option<usize>,
+    continuation: Option<String>,
+    done: bool,
+}
+
+impl QueryPages {
+    /// Asks for at most `n` rows per page (`x-ms-max-item-count`; the hub allows 1 to 1000 and
+    /// answers 400 otherwise). Without it the hub's default applies (100).
+    pub fn page_size(mut self, n: usize) -> Self {
+        self.page_size = Some(n);
+        self
+    }
+
+    /// Starts after the page that handed out `token` (from
+    /// [`continuation_token`](QueryPages::continuation_token)), e.g. in another process.
+    pub fn resume_from(mut self, token: impl Into<String>) -> Self {
+        self.continuation = Some(token.into());
+        self.done = false;
+        self
+    }
+
+    /// The token the next request will send, `None` before the first page and after the last.
+    pub fn continuation_token(&self) -> Option<&str> {
+        self.continuation.as_deref()
+    }
+
+    /// Whether the last page has been read.
+    pub fn is_done(&self) -> bool {
+        self.done
+    }
+
+    /// Fetches the next page, or `Ok(None)` once the last one has been read.
+    pub async fn next_page(&mut self) -> Result<Option<QueryPage>> {
+        if self.done {
+            return Ok(None);
+        }
+        let mut headers = Vec::new();
+        if let Some(n) = self.page_size {
+            headers.push((MAX_ITEM_COUNT_HEADER, n.to_string()));
+        }
+        if let Some(token) = &self.continuation {
+            headers.push((CONTINUATION_HEADER, token.clone()));
+        }
+        let spec = QuerySpecification {
+            query: self.query.clone(),
+        };
+        let resp = self
+            .client
+            .send(
+                Method::POST,
+                "/devices/query",
+                &[],
+                &headers,
+                ServiceClient::json(&spec),
+            )
+            .await?;
+        if resp.status() != StatusCode::OK {
+            return Err(Error::Protocol(format!(
+                "expected 200 to a query, got {}",
+                resp.status()
+            )));
+        }
+        let header = |name: &str| {
+            resp.headers()
+                .get(name)
+                .and_then(|v| v.to_str().ok())
+                .map(str::trim)
+                .filter(|v| !v.is_empty())
+                .map(str::to_owned)
+        };
+        let item_type = header(ITEM_TYPE_HEADER);
+        let continuation = header(CONTINUATION_HEADER);
+        let bytes = resp
+            .bytes()
+            .await
+            .map_err(|e| Error::Unreachable(error_chain(&e)))?;
+        let items: Vec<Value> = serde_json::from_slice(&bytes)
+            .map_err(|e| Error::Protocol(format!("a query page must be a JSON array: {e}")))?;
+        // Only move on once the page is in hand, so a failure above can be retried.
+        self.done = continuation.is_none();
+        self.continuation = continuation;
+        Ok(Some(QueryPage { items, item_type }))
+    }
+
+    /// The remaining pages as a stream; it ends after the last page or the first error.
+    pub fn into_stream(self) -> impl Stream<Item = Result<QueryPage>> {
+        futures_util::stream::unfold(Some(self), |state| async move {
+            let mut pages = state?;
+            match pages.next_page().await {
+                Ok(Some(page)) => Some((Ok(page), Some(pages))),
+                Ok(None) => None,
+                Err(e) => Some((Err(e), None)),
+            }
+        })
+    }
+}
+
+/// Twin queries and scheduled jobs.
+impl ServiceClient {
+    /// Prepares the query `text` (IoT Hub's query language, e.g.
+    /// `SELECT * FROM devices WHERE tags.plant = 'Redmond43'`); nothing is sent until
+    /// [`QueryPages::next_page`]. Results reflect every write the hub acknowledged before the
+    /// page was requested.
+    pub fn query(&self, text: impl Into<String>) -> QueryPages {
+        QueryPages {
+            client: self.clone(),
+            query: text.into(),
+            page_size: None,
+            continuation: None,
+            done: false,
+        }
+    }
+
+    /// Runs the query `text` to the end and returns every row of every page.
+    pub async fn query_all(&self, text: impl Into<String>) -> Result<Vec<Value>> {
+        let mut pages = self.query(text);
+        let mut rows = Vec::new();
+        while let Some(page) = pages.next_page().await? {
+            rows.extend(page.items);
+        }
+        Ok(rows)
+    }
+
+    /// Creates a scheduled job (`PUT /jobs/v2/{jobId}`) from a complete request; the job id is
+    /// `job.job_id`. The hub answers 400 for a bad type, condition, operation, start time or
+    /// maximum execution time.
+    pub async fn create_job(&self, job: &JobRequest) -> Result<JobResponse> {
+        if job.job_id.is_empty() {
+            return Err(Error::InvalidArgument("the job needs a jobId".into()));
+        }
+        let path = format!("/jobs/v2/{}", segment(&job.job_id));
+        self.call(
+            Method::PUT,
+            &path,
+            &[],
+            &[],
+            Self::json(job),
+            StatusCode::OK,
+        )
+        .await
+    }
+
+    /// Schedules `method` on every device matching `condition` (a WHERE condition such as
+    /// `deviceId IN ['d1', 'd2']`, or `*` for all). `start` is an RFC 3339 time (`None` or a
+    /// past time: now); `max_execution_secs` bounds the whole job (the hub's default: an hour).
+    pub async fn schedule_method_job(
+        &self,
+        job_id: &str,
+        condition: &str,
+        method: &CloudToDeviceMethod,
+        start: Option<String>,
+        max_execution_secs: Option<u64>,
+    ) -> Result<JobResponse> {
+        let job = JobRequest {
+            job_id: job_id.to_owned(),
+            job_type: METHOD_JOB.to_owned(),
+            cloud_to_device_method: Some(method.clone()),
+            update_twin: None,
+            query_condition: Some(condition.to_owned()),
+            start_time: start,
+            max_execution_time_in_seconds: max_seconds(max_execution_secs)?,
+        };
+        self.create_job(&job).await
+    }
+
+    /// Schedules a twin update on every device matching `condition`. `patch` is shaped like a
+    /// twin PATCH: `{"tags": {..}, "properties": {"desired": {..}}}` (either part may be left
+    /// out; `null` deletes a key). `start` and `max_execution_secs` as in
+    /// [`schedule_method_job`](ServiceClient::schedule_method_job).
+    pub async fn schedule_twin_job(
+        &self,
+        job_id: &str,
+        condition: &str,
+        patch: &Value,
+        start: Option<String>,
+        max_execution_secs: Option<u64>,
+    ) -> Result<JobResponse> {
+        let job = JobRequest {
+            job_id: job_id.to_owned(),
+            job_type: TWIN_JOB.to_owned(),
+            cloud_to_device_method: None,
+            update_twin: Some(twin_patch(patch)?),
+            query_condition: Some(condition.to_owned()),
+            start_time: start,
+            max_execution_time_in_seconds: max_seconds(max_execution_secs)?,
+        };
+        self.create_job(&job).await
+    }
+
+    /// A job's state and statistics (`GET /jobs/v2/{jobId}`); 404 `JobNotFound` when unknown.
+    pub async fn get_job(&self, job_id: &str) -> Result<JobResponse> {
+        let path = format!("/jobs/v2/{}", segment(job_id));
+        self.call(Method::GET, &path, &[], &[], None, StatusCode::OK)
+            .await
+    }
+
+    /// Cancels a job that has not finished and returns its state; a finished job is returned
+    /// unchanged.
+    pub async fn cancel_job(&self, job_id: &str) -> Result<JobResponse> {
+        let path = format!("/jobs/v2/{}/cancel", segment(job_id));
+        self.call(Method::POST, &path, &[], &[], None, StatusCode::OK)
+            .await
+    }
+
+    /// Jobs of a type (e.g. [`METHOD_JOB`]) and/or a status (`scheduled`, `running`,
+    /// `completed`, `failed`, `cancelled`...), each filter only when given.
+    pub async fn list_jobs(
+        &self,
+        job_type: Option<&str>,
+        status: Option<&str>,
+    ) -> Result<Vec<JobResponse>> {
+        let mut query = Vec::new();
+        if let Some(t) = job_type {
+            query.push(("jobType", t.to_owned()));
+        }
+        if let Some(s) = status {
+            query.push(("jobStatus", s.to_owned()));
+        }
+        let mut jobs = Vec::new();
+        let mut continuation: Option<String> = None;
+        for _ in 0..MAX_JOB_QUERY_PAGES {
+            let headers: Vec<(&str, String)> = continuation
+                .iter()
+                .map(|t| (CONTINUATION_HEADER, t.clone()))
+                .collect();
+            let resp = self
+                .send(Method::GET, "/jobs/v2/query", &query, &headers, None)
+                .await?;
+            let header_token = resp
+                .headers()
+                .get(CONTINUATION_HEADER)
+                .and_then(|v| v.to_str().ok())
+                .filter(|v| !v.trim().is_empty())
+                .map(str::to_owned);
+            let bytes = resp
+                .bytes()
+                .await
+                .map_err(|e| Error::Unreachable(error_chain(&e)))?;
+            let page: QueryResult = serde_json::from_slice(&bytes)
+                .map_err(|e| Error::Protocol(format!("unreadable jobs page: {e}")))?;
+            for item in page.items {
+                jobs.push(
+                    serde_json::from_value(item)
+                        .map_err(|e| Error::Protocol(format!("unreadable job: {e}")))?,
+                );
+            }
+            let next = page
+                .continuation_token
+                .filter(|t| !t.is_empty())
+                .or(header_token);
+            if next.is_none() || next == continuation {
+                return Ok(jobs);
+            }
+            continuation = next;
+        }
+        Err(Error::Protocol(format!(
+            "the jobs query did not end within {MAX_JOB_QUERY_PAGES} pages"
+        )))
+    }
+}
+
+fn max_seconds(secs: Option<u64>) -> Result<Option<i64>> {
+    secs.map(|s| {
+        i64::try_from(s).map_err(|_| {
+            Error::InvalidArgument(format!("a maximum execution time of {s} s is too long"))
+        })
+    })
+    .transpose()
+}
+
+/// The `updateTwin` of a twin job from a PATCH-shaped value, with etag `*` as IoT Hub expects.
+fn twin_patch(patch: &Value) -> Result<Twin> {
+    let bad = |why: &str| Error::InvalidArgument(format!("the twin job's patch {why}"));
+    let Value::Object(parts) = patch else {
+        return Err(bad("must be a JSON object"));
+    };
+    let mut twin = Twin {
+        etag: Some("*".to_owned()),
+        ..Default::default()
+    };
+    for (key, value) in parts {
+        match (key.as_str(), value) {
+            ("tags", Value::Object(tags)) => twin.tags = Some(tags.clone()),
+            ("properties", Value::Object(props)) => {
+                for (section, content) in props {
+                    match (section.as_str(), content) {
+                        ("desired", Value::Object(desired)) => {
+                            twin.properties = Some(TwinProperties {
+                                desired: desired.clone(),
+                                reported: Default::default(),
+                            });
+                        }
+                        _ => return Err(bad("may only set properties.desired (an object)")),
+                    }
+                }
+            }
+            _ => return Err(bad("may only hold tags and properties.desired (objects)")),
+        }
+    }
+    if twin.tags.is_none() && twin.properties.is_none() {
+        return Err(bad("must set tags or properties.desired"));
+    }
+    Ok(twin)
+}
+
 /// Turns an error response into [`Error::Hub`], reading the code from the
 /// `iothub-errorcode` header or the body.
 async fn hub_error(resp: reqwest::Response) -> Error {
@@ -465,4 +803,53 @@ fn error_chain(e: &dyn std::error::Error) -> String {
         src = inner.source();
     }
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn a_twin_patch_becomes_the_update_twin_iot_hub_expects() {
+        let twin = twin_patch(&json!({
+            "tags": { "floor": 3 },
+            "properties": { "desired": { "fan": null } },
+        }))
+        .unwrap();
+        assert_eq!(
+            serde_json::to_value(&twin).unwrap(),
+            json!({
+                "etag": "*",
+                "tags": { "floor": 3 },
+                "properties": { "desired": { "fan": null } },
+            })
+        );
+        let desired_only = twin_patch(&json!({ "properties": { "desired": { "a": 1 } } })).unwrap();
+        assert!(desired_only.tags.is_none());
+    }
+
+    #[test]
+    fn a_twin_patch_outside_tags_and_desired_is_refused() {
+        for bad in [
+            json!(null),
+            json!({}),
+            json!({ "tags": 1 }),
+            json!({ "properties": { "reported": {} } }),
+            json!({ "properties": {} }),
+            json!({ "deviceId": "x" }),
+        ] {
+            assert!(
+                matches!(twin_patch(&bad), Err(Error::InvalidArgument(_))),
+                "{bad}"
+            );
+        }
+    }
+
+    #[test]
+    fn maximum_execution_times_beyond_i64_are_refused() {
+        assert_eq!(max_seconds(None).unwrap(), None);
+        assert_eq!(max_seconds(Some(60)).unwrap(), Some(60));
+        assert!(max_seconds(Some(u64::MAX)).is_err());
+    }
 }

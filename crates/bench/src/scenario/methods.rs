@@ -16,7 +16,10 @@ use twinhub_mqtt::{Packet, QoS};
 use twinhub_proto::model::CloudToDeviceMethod;
 use twinhub_proto::topic::{self, Delivery};
 
-use super::{Ctx, DRAIN_LIMIT, Flavor, Stop, Target, connect_fleet, stop_devices, window_bar};
+use super::{
+    Ctx, DRAIN_LIMIT, Flavor, Stop, Target, connect_fleet, cpu_of, cpu_probe, stop_devices,
+    window_bar,
+};
 use crate::error::{Error, Result};
 use crate::hub::device_id;
 use crate::mqtt::{Conn, Login};
@@ -160,6 +163,7 @@ pub async fn run(
 async fn hub_callers(ctx: &Ctx, target: &Target, shape: Shape) -> Result<Throughput> {
     let services = target.services()?;
     let window = Window::starting_now(shape.warmup, shape.duration);
+    let cpu = cpu_probe(target.pid, window);
     let bar = window_bar(
         ctx,
         &format!("{} methods C={}", target.name, shape.concurrency),
@@ -203,7 +207,10 @@ async fn hub_callers(ctx: &Ctx, target: &Target, shape: Shape) -> Result<Through
     }
     let total = join_recorders(callers).await;
     bar.abort();
-    Ok(total.throughput(window.measured()))
+    Ok(Throughput {
+        cpu: cpu_of(cpu).await,
+        ..total.throughput(window.measured())
+    })
 }
 
 async fn join_recorders(mut set: JoinSet<Recorder>) -> Recorder {
@@ -244,6 +251,7 @@ async fn broker_callers(ctx: &Ctx, target: &Target, shape: Shape) -> Result<Thro
         callers.push((conn, name, slots));
     }
     let window = Window::starting_now(shape.warmup, shape.duration);
+    let cpu = cpu_probe(target.pid, window);
     let bar = window_bar(
         ctx,
         &format!("{} req/resp C={}", target.name, shape.concurrency),
@@ -265,7 +273,10 @@ async fn broker_callers(ctx: &Ctx, target: &Target, shape: Shape) -> Result<Thro
     }
     let total = join_recorders(set).await;
     bar.abort();
-    Ok(total.throughput(window.measured()))
+    Ok(Throughput {
+        cpu: cpu_of(cpu).await,
+        ..total.throughput(window.measured())
+    })
 }
 
 /// One caller connection's closed loop: `slots` requests in flight until the window closes.

@@ -18,9 +18,10 @@ use twinhub_sdk::ServiceClient;
 
 use crate::error::{Error, Result};
 use crate::hub::{DEVICE_KEY, HOSTNAME, device_id};
+use crate::machine::{cpu_seconds, machine_cpu_seconds};
 use crate::mqtt::{Conn, Login};
 use crate::progress::Progress;
-use crate::stats::Window;
+use crate::stats::{CpuUse, Window};
 use crate::tls;
 
 /// How long one connection may take from TCP connect to CONNACK (and to SUBACK).
@@ -192,6 +193,38 @@ pub fn window_bar(ctx: &Ctx, label: &str, window: Window) -> tokio::task::JoinHa
         }
         bar.finish();
     })
+}
+
+/// Measures the CPU the server process `server` (if separate) and the bench use between
+/// the window's start and end; resolves when the window ends.
+pub fn cpu_probe(server: Option<u32>, window: Window) -> tokio::task::JoinHandle<CpuUse> {
+    let me = std::process::id();
+    tokio::spawn(async move {
+        let read = || {
+            (
+                server.and_then(cpu_seconds),
+                cpu_seconds(me),
+                machine_cpu_seconds(),
+            )
+        };
+        tokio::time::sleep_until(tokio::time::Instant::from_std(window.warm_end)).await;
+        let (server_0, client_0, machine_0) = read();
+        tokio::time::sleep_until(tokio::time::Instant::from_std(window.end)).await;
+        let (server_1, client_1, machine_1) = read();
+        let secs = window.measured().as_secs_f64().max(1e-9);
+        let cores = |a: Option<f64>, b: Option<f64>| Some((b? - a?).max(0.0) / secs);
+        CpuUse {
+            server_cores: cores(server_0, server_1),
+            client_cores: cores(client_0, client_1),
+            machine_cores: cores(machine_0.map(|m| m.busy), machine_1.map(|m| m.busy)),
+            steal_cores: cores(machine_0.map(|m| m.steal), machine_1.map(|m| m.steal)),
+        }
+    })
+}
+
+/// Waits for a CPU probe; a failed probe just leaves the figure out.
+pub async fn cpu_of(probe: tokio::task::JoinHandle<CpuUse>) -> Option<CpuUse> {
+    probe.await.ok()
 }
 
 /// `count` source addresses 127.0.0.1, 127.0.0.2, ...: each gives the client side its own

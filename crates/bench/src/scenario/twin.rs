@@ -11,7 +11,7 @@ use tokio::task::JoinSet;
 use twinhub_mqtt::{Packet, QoS};
 use twinhub_proto::topic::{self, Delivery};
 
-use super::{Ctx, DRAIN_LIMIT, Flavor, Target, connect_fleet, window_bar};
+use super::{Ctx, DRAIN_LIMIT, Flavor, Target, connect_fleet, cpu_of, cpu_probe, window_bar};
 use crate::error::Result;
 use crate::hub::device_id;
 use crate::mqtt::Conn;
@@ -42,6 +42,7 @@ pub async fn run(ctx: &Ctx, target: &Target, shape: Shape) -> Result<Throughput>
     )
     .await?;
     let window = Window::starting_now(shape.warmup, shape.duration);
+    let cpu = cpu_probe(target.pid, window);
     let bar = window_bar(ctx, &format!("{} twin patches", target.name), window);
     let mut set = JoinSet::new();
     for (i, conn) in conns.into_iter().enumerate() {
@@ -65,7 +66,10 @@ pub async fn run(ctx: &Ctx, target: &Target, shape: Shape) -> Result<Throughput>
         }
     }
     bar.abort();
-    Ok(total.throughput(window.measured()))
+    Ok(Throughput {
+        cpu: cpu_of(cpu).await,
+        ..total.throughput(window.measured())
+    })
 }
 
 /// One device's closed loop of reported patches.

@@ -302,3 +302,80 @@ pub fn connect_packet(
         password: password.map(|p| bytes::Bytes::copy_from_slice(p.as_bytes())),
     }
 }
+
+/// A TLS client config trusting the hub's development CA at `ca_pem`.
+pub fn client_tls(ca_pem: &std::path::Path) -> Option<Arc<rustls::ClientConfig>> {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_file_iter(ca_pem).ok()? {
+        roots.add(cert.ok()?).ok()?;
+    }
+    Some(Arc::new(
+        rustls::ClientConfig::builder()
+            .with_root_certificates(roots)
+            .with_no_client_auth(),
+    ))
+}
+
+impl RawMqtt {
+    /// A connected device session, or `None` when the hub cannot be reached or refuses it:
+    /// for simulated devices that must survive a hub restart (no panics, the caller retries).
+    /// Needs no `TestHub`, so it runs inside spawned tasks.
+    pub async fn try_device(
+        mqtt: SocketAddr,
+        tls: Arc<rustls::ClientConfig>,
+        device_id: &str,
+        key: &str,
+    ) -> Option<RawMqtt> {
+        let tcp = TcpStream::connect(mqtt).await.ok()?;
+        let stream = TlsConnector::from(tls)
+            .connect(ServerName::try_from("localhost").ok()?, tcp)
+            .await
+            .ok()?;
+        let mut m = RawMqtt {
+            stream,
+            buf: BytesMut::new(),
+        };
+        let token = device_token(device_id, key, 3600);
+        // No keepalive: simulated devices sit idle between method calls for as long as a test runs.
+        let connect = connect_packet(device_id, Some(&token), true, 0);
+        if !m.try_send(&Packet::Connect(connect)).await {
+            return None;
+        }
+        match m.recv_within(Duration::from_secs(10)).await {
+            Ok(Some(Packet::ConnAck(a))) if a.code == ConnectReturnCode::Accepted => Some(m),
+            _ => None,
+        }
+    }
+
+    /// Sends a packet; false when the connection is gone.
+    pub async fn try_send(&mut self, p: &Packet) -> bool {
+        let mut out = BytesMut::new();
+        if encode(p, &mut out).is_err() {
+            return false;
+        }
+        self.stream.write_all(&out).await.is_ok() && self.stream.flush().await.is_ok()
+    }
+
+    /// Subscribes at QoS 1 and waits for the SUBACK; false on close or after 10 s.
+    pub async fn try_subscribe(&mut self, filters: &[&str]) -> bool {
+        let Ok(filters) = filters
+            .iter()
+            .map(|f| twinhub_mqtt::Topic::new(f.to_string()).map(|t| (t, QoS::AtLeastOnce)))
+            .collect::<Result<Vec<_>, _>>()
+        else {
+            return false;
+        };
+        let sub = twinhub_mqtt::Subscribe { pkid: 1, filters };
+        if !self.try_send(&Packet::Subscribe(sub)).await {
+            return false;
+        }
+        loop {
+            match self.recv_within(Duration::from_secs(10)).await {
+                Ok(Some(Packet::SubAck(a))) => return a.pkid == 1,
+                Ok(Some(_)) => continue,
+                _ => return false,
+            }
+        }
+    }
+}
