@@ -104,6 +104,9 @@ struct RunArgs {
     /// Desired patches in flight during the fan-out
     #[arg(long)]
     fanout_concurrency: Option<usize>,
+    /// Seconds to wait before each phase for other load on the machine to pass (0: don't)
+    #[arg(long)]
+    quiet_wait: Option<f64>,
     /// Directory for the hub's data, certificates and logs [default: a new temp dir]
     #[arg(long)]
     work_dir: Option<PathBuf>,
@@ -151,6 +154,7 @@ fn settings(args: RunArgs) -> Result<Settings> {
         source_addrs = args.source_addrs,
         fanout_devices = args.fanout_devices,
         fanout_concurrency = args.fanout_concurrency,
+        quiet_wait_secs = args.quiet_wait,
     );
     s.mosquitto = match (args.no_mosquitto, args.mosquitto_bin) {
         (true, _) => Peer::Off,

@@ -434,11 +434,11 @@ fn cpu_rows(
             |x| x.cpu?.server_us_per_op(x.per_second),
             Unit::Mib,
         ),
-        ("bench CPU cores", |x| x.cpu?.client_cores, Unit::Cores),
+        ("bench CPU cores", |x| x.cpu?.client_cores, Unit::Load),
         (
             "other+steal cores",
             |x| Some(x.cpu?.other_cores()? + x.cpu?.steal_cores.unwrap_or(0.0)),
-            Unit::Cores,
+            Unit::Load,
         ),
     ];
     for (name, pick, unit) in rows {
@@ -456,6 +456,8 @@ enum Unit {
     Mib,
     Secs,
     Cores,
+    /// Cores, printed without a ratio: context, not a figure of the target.
+    Load,
 }
 
 fn thousands(v: f64) -> String {
@@ -478,7 +480,7 @@ fn format_value(v: Option<f64>, unit: Unit) -> String {
             Unit::Rate | Unit::Count => thousands(v),
             Unit::Ms | Unit::Secs => format!("{v:.3}"),
             Unit::Mib => format!("{v:.1}"),
-            Unit::Cores => format!("{v:.2}"),
+            Unit::Cores | Unit::Load => format!("{v:.2}"),
         },
     }
 }
@@ -486,7 +488,9 @@ fn format_value(v: Option<f64>, unit: Unit) -> String {
 /// twinhub / Mosquitto, when both are there and the divisor is not zero.
 fn ratio(h: Option<f64>, p: Option<f64>, unit: Unit) -> String {
     match (h, p) {
-        (Some(h), Some(p)) if p > 0.0 && unit != Unit::Count => format!("{:.2}x", h / p),
+        (Some(h), Some(p)) if p > 0.0 && !matches!(unit, Unit::Count | Unit::Load) => {
+            format!("{:.2}x", h / p)
+        }
         _ => String::new(),
     }
 }
@@ -545,6 +549,100 @@ impl Table {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::hub::Launch;
+    use crate::stats::Recorder;
+    use std::time::Duration;
+
+    fn throughput(per_second: f64, p50_us: u64) -> Throughput {
+        let mut r = Recorder::new();
+        r.record(Duration::from_micros(p50_us));
+        Throughput {
+            per_second,
+            ..r.throughput(Duration::from_secs(1))
+        }
+    }
+
+    fn report() -> Report {
+        Report {
+            tool: "twinhub-bench",
+            started_unix: 0,
+            elapsed_seconds: 1.0,
+            machine: Machine::read(),
+            versions: Versions {
+                twinhub: "twinhub 0".into(),
+                bench: "twinhub-bench 0".into(),
+                mosquitto: Some("mosquitto version 2".into()),
+                client_stack: String::new(),
+                rest_client: String::new(),
+            },
+            settings: Settings::quick(Launch::InProcess),
+            registration: None,
+            methods: vec![
+                MethodsRow {
+                    concurrency: 1,
+                    twinhub: Some(throughput(2_000.0, 300)),
+                    mosquitto: Some(throughput(5_000.0, 150)),
+                    floor: None,
+                },
+                MethodsRow {
+                    concurrency: 256,
+                    twinhub: Some(throughput(25_000.0, 9_000)),
+                    mosquitto: None,
+                    floor: None,
+                },
+            ],
+            twin: Some(Pair {
+                twinhub: Some(throughput(19_999.0, 4_000)),
+                mosquitto: None,
+            }),
+            connect: Some(Pair {
+                twinhub: Some(ConnectResult {
+                    connected: 10_000,
+                    server_rss_before: Some(50 << 20),
+                    server_rss_after: Some(300 << 20),
+                    server_rss_per_connection: Some(50_000.0),
+                    ..Default::default()
+                }),
+                mosquitto: None,
+            }),
+            desired_fanout: None,
+            targets: Vec::new(),
+            notes: vec!["a note".into()],
+        }
+    }
+
+    #[test]
+    fn targets_are_judged_from_the_figures() {
+        let checks = report().check_targets();
+        assert_eq!(checks.len(), 4);
+        // 300 us vs 150 us is 2x: over the 1.5x allowed.
+        assert_eq!(checks[0].met, Some(false), "{:?}", checks[0]);
+        assert!(checks[0].measured.starts_with("2.00x"), "{:?}", checks[0]);
+        assert_eq!(checks[1].met, Some(true), "{:?}", checks[1]);
+        assert_eq!(checks[2].met, Some(false), "19,999/s is under 20,000/s");
+        // 50 MiB + 50,000 x 50,000 B = about 2434 MiB: over 2 GiB, judged by extrapolation.
+        assert_eq!(checks[3].met, Some(false), "{:?}", checks[3]);
+        assert!(
+            checks[3].measured.contains("extrapolated"),
+            "{:?}",
+            checks[3]
+        );
+    }
+
+    #[test]
+    fn the_table_shows_both_targets_ratios_and_notes() {
+        let mut r = report();
+        r.targets = r.check_targets();
+        let table = r.table();
+        assert!(table.contains("C=256"), "{table}");
+        assert!(table.contains("2.00x"), "p50 ratio in\n{table}");
+        assert!(table.contains("MISSED") && table.contains("MET"), "{table}");
+        assert!(table.contains("  - a note"), "{table}");
+        assert!(
+            !table.contains("desired-fanout:"),
+            "no fan-out was run:\n{table}"
+        );
+    }
 
     #[test]
     fn numbers_print_with_separators_and_ratios_only_when_meaningful() {
@@ -557,5 +655,6 @@ mod tests {
         assert_eq!(ratio(Some(3.0), Some(0.0), Unit::Ms), "");
         assert_eq!(ratio(Some(3.0), None, Unit::Rate), "");
         assert_eq!(ratio(Some(3.0), Some(1.0), Unit::Count), "");
+        assert_eq!(ratio(Some(3.0), Some(1.0), Unit::Load), "");
     }
 }

@@ -14,7 +14,7 @@ use crate::machine::{self, Machine};
 use crate::mosquitto::{self, Mosquitto};
 use crate::progress::Progress;
 use crate::report::{MethodsRow, Pair, Report, Versions};
-use crate::scenario::{Ctx, Flavor, Target, connect, fanout, methods, twin};
+use crate::scenario::{self, Ctx, Flavor, Target, connect, fanout, methods, twin};
 use crate::tls;
 
 /// Open files the bench keeps for itself besides the connection scenario's sockets.
@@ -75,6 +75,8 @@ pub struct Settings {
     pub fanout_devices: usize,
     pub fanout_concurrency: usize,
     pub floor: bool,
+    /// How long to wait, before each phase, for other load on the machine to pass.
+    pub quiet_wait_secs: f64,
     #[serde(skip)]
     pub hub: Launch,
     #[serde(skip)]
@@ -108,6 +110,7 @@ impl Settings {
             fanout_devices: 500,
             fanout_concurrency: 32,
             floor: true,
+            quiet_wait_secs: 15.0,
             hub,
             mosquitto: Peer::Auto,
             echo_exe: None,
@@ -127,9 +130,12 @@ impl Settings {
             twin_devices: 1_000,
             twin_duration_secs: 15.0,
             connections: 100_000,
-            connect_concurrency: 128,
+            // Mosquitto listens with a backlog of 100: more handshakes at once overflow it
+            // and cost the broker 1 s SYN retransmits.
+            connect_concurrency: 64,
             fanout_devices: 10_000,
             fanout_concurrency: 64,
+            quiet_wait_secs: 300.0,
             ..Settings::quick(hub)
         }
     }
@@ -375,6 +381,20 @@ async fn run_in(
     Ok((versions, outcome?))
 }
 
+/// Lets other load on the machine pass before a phase (bounded), noting it if it never did.
+async fn settle_machine(settings: &Settings, ctx: &Ctx, notes: &mut Vec<String>, phase: &str) {
+    if settings.quiet_wait_secs <= 0.0 {
+        return;
+    }
+    let limit = secs(settings.quiet_wait_secs);
+    if let Some(busy) = scenario::wait_quiet(&ctx.progress, limit).await {
+        notes.push(format!(
+            "{phase}: the machine was still {busy:.2} cores busy with other work before the \
+             phase; see the 'other+steal cores' rows"
+        ));
+    }
+}
+
 /// Records a phase's error as a note and yields its figures, if any.
 fn keep<T>(notes: &mut Vec<String>, what: &str, r: Result<T>) -> Option<T> {
     match r {
@@ -419,12 +439,16 @@ async fn scenarios(
             settle: Duration::from_secs(2),
             limit: Duration::from_secs(if settings.mode == Mode::Full { 900 } else { 60 }),
         };
+        settle_machine(settings, ctx, notes, "connect").await;
         let hub_r = connect::run(ctx, hub_t, shape).await;
         keep(
             notes,
             "waiting for the hub after connect",
             hub::wait_disconnected(&service, settle_wait).await,
         );
+        if broker_t.is_some() {
+            settle_machine(settings, ctx, notes, "connect (mosquitto)").await;
+        }
         let broker_r = match broker_t {
             Some(b) => Some(connect::run(ctx, b, shape).await),
             None => None,
@@ -438,6 +462,7 @@ async fn scenarios(
     if settings.runs(Scenario::Methods) {
         let shape = settings.methods_shape();
         let levels = &settings.concurrency;
+        settle_machine(settings, ctx, notes, "methods").await;
         let hub_r = keep(
             notes,
             "twinhub methods",
@@ -448,6 +473,9 @@ async fn scenarios(
             "waiting for the hub after methods",
             hub::wait_disconnected(&service, settle_wait).await,
         );
+        if broker_t.is_some() {
+            settle_machine(settings, ctx, notes, "methods (mosquitto)").await;
+        }
         let broker_r = match broker_t {
             Some(b) => keep(
                 notes,
@@ -494,12 +522,16 @@ async fn scenarios(
             warmup: secs(settings.warmup_secs),
             duration: secs(settings.twin_duration_secs),
         };
+        settle_machine(settings, ctx, notes, "twin").await;
         let hub_r = keep(notes, "twinhub twin", twin::run(ctx, hub_t, shape).await);
         keep(
             notes,
             "waiting for the hub after twin",
             hub::wait_disconnected(&service, settle_wait).await,
         );
+        if broker_t.is_some() {
+            settle_machine(settings, ctx, notes, "twin (mosquitto)").await;
+        }
         let broker_r = match broker_t {
             Some(b) => keep(notes, "mosquitto QoS 1", twin::run(ctx, b, shape).await),
             None => None,
@@ -516,6 +548,7 @@ async fn scenarios(
             concurrency: settings.fanout_concurrency.max(1),
             limit: Duration::from_secs(if settings.mode == Mode::Full { 600 } else { 60 }),
         };
+        settle_machine(settings, ctx, notes, "desired-fanout").await;
         let hub_r = keep(
             notes,
             "twinhub desired fan-out",
@@ -526,6 +559,9 @@ async fn scenarios(
             "waiting for the hub after fan-out",
             hub::wait_disconnected(&service, settle_wait).await,
         );
+        if broker_t.is_some() {
+            settle_machine(settings, ctx, notes, "desired-fanout (mosquitto)").await;
+        }
         let broker_r = match broker_t {
             Some(b) => keep(notes, "mosquitto fan-out", fanout::run(ctx, b, shape).await),
             None => None,

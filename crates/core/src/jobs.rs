@@ -561,28 +561,35 @@ impl Hub {
                 _ = cancel.wait_for(|c| *c) => { outcome = "cancelled"; break }
                 _ = tokio::time::sleep_until(deadline) => { outcome = "failed"; break }
             };
-            let Some(Ok((device_id, result, started))) = joined else {
-                continue;
-            };
-            let Some(&i) = index.get(&device_id) else {
-                continue;
-            };
-            let r = &mut records[i];
-            let now = keys::now_text();
-            r.start_time_utc = Some(started);
-            r.end_time_utc = Some(now.clone());
-            r.last_updated_date_time_utc = now;
-            match result {
-                Ok(out) => {
-                    r.status = "completed".into();
-                    r.outcome = out;
-                }
-                Err(e) => {
-                    r.status = "failed".into();
-                    r.error = Some(json!({ "code": e.code().name(), "description": e.message() }));
-                }
+            // Record this result and every other one already finished in one durable write.
+            let mut finished: Vec<_> = joined.into_iter().flatten().collect();
+            while let Some(more) = tasks.try_join_next() {
+                finished.extend(more);
             }
-            self.save_device_jobs(std::slice::from_ref(r)).await?;
+            let mut changed = Vec::with_capacity(finished.len());
+            for (device_id, result, started) in finished {
+                let Some(&i) = index.get(&device_id) else {
+                    continue;
+                };
+                let r = &mut records[i];
+                let now = keys::now_text();
+                r.start_time_utc = Some(started);
+                r.end_time_utc = Some(now.clone());
+                r.last_updated_date_time_utc = now;
+                match result {
+                    Ok(out) => {
+                        r.status = "completed".into();
+                        r.outcome = out;
+                    }
+                    Err(e) => {
+                        r.status = "failed".into();
+                        r.error =
+                            Some(json!({ "code": e.code().name(), "description": e.message() }));
+                    }
+                }
+                changed.push(r.clone());
+            }
+            self.save_device_jobs(&changed).await?;
             if last_saved.elapsed() >= STATS_EVERY {
                 stored.job.device_job_statistics = Some(statistics(&records));
                 self.save_job(&stored).await?;

@@ -69,5 +69,7 @@ pub use device::{
     MethodRequest, MethodRequests, MethodResponse, Transport,
 };
 pub use error::{Error, Result};
-pub use service::{NewDevice, ServiceClient, ServiceClientBuilder};
+pub use service::{
+    METHOD_JOB, NewDevice, QueryPage, QueryPages, ServiceClient, ServiceClientBuilder, TWIN_JOB,
+};
 pub use twinhub_proto as proto;

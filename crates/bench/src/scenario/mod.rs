@@ -222,6 +222,33 @@ pub fn cpu_probe(server: Option<u32>, window: Window) -> tokio::task::JoinHandle
     })
 }
 
+/// Waits (at most `limit`) until the machine is quiet: less than `QUIET_CORES` busy over a
+/// one-second sample. Other work on a shared machine (builds, tests) skews every figure, so
+/// phases start when it has passed. Returns the busy cores last seen when it never got quiet.
+pub async fn wait_quiet(progress: &Progress, limit: Duration) -> Option<f64> {
+    const QUIET_CORES: f64 = 0.25;
+    let started = Instant::now();
+    let mut told = false;
+    loop {
+        let before = machine_cpu_seconds()?;
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let after = machine_cpu_seconds()?;
+        let busy = (after.busy - before.busy) + (after.steal - before.steal);
+        if busy < QUIET_CORES {
+            return None;
+        }
+        if started.elapsed() >= limit {
+            return Some(busy);
+        }
+        if !told {
+            progress.note(&format!(
+                "waiting for the machine to go quiet ({busy:.2} cores busy elsewhere)"
+            ));
+            told = true;
+        }
+    }
+}
+
 /// Waits for a CPU probe; a failed probe just leaves the figure out.
 pub async fn cpu_of(probe: tokio::task::JoinHandle<CpuUse>) -> Option<CpuUse> {
     probe.await.ok()
