@@ -88,7 +88,6 @@ impl Default for Recorder {
 fn empty_histogram() -> Histogram<u64> {
     // The bounds are constants that satisfy hdrhistogram's rules (low >= 1, high >= 2 * low,
     // 3 significant figures), so this only fails if the constants are edited badly.
-    #[allow(clippy::expect_used)]
     Histogram::new_with_bounds(1, MAX_MICROS, 3).expect("constant histogram bounds are valid")
 }
 
