@@ -52,10 +52,12 @@ pub struct StoreStats {
 /// If a `commit` future is dropped after its batch was queued, the batch may still be applied:
 /// cancellation does not roll back.
 pub struct RedbStore {
-    db: Arc<Database>,
+    // Emptied by `close`, which releases the database file (and its lock) even while other
+    // parts of the process still hold the store: a restart in the same process can reopen it.
+    db: std::sync::RwLock<Option<Arc<Database>>>,
     // `None` only while dropping, so that the writer sees the channel close.
     requests: Option<mpsc::Sender<Request>>,
-    writer: Option<JoinHandle<()>>,
+    writer: std::sync::Mutex<Option<JoinHandle<()>>>,
     counters: Arc<Counters>,
     // Set by `close`, so a refused send is reported as `Closed` rather than as a dead writer.
     closing: AtomicBool,
@@ -132,9 +134,9 @@ impl RedbStore {
         tracing::debug!(path = %shown, "redb store opened");
 
         Ok(RedbStore {
-            db,
+            db: std::sync::RwLock::new(Some(db)),
             requests: Some(requests),
-            writer: Some(writer),
+            writer: std::sync::Mutex::new(Some(writer)),
             counters,
             closing: AtomicBool::new(false),
         })
@@ -163,8 +165,13 @@ impl RedbStore {
         missing: T,
         read: impl FnOnce(&redb::ReadOnlyTable<&'static str, &'static [u8]>) -> Result<T>,
     ) -> Result<T> {
-        let txn = self
+        let db = self
             .db
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+            .ok_or(Error::Closed)?;
+        let txn = db
             .begin_read()
             .map_err(|e| backend("beginning a read transaction", e))?;
         match txn.open_table(definition(table)) {
@@ -398,7 +405,23 @@ impl Store for RedbStore {
         // The writer answers once every batch queued before this point has been committed; it
         // dropping the reply instead means it died, and then nothing is pending either.
         let _ = done.await;
+        self.release().await;
         Ok(())
+    }
+}
+
+impl RedbStore {
+    /// After `close`: waits for the writer thread to end and drops the database, releasing the
+    /// file. Readers that started before keep their own handle until they finish.
+    async fn release(&self) {
+        let writer = self.writer.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(writer) = writer {
+            let joined = tokio::task::spawn_blocking(move || writer.join()).await;
+            if !matches!(joined, Ok(Ok(()))) {
+                tracing::error!("the store writer thread panicked");
+            }
+        }
+        self.db.write().unwrap_or_else(|e| e.into_inner()).take();
     }
 }
 
@@ -408,7 +431,12 @@ impl Drop for RedbStore {
         // its handle on the database file, so the path can be reopened immediately. Every batch
         // it holds was queued by a caller that has already gone, so this is bounded work.
         drop(self.requests.take());
-        if let Some(writer) = self.writer.take()
+        let writer = self
+            .writer
+            .get_mut()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        if let Some(writer) = writer
             && writer.join().is_err()
         {
             tracing::error!("the store writer thread panicked");

@@ -116,9 +116,10 @@ async fn sequential_commits_use_one_transaction_each() {
 }
 
 #[tokio::test]
-async fn close_is_idempotent_and_keeps_reads_working() {
+async fn close_is_idempotent_and_releases_the_file() {
     let dir = tempfile::tempdir().expect("temporary directory");
-    let store = open(&dir.path().join("store.redb"));
+    let path = dir.path().join("store.redb");
+    let store = open(&path);
     store
         .commit(vec![Write::put(Table::Meta, "k", b"v".to_vec())])
         .await
@@ -129,10 +130,20 @@ async fn close_is_idempotent_and_keeps_reads_working() {
         store.commit(vec![Write::delete(Table::Meta, "k")]).await,
         Err(Error::Closed)
     ));
+    assert!(matches!(
+        store.get(Table::Meta, "k").await,
+        Err(Error::Closed)
+    ));
+    // The closed store is still alive (others may hold it), yet the file can be reopened.
+    let reopened = open(&path);
     assert_eq!(
-        store.get(Table::Meta, "k").await.expect("get after close"),
+        reopened
+            .get(Table::Meta, "k")
+            .await
+            .expect("get after reopen"),
         Some(b"v".to_vec())
     );
+    drop(store);
 }
 
 #[test]
