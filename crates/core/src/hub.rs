@@ -105,6 +105,13 @@ impl Hub {
         }
     }
 
+    /// The device's record, or DeviceNotFound.
+    pub(crate) async fn load_existing(&self, device_id: &str) -> Result<DeviceRecord> {
+        self.load(device_id)
+            .await?
+            .ok_or_else(|| crate::error::Error::device_not_found(device_id))
+    }
+
     pub(crate) async fn save(&self, record: &DeviceRecord) -> Result<()> {
         self.store
             .commit(vec![Write::put(

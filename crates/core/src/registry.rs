@@ -255,10 +255,7 @@ impl Hub {
     }
 
     pub async fn get_device(&self, device_id: &str) -> Result<Device> {
-        let rec = self
-            .load(device_id)
-            .await?
-            .ok_or_else(|| Error::device_not_found(device_id))?;
+        let rec = self.load_existing(device_id).await?;
         Ok(rec.to_device(self.directory.is_connected(device_id)))
     }
 
@@ -270,10 +267,7 @@ impl Hub {
     /// `DELETE /devices/{id}`.
     pub async fn delete_device(&self, device_id: &str, if_match: Option<&str>) -> Result<()> {
         let _guard = self.locks.lock(device_id).await;
-        let rec = self
-            .load(device_id)
-            .await?
-            .ok_or_else(|| Error::device_not_found(device_id))?;
+        let rec = self.load_existing(device_id).await?;
         check_etag(if_match, &rec.device_etag(), "device")?;
         self.store
             .commit(vec![

@@ -70,10 +70,7 @@ pub(crate) fn check_twin_input(body: &Value) -> Result<()> {
 impl Hub {
     /// `GET /twins/{id}`.
     pub async fn get_twin(&self, device_id: &str) -> Result<Twin> {
-        let rec = self
-            .load(device_id)
-            .await?
-            .ok_or_else(|| Error::device_not_found(device_id))?;
+        let rec = self.load_existing(device_id).await?;
         Ok(rec.to_twin(self.directory.is_connected(device_id)))
     }
 
@@ -92,10 +89,7 @@ impl Hub {
         }
         let now = keys::now_text();
         let _guard = self.locks.lock(device_id).await;
-        let mut rec = self
-            .load(device_id)
-            .await?
-            .ok_or_else(|| Error::device_not_found(device_id))?;
+        let mut rec = self.load_existing(device_id).await?;
         if let Some(expected) = if_match_value(if_match)
             && expected != rec.twin_etag()
         {
@@ -158,10 +152,7 @@ impl Hub {
 
     /// A device's twin GET: `{"desired": {.., "$version"}, "reported": {.., "$version"}}`.
     pub async fn device_get_twin(&self, device_id: &str) -> Result<Bytes> {
-        let rec = self
-            .load(device_id)
-            .await?
-            .ok_or_else(|| Error::device_not_found(device_id))?;
+        let rec = self.load_existing(device_id).await?;
         Ok(Bytes::from(
             serde_json::to_vec(&rec.device_twin_json()).unwrap_or_default(),
         ))
@@ -175,10 +166,7 @@ impl Hub {
         let patch = twin_doc::validate_section(SectionKind::Reported, &value)?;
         let now = keys::now_text();
         let _guard = self.locks.lock(device_id).await;
-        let mut rec = self
-            .load(device_id)
-            .await?
-            .ok_or_else(|| Error::device_not_found(device_id))?;
+        let mut rec = self.load_existing(device_id).await?;
         let version = rec.twin.reported.apply_patch(&patch, &now, false);
         twin_doc::check_size(SectionKind::Reported, &rec.twin.reported.props)?;
         rec.twin.version += 1;

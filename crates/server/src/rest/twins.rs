@@ -30,34 +30,34 @@ async fn get_twin(
     Ok(ok_json(&s.hub.get_twin(&id).await?))
 }
 
-async fn patch_twin(
-    State(s): State<AppState>,
-    headers: HeaderMap,
-    Path(id): Path<String>,
-    body: Bytes,
-) -> ApiResult {
-    authorize(&s, &headers, Right::ServiceConnect)?;
-    let body: Value = parse_json(&body)?;
-    Ok(ok_json(
-        &s.hub
-            .write_twin(&id, &body, if_match(&headers), false)
-            .await?,
-    ))
+async fn patch_twin(s: State<AppState>, h: HeaderMap, id: Path<String>, body: Bytes) -> ApiResult {
+    write_twin(s, h, id, body, false).await
 }
 
 async fn replace_twin(
+    s: State<AppState>,
+    h: HeaderMap,
+    id: Path<String>,
+    body: Bytes,
+) -> ApiResult {
+    write_twin(s, h, id, body, true).await
+}
+
+/// PATCH merges, PUT replaces; both go through `Hub::write_twin`.
+async fn write_twin(
     State(s): State<AppState>,
     headers: HeaderMap,
     Path(id): Path<String>,
     body: Bytes,
+    replace: bool,
 ) -> ApiResult {
     authorize(&s, &headers, Right::ServiceConnect)?;
     let body: Value = parse_json(&body)?;
-    Ok(ok_json(
-        &s.hub
-            .write_twin(&id, &body, if_match(&headers), true)
-            .await?,
-    ))
+    let twin = s
+        .hub
+        .write_twin(&id, &body, if_match(&headers), replace)
+        .await?;
+    Ok(ok_json(&twin))
 }
 
 async fn invoke(
