@@ -374,22 +374,7 @@ async fn direct_methods() {
                 .await
         }
     });
-    let req = m.next_publish().await;
-    let rid = req
-        .topic
-        .as_str()
-        .rsplit_once("$rid=")
-        .unwrap()
-        .1
-        .to_string();
-    m.publish(
-        &format!("$iothub/methods/res/200/?$rid={rid}"),
-        b"{not json",
-        QoS::AtMostOnce,
-        0,
-        false,
-    )
-    .await;
+    m.answer_method(200, b"{not json", QoS::AtMostOnce).await;
     assert_eq!(bad.await.unwrap().unwrap_err().status(), Some(400));
 }
 
@@ -406,22 +391,7 @@ async fn method_waits_for_connect_timeout() {
     tokio::time::sleep(Duration::from_millis(300)).await;
     let (mut m, _) = RawMqtt::device(&hub, "late", &key, true).await;
     m.subscribe(&["$iothub/methods/POST/#"]).await;
-    let req = m.next_publish().await;
-    let rid = req
-        .topic
-        .as_str()
-        .rsplit_once("$rid=")
-        .unwrap()
-        .1
-        .to_string();
-    m.publish(
-        &format!("$iothub/methods/res/200/?$rid={rid}"),
-        b"\"hi\"",
-        QoS::AtLeastOnce,
-        3,
-        false,
-    )
-    .await;
+    m.answer_method(200, b"\"hi\"", QoS::AtLeastOnce).await;
     let r = call.await.unwrap().unwrap();
     assert_eq!((r.status, r.payload), (200, json!("hi")));
 }
@@ -599,22 +569,7 @@ async fn sessions_persist_and_replace() {
                 .await
         }
     });
-    let req = m2.next_publish().await;
-    let rid = req
-        .topic
-        .as_str()
-        .rsplit_once("$rid=")
-        .unwrap()
-        .1
-        .to_string();
-    m2.publish(
-        &format!("$iothub/methods/res/200/?$rid={rid}"),
-        b"null",
-        QoS::AtLeastOnce,
-        1,
-        false,
-    )
-    .await;
+    m2.answer_method(200, b"null", QoS::AtLeastOnce).await;
     assert_eq!(call.await.unwrap().unwrap().status, 200);
     drop(m2);
 
@@ -630,22 +585,7 @@ async fn sessions_persist_and_replace() {
                 .await
         }
     });
-    let req = m3.next_publish().await;
-    let rid = req
-        .topic
-        .as_str()
-        .rsplit_once("$rid=")
-        .unwrap()
-        .1
-        .to_string();
-    m3.publish(
-        &format!("$iothub/methods/res/200/?$rid={rid}"),
-        b"1",
-        QoS::AtLeastOnce,
-        1,
-        false,
-    )
-    .await;
+    m3.answer_method(200, b"1", QoS::AtLeastOnce).await;
     assert_eq!(call.await.unwrap().unwrap().payload, json!(1));
     drop(m3);
 

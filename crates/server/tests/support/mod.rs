@@ -273,6 +273,33 @@ impl RawMqtt {
         .await;
     }
 
+    /// Waits for the next method request and answers it; returns the request.
+    pub async fn answer_method(
+        &mut self,
+        status: i32,
+        payload: &[u8],
+        qos: QoS,
+    ) -> twinhub_mqtt::Publish {
+        let req = self.next_publish().await;
+        let rid = req
+            .topic
+            .as_str()
+            .rsplit_once("$rid=")
+            .expect("a $rid in the method topic")
+            .1
+            .to_string();
+        let pkid = if qos == QoS::AtMostOnce { 0 } else { 1 };
+        self.publish(
+            &format!("$iothub/methods/res/{status}/?$rid={rid}"),
+            payload,
+            qos,
+            pkid,
+            false,
+        )
+        .await;
+        req
+    }
+
     /// The next PUBLISH the hub sends, skipping acks.
     pub async fn next_publish(&mut self) -> twinhub_mqtt::Publish {
         loop {
