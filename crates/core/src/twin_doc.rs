@@ -84,7 +84,13 @@ impl Section {
     pub fn apply_patch(&mut self, patch: &Map<String, Value>, now: &str, desired: bool) -> u64 {
         self.version += 1;
         let version = desired.then_some(self.version);
-        merge(&mut self.props, &mut self.metadata, patch, now, version);
+        merge(
+            &mut self.props,
+            Some(&mut self.metadata),
+            patch,
+            now,
+            version,
+        );
         stamp(&mut self.metadata, now, version);
         self.version
     }
@@ -110,7 +116,13 @@ impl Section {
         let version = desired.then_some(self.version);
         self.props = Map::new();
         self.metadata = Map::new();
-        merge(&mut self.props, &mut self.metadata, &props, now, version);
+        merge(
+            &mut self.props,
+            Some(&mut self.metadata),
+            &props,
+            now,
+            version,
+        );
         stamp(&mut self.metadata, now, version);
         diff
     }
@@ -123,9 +135,12 @@ fn stamp(meta: &mut Map<String, Value>, now: &str, version: Option<u64>) {
     }
 }
 
-fn merge(
+/// Merges `patch` into `props`: objects merge recursively, `null` deletes, anything else
+/// replaces. `meta`, the section's `$metadata` tree, is kept in step when there is one (tags
+/// have none).
+pub(crate) fn merge(
     props: &mut Map<String, Value>,
-    meta: &mut Map<String, Value>,
+    mut meta: Option<&mut Map<String, Value>>,
     patch: &Map<String, Value>,
     now: &str,
     version: Option<u64>,
@@ -134,28 +149,42 @@ fn merge(
         match value {
             Value::Null => {
                 props.shift_remove(key);
-                meta.shift_remove(key);
+                if let Some(meta) = meta.as_deref_mut() {
+                    meta.shift_remove(key);
+                }
             }
             Value::Object(sub) => {
-                if !matches!(props.get(key), Some(Value::Object(_))) {
+                let fresh = !matches!(props.get(key), Some(Value::Object(_)));
+                if fresh {
                     props.insert(key.clone(), Value::Object(Map::new()));
-                    meta.insert(key.clone(), Value::Object(Map::new()));
                 }
-                if !matches!(meta.get(key), Some(Value::Object(_))) {
-                    meta.insert(key.clone(), Value::Object(Map::new()));
-                }
-                if let (Some(Value::Object(p)), Some(Value::Object(m))) =
-                    (props.get_mut(key), meta.get_mut(key))
-                {
-                    stamp(m, now, version);
-                    merge(p, m, sub, now, version);
+                let child_meta = match meta.as_deref_mut() {
+                    Some(meta) => {
+                        let entry = meta
+                            .entry(key.clone())
+                            .or_insert_with(|| Value::Object(Map::new()));
+                        // A value that was not an object before has no nested metadata to keep.
+                        if fresh || !entry.is_object() {
+                            *entry = Value::Object(Map::new());
+                        }
+                        entry.as_object_mut().map(|m| {
+                            stamp(m, now, version);
+                            m
+                        })
+                    }
+                    None => None,
+                };
+                if let Some(Value::Object(p)) = props.get_mut(key) {
+                    merge(p, child_meta, sub, now, version);
                 }
             }
             leaf => {
                 props.insert(key.clone(), leaf.clone());
-                let mut m = Map::new();
-                stamp(&mut m, now, version);
-                meta.insert(key.clone(), Value::Object(m));
+                if let Some(meta) = meta.as_deref_mut() {
+                    let mut m = Map::new();
+                    stamp(&mut m, now, version);
+                    meta.insert(key.clone(), Value::Object(m));
+                }
             }
         }
     }

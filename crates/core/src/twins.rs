@@ -15,24 +15,7 @@ use crate::twin_doc::{self, SectionKind};
 
 /// Merges a tags patch: objects merge recursively, `null` deletes. Tags carry no metadata.
 pub(crate) fn merge_tags(tags: &mut Map<String, Value>, patch: &Map<String, Value>) {
-    for (k, v) in patch {
-        match v {
-            Value::Null => {
-                tags.shift_remove(k);
-            }
-            Value::Object(sub) => {
-                if !matches!(tags.get(k), Some(Value::Object(_))) {
-                    tags.insert(k.clone(), Value::Object(Map::new()));
-                }
-                if let Some(Value::Object(inner)) = tags.get_mut(k) {
-                    merge_tags(inner, sub);
-                }
-            }
-            other => {
-                tags.insert(k.clone(), other.clone());
-            }
-        }
-    }
+    twin_doc::merge(tags, None, patch, "", None);
 }
 
 /// The parts of a service twin body the hub honours: `tags` and `properties.desired`. Every

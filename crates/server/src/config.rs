@@ -127,16 +127,6 @@ impl Config {
         }
         Ok(())
     }
-
-    /// The host name clients put in their connection strings: with `:port` when the HTTPS
-    /// port is not 443 (only the service SDK can use a non-default port).
-    pub fn service_host(&self, https_port: u16) -> String {
-        if https_port == 443 {
-            self.hostname.clone()
-        } else {
-            format!("{}:{https_port}", self.hostname)
-        }
-    }
 }
 
 #[cfg(test)]

@@ -81,7 +81,7 @@ where
         Ok(Ok(None)) => return,
         Ok(Ok(Some(Packet::Connect(c)))) => c,
         Ok(Ok(Some(other))) => {
-            tracing::info!(%peer, "closing: first packet was {} instead of CONNECT", packet_name(&other));
+            tracing::info!(%peer, "closing: first packet was {} instead of CONNECT", other.packet_type());
             return;
         }
     };
@@ -243,25 +243,6 @@ async fn read_packet<R: AsyncRead + Unpin>(
     }
 }
 
-fn packet_name(p: &Packet) -> &'static str {
-    match p {
-        Packet::Connect(_) => "CONNECT",
-        Packet::ConnAck(_) => "CONNACK",
-        Packet::Publish(_) => "PUBLISH",
-        Packet::PubAck(_) => "PUBACK",
-        Packet::PubRec(_) => "PUBREC",
-        Packet::PubRel(_) => "PUBREL",
-        Packet::PubComp(_) => "PUBCOMP",
-        Packet::Subscribe(_) => "SUBSCRIBE",
-        Packet::SubAck(_) => "SUBACK",
-        Packet::Unsubscribe(_) => "UNSUBSCRIBE",
-        Packet::UnsubAck(_) => "UNSUBACK",
-        Packet::PingReq => "PINGREQ",
-        Packet::PingResp => "PINGRESP",
-        Packet::Disconnect => "DISCONNECT",
-    }
-}
-
 /// The write side: packets are encoded into one buffer and flushed together.
 struct Out<W> {
     wr: W,
@@ -271,7 +252,7 @@ struct Out<W> {
 impl<W: AsyncWrite + Unpin> Out<W> {
     fn push(&mut self, p: &Packet) {
         if let Err(e) = encode(p, &mut self.buf) {
-            tracing::error!("encoding an outgoing {} failed: {e}", packet_name(p));
+            tracing::error!("encoding an outgoing {} failed: {e}", p.packet_type());
         }
     }
 
@@ -469,7 +450,7 @@ impl<W: AsyncWrite + Unpin> Session<W> {
             Packet::PubAck(_) => Ok(()),
             other => Err(because(format!(
                 "unexpected {} from a device",
-                packet_name(&other)
+                other.packet_type()
             ))),
         }
     }
