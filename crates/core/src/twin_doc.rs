@@ -167,10 +167,13 @@ pub(crate) fn merge(
                         if fresh || !entry.is_object() {
                             *entry = Value::Object(Map::new());
                         }
-                        entry.as_object_mut().map(|m| {
-                            stamp(m, now, version);
-                            m
-                        })
+                        match entry.as_object_mut() {
+                            Some(m) => {
+                                stamp(m, now, version);
+                                Some(m)
+                            }
+                            None => None,
+                        }
                     }
                     None => None,
                 };
