@@ -361,16 +361,7 @@ impl ServiceClient {
         patch: &Value,
         etag: Option<&str>,
     ) -> Result<Twin> {
-        let path = format!("/twins/{}", segment(device_id));
-        self.call(
-            Method::PATCH,
-            &path,
-            &[],
-            &Self::if_match(etag),
-            Self::json(patch),
-            StatusCode::OK,
-        )
-        .await
+        self.write_twin(Method::PATCH, device_id, patch, etag).await
     }
 
     /// Replaces the twin's tags and desired properties.
@@ -380,13 +371,23 @@ impl ServiceClient {
         twin: &Value,
         etag: Option<&str>,
     ) -> Result<Twin> {
+        self.write_twin(Method::PUT, device_id, twin, etag).await
+    }
+
+    async fn write_twin(
+        &self,
+        method: Method,
+        device_id: &str,
+        body: &Value,
+        etag: Option<&str>,
+    ) -> Result<Twin> {
         let path = format!("/twins/{}", segment(device_id));
         self.call(
-            Method::PUT,
+            method,
             &path,
             &[],
             &Self::if_match(etag),
-            Self::json(twin),
+            Self::json(body),
             StatusCode::OK,
         )
         .await
