@@ -437,6 +437,24 @@ fn print_json<T: serde::Serialize>(value: &T) -> Result<()> {
     Ok(())
 }
 
+/// The twin patch `--desired` and `--tags` describe: `{"tags": .., "properties": {"desired": ..}}`.
+fn twin_patch(desired: Option<&str>, tags: Option<&str>) -> Result<Value> {
+    if desired.is_none() && tags.is_none() {
+        bail!("give --desired and/or --tags");
+    }
+    let mut patch = serde_json::Map::new();
+    if let Some(t) = tags {
+        patch.insert("tags".into(), parse_object("tags", t)?);
+    }
+    if let Some(d) = desired {
+        patch.insert(
+            "properties".into(),
+            serde_json::json!({ "desired": parse_object("desired", d)? }),
+        );
+    }
+    Ok(Value::Object(patch))
+}
+
 fn parse_object(flag: &str, text: &str) -> Result<Value> {
     let v: Value =
         serde_json::from_str(text).with_context(|| format!("--{flag} is not valid JSON"))?;
@@ -501,20 +519,8 @@ async fn twin(command: TwinCommand, target: &Target) -> Result<()> {
     match command {
         TwinCommand::Show { id } => print_json(&svc.get_twin(&id).await?),
         TwinCommand::Update { id, desired, tags } => {
-            if desired.is_none() && tags.is_none() {
-                bail!("give --desired and/or --tags");
-            }
-            let mut patch = serde_json::Map::new();
-            if let Some(t) = tags {
-                patch.insert("tags".into(), parse_object("tags", &t)?);
-            }
-            if let Some(d) = desired {
-                patch.insert(
-                    "properties".into(),
-                    serde_json::json!({ "desired": parse_object("desired", &d)? }),
-                );
-            }
-            print_json(&svc.update_twin(&id, &Value::Object(patch), None).await?)
+            let patch = twin_patch(desired.as_deref(), tags.as_deref())?;
+            print_json(&svc.update_twin(&id, &patch, None).await?)
         }
     }
 }
@@ -652,27 +658,9 @@ async fn job(command: JobCommand, target: &Target) -> Result<()> {
             tags,
             timing,
         } => {
-            if desired.is_none() && tags.is_none() {
-                bail!("give --desired and/or --tags");
-            }
-            let mut patch = serde_json::Map::new();
-            if let Some(t) = tags {
-                patch.insert("tags".into(), parse_object("tags", &t)?);
-            }
-            if let Some(d) = desired {
-                patch.insert(
-                    "properties".into(),
-                    serde_json::json!({ "desired": parse_object("desired", &d)? }),
-                );
-            }
+            let patch = twin_patch(desired.as_deref(), tags.as_deref())?;
             let created = svc
-                .schedule_twin_job(
-                    &id,
-                    &condition,
-                    &Value::Object(patch),
-                    timing.start,
-                    timing.max_execution,
-                )
+                .schedule_twin_job(&id, &condition, &patch, timing.start, timing.max_execution)
                 .await?;
             print_json(&created)
         }

@@ -784,9 +784,11 @@ async fn hub_error(resp: reqwest::Response) -> Error {
     let text = resp.text().await.unwrap_or_default();
     let body: Option<ErrorBody> = serde_json::from_str(&text).ok();
     let code = header_code.or_else(|| body.as_ref().and_then(|b| b.parse_code()));
+    // Any JSON object parses as an ErrorBody (its fields default): keep the raw text unless
+    // the body really carried a message.
     let message = match &body {
-        Some(b) => b.message.clone(),
-        None => text,
+        Some(b) if !b.message.is_empty() => b.message.clone(),
+        _ => text,
     };
     Error::Hub {
         status,
