@@ -45,12 +45,13 @@ async fn main() -> ExitCode {
 }
 
 async fn run(cli: Cli) -> Result<()> {
+    let mut interrupt = common::interrupt()?;
     cli.service.print_banner("DeviceMethod");
     let service = cli.service.client()?;
     let call = cli
         .service
         .invoke(&service, &cli.method, cli.payload.clone());
-    match common::run_bounded(None, call).await? {
+    match common::run_bounded(&mut interrupt, None, call).await? {
         Ended::Finished(response) => {
             println!();
             println!("Device Method called");

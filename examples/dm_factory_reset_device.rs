@@ -45,6 +45,7 @@ async fn main() -> ExitCode {
 }
 
 async fn run(cli: Cli) -> Result<()> {
+    let mut interrupt = common::interrupt()?;
     println!("Starting the IoT Hub Rust factory reset sample...");
     let client = cli.device.client()?;
     let mut requests = client.method_requests();
@@ -63,7 +64,7 @@ async fn run(cli: Cli) -> Result<()> {
             Ok(factory_reset(client.clone(), cli.step_delay))
         },
     );
-    let ended = common::run_bounded(cli.device.bounds.timeout, work).await;
+    let ended = common::run_bounded(&mut interrupt, cli.device.bounds.timeout, work).await;
     client.close().await;
     common::device_exit(
         &ended?,

@@ -58,6 +58,7 @@ async fn main() -> ExitCode {
 }
 
 async fn run(cli: Cli) -> Result<()> {
+    let mut interrupt = common::interrupt()?;
     println!("Starting the IoT Hub Rust firmware update sample...");
     let client = cli.device.client()?;
     let mut requests = client.method_requests();
@@ -83,7 +84,7 @@ async fn run(cli: Cli) -> Result<()> {
             Ok(update.run())
         },
     );
-    let ended = common::run_bounded(cli.device.bounds.timeout, work).await;
+    let ended = common::run_bounded(&mut interrupt, cli.device.bounds.timeout, work).await;
     client.close().await;
     common::device_exit(
         &ended?,

@@ -53,9 +53,16 @@ async fn main() -> ExitCode {
 }
 
 async fn run(cli: Cli) -> Result<()> {
+    let mut interrupt = common::interrupt()?;
     cli.service.print_banner("FirmwareUpdate");
     let service = cli.service.client()?;
-    match common::run_bounded(Some(cli.timeout), update_and_watch(&service, &cli)).await? {
+    match common::run_bounded(
+        &mut interrupt,
+        Some(cli.timeout),
+        update_and_watch(&service, &cli),
+    )
+    .await?
+    {
         Ended::Finished(()) => Ok(()),
         Ended::Interrupted => {
             println!();

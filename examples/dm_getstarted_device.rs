@@ -40,6 +40,7 @@ async fn main() -> ExitCode {
 }
 
 async fn run(cli: Cli) -> Result<()> {
+    let mut interrupt = common::interrupt()?;
     println!("Starting the IoT Hub Rust sample...");
     let client = cli.device.client()?;
     let mut requests = client.method_requests();
@@ -48,7 +49,7 @@ async fn run(cli: Cli) -> Result<()> {
     println!("IoTHubDeviceClient waiting for commands, press Ctrl-C to exit");
 
     let work = reboot_listener(&client, &mut requests, &cli);
-    let ended = common::run_bounded(cli.device.bounds.timeout, work).await;
+    let ended = common::run_bounded(&mut interrupt, cli.device.bounds.timeout, work).await;
     client.close().await;
     common::device_exit(
         &ended?,

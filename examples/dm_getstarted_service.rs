@@ -44,9 +44,10 @@ async fn main() -> ExitCode {
 }
 
 async fn run(cli: Cli) -> Result<()> {
+    let mut interrupt = common::interrupt()?;
     cli.service.print_banner("DeviceManagement");
     let service = cli.service.client()?;
-    match common::run_bounded(None, reboot_and_watch(&service, &cli)).await? {
+    match common::run_bounded(&mut interrupt, None, reboot_and_watch(&service, &cli)).await? {
         Ended::Finished(()) => Ok(()),
         Ended::Interrupted | Ended::TimedOut(_) => {
             println!();

@@ -34,6 +34,7 @@ async fn main() -> ExitCode {
 }
 
 async fn run(cli: Cli) -> Result<()> {
+    let mut interrupt = common::interrupt()?;
     println!("Starting the IoT Hub Rust direct methods sample...");
     println!("    Protocol {}", cli.device.transport.label());
     println!(
@@ -47,7 +48,7 @@ async fn run(cli: Cli) -> Result<()> {
     println!("IoTHubClient waiting for direct method call, press Ctrl-C to exit");
 
     let work = answer_calls(&client, &mut requests, &cli);
-    let ended = common::run_bounded(cli.device.bounds.timeout, work).await;
+    let ended = common::run_bounded(&mut interrupt, cli.device.bounds.timeout, work).await;
     client.close().await;
     common::device_exit(&ended?, &cli.device.bounds, "IoTHubClient sample stopped")
 }

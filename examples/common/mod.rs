@@ -19,6 +19,16 @@ use tokio::task::JoinSet;
 use twinhub_sdk::proto::model::{CloudToDeviceMethod, CloudToDeviceMethodResult};
 use twinhub_sdk::{ConnectionState, DeviceClient, MethodRequests, ServiceClient, Transport};
 
+// One implementation of "stop on Ctrl-C or SIGTERM" for the hub and the programs alike.
+#[path = "../../crates/cli/src/interrupt.rs"]
+mod interrupt;
+pub use interrupt::Interrupt;
+
+/// Installs the Ctrl-C and SIGTERM handlers; call it before the program says it is ready.
+pub fn interrupt() -> Result<Interrupt> {
+    Interrupt::install().context("installing signal handlers")
+}
+
 /// The answer text of the seed devices (`{"Response": ...}`).
 pub const DEVICE_RESPONSE: &str = "This is the response from the device";
 
@@ -242,6 +252,7 @@ pub enum Ended<T> {
 
 /// Runs `work` until it finishes, the user interrupts it, or `timeout` passes.
 pub async fn run_bounded<T>(
+    interrupt: &mut Interrupt,
     timeout: Option<Duration>,
     work: impl Future<Output = Result<T>>,
 ) -> Result<Ended<T>> {
@@ -256,28 +267,8 @@ pub async fn run_bounded<T>(
     };
     tokio::select! {
         result = work => result.map(Ended::Finished),
-        () = interrupted() => Ok(Ended::Interrupted),
+        () = interrupt.wait() => Ok(Ended::Interrupted),
         limit = deadline => Ok(Ended::TimedOut(limit)),
-    }
-}
-
-/// Resolves on Ctrl-C, and on SIGTERM where there is one (how services and test harnesses
-/// stop a process).
-pub async fn interrupted() {
-    #[cfg(unix)]
-    {
-        use tokio::signal::unix::{SignalKind, signal};
-        if let Ok(mut term) = signal(SignalKind::terminate()) {
-            tokio::select! {
-                _ = tokio::signal::ctrl_c() => {}
-                _ = term.recv() => {}
-            }
-            return;
-        }
-    }
-    // Without a signal handler we cannot be interrupted; never resolve rather than stop.
-    if tokio::signal::ctrl_c().await.is_err() {
-        std::future::pending::<()>().await;
     }
 }
 

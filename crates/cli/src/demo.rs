@@ -50,6 +50,10 @@ fn parse_seconds(text: &str) -> Result<Duration, String> {
 /// everything is shut down and the data dir removed.
 pub async fn run(args: DemoArgs) -> Result<()> {
     let clock = Clock(Instant::now());
+    // From the first line on, Ctrl-C ends the demo through its cleanup (hub stopped, data dir
+    // removed) rather than killing the process.
+    let mut interrupt =
+        crate::interrupt::Interrupt::install().context("installing signal handlers")?;
     println!("twinhub demo: a hub, a device and a back end in one process, rebooting the device");
     let dir = DataDir::create()?;
     let server = RunningServer::start(Config {
@@ -73,7 +77,7 @@ pub async fn run(args: DemoArgs) -> Result<()> {
     let outcome = tokio::select! {
         told = tokio::time::timeout(limit, story(&server, &args, clock)) => told
             .unwrap_or_else(|_| Err(anyhow!("the demo did not finish within {} s", limit.as_secs()))),
-        _ = tokio::signal::ctrl_c() => Err(anyhow!("interrupted")),
+        () = interrupt.wait() => Err(anyhow!("interrupted")),
     };
 
     server.shutdown().await;

@@ -4,6 +4,7 @@
 
 use std::io::Write as _;
 mod demo;
+mod interrupt;
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -320,9 +321,11 @@ async fn serve(args: ServeArgs) -> Result<()> {
         mqtt_connect_timeout: args.mqtt_connect_timeout,
     };
     let config = Config::load(args.config.as_deref(), &overrides)?;
+    // Before the banner, so a signal sent as soon as it shows still shuts down gracefully.
+    let mut interrupt = interrupt::Interrupt::install().context("installing signal handlers")?;
     let server = RunningServer::start(config).await?;
     print_banner(&server);
-    wait_for_signal().await;
+    interrupt.wait().await;
     tracing::info!("shutting down");
     server.shutdown().await;
     Ok(())
@@ -377,28 +380,6 @@ fn print_banner(server: &RunningServer) {
         println!();
     }
     println!("Next: twinhub device create my-device && twinhub device connection-string my-device");
-}
-
-async fn wait_for_signal() {
-    #[cfg(unix)]
-    {
-        use tokio::signal::unix::{SignalKind, signal};
-        match signal(SignalKind::terminate()) {
-            Ok(mut term) => {
-                tokio::select! {
-                    _ = tokio::signal::ctrl_c() => {}
-                    _ = term.recv() => {}
-                }
-            }
-            Err(_) => {
-                let _ = tokio::signal::ctrl_c().await;
-            }
-        }
-    }
-    #[cfg(not(unix))]
-    {
-        let _ = tokio::signal::ctrl_c().await;
-    }
 }
 
 /// A client for the target hub, and its host name for device connection strings.
