@@ -243,8 +243,13 @@ fn decode_connack(body: &mut Reader) -> Result<ConnAck, Error> {
         return Err(Error::InvalidConnAckFlags(flags));
     }
     let code = ConnectReturnCode::try_from(body.u8("CONNACK return code")?)?;
+    let session_present = flags & 0x01 != 0;
+    // §3.2.2.2: a server refusing the connection has no session to speak of.
+    if session_present && code != ConnectReturnCode::Accepted {
+        return Err(Error::SessionPresentWithRefusal(code as u8));
+    }
     Ok(ConnAck {
-        session_present: flags & 0x01 != 0,
+        session_present,
         code,
     })
 }

@@ -4,7 +4,7 @@
 
 use bytes::{BufMut, BytesMut};
 
-use crate::packet::{Connect, Packet, PacketType, Publish, QoS};
+use crate::packet::{Connect, ConnectReturnCode, Packet, PacketType, Publish, QoS};
 use crate::topic::{check_mqtt_str, check_topic_name};
 use crate::{Error, MAX_REMAINING_LENGTH, MAX_STRING_LENGTH};
 
@@ -13,8 +13,8 @@ use crate::{Error, MAX_REMAINING_LENGTH, MAX_STRING_LENGTH};
 /// Refuses, leaving `buf` untouched, anything a conforming peer would reject: strings or
 /// binary fields over 65535 bytes or containing U+0000, a remaining length over 268435455,
 /// a zero packet identifier, a QoS 1 or 2 PUBLISH without one, DUP on QoS 0, a PUBLISH or will
-/// topic that is empty or has wildcards, an empty filter or return-code list, and a password
-/// without a user name. A QoS 0 PUBLISH's `pkid` is not on the wire and is ignored.
+/// topic that is empty or has wildcards, an empty filter or return-code list, a password
+/// without a user name, and a refusing CONNACK that claims a session. A QoS 0 PUBLISH's `pkid` is not on the wire and is ignored.
 pub fn encode(packet: &Packet, buf: &mut BytesMut) -> Result<(), Error> {
     validate(packet)?;
     let remaining_len = remaining_len(packet);
@@ -65,7 +65,14 @@ fn validate(packet: &Packet) -> Result<(), Error> {
             }
             Ok(())
         }
-        Packet::ConnAck(_) | Packet::PingReq | Packet::PingResp | Packet::Disconnect => Ok(()),
+        Packet::ConnAck(connack) => {
+            // Decode rejects this combination (§3.2.2.2), so never put it on the wire.
+            if connack.session_present && connack.code != ConnectReturnCode::Accepted {
+                return Err(Error::SessionPresentWithRefusal(connack.code as u8));
+            }
+            Ok(())
+        }
+        Packet::PingReq | Packet::PingResp | Packet::Disconnect => Ok(()),
     }
 }
 

@@ -95,4 +95,7 @@ pub enum Error {
 
     #[error("invalid CONNACK return code {0}")]
     InvalidConnectReturnCode(u8),
+
+    #[error("CONNACK refuses the connection (return code {0}) yet sets session present")]
+    SessionPresentWithRefusal(u8),
 }

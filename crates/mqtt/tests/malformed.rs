@@ -3,8 +3,9 @@
 
 use bytes::{Bytes, BytesMut};
 use twinhub_mqtt::{
-    Connect, DEFAULT_MAX_PACKET_SIZE, Error, LastWill, MAX_REMAINING_LENGTH, Packet, PacketType,
-    Publish, QoS, SubAck, Subscribe, Topic, Unsubscribe, decode, encode,
+    ConnAck, Connect, ConnectReturnCode, DEFAULT_MAX_PACKET_SIZE, Error, LastWill,
+    MAX_REMAINING_LENGTH, Packet, PacketType, Publish, QoS, SubAck, Subscribe, Topic, Unsubscribe,
+    decode, encode,
 };
 
 fn decode_err(bytes: &[u8]) -> Error {
@@ -353,6 +354,22 @@ fn connack_flags_and_return_code() {
         decode_err(&[0x20, 0x02, 0x00, 0x06]),
         Error::InvalidConnectReturnCode(6)
     );
+}
+
+#[test]
+fn connack_refusing_with_a_session_present() {
+    // §3.2.2.2: a non-zero return code requires session present 0.
+    for code in 1..=5 {
+        assert_eq!(
+            decode_err(&[0x20, 0x02, 0x01, code]),
+            Error::SessionPresentWithRefusal(code)
+        );
+    }
+    let refused = Packet::ConnAck(ConnAck {
+        session_present: true,
+        code: ConnectReturnCode::NotAuthorized,
+    });
+    assert_eq!(encode_err(&refused), Error::SessionPresentWithRefusal(5));
 }
 
 #[test]

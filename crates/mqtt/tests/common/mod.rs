@@ -121,9 +121,10 @@ pub fn connect_return_code() -> impl Strategy<Value = ConnectReturnCode> {
     ]
 }
 
+/// A CONNACK as §3.2.2.2 allows it: only an accepted connection may report a session.
 pub fn connack() -> impl Strategy<Value = ConnAck> {
-    (any::<bool>(), connect_return_code()).prop_map(|(session_present, code)| ConnAck {
-        session_present,
+    (any::<bool>(), connect_return_code()).prop_map(|(present, code)| ConnAck {
+        session_present: present && code == ConnectReturnCode::Accepted,
         code,
     })
 }
