@@ -222,24 +222,9 @@ pub async fn round_trips(
     let mut set = JoinSet::new();
     for (k, stream) in streams.into_iter().enumerate() {
         let slots = shape.concurrency / conns + usize::from(k < shape.concurrency % conns);
-        set.spawn(async move {
-            match echo_caller(stream, slots, window).await {
-                Ok(rec) => rec,
-                Err(e) => {
-                    let mut rec = Recorder::new();
-                    rec.error(e);
-                    rec
-                }
-            }
-        });
+        set.spawn(async move { Recorder::or_failure(echo_caller(stream, slots, window).await) });
     }
-    let mut total = Recorder::new();
-    while let Some(joined) = set.join_next().await {
-        match joined {
-            Ok(rec) => total.merge(&rec),
-            Err(e) => total.error(format!("an echo caller failed: {e}")),
-        }
-    }
+    let total = Recorder::join_all(set, "an echo caller").await;
     bar.abort();
     Ok(Throughput {
         cpu: cpu_of(cpu).await,

@@ -122,6 +122,28 @@ impl Recorder {
         self.errors
     }
 
+    /// What a worker recorded, or the one error that stopped it before it could record more.
+    pub fn or_failure<E: Display>(worker: Result<Recorder, E>) -> Recorder {
+        worker.unwrap_or_else(|e| {
+            let mut rec = Recorder::new();
+            rec.error(e);
+            rec
+        })
+    }
+
+    /// Merges what every worker task of a phase recorded; a task that panicked or was
+    /// cancelled counts as one error, named after `what` the task was.
+    pub async fn join_all(mut workers: tokio::task::JoinSet<Recorder>, what: &str) -> Recorder {
+        let mut total = Recorder::new();
+        while let Some(joined) = workers.join_next().await {
+            match joined {
+                Ok(rec) => total.merge(&rec),
+                Err(e) => total.error(format!("{what} failed: {e}")),
+            }
+        }
+        total
+    }
+
     /// Adds another recorder's figures to this one.
     pub fn merge(&mut self, other: &Recorder) {
         // Both histograms share the same bounds, so adding cannot go out of range.

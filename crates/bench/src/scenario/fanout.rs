@@ -202,11 +202,7 @@ pub async fn run(ctx: &Ctx, target: &Target, shape: Shape) -> Result<Fanout> {
 async fn rest_sender(target: Target, shape: Shape, sent: SendTimes, start: Instant) -> Recorder {
     let services = match target.services() {
         Ok(s) => s.to_vec(),
-        Err(e) => {
-            let mut rec = Recorder::new();
-            rec.error(e);
-            return rec;
-        }
+        Err(e) => return Recorder::or_failure(Err(e)),
     };
     let next = Arc::new(AtomicUsize::new(0));
     let mut tasks = JoinSet::new();
@@ -229,14 +225,7 @@ async fn rest_sender(target: Target, shape: Shape, sent: SendTimes, start: Insta
             }
         });
     }
-    let mut total = Recorder::new();
-    while let Some(joined) = tasks.join_next().await {
-        match joined {
-            Ok(rec) => total.merge(&rec),
-            Err(e) => total.error(format!("a sender task failed: {e}")),
-        }
-    }
-    total
+    Recorder::join_all(tasks, "a sender task").await
 }
 
 /// A broker: one publisher, QoS 1, `shape.concurrency` unacknowledged at a time.

@@ -205,23 +205,12 @@ async fn hub_callers(ctx: &Ctx, target: &Target, shape: Shape) -> Result<Through
             rec
         });
     }
-    let total = join_recorders(callers).await;
+    let total = Recorder::join_all(callers, "a caller task").await;
     bar.abort();
     Ok(Throughput {
         cpu: cpu_of(cpu).await,
         ..total.throughput(window.measured())
     })
-}
-
-async fn join_recorders(mut set: JoinSet<Recorder>) -> Recorder {
-    let mut total = Recorder::new();
-    while let Some(joined) = set.join_next().await {
-        match joined {
-            Ok(rec) => total.merge(&rec),
-            Err(e) => total.error(format!("a caller task failed: {e}")),
-        }
-    }
-    total
 }
 
 /// C callers spread over `caller_conns` MQTT connections to a broker; each connection keeps
@@ -261,17 +250,10 @@ async fn broker_callers(ctx: &Ctx, target: &Target, shape: Shape) -> Result<Thro
     for (k, (conn, name, slots)) in callers.into_iter().enumerate() {
         let devices = shape.devices.max(1);
         set.spawn(async move {
-            match broker_caller(conn, &name, slots, devices, k, window).await {
-                Ok(rec) => rec,
-                Err(e) => {
-                    let mut rec = Recorder::new();
-                    rec.error(e);
-                    rec
-                }
-            }
+            Recorder::or_failure(broker_caller(conn, &name, slots, devices, k, window).await)
         });
     }
-    let total = join_recorders(set).await;
+    let total = Recorder::join_all(set, "a caller task").await;
     bar.abort();
     Ok(Throughput {
         cpu: cpu_of(cpu).await,

@@ -47,24 +47,11 @@ pub async fn run(ctx: &Ctx, target: &Target, shape: Shape) -> Result<Throughput>
     let mut set = JoinSet::new();
     for (i, conn) in conns.into_iter().enumerate() {
         let inflight = shape.inflight.max(1);
-        set.spawn(async move {
-            match patcher(conn, i, hub, inflight, window).await {
-                Ok(rec) => rec,
-                Err(e) => {
-                    let mut rec = Recorder::new();
-                    rec.error(e);
-                    rec
-                }
-            }
-        });
+        set.spawn(
+            async move { Recorder::or_failure(patcher(conn, i, hub, inflight, window).await) },
+        );
     }
-    let mut total = Recorder::new();
-    while let Some(joined) = set.join_next().await {
-        match joined {
-            Ok(rec) => total.merge(&rec),
-            Err(e) => total.error(format!("a device task failed: {e}")),
-        }
-    }
+    let total = Recorder::join_all(set, "a device task").await;
     bar.abort();
     Ok(Throughput {
         cpu: cpu_of(cpu).await,
