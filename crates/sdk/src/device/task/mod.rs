@@ -15,7 +15,7 @@ mod desired;
 mod inbound;
 mod outbox;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -34,7 +34,7 @@ use super::settings::Settings;
 use crate::error::{Error, Result};
 use conn::{Conn, Drain};
 use desired::DesiredSync;
-use outbox::{Feature, Outgoing, PkidUse, Sub, TwinWait};
+use outbox::{Feature, Outbox, PkidUse, Sub, TwinWait};
 
 /// Commands taken in one go, so they leave in one write.
 const COMMAND_BATCH: usize = 64;
@@ -156,7 +156,7 @@ enum End {
 }
 
 /// Completes once the application asked to close (or every handle is gone).
-async fn closed(close: &mut watch::Receiver<bool>) {
+pub(crate) async fn closed(close: &mut watch::Receiver<bool>) {
     // An error means the sender is gone, which only happens when the client is gone.
     let _ = close.wait_for(|c| *c).await;
 }
@@ -188,7 +188,7 @@ pub(crate) struct Task {
     backoff: Backoff,
     next_seq: u64,
     next_pkid: u16,
-    outbox: BTreeMap<u64, Outgoing>,
+    outbox: Outbox,
     pkids: HashMap<u16, PkidUse>,
     twins: HashMap<String, TwinWait>,
     subs: [Sub; 3],
@@ -214,7 +214,7 @@ impl Task {
             backoff: Backoff::default(),
             next_seq: 0,
             next_pkid: 0,
-            outbox: BTreeMap::new(),
+            outbox: Outbox::default(),
             pkids: HashMap::new(),
             twins: HashMap::new(),
             subs: [Sub::default(); 3],

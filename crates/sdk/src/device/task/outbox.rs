@@ -2,7 +2,7 @@
 //! PUBACK (kept across reconnects and resent with DUP, under their original packet id), twin
 //! requests until their answer, and the subscriptions each feature needs.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use bytes::Bytes;
 use tokio::sync::oneshot;
@@ -15,8 +15,8 @@ use crate::error::{Error, Result};
 
 /// QoS 1 publishes on the wire without PUBACK; more wait in the outbox.
 const MAX_IN_FLIGHT: usize = 1000;
-/// Abandoned entries are swept every this many accepted messages.
-const SWEEP_EVERY: u64 = 1024;
+/// Abandoned entries are swept after this many accepted messages at the least.
+const SWEEP_EVERY: usize = 1024;
 /// The twin GET body the official SDKs send.
 const TWIN_GET_BODY: &[u8] = b" ";
 
@@ -62,7 +62,7 @@ pub(super) enum PkidUse {
 }
 
 /// A QoS 1 publish from acceptance until PUBACK.
-pub(super) struct Outgoing {
+struct Outgoing {
     topic: String,
     payload: Bytes,
     /// Assigned on first send and kept for redelivery, as MQTT requires.
@@ -70,10 +70,10 @@ pub(super) struct Outgoing {
     /// Sent at least once: a resend carries DUP.
     sent: bool,
     /// Sent on the current connection.
-    pub on_wire: bool,
+    on_wire: bool,
     done: Option<oneshot::Sender<Result<()>>>,
     twin_rid: Option<String>,
-    pub method_rid: Option<String>,
+    method_rid: Option<String>,
 }
 
 impl Outgoing {
@@ -90,6 +90,16 @@ impl Outgoing {
         }
     }
 
+    fn kind(&self) -> Kind {
+        if self.twin_rid.is_some() {
+            Kind::Twin
+        } else if self.method_rid.is_some() {
+            Kind::MethodAnswer
+        } else {
+            Kind::Event
+        }
+    }
+
     /// Never sent and nobody waits for it any more.
     fn abandoned(&self, twins: &HashMap<String, TwinWait>) -> bool {
         match &self.twin_rid {
@@ -100,10 +110,142 @@ impl Outgoing {
     }
 
     /// Reports the final outcome to whoever waits.
-    pub fn fail(self, error: &Error) {
+    fn fail(self, error: &Error) {
         if let Some(done) = self.done {
             let _ = done.send(Err(error.clone()));
         }
+    }
+}
+
+/// What an outbox entry is; each kind may be held back for a reason of its own.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    /// Telemetry.
+    Event = 0,
+    /// A twin request: waits until the hub will answer it.
+    Twin = 1,
+    /// A direct-method answer: the only kind a renewal still lets out.
+    MethodAnswer = 2,
+}
+
+/// The publishes awaiting PUBACK in acceptance order, indexed so that sending and
+/// acknowledging never walk the whole backlog: counters for the in-flight window and what is
+/// on the wire, and per kind the entries not yet sent on the current connection.
+#[derive(Default)]
+pub(super) struct Outbox {
+    entries: BTreeMap<u64, Outgoing>,
+    /// Not sent on the current connection, by [`Kind`].
+    unsent: [BTreeSet<u64>; 3],
+    /// Entries holding a packet identifier: the in-flight window.
+    with_pkid: usize,
+    /// Entries sent on the current connection.
+    on_wire: usize,
+    /// Entries added since the last sweep.
+    since_sweep: usize,
+}
+
+impl Outbox {
+    /// Adds a message that was never sent.
+    fn insert(&mut self, seq: u64, outgoing: Outgoing) {
+        self.unsent[outgoing.kind() as usize].insert(seq);
+        self.entries.insert(seq, outgoing);
+        self.since_sweep += 1;
+    }
+
+    /// Whether enough was added to pay for a sweep, which walks every entry: waiting for as
+    /// many additions as there are entries keeps sweeping linear in what is accepted.
+    fn sweep_due(&mut self) -> bool {
+        let due = self.since_sweep >= SWEEP_EVERY.max(self.entries.len());
+        if due {
+            self.since_sweep = 0;
+        }
+        due
+    }
+
+    fn remove(&mut self, seq: u64) -> Option<Outgoing> {
+        let o = self.entries.remove(&seq)?;
+        self.unsent[o.kind() as usize].remove(&seq);
+        self.with_pkid = self.with_pkid.saturating_sub(usize::from(o.pkid.is_some()));
+        self.on_wire = self.on_wire.saturating_sub(usize::from(o.on_wire));
+        Some(o)
+    }
+
+    /// Removes and returns every entry `remove` picks.
+    fn remove_where(&mut self, mut remove: impl FnMut(&Outgoing) -> bool) -> Vec<Outgoing> {
+        let picked: Vec<u64> = self
+            .entries
+            .iter()
+            .filter(|(_, o)| remove(o))
+            .map(|(seq, _)| *seq)
+            .collect();
+        picked
+            .into_iter()
+            .filter_map(|seq| self.remove(seq))
+            .collect()
+    }
+
+    /// Empties the outbox.
+    fn take_all(&mut self) -> impl Iterator<Item = Outgoing> + use<> {
+        std::mem::take(self).entries.into_values()
+    }
+
+    /// A new connection: nothing is on its wire, so everything waits to be sent again.
+    fn new_connection(&mut self) {
+        self.on_wire = 0;
+        for set in &mut self.unsent {
+            set.clear();
+        }
+        for (seq, o) in &mut self.entries {
+            o.on_wire = false;
+            self.unsent[o.kind() as usize].insert(*seq);
+        }
+    }
+
+    /// The oldest entry not sent on this connection among the kinds that may go now.
+    fn next_unsent(&self, may_go: impl Fn(Kind) -> bool) -> Option<u64> {
+        [Kind::Event, Kind::Twin, Kind::MethodAnswer]
+            .into_iter()
+            .filter(|k| may_go(*k))
+            .filter_map(|k| self.unsent[k as usize].first().copied())
+            .min()
+    }
+
+    fn assign_pkid(&mut self, seq: u64, pkid: u16) {
+        if let Some(o) = self.entries.get_mut(&seq)
+            && o.pkid.replace(pkid).is_none()
+        {
+            self.with_pkid += 1;
+        }
+    }
+
+    /// Records that `seq` went out on this connection; returns its twin `$rid`, if any.
+    fn mark_sent(&mut self, seq: u64) -> Option<&str> {
+        let o = self.entries.get_mut(&seq)?;
+        self.unsent[o.kind() as usize].remove(&seq);
+        o.sent = true;
+        if !o.on_wire {
+            o.on_wire = true;
+            self.on_wire += 1;
+        }
+        o.twin_rid.as_deref()
+    }
+
+    /// The PUBLISH for entry `seq` under `pkid`.
+    fn packet(&self, seq: u64, pkid: u16) -> Option<Result<Packet>> {
+        let o = self.entries.get(&seq)?;
+        let packet = Topic::new(o.topic.clone())
+            .map_err(|e| Error::InvalidArgument(format!("invalid topic: {e}")))
+            .map(|topic| {
+                Packet::Publish(Publish {
+                    dup: o.sent,
+                    qos: QoS::AtLeastOnce,
+                    retain: false,
+                    topic,
+                    pkid,
+                    payload: o.payload.clone(),
+                })
+            });
+        Some(packet)
     }
 }
 
@@ -166,7 +308,7 @@ impl Task {
         self.next_seq += 1;
         self.outbox.insert(seq, outgoing);
         self.dirty = true;
-        if seq % SWEEP_EVERY == SWEEP_EVERY - 1 {
+        if self.outbox.sweep_due() {
             // While disconnected nothing else clears out what callers gave up on.
             self.sweep();
         }
@@ -196,14 +338,11 @@ impl Task {
     fn sweep(&mut self) {
         self.twins.retain(|_, w| !w.abandoned());
         let twins = &self.twins;
-        let pkids = &mut self.pkids;
-        self.outbox.retain(|_, o| {
-            let abandoned = o.abandoned(twins);
-            if abandoned && let Some(pkid) = o.pkid {
-                pkids.remove(&pkid);
+        for o in self.outbox.remove_where(|o| o.abandoned(twins)) {
+            if let Some(pkid) = o.pkid {
+                self.pkids.remove(&pkid);
             }
-            !abandoned
-        });
+        }
     }
 
     /// Prepares the outbox for a new connection: subscriptions start over (held ones stay
@@ -219,9 +358,7 @@ impl Task {
             }
         }
         self.sweep();
-        for o in self.outbox.values_mut() {
-            o.on_wire = false;
-        }
+        self.outbox.new_connection();
         let mut requeue = Vec::new();
         for (rid, wait) in &mut self.twins {
             wait.asked = false;
@@ -313,85 +450,76 @@ impl Task {
     /// Twin requests wait until the hub will answer them (their subscription is held).
     /// During a renewal only method answers go out: the rest waits for the new connection.
     pub(super) fn send_outbox(&mut self, conn: &mut Conn) {
-        let twin_ready = self.has(Feature::TwinResponses);
         let draining = conn.drain.is_some();
-        let mut in_flight = self.outbox.values().filter(|o| o.pkid.is_some()).count();
-        let ready: Vec<u64> = self
-            .outbox
-            .iter()
-            .filter(|(_, o)| {
-                !o.on_wire
-                    && (o.twin_rid.is_none() || twin_ready)
-                    && (!draining || o.method_rid.is_some())
-            })
-            .map(|(seq, _)| *seq)
-            .collect();
-        let mut failed = Vec::new();
-        for seq in ready {
-            let Some(assigned) = self.outbox.get(&seq).map(|o| o.pkid) else {
-                continue;
-            };
+        self.send_ready(draining, |packet| conn.push(packet));
+    }
+
+    /// [`send_outbox`](Self::send_outbox) with the connection's part passed in. Each entry
+    /// is looked at once per connection, however long the backlog.
+    fn send_ready(&mut self, draining: bool, mut push: impl FnMut(&Packet) -> Result<()>) {
+        let twin_ready = self.has(Feature::TwinResponses);
+        let may_go = |kind| match kind {
+            Kind::MethodAnswer => true,
+            Kind::Twin => twin_ready && !draining,
+            Kind::Event => !draining,
+        };
+        while let Some(seq) = self.outbox.next_unsent(may_go) {
+            let assigned = self.outbox.entries.get(&seq).and_then(|o| o.pkid);
             let pkid = match assigned {
                 Some(pkid) => pkid,
-                None if in_flight >= MAX_IN_FLIGHT => break,
+                None if self.outbox.with_pkid >= MAX_IN_FLIGHT => break,
                 None => {
                     let pkid = self.alloc_pkid();
                     self.pkids.insert(pkid, PkidUse::Publish(seq));
-                    in_flight += 1;
+                    self.outbox.assign_pkid(seq, pkid);
                     pkid
                 }
             };
-            let Some(o) = self.outbox.get_mut(&seq) else {
-                continue;
+            let Some(packet) = self.outbox.packet(seq, pkid) else {
+                break;
             };
-            o.pkid = Some(pkid);
-            let packet = Topic::new(o.topic.clone())
-                .map_err(|e| Error::InvalidArgument(format!("invalid topic: {e}")))
-                .map(|topic| {
-                    Packet::Publish(Publish {
-                        dup: o.sent,
-                        qos: QoS::AtLeastOnce,
-                        retain: false,
-                        topic,
-                        pkid,
-                        payload: o.payload.clone(),
-                    })
-                });
-            match packet.and_then(|p| conn.push(&p)) {
+            match packet.and_then(|p| push(&p)) {
                 Ok(()) => {
-                    o.sent = true;
-                    o.on_wire = true;
-                    if let Some(wait) = o.twin_rid.as_ref().and_then(|r| self.twins.get_mut(r)) {
+                    if let Some(rid) = self.outbox.mark_sent(seq)
+                        && let Some(wait) = self.twins.get_mut(rid)
+                    {
                         wait.asked = true;
                     }
                 }
-                Err(e) => failed.push((seq, pkid, e)),
+                Err(error) => self.fail_unsendable(seq, pkid, &error),
             }
-        }
-        for (seq, pkid, error) in failed {
-            self.pkids.remove(&pkid);
-            let Some(o) = self.outbox.remove(&seq) else {
-                continue;
-            };
-            if let Some(rid) = &o.twin_rid
-                && let Some(wait) = self.twins.remove(rid)
-                && let Some(reply) = wait.reply
-            {
-                let _ = reply.send(Err(error.clone()));
-            }
-            o.fail(&error);
         }
     }
 
-    pub(super) fn puback(&mut self, conn: &mut Conn, pkid: u16) {
-        let Some(PkidUse::Publish(seq)) = self.pkids.get(&pkid) else {
+    /// Drops entry `seq`, which cannot be encoded, and tells whoever waits for it.
+    fn fail_unsendable(&mut self, seq: u64, pkid: u16, error: &Error) {
+        self.pkids.remove(&pkid);
+        let Some(o) = self.outbox.remove(seq) else {
             return;
+        };
+        if let Some(rid) = &o.twin_rid
+            && let Some(wait) = self.twins.remove(rid)
+            && let Some(reply) = wait.reply
+        {
+            let _ = reply.send(Err(error.clone()));
+        }
+        o.fail(error);
+    }
+
+    pub(super) fn puback(&mut self, conn: &mut Conn, pkid: u16) {
+        if let Some(rid) = self.acknowledged(pkid) {
+            conn.methods_outstanding.remove(&rid);
+        }
+    }
+
+    /// Completes the publish `pkid` stands for; returns the method call it answered, if any.
+    fn acknowledged(&mut self, pkid: u16) -> Option<String> {
+        let Some(PkidUse::Publish(seq)) = self.pkids.get(&pkid) else {
+            return None;
         };
         let seq = *seq;
         self.pkids.remove(&pkid);
-        let Some(o) = self.outbox.remove(&seq) else {
-            return;
-        };
+        let o = self.outbox.remove(seq)?;
         if let Some(done) = o.done {
             let _ = done.send(Ok(()));
         }
@@ -400,11 +528,9 @@ impl Task {
         {
             wait.seq = None;
         }
-        if let Some(rid) = o.method_rid {
-            conn.methods_outstanding.remove(&rid);
-        }
         // A slot in the in-flight window opened.
         self.dirty = true;
+        o.method_rid
     }
 
     /// Marks the acknowledged features held; returns those just gained.
@@ -428,12 +554,12 @@ impl Task {
     /// Whether anything sent on this connection still waits for the hub: a PUBACK or a
     /// twin answer. A renewal waits for these so nothing has to be sent twice.
     pub(super) fn awaiting_hub(&self) -> bool {
-        self.outbox.values().any(|o| o.on_wire) || self.twins.values().any(|w| w.asked)
+        self.outbox.on_wire > 0 || self.twins.values().any(|w| w.asked)
     }
 
     /// Fails every waiting operation with `error` (the task is ending).
     pub(super) fn fail_all(&mut self, error: &Error) {
-        for (_, o) in std::mem::take(&mut self.outbox) {
+        for o in self.outbox.take_all() {
             o.fail(error);
         }
         for (_, w) in std::mem::take(&mut self.twins) {
@@ -441,5 +567,163 @@ impl Task {
                 let _ = reply.send(Err(error.clone()));
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::VecDeque;
+    use std::sync::Arc;
+
+    use tokio::sync::mpsc;
+
+    use super::*;
+    use crate::device::DeviceClient;
+    use crate::device::task::{Outbound, Shared};
+
+    fn task() -> Task {
+        let device = "HostName=h;DeviceId=d1;SharedAccessKey=c2VjcmV0LWtleS1mb3ItdGVzdHM=";
+        let client = DeviceClient::builder(device)
+            .build()
+            .expect("valid settings");
+        let (responder, commands) = mpsc::channel(1);
+        let settings = client.inner.settings.clone();
+        Task::new(settings, Arc::new(Shared::new()), commands, responder)
+    }
+
+    /// Accepts `n` telemetry messages with payloads "0", "1", ...; returns their outcomes.
+    fn accept_events(task: &mut Task, n: usize) -> Vec<oneshot::Receiver<Result<()>>> {
+        (0..n)
+            .map(|i| {
+                let (done, acked) = oneshot::channel();
+                task.accept(Command::Publish(Outbound {
+                    topic: "devices/d1/messages/events/".into(),
+                    payload: Bytes::from(i.to_string()),
+                    done: Some(done),
+                    method_rid: None,
+                }));
+                acked
+            })
+            .collect()
+    }
+
+    /// The PUBLISHes one send pass writes.
+    fn send(task: &mut Task, draining: bool) -> Vec<Publish> {
+        let mut sent = Vec::new();
+        task.send_ready(draining, |packet| {
+            if let Packet::Publish(p) = packet {
+                sent.push(p.clone());
+            }
+            Ok(())
+        });
+        sent
+    }
+
+    fn topics(sent: &[Publish]) -> Vec<&str> {
+        sent.iter().map(|p| p.topic.as_str()).collect()
+    }
+
+    #[test]
+    fn a_large_backlog_drains_in_order_each_message_acknowledged_once() {
+        // Quadratic sending would take minutes here: every PUBACK triggers a send pass.
+        const BACKLOG: usize = 50_000;
+        let mut task = task();
+        let outcomes = accept_events(&mut task, BACKLOG);
+        let mut on_wire: VecDeque<Publish> = send(&mut task, false).into();
+        assert_eq!(on_wire.len(), MAX_IN_FLIGHT);
+        let mut delivered = Vec::with_capacity(BACKLOG);
+        while let Some(p) = on_wire.pop_front() {
+            assert!(!p.dup, "nothing is sent twice on one connection");
+            delivered.push(p.payload.clone());
+            assert_eq!(task.acknowledged(p.pkid), None);
+            // A second PUBACK for the same id finds nothing left to complete.
+            assert_eq!(task.acknowledged(p.pkid), None);
+            on_wire.extend(send(&mut task, false));
+            assert!(on_wire.len() <= MAX_IN_FLIGHT);
+            assert_eq!(task.outbox.with_pkid, on_wire.len());
+        }
+        let expected: Vec<Bytes> = (0..BACKLOG).map(|i| Bytes::from(i.to_string())).collect();
+        assert!(
+            delivered == expected,
+            "every message once, in acceptance order"
+        );
+        for (i, mut outcome) in outcomes.into_iter().enumerate() {
+            assert!(matches!(outcome.try_recv(), Ok(Ok(()))), "message {i}");
+        }
+        assert!(task.outbox.entries.is_empty() && task.pkids.is_empty());
+        assert!(!task.awaiting_hub());
+    }
+
+    #[test]
+    fn messages_whose_callers_gave_up_are_swept_before_being_sent() {
+        let mut task = task();
+        for _ in 10..SWEEP_EVERY {
+            drop(accept_events(&mut task, 1));
+        }
+        let mut kept = accept_events(&mut task, 10);
+        // The sweep ran at the SWEEP_EVERY-th message: only the awaited ones are left.
+        assert_eq!(task.outbox.entries.len(), 10);
+        let sent = send(&mut task, false);
+        assert_eq!(sent.len(), 10);
+        for p in &sent {
+            task.acknowledged(p.pkid);
+        }
+        assert!(kept.iter_mut().all(|k| matches!(k.try_recv(), Ok(Ok(())))));
+    }
+
+    #[test]
+    fn a_new_connection_resends_the_unacknowledged_with_dup_under_their_ids() {
+        let mut task = task();
+        let mut outcomes = accept_events(&mut task, 5);
+        let first = send(&mut task, false);
+        assert_eq!(first.len(), 5);
+        task.acknowledged(first[1].pkid);
+        assert!(matches!(outcomes[1].try_recv(), Ok(Ok(()))));
+
+        task.reset_outbox(true);
+        let again = send(&mut task, false);
+        let pkids: Vec<u16> = again.iter().map(|p| p.pkid).collect();
+        let expected: Vec<u16> = [0, 2, 3, 4].iter().map(|&i| first[i].pkid).collect();
+        assert_eq!(pkids, expected);
+        assert!(again.iter().all(|p| p.dup));
+        assert!(send(&mut task, false).is_empty(), "once per connection");
+        assert!(task.awaiting_hub());
+        for p in &again {
+            task.acknowledged(p.pkid);
+        }
+        assert!(!task.awaiting_hub());
+        for i in [0, 2, 3, 4] {
+            assert!(matches!(outcomes[i].try_recv(), Ok(Ok(()))), "message {i}");
+        }
+    }
+
+    #[test]
+    fn twin_requests_wait_for_their_subscription_and_renewals_send_only_method_answers() {
+        let mut task = task();
+        let (reply, _answer) = oneshot::channel();
+        task.accept(Command::Twin {
+            request: TwinRequest::Get,
+            reply,
+        });
+        let _outcomes = accept_events(&mut task, 1);
+        let answer = serde_json::json!({});
+        task.accept(Command::method_response(200, "m1", &answer, None));
+
+        let sent = send(&mut task, true);
+        assert_eq!(topics(&sent), ["$iothub/methods/res/200/?$rid=m1"]);
+        let sent = send(&mut task, false);
+        assert_eq!(topics(&sent), ["devices/d1/messages/events/"]);
+        assert!(task.twins.values().all(|w| !w.asked));
+
+        task.sub(Feature::TwinResponses).active = true;
+        let sent = send(&mut task, false);
+        assert_eq!(sent.len(), 1);
+        assert!(
+            sent[0]
+                .topic
+                .as_str()
+                .starts_with("$iothub/twin/GET/?$rid=")
+        );
+        assert!(task.twins.values().all(|w| w.asked));
     }
 }
