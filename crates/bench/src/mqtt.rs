@@ -16,12 +16,10 @@ use twinhub_mqtt::{
     SubscribeReturnCode, Topic, decode, encode,
 };
 use twinhub_proto::sas::{device_resource_uri, generate_sas_token};
+use twinhub_proto::topic::mqtt_username;
 
 use crate::error::{Error, Result};
 use crate::tls;
-
-/// The api-version the official device SDKs put in the user name.
-const DEVICE_API_VERSION: &str = "2021-04-12";
 
 /// What a client says in CONNECT.
 #[derive(Debug, Clone)]
@@ -47,9 +45,7 @@ impl Login {
             .map_err(|e| Error::Setup(format!("signing a SAS token for {device_id}: {e}")))?;
         Ok(Login {
             client_id: device_id.to_string(),
-            username: Some(format!(
-                "{hostname}/{device_id}/?api-version={DEVICE_API_VERSION}"
-            )),
+            username: Some(mqtt_username(hostname, device_id)),
             password: Some(token),
             keep_alive,
         })

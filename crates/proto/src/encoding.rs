@@ -1,4 +1,4 @@
-//! Percent-encoding shared by SAS tokens and MQTT topics.
+//! Percent-encoding shared by SAS tokens, MQTT topics and user names, and REST paths.
 //! IoT Hub's SDKs encode with Python's `quote(safe="")`: everything but RFC 3986 unreserved
 //! characters is escaped, and decoding never turns `+` into a space.
 
@@ -13,8 +13,9 @@ const COMPONENT: &AsciiSet = &NON_ALPHANUMERIC
     .remove(b'_')
     .remove(b'~');
 
-/// Percent-encodes `s` the way the device SDK does for SAS fields and property bags.
-pub(crate) fn quote(s: &str) -> Cow<'_, str> {
+/// Percent-encodes `s` the way IoT Hub's SDKs do for SAS fields, property bags, path segments
+/// and user name query values.
+pub fn quote(s: &str) -> Cow<'_, str> {
     utf8_percent_encode(s, COMPONENT).into()
 }
 

@@ -4,7 +4,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::time::{format_exception_time, format_timestamp};
+use crate::time::format_timestamp;
 
 /// Response header carrying the error name (e.g. `DeviceNotFound`); the C# SDK cross-checks it
 /// with the numeric code in the body.
@@ -108,12 +108,6 @@ impl ErrorCode {
         // Every code is six digits, so the quotient fits in u16.
         (self.code() / 1000) as u16
     }
-
-    /// Whether the body's `Message` is the JSON form (the direct-method family) rather than
-    /// the `ErrorCode:<Name>;<text>` form.
-    pub const fn uses_json_message(self) -> bool {
-        matches!(self, ErrorCode::DeviceNotOnline | ErrorCode::GatewayTimeout)
-    }
 }
 
 impl std::fmt::Display for ErrorCode {
@@ -142,51 +136,24 @@ pub struct ErrorDetail {
     pub timestamp_utc: String,
 }
 
+/// How IoT Hub's registry endpoints begin `Message`: `ErrorCode:<Name>;<text>`.
 const PLAIN_PREFIX: &str = "ErrorCode:";
 
 impl ErrorBody {
-    /// Builds the body IoT Hub would send for `code`, in the style that code uses.
-    ///
-    /// `text` is the human-readable message, `tracking_id` an opaque id the caller generated
-    /// (also worth logging), and `now` the time of the failure.
-    pub fn new(code: ErrorCode, text: &str, tracking_id: &str, now: jiff::Timestamp) -> ErrorBody {
-        if code.uses_json_message() {
-            Self::json(code, text, tracking_id, now)
-        } else {
-            Self::plain(code, text, tracking_id, now)
-        }
-    }
-
-    /// The newer style, used by the direct-method endpoints for every error: `Message` is a
-    /// JSON document with the numeric code.
+    /// The body twinhub sends for every error: `Message` is the JSON [`ErrorDetail`] carrying
+    /// the numeric code, the style IoT Hub's direct-method endpoints use.
     pub fn json(code: ErrorCode, text: &str, tracking_id: &str, now: jiff::Timestamp) -> ErrorBody {
-        // json! keeps insertion order (preserve_order), giving the real hub's key order.
-        let detail = serde_json::json!({
-            "errorCode": code.code(),
-            "trackingId": tracking_id,
-            "message": text,
-            "info": {},
-            "timestampUtc": format_timestamp(now),
-        });
+        let detail = ErrorDetail {
+            error_code: code.code(),
+            tracking_id: tracking_id.to_owned(),
+            message: text.to_owned(),
+            info: serde_json::Map::new(),
+            timestamp_utc: format_timestamp(now),
+        };
         ErrorBody {
-            message: detail.to_string(),
+            // Strings and a map always serialise; the field order is the real hub's.
+            message: serde_json::to_string(&detail).unwrap_or_default(),
             exception_message: String::new(),
-        }
-    }
-
-    /// The registry style: `Message` is `ErrorCode:<Name>;<text>`.
-    pub fn plain(
-        code: ErrorCode,
-        text: &str,
-        tracking_id: &str,
-        now: jiff::Timestamp,
-    ) -> ErrorBody {
-        ErrorBody {
-            message: format!("{PLAIN_PREFIX}{};{text}", code.name()),
-            exception_message: format!(
-                "Tracking ID:{tracking_id}-G:0-TimeStamp:{}",
-                format_exception_time(now)
-            ),
         }
     }
 
@@ -339,30 +306,8 @@ mod tests {
     }
 
     #[test]
-    fn plain_style_body() {
-        let body = ErrorBody::new(
-            ErrorCode::DeviceNotFound,
-            "Device d1 not found",
-            "abc123",
-            now(),
-        );
-        assert_eq!(body.message, "ErrorCode:DeviceNotFound;Device d1 not found");
-        assert_eq!(
-            body.exception_message,
-            "Tracking ID:abc123-G:0-TimeStamp:11/12/2019 22:27:46"
-        );
-        let json = serde_json::to_string(&body).unwrap_or_default();
-        assert_eq!(
-            json,
-            r#"{"Message":"ErrorCode:DeviceNotFound;Device d1 not found","ExceptionMessage":"Tracking ID:abc123-G:0-TimeStamp:11/12/2019 22:27:46"}"#
-        );
-        assert_eq!(body.parse_code(), Some(ErrorCode::DeviceNotFound));
-        assert_eq!(body.detail(), None);
-    }
-
-    #[test]
-    fn json_style_body_for_method_errors() {
-        let body = ErrorBody::new(ErrorCode::DeviceNotOnline, "Timed out", "t-1", now());
+    fn json_style_body() {
+        let body = ErrorBody::json(ErrorCode::DeviceNotOnline, "Timed out", "t-1", now());
         assert_eq!(
             body.message,
             r#"{"errorCode":404103,"trackingId":"t-1","message":"Timed out","info":{},"timestampUtc":"2019-11-12T22:27:46.5615872Z"}"#
@@ -372,14 +317,15 @@ mod tests {
         let detail = body.detail();
         assert_eq!(detail.as_ref().map(|d| d.tracking_id.as_str()), Some("t-1"));
 
-        let timeout = ErrorBody::new(ErrorCode::GatewayTimeout, "no answer", "t-2", now());
-        assert!(timeout.message.starts_with(r#"{"errorCode":504101,"#));
-        assert_eq!(timeout.parse_code(), Some(ErrorCode::GatewayTimeout));
+        // Registry codes travel in the same style.
+        let missing = ErrorBody::json(ErrorCode::DeviceNotFound, "no d1", "t-2", now());
+        assert!(missing.message.starts_with(r#"{"errorCode":404001,"#));
+        assert_eq!(missing.parse_code(), Some(ErrorCode::DeviceNotFound));
     }
 
     #[test]
     fn json_text_is_escaped() {
-        let body = ErrorBody::new(ErrorCode::GatewayTimeout, "say \"hi\"\n", "t", now());
+        let body = ErrorBody::json(ErrorCode::GatewayTimeout, "say \"hi\"\n", "t", now());
         assert_eq!(
             body.detail().map(|d| d.message),
             Some("say \"hi\"\n".to_owned())

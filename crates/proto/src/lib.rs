@@ -8,8 +8,10 @@
 //! * [`time`]: IoT Hub's timestamp spelling.
 //! * [`topic`]: the device-facing MQTT topic grammar and property bags.
 //! * [`ids`]: device id, module id and method name rules.
+//! * [`encoding`]: the percent-encoding IoT Hub's SDKs use in paths, topics and tokens.
 
 pub mod connection_string;
+pub mod encoding;
 pub mod error;
 pub mod ids;
 pub mod model;
@@ -17,13 +19,15 @@ pub mod sas;
 pub mod time;
 pub mod topic;
 
-mod encoding;
-
 pub use connection_string::{ConnectionString, ConnectionStringError, ConnectionStringKind};
 pub use error::{ERROR_CODE_HEADER, ErrorBody, ErrorCode};
 pub use ids::{IdError, validate_device_id, validate_method_name, validate_module_id};
 pub use sas::{SasError, SasToken, generate_sas_token};
 pub use topic::{Delivery, Inbound, Subscription, TopicError};
+
+/// The api-version twinhub speaks and the official SDKs send, on REST query strings and in the
+/// MQTT user name (see [`topic::mqtt_username`]).
+pub const API_VERSION: &str = "2021-04-12";
 
 /// Any error this crate reports, for callers that want one type. Each module also exposes its
 /// own error enum with the specific variants.

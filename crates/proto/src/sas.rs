@@ -164,19 +164,11 @@ impl SasToken {
     /// A key or signature that is not valid base64 never verifies. Expiry is not checked
     /// here; see [`SasToken::is_expired`].
     pub fn verify(&self, key_base64: &str) -> bool {
-        let Ok(key) = decode_key(key_base64) else {
-            return false;
-        };
         let Ok(expected) = BASE64_STANDARD.decode(self.signature.as_bytes()) else {
             return false;
         };
-        let Ok(mut mac) = HmacSha256::new_from_slice(&key) else {
-            return false;
-        };
-        mac.update(self.sr_raw.as_bytes());
-        mac.update(b"\n");
-        mac.update(self.se_raw.as_bytes());
-        mac.verify_slice(&expected).is_ok()
+        signer(key_base64, &self.sr_raw, &self.se_raw)
+            .is_ok_and(|mac| mac.verify_slice(&expected).is_ok())
     }
 
     /// Whether the token has expired at `now_unix` (a token expiring exactly now is expired).
@@ -224,12 +216,8 @@ pub fn generate_sas_token(
     if key_name.is_some_and(str::is_empty) {
         return Err(SasError::EmptyValue("skn"));
     }
-    let key = decode_key(key_base64)?;
     let sr = quote(resource_uri);
-    let mut mac = HmacSha256::new_from_slice(&key).map_err(|_| SasError::InvalidKey)?;
-    mac.update(sr.as_bytes());
-    mac.update(b"\n");
-    mac.update(expiry_unix.to_string().as_bytes());
+    let mac = signer(key_base64, &sr, &expiry_unix.to_string())?;
     let sig = BASE64_STANDARD.encode(mac.finalize().into_bytes());
     let mut token = format!("{SAS_PREFIX}sr={sr}&sig={}&se={expiry_unix}", quote(&sig));
     if let Some(name) = key_name {
@@ -245,6 +233,17 @@ pub fn device_resource_uri(host: &str, device_id: &str, module_id: Option<&str>)
         Some(module_id) => format!("{host}/devices/{device_id}/modules/{module_id}"),
         None => format!("{host}/devices/{device_id}"),
     }
+}
+
+/// The HMAC-SHA256 under `key_base64` over a token's string to sign, `{sr}\n{se}` (both as
+/// they appear in the token), ready to finalise or to check a signature against.
+fn signer(key_base64: &str, sr: &str, se: &str) -> Result<HmacSha256, SasError> {
+    let key = decode_key(key_base64)?;
+    let mut mac = HmacSha256::new_from_slice(&key).map_err(|_| SasError::InvalidKey)?;
+    mac.update(sr.as_bytes());
+    mac.update(b"\n");
+    mac.update(se.as_bytes());
+    Ok(mac)
 }
 
 fn decode_key(key_base64: &str) -> Result<Vec<u8>, SasError> {

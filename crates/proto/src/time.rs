@@ -2,7 +2,6 @@
 //! `0001-01-01T00:00:00Z` for "never". Models keep them as `String`; core and server convert.
 
 use jiff::Timestamp;
-use jiff::tz::TimeZone;
 
 /// The value IoT Hub reports for a time that was never set (e.g. `statusUpdateTime`).
 pub const NEVER: &str = "0001-01-01T00:00:00Z";
@@ -39,20 +38,6 @@ pub fn is_never(ts: Timestamp) -> bool {
 /// The instant of [`NEVER`] as a timestamp.
 pub fn never() -> Timestamp {
     Timestamp::from_second(NEVER_UNIX_SECONDS).unwrap_or(Timestamp::MIN)
-}
-
-/// `MM/DD/YYYY HH:MM:SS` in UTC, the form used in `ExceptionMessage` tracking text.
-pub(crate) fn format_exception_time(ts: Timestamp) -> String {
-    let dt = TimeZone::UTC.to_datetime(ts);
-    format!(
-        "{:02}/{:02}/{:04} {:02}:{:02}:{:02}",
-        dt.month(),
-        dt.day(),
-        dt.year(),
-        dt.hour(),
-        dt.minute(),
-        dt.second()
-    )
 }
 
 #[cfg(test)]
@@ -116,17 +101,5 @@ mod tests {
         assert_eq!(n, never());
         assert_eq!(format_timestamp(n), NEVER);
         assert!(!is_never(ts("0001-01-01T00:00:00.0000001Z")));
-    }
-
-    #[test]
-    fn exception_time_is_us_style() {
-        assert_eq!(
-            format_exception_time(ts("2019-11-12T22:27:46.5615872Z")),
-            "11/12/2019 22:27:46"
-        );
-        assert_eq!(
-            format_exception_time(ts("2021-03-04T05:06:07Z")),
-            "03/04/2021 05:06:07"
-        );
     }
 }

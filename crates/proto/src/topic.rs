@@ -1,5 +1,6 @@
 //! The device-facing MQTT topic grammar of IoT Hub: parse what devices publish and subscribe
-//! to, and format what the hub sends them (plus the device-side formats the Rust SDK needs).
+//! to, and format what the hub sends them (plus the device-side formats the Rust SDK needs,
+//! and the CONNECT user name).
 //!
 //! The server's MQTT session uses [`parse_publish_topic`], [`parse_subscription`] and the hub
 //! formatters; the Rust SDK uses [`parse_delivery_topic`] and the device formatters. Device
@@ -139,21 +140,11 @@ pub fn parse_publish_topic(topic: &str) -> Result<Inbound<'_>, TopicError> {
         };
     }
     let unknown = || TopicError::UnknownTopic(excerpt(topic));
-    let rest = topic.strip_prefix(DEVICES_PREFIX).ok_or_else(unknown)?;
-    let (device_id, rest) = rest.split_once('/').ok_or_else(unknown)?;
-    if device_id.is_empty() {
-        return Err(TopicError::EmptyDeviceId);
-    }
-    let (module_id, rest) = match rest.strip_prefix("modules/") {
-        Some(rest) => {
-            let (module_id, rest) = rest.split_once('/').ok_or_else(unknown)?;
-            if module_id.is_empty() {
-                return Err(TopicError::EmptyModuleId);
-            }
-            (Some(module_id), rest)
-        }
-        None => (None, rest),
-    };
+    let Ids {
+        device_id,
+        module_id,
+        rest,
+    } = split_ids(topic)?.ok_or_else(unknown)?;
     // Tolerate a missing trailing '/' when there is no property bag.
     let properties = if rest == "messages/events" {
         ""
@@ -199,22 +190,20 @@ pub fn parse_delivery_topic(topic: &str) -> Result<Delivery<'_>, TopicError> {
         };
     }
     let unknown = || TopicError::UnknownTopic(excerpt(topic));
-    let rest = topic.strip_prefix(DEVICES_PREFIX).ok_or_else(unknown)?;
-    let (device_id, rest) = rest.split_once('/').ok_or_else(unknown)?;
-    if device_id.is_empty() {
-        return Err(TopicError::EmptyDeviceId);
-    }
-    if let Some(properties) = rest.strip_prefix("messages/devicebound/") {
+    let Ids {
+        device_id,
+        module_id,
+        rest,
+    } = split_ids(topic)?.ok_or_else(unknown)?;
+    let Some(module_id) = module_id else {
+        let properties = rest
+            .strip_prefix("messages/devicebound/")
+            .ok_or_else(unknown)?;
         return Ok(Delivery::CloudToDevice {
             device_id,
             properties,
         });
-    }
-    let rest = rest.strip_prefix("modules/").ok_or_else(unknown)?;
-    let (module_id, rest) = rest.split_once('/').ok_or_else(unknown)?;
-    if module_id.is_empty() {
-        return Err(TopicError::EmptyModuleId);
-    }
+    };
     let rest = rest.strip_prefix("inputs/").ok_or_else(unknown)?;
     let (input_name, properties) = rest.split_once('/').ok_or_else(unknown)?;
     if input_name.is_empty() {
@@ -239,27 +228,26 @@ pub fn parse_subscription(filter: &str) -> Result<Subscription, TopicError> {
         DESIRED_PATCHES_FILTER => return Ok(Subscription::DesiredPatches),
         _ => {}
     }
-    let literal_level = |s: &str| !s.is_empty() && !s.contains(['/', '+', '#']);
-    let rest = filter.strip_prefix(DEVICES_PREFIX);
-    if let Some(device_id) = rest.and_then(|r| r.strip_suffix("/messages/devicebound/#"))
-        && literal_level(device_id)
-    {
-        return Ok(Subscription::CloudToDevice {
-            device_id: device_id.to_owned(),
-        });
+    let unknown = || TopicError::UnknownSubscription(excerpt(filter));
+    let Ids {
+        device_id,
+        module_id,
+        rest,
+    } = split_ids(filter).ok().flatten().ok_or_else(unknown)?;
+    let wildcard = |level: &str| level.contains(['+', '#']);
+    if wildcard(device_id) || module_id.is_some_and(wildcard) {
+        return Err(unknown());
     }
-    if let Some((device_id, module_id)) = rest
-        .and_then(|r| r.strip_suffix("/inputs/#"))
-        .and_then(|ids| ids.split_once("/modules/"))
-        && literal_level(device_id)
-        && literal_level(module_id)
-    {
-        return Ok(Subscription::ModuleInputs {
+    match (module_id, rest) {
+        (None, "messages/devicebound/#") => Ok(Subscription::CloudToDevice {
+            device_id: device_id.to_owned(),
+        }),
+        (Some(module_id), "inputs/#") => Ok(Subscription::ModuleInputs {
             device_id: device_id.to_owned(),
             module_id: module_id.to_owned(),
-        });
+        }),
+        _ => Err(unknown()),
     }
-    Err(TopicError::UnknownSubscription(excerpt(filter)))
 }
 
 impl Subscription {
@@ -280,8 +268,9 @@ impl Subscription {
     }
 
     /// Whether `topic` matches this subscription's filter (a trailing `#` also matches its
-    /// parent level, as MQTT specifies).
-    pub fn matches(&self, topic: &str) -> bool {
+    /// parent level, as MQTT specifies): the tests' check that formatters and filters agree.
+    #[cfg(test)]
+    fn matches(&self, topic: &str) -> bool {
         let filter = self.filter();
         let parent = filter.strip_suffix("/#").unwrap_or(&filter);
         match topic.strip_prefix(parent) {
@@ -289,6 +278,15 @@ impl Subscription {
             None => false,
         }
     }
+}
+
+/// The CONNECT user name IoT Hub expects from a device: `{host}/{deviceId}/?api-version=..`.
+/// Clients may append `&key=value` items (the SDKs add `DeviceClientType`).
+pub fn mqtt_username(host_name: &str, device_id: &str) -> String {
+    format!(
+        "{host_name}/{device_id}/?api-version={}",
+        crate::API_VERSION
+    )
 }
 
 /// `$iothub/methods/POST/{method_name}/?$rid={rid}`.
@@ -417,9 +415,50 @@ pub fn parse_property_bag(bag: &str) -> Vec<(String, String)> {
 
 /// The percent-decoded value of query parameter `name` (e.g. `"$rid"`) in `topic`, if the
 /// topic has a query with that key and the value is valid UTF-8.
-pub fn query_param<'a>(topic: &'a str, name: &str) -> Option<Cow<'a, str>> {
+#[cfg(test)]
+fn query_param<'a>(topic: &'a str, name: &str) -> Option<Cow<'a, str>> {
     let (_, query) = split_query(topic);
     find_param(query?, name).ok().flatten()
+}
+
+/// The id levels at the start of a `devices/{d}/[modules/{m}/]rest` topic or filter.
+struct Ids<'a> {
+    device_id: &'a str,
+    module_id: Option<&'a str>,
+    /// What follows the ids' trailing `/`.
+    rest: &'a str,
+}
+
+/// Splits off the id levels. `Ok(None)` when `topic` does not start that way; an id level that
+/// is there but empty is an error.
+fn split_ids(topic: &str) -> Result<Option<Ids<'_>>, TopicError> {
+    let Some((device_id, rest)) = topic
+        .strip_prefix(DEVICES_PREFIX)
+        .and_then(|r| r.split_once('/'))
+    else {
+        return Ok(None);
+    };
+    if device_id.is_empty() {
+        return Err(TopicError::EmptyDeviceId);
+    }
+    let Some(rest) = rest.strip_prefix("modules/") else {
+        return Ok(Some(Ids {
+            device_id,
+            module_id: None,
+            rest,
+        }));
+    };
+    let Some((module_id, rest)) = rest.split_once('/') else {
+        return Ok(None);
+    };
+    if module_id.is_empty() {
+        return Err(TopicError::EmptyModuleId);
+    }
+    Ok(Some(Ids {
+        device_id,
+        module_id: Some(module_id),
+        rest,
+    }))
 }
 
 /// Splits at the first `?` into path and query.
@@ -710,6 +749,14 @@ mod tests {
     }
 
     #[test]
+    fn username_names_hub_device_and_api_version() {
+        assert_eq!(
+            mqtt_username("hub.example.net", "d1"),
+            "hub.example.net/d1/?api-version=2021-04-12"
+        );
+    }
+
+    #[test]
     fn hub_formatters() {
         assert_eq!(
             method_request_topic("reboot", "12"),
@@ -880,6 +927,21 @@ mod tests {
         };
         assert!(inputs.matches(&module_input_topic("d", "m", "in", &[])));
         assert!(!inputs.matches(&module_input_topic("d", "m2", "in", &[])));
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn message_topics_match_their_subscriptions(
+            device in "[A-Za-z0-9:.%_*?!(),=@;$'-]{1,40}",
+            module in "[A-Za-z0-9:.%_*?!(),=@;$'-]{1,40}",
+            input in "[A-Za-z0-9_-]{1,20}",
+            properties in proptest::collection::vec((".*", ".*"), 0..4),
+        ) {
+            let c2d = Subscription::CloudToDevice { device_id: device.clone() };
+            proptest::prop_assert!(c2d.matches(&c2d_topic(&device, &properties)));
+            let inputs = Subscription::ModuleInputs { device_id: device.clone(), module_id: module.clone() };
+            proptest::prop_assert!(inputs.matches(&module_input_topic(&device, &module, &input, &properties)));
+        }
     }
 
     #[test]

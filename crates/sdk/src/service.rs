@@ -5,13 +5,14 @@
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use futures_util::Stream;
-use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, utf8_percent_encode};
 use reqwest::{Method, StatusCode};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use serde_json::Value;
+use twinhub_proto::API_VERSION;
 use twinhub_proto::connection_string::{ConnectionString, ConnectionStringKind};
-use twinhub_proto::error::{ERROR_CODE_HEADER, ErrorBody, ErrorCode};
+use twinhub_proto::encoding::quote;
+use twinhub_proto::error::{ERROR_CODE_HEADER, ErrorCode};
 use twinhub_proto::model::{
     AuthenticationMechanism, AuthenticationType, BulkRegistryOperationResult, CloudToDeviceMethod,
     CloudToDeviceMethodResult, Device, DeviceCapabilities, DeviceStatus, ExportImportDevice,
@@ -21,16 +22,6 @@ use twinhub_proto::model::{
 use twinhub_proto::sas::generate_sas_token;
 
 use crate::error::{Error, Result};
-
-/// The REST api-version the official SDKs send.
-pub const API_VERSION: &str = "2021-04-12";
-
-/// Path segments are encoded like the official SDKs do (`quote(s, safe='')`).
-const SEGMENT: &AsciiSet = &NON_ALPHANUMERIC
-    .remove(b'-')
-    .remove(b'.')
-    .remove(b'_')
-    .remove(b'~');
 
 /// What to create a device with; defaults to an enabled SAS device with hub-generated keys.
 #[derive(Debug, Clone, Default)]
@@ -124,8 +115,9 @@ pub struct ServiceClient {
     token_ttl: Duration,
 }
 
+/// A path segment, encoded like the official SDKs do (`quote(s, safe='')`).
 fn segment(s: &str) -> String {
-    utf8_percent_encode(s, SEGMENT).to_string()
+    quote(s).into_owned()
 }
 
 impl ServiceClient {
@@ -327,23 +319,21 @@ impl ServiceClient {
             .await?;
         // IoT Hub answers 400 with the same result shape when some operations failed; any
         // other refusal carries the usual error body.
-        if resp.status() != StatusCode::OK && resp.status() != StatusCode::BAD_REQUEST {
+        let status = resp.status();
+        if status != StatusCode::OK && status != StatusCode::BAD_REQUEST {
             return Err(hub_error(resp).await);
         }
-        let status = resp.status().as_u16();
-        let text = resp
-            .text()
+        let named = named_code(&resp);
+        let body = resp
+            .bytes()
             .await
             .map_err(|e| Error::Unreachable(error_chain(&e)))?;
-        match serde_json::from_str::<BulkRegistryOperationResult>(&text) {
-            Ok(r) if text.contains("isSuccessful") => Ok(r),
-            _ => Err(Error::Hub {
-                status,
-                code: serde_json::from_str::<ErrorBody>(&text)
-                    .ok()
-                    .and_then(|b| b.parse_code()),
-                message: text,
-            }),
+        match bulk_result(&body) {
+            Some(result) => Ok(result),
+            None if status == StatusCode::OK => Err(Error::Protocol(
+                "the answer to a bulk request is not a bulk result".into(),
+            )),
+            None => Err(Error::from_hub(status.as_u16(), named, &body)),
         }
     }
 
@@ -772,29 +762,28 @@ fn twin_patch(patch: &Value) -> Result<Twin> {
     Ok(twin)
 }
 
-/// Turns an error response into [`Error::Hub`], reading the code from the
-/// `iothub-errorcode` header or the body.
+/// Turns an error response into [`Error::Hub`].
 async fn hub_error(resp: reqwest::Response) -> Error {
     let status = resp.status().as_u16();
-    let header_code = resp
-        .headers()
+    let named = named_code(&resp);
+    let body = resp.bytes().await.unwrap_or_default();
+    Error::from_hub(status, named, &body)
+}
+
+/// The code the `iothub-errorcode` header names.
+fn named_code(resp: &reqwest::Response) -> Option<ErrorCode> {
+    resp.headers()
         .get(ERROR_CODE_HEADER)
         .and_then(|v| v.to_str().ok())
-        .and_then(ErrorCode::from_name);
-    let text = resp.text().await.unwrap_or_default();
-    let body: Option<ErrorBody> = serde_json::from_str(&text).ok();
-    let code = header_code.or_else(|| body.as_ref().and_then(|b| b.parse_code()));
-    // Any JSON object parses as an ErrorBody (its fields default): keep the raw text unless
-    // the body really carried a message.
-    let message = match &body {
-        Some(b) if !b.message.is_empty() => b.message.clone(),
-        _ => text,
-    };
-    Error::Hub {
-        status,
-        code,
-        message,
-    }
+        .and_then(ErrorCode::from_name)
+}
+
+/// The bulk result in `body`, `None` for anything else. Every field of the result defaults,
+/// so any JSON object would deserialise: its `isSuccessful` flag must be there.
+fn bulk_result(body: &[u8]) -> Option<BulkRegistryOperationResult> {
+    let value: Value = serde_json::from_slice(body).ok()?;
+    value.get("isSuccessful")?.as_bool()?;
+    serde_json::from_value(value).ok()
 }
 
 fn error_chain(e: &dyn std::error::Error) -> String {
@@ -846,6 +835,25 @@ mod tests {
                 matches!(twin_patch(&bad), Err(Error::InvalidArgument(_))),
                 "{bad}"
             );
+        }
+    }
+
+    #[test]
+    fn bulk_results_are_told_from_error_bodies() {
+        let partial = br#"{"isSuccessful":false,"errors":[{"deviceId":"d1","errorCode":"DeviceNotFound","errorStatus":"gone"}],"warnings":[]}"#;
+        let result = bulk_result(partial).expect("a bulk result");
+        assert!(!result.is_successful);
+        assert_eq!(result.errors[0].device_id, "d1");
+        assert!(bulk_result(br#"{"isSuccessful":true}"#).is_some_and(|r| r.is_successful));
+        for other in [
+            // An error body that merely mentions the flag is still an error body.
+            &br#"{"Message":"ErrorCode:ArgumentInvalid;isSuccessful must be set","ExceptionMessage":""}"#[..],
+            br#"{"isSuccessful":"yes"}"#,
+            br#"{}"#,
+            b"[]",
+            b"not json",
+        ] {
+            assert_eq!(bulk_result(other), None, "{}", String::from_utf8_lossy(other));
         }
     }
 

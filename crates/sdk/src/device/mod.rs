@@ -21,7 +21,6 @@ use bytes::Bytes;
 use serde_json::Value;
 use tokio::sync::{mpsc, oneshot, watch};
 use twinhub_proto::connection_string::{ConnectionString, ConnectionStringKind};
-use twinhub_proto::error::ErrorCode;
 
 use crate::error::{Error, Result};
 pub use messages::{
@@ -257,9 +256,9 @@ impl DeviceClient {
 
     /// Connects once. On success the background task takes over the connection; on failure
     /// nothing runs and the error says why: [`Error::NotAuthorized`] (wrong key, unknown or
-    /// disabled device), [`Error::Unreachable`] (DNS, TCP, TLS), [`Error::TimedOut`] or
-    /// [`Error::Protocol`]. Calling it again after success does nothing; after a failure it
-    /// tries again.
+    /// disabled device), [`Error::Unreachable`] (DNS, TCP, TLS), [`Error::TimedOut`],
+    /// [`Error::Protocol`], or [`Error::Closed`] when [`close`](Self::close) ends the attempt.
+    /// Calling it again after success does nothing; after a failure it tries again.
     pub async fn connect(&self) -> Result<()> {
         let mut pending = self.inner.pending.lock().await;
         if pending.is_none() {
@@ -272,7 +271,14 @@ impl DeviceClient {
         if *self.inner.shared.close.borrow() {
             return Err(Error::Closed);
         }
-        match link::establish(&self.inner.settings).await {
+        // `close` waits for this lock: give up the attempt as soon as it is asked for, rather
+        // than after the connect timeout.
+        let mut close = self.inner.shared.close.subscribe();
+        let attempt = tokio::select! {
+            attempt = link::establish(&self.inner.settings) => attempt,
+            () = task::closed(&mut close) => Err(Error::Closed),
+        };
+        match attempt {
             Ok(link) => {
                 let Some(commands) = pending.take() else {
                     return Err(Error::Closed);
@@ -377,7 +383,7 @@ impl DeviceClient {
         let (reply, answer) = oneshot::channel();
         let reply = self.call(Command::Twin { request, reply }, answer).await?;
         if reply.status >= 300 {
-            return Err(twin_error(&reply));
+            return Err(Error::from_hub(reply.status, None, &reply.payload));
         }
         Ok(reply)
     }
@@ -455,34 +461,6 @@ impl DeviceClient {
     }
 }
 
-/// Turns a twin answer with status >= 300 into [`Error::Hub`], with the message and code
-/// from the hub's error body when it has one.
-fn twin_error(reply: &TwinReply) -> Error {
-    let body: Option<Value> = serde_json::from_slice(&reply.payload).ok();
-    let field = |name: &str| body.as_ref().and_then(|b| b.get(name));
-    let code = field("errorCode")
-        .and_then(Value::as_u64)
-        .and_then(|c| u32::try_from(c).ok())
-        .and_then(ErrorCode::from_code);
-    let message = field("message")
-        .or_else(|| field("Message"))
-        .and_then(Value::as_str)
-        .map(str::to_string)
-        .unwrap_or_else(|| {
-            let text = String::from_utf8_lossy(&reply.payload).trim().to_string();
-            if text.is_empty() {
-                format!("twin operation returned status {}", reply.status)
-            } else {
-                text
-            }
-        });
-    Error::Hub {
-        status: reply.status,
-        code,
-        message,
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -543,35 +521,6 @@ mod tests {
         assert!(!format!("{client:?}").contains(KEY));
     }
 
-    #[test]
-    fn twin_errors_carry_status_code_and_message() {
-        let reply = TwinReply {
-            status: 400,
-            version: None,
-            payload: Bytes::from_static(
-                br#"{"errorCode":400004,"trackingId":"t","message":"bad patch","timestampUtc":"x"}"#,
-            ),
-        };
-        match twin_error(&reply) {
-            Error::Hub {
-                status,
-                code,
-                message,
-            } => {
-                assert_eq!(status, 400);
-                assert_eq!(code, Some(ErrorCode::ArgumentInvalid));
-                assert_eq!(message, "bad patch");
-            }
-            other => panic!("{other:?}"),
-        }
-        let bare = TwinReply {
-            status: 429,
-            version: None,
-            payload: Bytes::new(),
-        };
-        assert!(twin_error(&bare).to_string().contains("429"));
-    }
-
     #[tokio::test]
     async fn operations_before_connect_fail_closed_after_close() {
         let device = format!("HostName=h;DeviceId=d1;SharedAccessKey={KEY}");
@@ -595,5 +544,44 @@ mod tests {
             client.send_event("x", &[]).await,
             Err(Error::Closed)
         ));
+    }
+
+    #[tokio::test]
+    async fn close_ends_a_connect_the_hub_never_answers() {
+        // A peer that accepts TCP and then stays silent: the TLS handshake would wait for the
+        // whole connect timeout.
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let (accepted, dialled) = oneshot::channel();
+        let silent = tokio::spawn(async move {
+            let (_socket, _) = listener.accept().await.expect("the client dials");
+            let _ = accepted.send(());
+            std::future::pending::<()>().await;
+        });
+        let device = format!("HostName=127.0.0.1;DeviceId=d1;SharedAccessKey={KEY}");
+        let client = DeviceClient::builder(&device)
+            .port(port)
+            .connect_timeout(Duration::from_secs(120))
+            .build()
+            .unwrap();
+        let connecting = {
+            let client = client.clone();
+            tokio::spawn(async move { client.connect().await })
+        };
+        let bound = Duration::from_secs(5);
+        tokio::time::timeout(bound, dialled)
+            .await
+            .expect("the client dials")
+            .expect("the listener reports the connection");
+        tokio::time::timeout(bound, client.close())
+            .await
+            .expect("close returns without waiting for the connect timeout");
+        let result = tokio::time::timeout(bound, connecting)
+            .await
+            .expect("connect ends with close")
+            .expect("no panic");
+        assert!(matches!(result, Err(Error::Closed)), "{result:?}");
+        assert!(*client.inner.shared.done.borrow());
+        silent.abort();
     }
 }

@@ -6,24 +6,15 @@ use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, utf8_percent_encode};
 use rustls::RootCertStore;
 use rustls::pki_types::ServerName;
 use rustls::pki_types::pem::PemObject;
 use rustls_pki_types::CertificateDer;
+use twinhub_proto::encoding::quote;
 use twinhub_proto::sas::{device_resource_uri, generate_sas_token};
+use twinhub_proto::topic::mqtt_username;
 
 use crate::error::{Error, Result};
-
-/// The api-version IoT Hub's MQTT endpoint is told about in the user name.
-pub(crate) const MQTT_API_VERSION: &str = "2021-04-12";
-
-/// `quote(s, safe="")`, the encoding IoT Hub's user name query expects.
-const QUERY_VALUE: &AsciiSet = &NON_ALPHANUMERIC
-    .remove(b'-')
-    .remove(b'.')
-    .remove(b'_')
-    .remove(b'~');
 
 /// How the MQTT bytes travel to the hub.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
@@ -84,10 +75,9 @@ impl Settings {
     pub fn username(&self) -> String {
         let client_type = format!("twinhub-sdk-rust/{}", env!("CARGO_PKG_VERSION"));
         format!(
-            "{}/{}/?api-version={MQTT_API_VERSION}&DeviceClientType={}",
-            self.host_name,
-            self.device_id,
-            utf8_percent_encode(&client_type, QUERY_VALUE)
+            "{}&DeviceClientType={}",
+            mqtt_username(&self.host_name, &self.device_id),
+            quote(&client_type)
         )
     }
 
