@@ -235,24 +235,10 @@ impl Report {
             ));
             t.header(false);
             let (h, p) = (pair.twinhub.as_ref(), pair.mosquitto.as_ref());
-            t.row(
-                "",
-                "acks/s",
-                h.map(|x| x.per_second),
-                p.map(|x| x.per_second),
-                None,
-                Unit::Rate,
-            );
+            t.pair("acks/s", h, p, Unit::Rate, |x| Some(x.per_second));
             latency_rows(&mut t, h.map(|x| &x.latency), p.map(|x| &x.latency), None);
             cpu_rows(&mut t, h, p, None);
-            t.row(
-                "",
-                "errors",
-                h.map(|x| x.errors as f64),
-                p.map(|x| x.errors as f64),
-                None,
-                Unit::Count,
-            );
+            t.pair("errors", h, p, Unit::Count, |x| Some(x.errors as f64));
         }
 
         if let Some(pair) = &self.connect {
@@ -265,64 +251,21 @@ impl Report {
                 self.settings.connect_concurrency
             ));
             t.header(false);
-            t.row(
-                "",
-                "connected",
-                h.map(|x| x.connected as f64),
-                p.map(|x| x.connected as f64),
-                None,
-                Unit::Count,
-            );
-            t.row(
-                "",
-                "connections/s",
-                h.map(|x| x.per_second),
-                p.map(|x| x.per_second),
-                None,
-                Unit::Rate,
-            );
-            t.row(
-                "",
-                "handshake p50 ms",
-                h.map(|x| ms(x.handshake.p50_us)),
-                p.map(|x| ms(x.handshake.p50_us)),
-                None,
-                Unit::Ms,
-            );
-            t.row(
-                "",
-                "handshake p99 ms",
-                h.map(|x| ms(x.handshake.p99_us)),
-                p.map(|x| ms(x.handshake.p99_us)),
-                None,
-                Unit::Ms,
-            );
-            t.row(
-                "",
-                "server RSS MiB",
-                h.and_then(|x| x.server_rss_after).map(|b| mib(b as f64)),
-                p.and_then(|x| x.server_rss_after).map(|b| mib(b as f64)),
-                None,
-                Unit::Mib,
-            );
-            t.row(
-                "",
-                "RSS KiB/connection",
-                h.and_then(|x| x.server_rss_per_connection)
-                    .map(|b| b / 1024.0),
-                p.and_then(|x| x.server_rss_per_connection)
-                    .map(|b| b / 1024.0),
-                None,
-                Unit::Mib,
-            );
-            t.row(
-                "",
-                "errors",
-                h.map(|x| x.errors as f64),
-                p.map(|x| x.errors as f64),
-                None,
-                Unit::Count,
-            );
+            t.pair("connected", h, p, Unit::Count, |x| Some(x.connected as f64));
+            t.pair("connections/s", h, p, Unit::Rate, |x| Some(x.per_second));
+            t.pair("handshake p50 ms", h, p, Unit::Ms, |x| {
+                Some(ms(x.handshake.p50_us))
+            });
+            t.pair("handshake p99 ms", h, p, Unit::Ms, |x| {
+                Some(ms(x.handshake.p99_us))
+            });
+            t.pair("server RSS MiB", h, p, Unit::Mib, |x| {
+                x.server_rss_after.map(|b| mib(b as f64))
+            });
+            t.pair("RSS KiB/connection", h, p, Unit::Mib, |x| {
+                x.server_rss_per_connection.map(|b| b / 1024.0)
+            });
+            t.pair("errors", h, p, Unit::Count, |x| Some(x.errors as f64));
         }
 
         if let Some(pair) = &self.desired_fanout {
@@ -334,39 +277,11 @@ impl Report {
             ));
             t.header(false);
             let (h, p) = (pair.twinhub.as_ref(), pair.mosquitto.as_ref());
-            t.row(
-                "",
-                "time to all s",
-                h.and_then(|x| x.seconds_to_all),
-                p.and_then(|x| x.seconds_to_all),
-                None,
-                Unit::Secs,
-            );
-            t.row(
-                "",
-                "devices/s",
-                h.map(|x| x.per_second),
-                p.map(|x| x.per_second),
-                None,
-                Unit::Rate,
-            );
+            t.pair("time to all s", h, p, Unit::Secs, |x| x.seconds_to_all);
+            t.pair("devices/s", h, p, Unit::Rate, |x| Some(x.per_second));
             latency_rows(&mut t, h.map(|x| &x.latency), p.map(|x| &x.latency), None);
-            t.row(
-                "",
-                "received",
-                h.map(|x| x.received as f64),
-                p.map(|x| x.received as f64),
-                None,
-                Unit::Count,
-            );
-            t.row(
-                "",
-                "errors",
-                h.map(|x| x.errors as f64),
-                p.map(|x| x.errors as f64),
-                None,
-                Unit::Count,
-            );
+            t.pair("received", h, p, Unit::Count, |x| Some(x.received as f64));
+            t.pair("errors", h, p, Unit::Count, |x| Some(x.errors as f64));
         }
 
         if !self.targets.is_empty() {
@@ -520,6 +435,26 @@ impl Table {
             let _ = write!(s, " {:>12}", "TLS floor");
         }
         self.line(&s);
+    }
+
+    /// A row of twinhub beside Mosquitto with no floor column, `pick` reading the figure from
+    /// either side's result.
+    fn pair<T>(
+        &mut self,
+        metric: &str,
+        hub: Option<&T>,
+        peer: Option<&T>,
+        unit: Unit,
+        pick: impl Fn(&T) -> Option<f64>,
+    ) {
+        self.row(
+            "",
+            metric,
+            hub.and_then(&pick),
+            peer.and_then(&pick),
+            None,
+            unit,
+        );
     }
 
     fn row(

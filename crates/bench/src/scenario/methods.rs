@@ -5,7 +5,6 @@
 //! on `bench/res/{caller}/{rid}`, the caller times it. Devices answer the same way on both
 //! (QoS 1, as the official device SDKs do).
 
-use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -17,8 +16,8 @@ use twinhub_proto::model::CloudToDeviceMethod;
 use twinhub_proto::topic::{self, Delivery};
 
 use super::{
-    Ctx, DRAIN_LIMIT, Flavor, Stop, Target, connect_fleet, cpu_of, cpu_probe, stop_devices,
-    window_bar,
+    Ctx, Flavor, Outcome, Stop, Target, closed_loop, connect_fleet, cpu_of, cpu_probe,
+    stop_devices, window_bar,
 };
 use crate::error::{Error, Result};
 use crate::hub::device_id;
@@ -263,60 +262,31 @@ async fn broker_callers(ctx: &Ctx, target: &Target, shape: Shape) -> Result<Thro
 
 /// One caller connection's closed loop: `slots` requests in flight until the window closes.
 async fn broker_caller(
-    mut conn: Conn,
+    conn: Conn,
     name: &str,
     slots: usize,
     devices: usize,
     first: usize,
     window: Window,
 ) -> Result<Recorder> {
-    let mut rec = Recorder::new();
-    let mut inflight: HashMap<u64, Instant> = HashMap::with_capacity(slots);
     let mut next_rid = 0u64;
-    let mut issue = |conn: &mut Conn, inflight: &mut HashMap<u64, Instant>| -> Result<()> {
+    let issue = |conn: &mut Conn| -> Result<u64> {
         let rid = next_rid;
         next_rid += 1;
         let device = device_id((first + rid as usize) % devices);
         let payload = Bytes::from(format!("{{\"seq\":{rid}}}"));
-        inflight.insert(rid, Instant::now());
         conn.publish(
             format!("bench/req/{device}/{name}/{rid}"),
             QoS::AtMostOnce,
             payload,
         )?;
-        Ok(())
+        Ok(rid)
     };
-    if window.open(Instant::now()) {
-        for _ in 0..slots {
-            issue(&mut conn, &mut inflight)?;
-        }
-    }
-    conn.flush().await?;
-    let drain_deadline = tokio::time::Instant::from_std(window.end + DRAIN_LIMIT);
-    while !inflight.is_empty() {
-        match tokio::time::timeout_at(drain_deadline, conn.read_more()).await {
-            Ok(read) => read?,
-            // Whatever is still outstanding is lost or very late: it is not counted.
-            Err(_) => break,
-        }
-        let now = Instant::now();
-        while let Some(packet) = conn.next_buffered()? {
-            let Packet::Publish(p) = packet else { continue };
-            let Some(sent) = reply_rid(name, p.topic.as_str()).and_then(|r| inflight.remove(&r))
-            else {
-                continue;
-            };
-            if window.counts(now) {
-                rec.record(now - sent);
-            }
-            if window.open(now) {
-                issue(&mut conn, &mut inflight)?;
-            }
-        }
-        conn.flush().await?;
-    }
-    conn.close().await;
-    Ok(rec)
+    let answer = |packet: Packet| match packet {
+        Packet::Publish(p) => reply_rid(name, p.topic.as_str()).map(Outcome::Done),
+        _ => None,
+    };
+    closed_loop(conn, slots, window, issue, answer).await
 }
 
 #[cfg(test)]

@@ -8,6 +8,7 @@ pub mod fanout;
 pub mod methods;
 pub mod twin;
 
+use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -21,7 +22,7 @@ use crate::hub::{DEVICE_KEY, HOSTNAME, device_id};
 use crate::machine::{cpu_seconds, machine_cpu_seconds};
 use crate::mqtt::{Conn, Login};
 use crate::progress::Progress;
-use crate::stats::{CpuUse, Window};
+use crate::stats::{CpuUse, Recorder, Window};
 use crate::tls;
 
 /// How long one connection may take from TCP connect to CONNACK (and to SUBACK).
@@ -34,6 +35,65 @@ const FLEET_CONCURRENCY: usize = 64;
 /// After the window closes, how long requests still in flight may take before a worker
 /// stops waiting for them (they are then not counted).
 pub const DRAIN_LIMIT: Duration = Duration::from_secs(5);
+
+/// How a closed loop learns that one of its requests ended.
+pub enum Outcome {
+    /// The request under this key succeeded: its latency counts.
+    Done(u64),
+    /// The request under this key was refused; the message says how.
+    Failed(u64, String),
+}
+
+/// One connection's closed loop: `slots` requests in flight while the window is open, each
+/// completion timed from its send and replaced by a new request. `issue` publishes a request
+/// and returns the key its answer will carry; `answer` reads a packet's outcome, if it is
+/// one. After the window, what is still in flight gets [`DRAIN_LIMIT`] and is then dropped.
+pub async fn closed_loop(
+    mut conn: Conn,
+    slots: usize,
+    window: Window,
+    mut issue: impl FnMut(&mut Conn) -> Result<u64>,
+    mut answer: impl FnMut(twinhub_mqtt::Packet) -> Option<Outcome>,
+) -> Result<Recorder> {
+    let mut rec = Recorder::new();
+    let mut inflight: HashMap<u64, Instant> = HashMap::with_capacity(slots);
+    if window.open(Instant::now()) {
+        for _ in 0..slots {
+            inflight.insert(issue(&mut conn)?, Instant::now());
+        }
+    }
+    conn.flush().await?;
+    let drain_deadline = tokio::time::Instant::from_std(window.end + DRAIN_LIMIT);
+    while !inflight.is_empty() {
+        match tokio::time::timeout_at(drain_deadline, conn.read_more()).await {
+            Ok(read) => read?,
+            // Whatever is still outstanding is lost or very late: it is not counted.
+            Err(_) => break,
+        }
+        let now = Instant::now();
+        while let Some(packet) = conn.next_buffered()? {
+            let (key, failure) = match answer(packet) {
+                Some(Outcome::Done(key)) => (key, None),
+                Some(Outcome::Failed(key, why)) => (key, Some(why)),
+                None => continue,
+            };
+            let Some(sent) = inflight.remove(&key) else {
+                continue;
+            };
+            match failure {
+                None if window.counts(now) => rec.record(now - sent),
+                None => {}
+                Some(why) => rec.error(why),
+            }
+            if window.open(now) {
+                inflight.insert(issue(&mut conn)?, Instant::now());
+            }
+        }
+        conn.flush().await?;
+    }
+    conn.close().await;
+    Ok(rec)
+}
 
 /// Which protocol dialect a target speaks.
 #[derive(Clone)]

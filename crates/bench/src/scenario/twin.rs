@@ -3,15 +3,16 @@
 //! broker is a QoS 1 PUBLISH answered by PUBACK (Mosquitto keeps it in memory only, so that
 //! figure is an upper bound, not a durable equal).
 
-use std::collections::HashMap;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bytes::Bytes;
 use tokio::task::JoinSet;
 use twinhub_mqtt::{Packet, QoS};
 use twinhub_proto::topic::{self, Delivery};
 
-use super::{Ctx, DRAIN_LIMIT, Flavor, Target, connect_fleet, cpu_of, cpu_probe, window_bar};
+use super::{
+    Ctx, Flavor, Outcome, Target, closed_loop, connect_fleet, cpu_of, cpu_probe, window_bar,
+};
 use crate::error::Result;
 use crate::hub::device_id;
 use crate::mqtt::Conn;
@@ -61,76 +62,49 @@ pub async fn run(ctx: &Ctx, target: &Target, shape: Shape) -> Result<Throughput>
 
 /// One device's closed loop of reported patches.
 async fn patcher(
-    mut conn: Conn,
+    conn: Conn,
     index: usize,
     hub: bool,
     slots: usize,
     window: Window,
 ) -> Result<Recorder> {
-    let mut rec = Recorder::new();
-    let mut inflight: HashMap<u64, Instant> = HashMap::with_capacity(slots);
     let broker_topic = format!("bench/twin/{}", device_id(index));
     let mut seq = 0u64;
-    let mut issue = |conn: &mut Conn, inflight: &mut HashMap<u64, Instant>| -> Result<()> {
+    let issue = |conn: &mut Conn| -> Result<u64> {
         seq += 1;
         let payload = Bytes::from(format!("{{\"bench\":{{\"seq\":{seq}}}}}"));
-        let key = if hub {
+        if hub {
             conn.publish(
                 topic::twin_patch_reported_topic(&seq.to_string()),
                 QoS::AtLeastOnce,
                 payload,
             )?;
-            seq
+            Ok(seq)
         } else {
-            u64::from(conn.publish(broker_topic.clone(), QoS::AtLeastOnce, payload)?)
-        };
-        inflight.insert(key, Instant::now());
-        Ok(())
+            Ok(u64::from(conn.publish(
+                broker_topic.clone(),
+                QoS::AtLeastOnce,
+                payload,
+            )?))
+        }
     };
-    if window.open(Instant::now()) {
-        for _ in 0..slots {
-            issue(&mut conn, &mut inflight)?;
-        }
-    }
-    conn.flush().await?;
-    let drain_deadline = tokio::time::Instant::from_std(window.end + DRAIN_LIMIT);
-    while !inflight.is_empty() {
-        match tokio::time::timeout_at(drain_deadline, conn.read_more()).await {
-            Ok(read) => read?,
-            Err(_) => break,
-        }
-        let now = Instant::now();
-        while let Some(packet) = conn.next_buffered()? {
-            // (key, acknowledged successfully?)
-            let answer = match packet {
-                Packet::Publish(p) if hub => match topic::parse_delivery_topic(p.topic.as_str()) {
-                    Ok(Delivery::TwinResponse { status, rid, .. }) => {
-                        rid.parse::<u64>().ok().map(|k| (k, status))
-                    }
-                    _ => None,
-                },
-                Packet::PubAck(pkid) if !hub => Some((u64::from(pkid), 204)),
-                _ => None,
-            };
-            let Some((key, status)) = answer else {
-                continue;
-            };
-            let Some(sent) = inflight.remove(&key) else {
-                continue;
-            };
-            if status == 204 {
-                if window.counts(now) {
-                    rec.record(now - sent);
-                }
-            } else {
-                rec.error(format!("the hub answered a reported patch with {status}"));
+    let answer = |packet: Packet| match packet {
+        Packet::Publish(p) if hub => match topic::parse_delivery_topic(p.topic.as_str()) {
+            Ok(Delivery::TwinResponse { status, rid, .. }) => {
+                let key = rid.parse::<u64>().ok()?;
+                Some(if status == 204 {
+                    Outcome::Done(key)
+                } else {
+                    Outcome::Failed(
+                        key,
+                        format!("the hub answered a reported patch with {status}"),
+                    )
+                })
             }
-            if window.open(now) {
-                issue(&mut conn, &mut inflight)?;
-            }
-        }
-        conn.flush().await?;
-    }
-    conn.close().await;
-    Ok(rec)
+            _ => None,
+        },
+        Packet::PubAck(pkid) if !hub => Some(Outcome::Done(u64::from(pkid))),
+        _ => None,
+    };
+    closed_loop(conn, slots, window, issue, answer).await
 }
