@@ -55,9 +55,17 @@ impl Served {
         }
     }
 
-    fn stop(mut self) -> std::process::ExitStatus {
+    fn stop(self) -> std::process::ExitStatus {
+        self.stop_with("TERM")
+    }
+
+    /// Sends `signal` (a `kill -SIGNAL` name) and waits for the exit.
+    fn stop_with(mut self, signal: &str) -> std::process::ExitStatus {
         let pid = self.child.id().to_string();
-        Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+        Command::new("kill")
+            .args([&format!("-{signal}"), &pid])
+            .status()
+            .unwrap();
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
             if let Some(status) = self.child.try_wait().unwrap() {
@@ -65,7 +73,7 @@ impl Served {
             }
             assert!(
                 Instant::now() < deadline,
-                "twinhub did not exit after SIGTERM"
+                "twinhub did not exit after SIG{signal}"
             );
             std::thread::sleep(Duration::from_millis(50));
         }
@@ -184,6 +192,18 @@ fn serve_banner_cli_commands_and_sigterm() {
     assert!(
         status.success(),
         "SIGTERM must shut down cleanly, got {status}"
+    );
+}
+
+/// The handlers are in place before the banner, so Ctrl-C the moment it shows is a graceful
+/// shutdown (exit 0), not death by the default disposition.
+#[test]
+fn ctrl_c_right_after_the_banner_shuts_down_cleanly() {
+    let dir = tempfile::tempdir().unwrap();
+    let status = Served::start(dir.path()).stop_with("INT");
+    assert!(
+        status.success(),
+        "Ctrl-C must shut down cleanly, got {status}"
     );
 }
 
