@@ -14,7 +14,8 @@ use crate::{Error, MAX_REMAINING_LENGTH, MAX_STRING_LENGTH};
 /// binary fields over 65535 bytes or containing U+0000, a remaining length over 268435455,
 /// a zero packet identifier, a QoS 1 or 2 PUBLISH without one, DUP on QoS 0, a PUBLISH or will
 /// topic that is empty or has wildcards, an empty filter or return-code list, a password
-/// without a user name, and a refusing CONNACK that claims a session. A QoS 0 PUBLISH's `pkid` is not on the wire and is ignored.
+/// without a user name, and a refusing CONNACK that claims a session. A QoS 0 PUBLISH's
+/// `pkid` is not on the wire and is ignored.
 pub fn encode(packet: &Packet, buf: &mut BytesMut) -> Result<(), Error> {
     validate(packet)?;
     let remaining_len = remaining_len(packet);
