@@ -396,6 +396,34 @@ async fn method_waits_for_connect_timeout() {
     assert_eq!((r.status, r.payload), (200, json!("hi")));
 }
 
+/// `se` is whatever the key holder signed: a token valid beyond the clock's range must give a
+/// working session, not a panicked one left registered as connected.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_token_valid_until_the_end_of_time_keeps_its_session() {
+    let hub = TestHub::start().await;
+    let key = hub.device("d1").await;
+    let forever =
+        twinhub_proto::sas::generate_sas_token("localhost/devices/d1", &key, None, u64::MAX)
+            .unwrap();
+    let mut m = RawMqtt::open(&hub).await;
+    assert_eq!(
+        m.connect(connect_packet("d1", Some(&forever), false, 60))
+            .await
+            .0,
+        ConnectReturnCode::Accepted
+    );
+    m.publish(
+        "$iothub/twin/GET/?$rid=g1",
+        b" ",
+        QoS::AtLeastOnce,
+        1,
+        false,
+    )
+    .await;
+    let res = m.next_publish().await;
+    assert_eq!(res.topic.as_str(), "$iothub/twin/res/200/?$rid=g1");
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn twins_over_mqtt() {
     let hub = TestHub::start().await;

@@ -19,6 +19,7 @@ use twinhub_mqtt::{
     ConnAck, Connect, ConnectReturnCode, DEFAULT_MAX_PACKET_SIZE, Packet, Publish, QoS, SubAck,
     SubscribeReturnCode, Topic, decode, encode,
 };
+use twinhub_proto::ErrorBody;
 use twinhub_proto::topic::{self, Inbound, Subscription};
 
 use super::SessionContext;
@@ -29,6 +30,8 @@ const COMMAND_QUEUE: usize = 256;
 const RECENT_TWIN_REQUESTS: usize = 64;
 /// A device that does not read its socket for this long is dropped.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
+/// Stands in for "never" where a deadline must be an Instant (about 30 years).
+const FAR_FUTURE: Duration = Duration::from_secs(30 * 365 * 86_400);
 
 type Reply = oneshot::Sender<Result<MethodResponse, MethodFailure>>;
 
@@ -47,16 +50,17 @@ fn because(s: impl Into<String>) -> End {
 
 /// The IoT Hub status a device sees in `$iothub/twin/res/{status}` for a failed request.
 fn twin_error(e: &Error, rid: &str) -> (String, Bytes) {
-    let status = e.code().http_status();
-    let body = serde_json::json!({
-        "errorCode": e.code().code(),
-        "trackingId": keys::tracking_id(),
-        "message": e.message(),
-        "timestampUtc": keys::now_text(),
-    });
+    let code = e.code();
+    // The detail a REST error carries in its Message, here as the whole payload.
+    let body = ErrorBody::json(
+        code,
+        e.message(),
+        &keys::tracking_id(),
+        jiff::Timestamp::now(),
+    );
     (
-        topic::twin_response_topic(status, rid, None),
-        Bytes::from(serde_json::to_vec(&body).unwrap_or_default()),
+        topic::twin_response_topic(code.http_status(), rid, None),
+        Bytes::from(body.message),
     )
 }
 
@@ -123,7 +127,6 @@ where
         }
     };
     metrics::counter!("twinhub_mqtt_connections_total").increment(1);
-    metrics::gauge!("twinhub_connected_devices").set(ctx.hub.directory().connected_count() as f64);
     tracing::debug!(%peer, %device_id, resumed = start.session_present, "device connected");
 
     let mut session = Session {
@@ -150,25 +153,25 @@ where
 
     let keepalive = (connect.keep_alive > 0)
         .then(|| Duration::from_millis(u64::from(connect.keep_alive) * 1500));
-    let expires_in = start.token_expiry.saturating_sub(keys::now_unix());
+    let expires_in = Duration::from_secs(start.token_expiry.saturating_sub(keys::now_unix()));
+    // `se` is any u64 the key holder signed: a token valid past the clock's range just never
+    // expires during this connection.
+    let token_end = Instant::now()
+        .checked_add(expires_in)
+        .unwrap_or_else(|| Instant::now() + FAR_FUTURE);
     let end = session
-        .serve(
-            &mut rd,
-            inbuf,
-            commands,
-            keepalive,
-            Instant::now() + Duration::from_secs(expires_in),
-        )
+        .serve(&mut rd, inbuf, commands, keepalive, token_end)
         .await;
     match &end {
         End::Quiet => tracing::debug!(%peer, %device_id, "device disconnected"),
         End::Because(why) => tracing::info!(%peer, %device_id, "closing connection: {why}"),
     }
-    let _ = session.out.flush().await;
-    let _ = session.out.wr.shutdown().await;
+    // Parked before the socket goes quiet, so a replacing connection finds the answers as
+    // early as possible.
     ctx.hub
         .directory()
         .park_recent(&device_id, std::mem::take(&mut session.recent));
+    session.out.finish().await;
     if let Err(e) = ctx
         .hub
         .disconnect_device(&device_id, handle.connection_id, connect.clean_session)
@@ -176,7 +179,6 @@ where
     {
         tracing::warn!(%device_id, "recording the disconnect failed: {}", e.message());
     }
-    metrics::gauge!("twinhub_connected_devices").set(ctx.hub.directory().connected_count() as f64);
 }
 
 /// Validates CONNECT's protocol, client id and user name; returns the device id.
@@ -287,8 +289,17 @@ impl<W: AsyncWrite + Unpin> Out<W> {
             session_present: false,
             code,
         }));
-        let _ = self.flush().await;
-        let _ = self.wr.shutdown().await;
+        self.finish().await;
+    }
+
+    /// Sends what is queued and closes the stream, within [`WRITE_TIMEOUT`] in all: a peer
+    /// that stopped reading would otherwise hold the TLS close (and the session) forever.
+    async fn finish(&mut self) {
+        let _ = timeout(WRITE_TIMEOUT, async {
+            let _ = self.flush().await;
+            let _ = self.wr.shutdown().await;
+        })
+        .await;
     }
 }
 

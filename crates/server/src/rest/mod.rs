@@ -152,6 +152,10 @@ async fn health() -> &'static str {
 }
 
 async fn render_metrics(State(state): State<AppState>) -> Response {
+    // Read from the directory at scrape time: sessions setting it as they come and go could
+    // leave a stale count last.
+    metrics::gauge!("twinhub_connected_devices")
+        .set(state.hub.directory().connected_count() as f64);
     let mut resp = Response::new(Body::from(state.metrics.render()));
     resp.headers_mut().insert(
         header::CONTENT_TYPE,
