@@ -237,7 +237,10 @@ async fn serve_http<S>(io: S, router: axum::Router, shutdown: CancellationToken)
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
-    let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    // Without a timer hyper leaves its HTTP/1 header-read timeout (30 s) off, and a client
+    // trickling headers would hold the connection forever.
+    builder.http1().timer(hyper_util::rt::TokioTimer::new());
     let conn =
         builder.serve_connection_with_upgrades(TokioIo::new(io), TowerToHyperService::new(router));
     tokio::pin!(conn);
