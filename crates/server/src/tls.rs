@@ -1,6 +1,7 @@
 //! TLS for both listeners: the development PKI (a CA kept in the data dir, and a server
-//! certificate it signs at every start so its SANs follow the current hostname and bind
-//! address), or an operator's own certificate; and the rustls server configs.
+//! certificate it signs, reused across starts and re-signed when its SANs no longer cover the
+//! hostname and bind address or it nears expiry), or an operator's own certificate; and the
+//! rustls server configs.
 
 use std::fs;
 use std::io::Write as _;
