@@ -242,23 +242,24 @@ fn total_order(left: &Val<'_>, right: &Val<'_>) -> Ordering {
         .then_with(|| compare(left, right).unwrap_or(Ordering::Equal))
 }
 
-struct Group<'d> {
-    /// Each GROUP BY path's value in this group (None: undefined) and its member name.
-    keys: Vec<Option<(&'d Value, Option<&'d str>)>>,
+struct Group {
+    /// Each GROUP BY path's value in this group (None: undefined) and its member name, owned,
+    /// so documents can be dropped as soon as they are folded in.
+    keys: Vec<Option<(Value, Option<String>)>>,
     accumulators: Vec<Accumulator>,
 }
 
-struct Grouper<'q, 'd> {
+pub(crate) struct Grouper<'q> {
     query: &'q Query,
     plans: Vec<Plan<'q>>,
-    groups: Vec<Group<'d>>,
+    groups: Vec<Group>,
     index: HashMap<String, usize>,
     /// Reused buffer for the text of a document's group key.
     key_text: String,
 }
 
-impl<'q, 'd> Grouper<'q, 'd> {
-    fn new(query: &'q Query, items: &'q [SelectItem]) -> Self {
+impl<'q> Grouper<'q> {
+    pub(crate) fn new(query: &'q Query, items: &'q [SelectItem]) -> Self {
         let mut grouper = Grouper {
             query,
             plans: plans(query, items),
@@ -274,14 +275,19 @@ impl<'q, 'd> Grouper<'q, 'd> {
         grouper
     }
 
-    fn new_group(&self, keys: Vec<Option<(&'d Value, Option<&'d str>)>>) -> Group<'d> {
+    fn new_group(&self, keys: Vec<Option<(Value, Option<String>)>>) -> Group {
         Group {
             keys,
             accumulators: self.plans.iter().map(Accumulator::new).collect(),
         }
     }
 
-    fn add(&mut self, doc: &'d Value) {
+    /// How many groups there are so far.
+    pub(crate) fn groups(&self) -> usize {
+        self.groups.len()
+    }
+
+    pub(crate) fn add(&mut self, doc: &Value) {
         let slot = if self.query.group_by.is_empty() {
             0
         } else {
@@ -302,7 +308,10 @@ impl<'q, 'd> Grouper<'q, 'd> {
                         .query
                         .group_by
                         .iter()
-                        .map(|path| lookup(doc, path))
+                        .map(|path| {
+                            lookup(doc, path)
+                                .map(|(value, found)| (value.clone(), found.map(str::to_owned)))
+                        })
                         .collect();
                     let group = self.new_group(keys);
                     self.groups.push(group);
@@ -323,7 +332,7 @@ impl<'q, 'd> Grouper<'q, 'd> {
         }
     }
 
-    fn finish(self) -> Vec<Value> {
+    pub(crate) fn finish(self) -> Vec<Value> {
         self.groups
             .iter()
             .map(|group| {
@@ -336,9 +345,13 @@ impl<'q, 'd> Grouper<'q, 'd> {
                             group_key,
                         } => {
                             let key = group_key
-                                .and_then(|index| group.keys.get(index).copied().flatten());
+                                .and_then(|index| group.keys.get(index))
+                                .and_then(Option::as_ref);
                             if let Some((value, found)) = key {
-                                row.insert(path_key(path, *alias, found).to_owned(), value.clone());
+                                row.insert(
+                                    path_key(path, *alias, found.as_deref()).to_owned(),
+                                    value.clone(),
+                                );
                             }
                         }
                         Plan::Aggregate { name, .. } => {

@@ -100,6 +100,50 @@ impl Query {
     pub fn aggregate<'d>(&self, docs: impl IntoIterator<Item = &'d Value>) -> Vec<Value> {
         aggregate::run(self, docs)
     }
+
+    /// For an aggregating query, a fold that takes documents one at a time and keeps only
+    /// the groups, so a scan over many documents holds none of them. `None` for a query that
+    /// does not aggregate.
+    pub fn aggregation(&self) -> Option<Aggregation<'_>> {
+        match &self.select {
+            Select::Items(items) if self.is_aggregate() => Some(Aggregation {
+                query: self,
+                grouper: aggregate::Grouper::new(self, items),
+            }),
+            _ => None,
+        }
+    }
+}
+
+/// A streaming aggregate; see [`Query::aggregation`].
+pub struct Aggregation<'q> {
+    query: &'q Query,
+    grouper: aggregate::Grouper<'q>,
+}
+
+impl Aggregation<'_> {
+    /// Folds one document in, if it matches the query's WHERE.
+    pub fn add(&mut self, doc: &Value) {
+        if self.query.matches(doc) {
+            self.grouper.add(doc);
+        }
+    }
+
+    /// Groups so far (one, without GROUP BY).
+    pub fn groups(&self) -> usize {
+        self.grouper.groups()
+    }
+
+    /// The result rows, as [`Query::aggregate`] gives them.
+    pub fn finish(self) -> Vec<Value> {
+        let limit = self
+            .query
+            .top
+            .map_or(usize::MAX, |top| usize::try_from(top).unwrap_or(usize::MAX));
+        let mut rows = self.grouper.finish();
+        rows.truncate(limit);
+        rows
+    }
 }
 
 impl Expr {
