@@ -28,16 +28,20 @@ pub enum Table {
     Jobs,
     /// Per-device job records, keyed by `{jobId}/{deviceId}`.
     DeviceJobs,
+    /// Records that could not be decoded, moved aside as they were, keyed by
+    /// `{table}/{key}`.
+    Quarantine,
 }
 
 impl Table {
     /// Every table, in a stable order.
-    pub const ALL: [Table; 5] = [
+    pub const ALL: [Table; 6] = [
         Table::Meta,
         Table::Devices,
         Table::Sessions,
         Table::Jobs,
         Table::DeviceJobs,
+        Table::Quarantine,
     ];
 
     /// The table's stable on-disk name.
@@ -48,6 +52,7 @@ impl Table {
             Table::Sessions => "sessions",
             Table::Jobs => "jobs",
             Table::DeviceJobs => "device_jobs",
+            Table::Quarantine => "quarantine",
         }
     }
 }
@@ -87,9 +92,21 @@ pub enum Error {
     /// The store was closed; no further writes are accepted.
     #[error("store is closed")]
     Closed,
-    /// The backend failed (disk, database, corruption). The text is for logs, not clients.
+    /// The backend cannot do its work for now (disk full, an I/O error, recovering from
+    /// one); a retry later may succeed. The text is for logs, not clients.
+    #[error("storage unavailable: {0}")]
+    Unavailable(String),
+    /// The backend failed (database, corruption). The text is for logs, not clients.
     #[error("storage backend failed: {0}")]
     Backend(String),
+}
+
+/// Whether a store can do its work.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Health {
+    Ok,
+    /// Writes fail for now; the reason is for operators.
+    Faulty(String),
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -125,4 +142,9 @@ pub trait Store: Send + Sync + 'static {
     /// Finishes every pending commit, flushes, and refuses later commits with
     /// [`Error::Closed`]. Reads may still work or fail with `Closed`.
     async fn close(&self) -> Result<()>;
+
+    /// Whether the store currently accepts writes (for `/health` and metrics).
+    fn health(&self) -> Health {
+        Health::Ok
+    }
 }
