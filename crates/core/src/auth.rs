@@ -61,6 +61,8 @@ pub fn default_policies() -> Vec<Policy> {
 pub struct Authorizer {
     hostname: String,
     policies: Vec<Policy>,
+    /// The furthest ahead a token's expiry may lie, in seconds.
+    max_lifetime: u64,
 }
 
 impl Authorizer {
@@ -68,7 +70,25 @@ impl Authorizer {
         Authorizer {
             hostname: hostname.into(),
             policies,
+            max_lifetime: crate::hub::DEFAULT_MAX_TOKEN_LIFETIME.as_secs(),
         }
+    }
+
+    /// Refuses tokens whose expiry lies further ahead than `max`: a leaked key must not buy
+    /// a credential that outlives every rotation.
+    pub fn with_max_token_lifetime(mut self, max: std::time::Duration) -> Self {
+        self.max_lifetime = max.as_secs();
+        self
+    }
+
+    fn check_lifetime(&self, token: &SasToken, now_unix: u64) -> Result<()> {
+        if token.expiry.saturating_sub(now_unix) > self.max_lifetime {
+            return Err(Error::unauthorized(format!(
+                "The token expires more than {} seconds from now, longer than this hub allows",
+                self.max_lifetime
+            )));
+        }
+        Ok(())
     }
 
     pub fn hostname(&self) -> &str {
@@ -97,13 +117,16 @@ impl Authorizer {
             .key_name
             .as_deref()
             .ok_or_else(|| Error::unauthorized("The token names no shared access policy (skn)"))?;
-        let policy = self
-            .policy(name)
-            .ok_or_else(|| Error::unauthorized(format!("Unknown shared access policy '{name}'")))?;
+        let policy = self.policy(name).ok_or_else(|| {
+            Error::unauthorized(format!(
+                "Unknown shared access policy {}",
+                crate::logsafe::Shown(name)
+            ))
+        })?;
         if !self.hub_resource_matches(&token.resource) {
             return Err(Error::unauthorized(format!(
-                "The token's resource '{}' does not name this hub",
-                token.resource
+                "The token's resource {} does not name this hub",
+                crate::logsafe::Shown(&token.resource)
             )));
         }
         if !(token.verify(&policy.primary_key) || token.verify(&policy.secondary_key)) {
@@ -112,6 +135,7 @@ impl Authorizer {
         if token.is_expired(now_unix) {
             return Err(Error::unauthorized("The token has expired"));
         }
+        self.check_lifetime(&token, now_unix)?;
         if !policy.grants(right) {
             return Err(Error::unauthorized(format!(
                 "Policy '{name}' does not grant {right:?}"
@@ -145,8 +169,8 @@ impl Authorizer {
             || path.trim_end_matches('/') != format!("devices/{device_id}")
         {
             return Err(Error::unauthorized(format!(
-                "The token's resource '{}' does not name device '{device_id}' on this hub",
-                token.resource
+                "The token's resource {} does not name device '{device_id}' on this hub",
+                crate::logsafe::Shown(&token.resource)
             )));
         }
         let valid = match token.key_name.as_deref() {
@@ -165,6 +189,7 @@ impl Authorizer {
         if token.is_expired(now_unix) {
             return Err(Error::unauthorized("The token has expired"));
         }
+        self.check_lifetime(&token, now_unix)?;
         Ok(token.expiry)
     }
 }
@@ -287,5 +312,30 @@ mod tests {
         let tok =
             generate_sas_token("hub.local/devices/d1", &svc, Some("service"), now + 60).unwrap();
         assert!(a.authenticate_device("d1", None, None, &tok, now).is_err());
+    }
+
+    #[test]
+    fn tokens_living_past_the_maximum_are_refused() {
+        let a = authorizer().with_max_token_lifetime(std::time::Duration::from_secs(3600));
+        let now = 1_000_000;
+        let key = keys::generate_key();
+        let forever = generate_sas_token("hub.local/devices/d1", &key, None, u64::MAX).unwrap();
+        let err = a
+            .authenticate_device("d1", Some(&key), None, &forever, now)
+            .unwrap_err();
+        assert!(
+            err.message().contains("longer than this hub allows"),
+            "{err}"
+        );
+        let hour = generate_sas_token("hub.local/devices/d1", &key, None, now + 3600).unwrap();
+        assert!(
+            a.authenticate_device("d1", Some(&key), None, &hour, now)
+                .is_ok()
+        );
+        let svc = service_token(&a, "iothubowner", "hub.local", now + 3601);
+        assert!(
+            a.authorize_service(Some(&svc), Right::RegistryRead, now)
+                .is_err()
+        );
     }
 }

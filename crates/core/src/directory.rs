@@ -3,11 +3,10 @@
 //! it [`SessionCommand`]s over a bounded channel. Sharded so connects and lookups on
 //! different devices never contend on one lock.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::hash::BuildHasher;
 use std::sync::atomic::{AtomicU8, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
-use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use tokio::sync::{Notify, OwnedMutexGuard, mpsc, oneshot};
@@ -72,6 +71,16 @@ impl CloseSignal {
         self.notify.notify_one();
     }
 
+    /// Whether [`CloseSignal::close`] has been called.
+    pub fn is_closed(&self) -> bool {
+        self.reason().is_some()
+    }
+
+    /// The first reason given to [`CloseSignal::close`], if it has been called.
+    pub fn reason(&self) -> Option<CloseReason> {
+        *self.reason.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     /// Completes when [`CloseSignal::close`] has been called; yields the first reason.
     pub async fn closed(&self) -> CloseReason {
         loop {
@@ -123,42 +132,26 @@ impl SessionHandle {
 
 type Shard = RwLock<HashMap<String, SessionHandle>>;
 
-/// A twin request a session answered: kept so a redelivery of the same `$rid` (paho resends
-/// unacknowledged QoS 1 publishes with DUP after a reconnect) is never applied twice.
-#[derive(Debug, Clone)]
-pub struct RecentAnswer {
-    pub rid: String,
-    /// The connection that sent the answer: a redelivery on the same connection already has
-    /// it and gets none; one on a later connection may have missed it and gets it again.
-    pub connection_id: u64,
-    pub topic: String,
-    pub payload: Bytes,
-}
-
-/// How long a device's recent answers outlive its session, waiting for it to reconnect.
-const PARKED_FOR: Duration = Duration::from_secs(120);
-
-type Parked = Mutex<HashMap<String, (Instant, VecDeque<RecentAnswer>)>>;
+type Watchers = Mutex<HashMap<String, Arc<Notify>>>;
 
 /// Device id → the session currently serving it.
 pub struct Directory {
     shards: Vec<Shard>,
     hasher: std::collections::hash_map::RandomState,
     connected: AtomicUsize,
-    /// Woken whenever a session registers or subscribes (for method connect-timeouts).
-    changed: Notify,
-    /// Recent twin answers of devices between two sessions.
-    parked: Vec<Parked>,
+    /// Per device, woken when a session for it registers or subscribes (for method
+    /// connect-timeouts). Only devices someone waits for have an entry, so a reconnect storm
+    /// wakes only the waiters of the devices that reconnect.
+    watchers: Vec<Watchers>,
 }
 
 impl Default for Directory {
     fn default() -> Self {
         Directory {
-            parked: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
+            watchers: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
             shards: (0..SHARDS).map(|_| RwLock::new(HashMap::new())).collect(),
             hasher: Default::default(),
             connected: AtomicUsize::new(0),
-            changed: Notify::new(),
         }
     }
 }
@@ -178,7 +171,7 @@ impl Directory {
         if old.is_none() {
             self.connected.fetch_add(1, Ordering::Relaxed);
         }
-        self.changed.notify_waiters();
+        self.wake(device_id);
         old
     }
 
@@ -220,41 +213,38 @@ impl Directory {
         self.connected.load(Ordering::Relaxed)
     }
 
-    /// Records a session's subscriptions (a bit set of [`subs`]) and wakes waiters.
-    pub fn set_subscriptions(&self, handle: &SessionHandle, flags: u8) {
+    /// Records a session's subscriptions (a bit set of [`subs`]) and wakes the device's
+    /// waiters.
+    pub fn set_subscriptions(&self, device_id: &str, handle: &SessionHandle, flags: u8) {
         handle.subscriptions.store(flags, Ordering::Release);
-        self.changed.notify_waiters();
-    }
-
-    /// A future that completes at the next registration or subscription change.
-    pub fn changed(&self) -> tokio::sync::futures::Notified<'_> {
-        self.changed.notified()
+        self.wake(device_id);
     }
 
     fn shard_index(&self, device_id: &str) -> usize {
         (self.hasher.hash_one(device_id) as usize) % SHARDS
     }
 
-    /// Keeps a finished session's recent answers for the device's next session.
-    pub fn park_recent(&self, device_id: &str, recent: VecDeque<RecentAnswer>) {
-        let now = Instant::now();
-        let mut parked = self.parked[self.shard_index(device_id)]
+    fn wake(&self, device_id: &str) {
+        let watchers = self.watchers[self.shard_index(device_id)]
             .lock()
             .unwrap_or_else(|e| e.into_inner());
-        parked.retain(|_, (at, _)| now.duration_since(*at) < PARKED_FOR);
-        if !recent.is_empty() {
-            parked.insert(device_id.to_string(), (now, recent));
+        if let Some(n) = watchers.get(device_id) {
+            n.notify_waiters();
         }
     }
 
-    /// The recent answers a previous session of the device left, if it ended lately.
-    pub fn take_recent(&self, device_id: &str) -> VecDeque<RecentAnswer> {
-        let mut parked = self.parked[self.shard_index(device_id)]
+    /// Watches `device_id` for registrations and subscription changes until dropped.
+    pub fn watch(&self, device_id: &str) -> Watch<'_> {
+        let notify = self.watchers[self.shard_index(device_id)]
             .lock()
-            .unwrap_or_else(|e| e.into_inner());
-        match parked.remove(device_id) {
-            Some((at, recent)) if at.elapsed() < PARKED_FOR => recent,
-            _ => VecDeque::new(),
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(device_id.to_string())
+            .or_default()
+            .clone();
+        Watch {
+            directory: self,
+            device_id: device_id.to_string(),
+            notify,
         }
     }
 
@@ -270,6 +260,37 @@ impl Directory {
                     .collect::<Vec<_>>()
             })
             .collect()
+    }
+}
+
+/// A registration for one device's changes; see [`Directory::watch`].
+pub struct Watch<'a> {
+    directory: &'a Directory,
+    device_id: String,
+    notify: Arc<Notify>,
+}
+
+impl Watch<'_> {
+    /// A future that completes at the device's next change. Create (and `enable`) it before
+    /// checking the state it waits on, so a change in between is not missed.
+    pub fn changed(&self) -> tokio::sync::futures::Notified<'_> {
+        self.notify.notified()
+    }
+}
+
+impl Drop for Watch<'_> {
+    fn drop(&mut self) {
+        let mut watchers = self.directory.watchers[self.directory.shard_index(&self.device_id)]
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        // Clones are made under this lock, so a count of two means only the map and this
+        // watch hold it.
+        if watchers
+            .get(&self.device_id)
+            .is_some_and(|n| Arc::strong_count(n) == 2)
+        {
+            watchers.remove(&self.device_id);
+        }
     }
 }
 
@@ -289,10 +310,12 @@ impl Default for KeyedLocks {
     }
 }
 
-/// Holds a key's lock; releases it (and forgets the key when no one waits) on drop.
+/// Holds a key's lock; releases it (and forgets the key when no one waits) on drop. Also
+/// dropped while still waiting (a cancelled caller), which forgets the key just the same.
 pub struct KeyGuard<'a> {
     locks: &'a KeyedLocks,
     key: String,
+    mutex: Option<Arc<tokio::sync::Mutex<()>>>,
     guard: Option<OwnedMutexGuard<()>>,
 }
 
@@ -306,24 +329,40 @@ impl KeyedLocks {
             let mut map = self.shard(key).lock().unwrap_or_else(|e| e.into_inner());
             map.entry(key.to_string()).or_default().clone()
         };
-        let guard = mutex.lock_owned().await;
-        KeyGuard {
+        let mut held = KeyGuard {
             locks: self,
             key: key.to_string(),
-            guard: Some(guard),
-        }
+            mutex: Some(mutex.clone()),
+            guard: None,
+        };
+        held.guard = Some(mutex.lock_owned().await);
+        held
+    }
+
+    /// Keys currently held or waited for (for tests).
+    pub fn len(&self) -> usize {
+        self.shards
+            .iter()
+            .map(|s| s.lock().unwrap_or_else(|e| e.into_inner()).len())
+            .sum()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
     }
 }
 
 impl Drop for KeyGuard<'_> {
     fn drop(&mut self) {
-        drop(self.guard.take());
         let mut map = self
             .locks
             .shard(&self.key)
             .lock()
             .unwrap_or_else(|e| e.into_inner());
-        // Only the map holds it now: nobody waits, so forget the key.
+        drop(self.guard.take());
+        drop(self.mutex.take());
+        // Clones are made under the map's lock, so a count of one means only the map holds
+        // it: nobody holds or waits for the key any more.
         if map
             .get(&self.key)
             .is_some_and(|m| Arc::strong_count(m) == 1)
@@ -376,7 +415,47 @@ mod tests {
             .await
             .expect("waiter never got the lock")
             .unwrap();
-        let total: usize = locks.shards.iter().map(|s| s.lock().unwrap().len()).sum();
-        assert_eq!(total, 0, "unused keys must be forgotten");
+        assert!(locks.is_empty(), "unused keys must be forgotten");
+    }
+
+    #[tokio::test]
+    async fn a_cancelled_waiter_leaves_no_key_behind() {
+        let locks = Arc::new(KeyedLocks::default());
+        let g = locks.lock("x").await;
+        let l2 = locks.clone();
+        let waiter = tokio::spawn(async move {
+            let _g = l2.lock("x").await;
+        });
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        // The holder leaves while the waiter still waits, then the waiter gives up.
+        drop(g);
+        waiter.abort();
+        let _ = waiter.await;
+        assert!(locks.is_empty(), "a cancelled waiter leaked its key");
+    }
+
+    #[tokio::test]
+    async fn watchers_are_per_device_and_forgotten() {
+        let d = Directory::default();
+        let w = d.watch("a");
+        {
+            let changed = w.changed();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            let (tx, _rx) = mpsc::channel(1);
+            // Another device's registration does not wake a's waiter.
+            d.register("b", SessionHandle::new(tx.clone()));
+            assert!(
+                tokio::time::timeout(Duration::from_millis(20), changed.as_mut())
+                    .await
+                    .is_err()
+            );
+            d.register("a", SessionHandle::new(tx));
+            tokio::time::timeout(Duration::from_secs(1), changed)
+                .await
+                .expect("a's registration must wake its waiter");
+        }
+        drop(w);
+        assert!(d.watchers.iter().all(|s| s.lock().unwrap().is_empty()));
     }
 }

@@ -58,13 +58,24 @@ impl Error {
 
 impl From<twinhub_store::Error> for Error {
     fn from(e: twinhub_store::Error) -> Self {
-        // The cause goes to the log; the client sees a generic 500 with no internals.
-        tracing::error!(error = %e, "store operation failed");
+        // The cause goes to the log; the client sees no internals.
         match e {
             twinhub_store::Error::Closed => {
                 Error::new(ErrorCode::ServiceUnavailable, "The hub is shutting down")
             }
-            twinhub_store::Error::Backend(_) => Error::internal(),
+            twinhub_store::Error::Unavailable(why) => {
+                // The writer already logged the fault; one line per refused request would
+                // flood the log while the disk is full.
+                tracing::debug!(error = %why, "store unavailable");
+                Error::new(
+                    ErrorCode::ServiceUnavailable,
+                    "The hub's storage is unavailable; retry later",
+                )
+            }
+            e @ twinhub_store::Error::Backend(_) => {
+                tracing::error!(error = %e, "store operation failed");
+                Error::internal()
+            }
         }
     }
 }

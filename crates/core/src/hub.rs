@@ -5,6 +5,7 @@
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
 
 use twinhub_proto::model::DeviceStatus;
 use twinhub_store::{Store, Table, Write};
@@ -13,12 +14,21 @@ use crate::auth::{Authorizer, Policy};
 use crate::directory::{CloseReason, Directory, KeyedLocks};
 use crate::error::Result;
 use crate::record::DeviceRecord;
+use crate::redelivery::Redelivery;
+use crate::throttle::{ThrottleConfig, Throttles};
 
-/// Registry counts kept live so statistics never scan the registry.
+/// Registry counts kept live so statistics never scan the registry. Updates saturate: a
+/// count never wraps, whatever order effects arrive in.
 #[derive(Debug, Default)]
 pub(crate) struct Counts {
     pub total: AtomicU64,
     pub enabled: AtomicU64,
+}
+
+fn decrement(counter: &AtomicU64) {
+    let _ = counter.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |v| {
+        Some(v.saturating_sub(1))
+    });
 }
 
 impl Counts {
@@ -30,9 +40,9 @@ impl Counts {
     }
 
     pub(crate) fn remove(&self, status: DeviceStatus) {
-        self.total.fetch_sub(1, Ordering::Relaxed);
+        decrement(&self.total);
         if status == DeviceStatus::Enabled {
-            self.enabled.fetch_sub(1, Ordering::Relaxed);
+            decrement(&self.enabled);
         }
     }
 
@@ -44,6 +54,34 @@ impl Counts {
     }
 }
 
+/// How a hub is set up.
+#[derive(Debug, Clone)]
+pub struct HubOptions {
+    /// The hub's name, accepted in SAS `sr`.
+    pub hostname: String,
+    pub policies: Vec<Policy>,
+    pub throttles: ThrottleConfig,
+    /// Tokens whose expiry lies further ahead than this are refused.
+    pub max_token_lifetime: Duration,
+    /// Finished jobs are removed this long after they ended.
+    pub job_retention: Duration,
+}
+
+impl HubOptions {
+    pub fn new(hostname: impl Into<String>, policies: Vec<Policy>) -> Self {
+        HubOptions {
+            hostname: hostname.into(),
+            policies,
+            throttles: ThrottleConfig::default(),
+            max_token_lifetime: DEFAULT_MAX_TOKEN_LIFETIME,
+            job_retention: crate::jobs::DEFAULT_RETENTION,
+        }
+    }
+}
+
+/// The default bound on a SAS token's remaining lifetime: one year.
+pub const DEFAULT_MAX_TOKEN_LIFETIME: Duration = Duration::from_secs(365 * 86_400);
+
 /// The hub's domain state and operations.
 pub struct Hub {
     pub(crate) store: Arc<dyn Store>,
@@ -52,24 +90,32 @@ pub struct Hub {
     pub(crate) locks: KeyedLocks,
     pub(crate) counts: Counts,
     pub(crate) jobs: crate::jobs::JobsState,
+    pub(crate) redelivery: Redelivery,
+    pub(crate) throttles: Throttles,
+    /// Bounds the queries scanning at once.
+    pub(crate) query_slots: tokio::sync::Semaphore,
 }
 
 impl Hub {
-    /// Opens the hub over `store`, counting the registry once.
-    pub async fn open(
-        store: Arc<dyn Store>,
-        hostname: impl Into<String>,
-        policies: Vec<Policy>,
-    ) -> Result<Arc<Hub>> {
+    /// Opens the hub over `store`: counts the registry once, moves records that cannot be
+    /// decoded to the quarantine table (with a log line each), and resumes unfinished jobs.
+    pub async fn open(store: Arc<dyn Store>, options: HubOptions) -> Result<Arc<Hub>> {
+        let mut jobs = crate::jobs::JobsState::default();
+        jobs.retention = options.job_retention;
         let hub = Hub {
             store,
-            auth: Authorizer::new(hostname, policies),
+            auth: Authorizer::new(options.hostname, options.policies)
+                .with_max_token_lifetime(options.max_token_lifetime),
             directory: Directory::default(),
             locks: KeyedLocks::default(),
             counts: Counts::default(),
-            jobs: Default::default(),
+            jobs,
+            redelivery: Redelivery::default(),
+            throttles: Throttles::new(&options.throttles),
+            query_slots: tokio::sync::Semaphore::new(crate::query::CONCURRENT_QUERIES),
         };
         let mut after: Option<String> = None;
+        let mut bad = Vec::new();
         loop {
             let page = hub
                 .store
@@ -77,13 +123,46 @@ impl Hub {
                 .await?;
             let Some((last, _)) = page.last() else { break };
             after = Some(last.clone());
-            for (_, bytes) in &page {
-                hub.counts.add(DeviceRecord::decode(bytes)?.status);
+            for (key, bytes) in &page {
+                match DeviceRecord::decode(bytes) {
+                    Ok(rec) => hub.counts.add(rec.status),
+                    Err(_) => bad.push((key.clone(), bytes.clone())),
+                }
             }
         }
+        hub.quarantine(Table::Devices, bad).await?;
+        let bad_jobs = crate::jobs::undecodable_jobs(&hub).await?;
+        hub.quarantine(Table::Jobs, bad_jobs).await?;
         let hub = Arc::new(hub);
         hub.resume_jobs().await?;
+        hub.spawn_retention();
         Ok(hub)
+    }
+
+    /// Moves records that cannot be decoded out of `table` into [`Table::Quarantine`] (key
+    /// `{table}/{key}`, the bytes as they were), so one damaged value cannot keep the hub from
+    /// starting and nothing is thrown away.
+    async fn quarantine(&self, table: Table, records: Vec<(String, Vec<u8>)>) -> Result<()> {
+        if records.is_empty() {
+            return Ok(());
+        }
+        let mut writes = Vec::with_capacity(records.len() * 2);
+        for (key, bytes) in records {
+            tracing::error!(
+                table = table.name(),
+                key = %crate::logsafe::Shown(&key),
+                bytes = bytes.len(),
+                "a record cannot be decoded; moved to the quarantine table"
+            );
+            writes.push(Write::put(
+                Table::Quarantine,
+                format!("{}/{key}", table.name()),
+                bytes,
+            ));
+            writes.push(Write::delete(table, key));
+        }
+        self.store.commit(writes).await?;
+        Ok(())
     }
 
     pub fn authorizer(&self) -> &Authorizer {
@@ -96,6 +175,10 @@ impl Hub {
 
     pub fn store(&self) -> &Arc<dyn Store> {
         &self.store
+    }
+
+    pub fn throttles(&self) -> &Throttles {
+        &self.throttles
     }
 
     pub(crate) async fn load(&self, device_id: &str) -> Result<Option<DeviceRecord>> {

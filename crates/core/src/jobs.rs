@@ -33,6 +33,18 @@ const ALL_JOBS_IN_FLIGHT: usize = 256;
 /// How often a running job's statistics are saved.
 const STATS_EVERY: Duration = Duration::from_millis(500);
 const DEFAULT_MAX_EXECUTION: i64 = 3600;
+/// The longest `maxExecutionTimeInSeconds` accepted: 30 days, as long as IoT Hub keeps a
+/// job's history (it documents no maximum of its own).
+pub const MAX_EXECUTION: i64 = 30 * 86_400;
+/// Jobs not yet finished (scheduled, queued or running) at one time.
+pub const MAX_ACTIVE_JOBS: usize = 100;
+/// How long a finished job (and its per-device records) is kept, as IoT Hub does.
+pub const DEFAULT_RETENTION: Duration = Duration::from_secs(30 * 86_400);
+/// How often finished jobs past their retention are removed.
+const RETENTION_SWEEP_EVERY: Duration = Duration::from_secs(3600);
+/// Default and largest page of `GET /jobs/v2/query`.
+pub const DEFAULT_JOB_PAGE: usize = 100;
+pub const MAX_JOB_PAGE: usize = 1000;
 
 /// The stored form of a job.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -78,6 +90,8 @@ fn job_not_found(job_id: &str) -> Error {
 /// Running jobs' cancel switches, the shutdown switch, and the shared in-flight budget.
 pub(crate) struct JobsState {
     cancels: Mutex<HashMap<String, watch::Sender<bool>>>,
+    /// Finished jobs older than this are removed.
+    pub(crate) retention: Duration,
     /// Set when the hub stops: runners stop without recording anything, so the devices they
     /// had not finished stay pending and the job resumes at the next start.
     suspend: watch::Sender<bool>,
@@ -88,6 +102,7 @@ impl Default for JobsState {
     fn default() -> Self {
         JobsState {
             cancels: Mutex::new(HashMap::new()),
+            retention: DEFAULT_RETENTION,
             suspend: watch::channel(false).0,
             budget: Arc::new(Semaphore::new(ALL_JOBS_IN_FLIGHT)),
         }
@@ -178,8 +193,10 @@ impl Hub {
         let max = req
             .max_execution_time_in_seconds
             .unwrap_or(DEFAULT_MAX_EXECUTION);
-        if max <= 0 {
-            return Err(Error::invalid("maxExecutionTimeInSeconds must be positive"));
+        if !(1..=MAX_EXECUTION).contains(&max) {
+            return Err(Error::invalid(format!(
+                "maxExecutionTimeInSeconds must be between 1 and {MAX_EXECUTION}"
+            )));
         }
         let job = JobResponse {
             job_id: job_id.to_string(),
@@ -202,6 +219,18 @@ impl Hub {
             return Err(Error::new(
                 ErrorCode::InvalidOperation,
                 format!("A job with id '{job_id}' already exists"),
+            ));
+        }
+        let active = self
+            .jobs
+            .cancels
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .len();
+        if active >= MAX_ACTIVE_JOBS {
+            return Err(Error::new(
+                ErrorCode::ThrottlingMaxActiveJobCountExceeded,
+                format!("At most {MAX_ACTIVE_JOBS} jobs may be scheduled or running at once"),
             ));
         }
         self.save_job(&StoredJob {
@@ -261,30 +290,135 @@ impl Hub {
         }
     }
 
-    /// `GET /jobs/v2/query`: jobs filtered by type and status, oldest first.
+    /// `GET /jobs/v2/query`: one page of jobs filtered by type and status, in job id order,
+    /// after `continuation` (from the previous page). Returns the jobs and the next page's
+    /// continuation token.
     pub async fn list_jobs(
         &self,
         job_type: Option<&str>,
         status: Option<&str>,
-    ) -> Result<Vec<JobResponse>> {
+        page_size: Option<usize>,
+        continuation: Option<&str>,
+    ) -> Result<(Vec<JobResponse>, Option<String>)> {
+        let page_size = page_size.unwrap_or(DEFAULT_JOB_PAGE);
+        if page_size == 0 || page_size > MAX_JOB_PAGE {
+            return Err(Error::invalid(format!(
+                "pageSize must be between 1 and {MAX_JOB_PAGE}"
+            )));
+        }
+        let mut after = continuation.map(decode_job_cursor).transpose()?;
+        let mut out = Vec::new();
+        loop {
+            let page = self.store.scan(Table::Jobs, after.as_deref(), 500).await?;
+            let Some((last, _)) = page.last() else {
+                return Ok((out, None));
+            };
+            let full = page.len() == 500;
+            let last = last.clone();
+            for (key, bytes) in &page {
+                let Ok(stored) = serde_json::from_slice::<StoredJob>(bytes) else {
+                    tracing::warn!(job_id = %crate::logsafe::Shown(key), "skipping a job record that cannot be decoded");
+                    continue;
+                };
+                if job_type.is_none_or(|t| t == stored.job.job_type)
+                    && status.is_none_or(|s| s == stored.job.status)
+                {
+                    out.push(stored.job);
+                    if out.len() == page_size {
+                        let more = full || key != &last;
+                        return Ok((out, more.then(|| encode_job_cursor(key))));
+                    }
+                }
+            }
+            if !full {
+                return Ok((out, None));
+            }
+            after = Some(last);
+        }
+    }
+
+    /// Every job, for resuming (records that cannot be decoded are skipped).
+    async fn all_jobs(&self) -> Result<Vec<JobResponse>> {
         let mut out = Vec::new();
         let mut after: Option<String> = None;
         loop {
             let page = self.store.scan(Table::Jobs, after.as_deref(), 500).await?;
             let Some((last, _)) = page.last() else { break };
             after = Some(last.clone());
-            for (_, bytes) in &page {
-                let stored: StoredJob =
-                    serde_json::from_slice(bytes).map_err(|_| Error::internal())?;
-                if job_type.is_none_or(|t| t == stored.job.job_type)
-                    && status.is_none_or(|s| s == stored.job.status)
-                {
-                    out.push(stored.job);
+            out.extend(
+                page.iter()
+                    .filter_map(|(_, bytes)| serde_json::from_slice::<StoredJob>(bytes).ok())
+                    .map(|s| s.job),
+            );
+        }
+        Ok(out)
+    }
+
+    /// Removes finished jobs (and their per-device records) that ended more than the
+    /// retention period ago. Returns how many were removed.
+    pub async fn sweep_finished_jobs(&self) -> Result<usize> {
+        let cutoff = jiff::Timestamp::now()
+            .checked_sub(
+                jiff::SignedDuration::try_from(self.jobs.retention)
+                    .unwrap_or(jiff::SignedDuration::MAX),
+            )
+            .unwrap_or(jiff::Timestamp::MIN);
+        let mut removed = 0;
+        for job in self.all_jobs().await? {
+            let ended = job.end_time.as_deref().and_then(parse_timestamp);
+            if !is_terminal(&job.status) || ended.is_none_or(|t| t > cutoff) {
+                continue;
+            }
+            let _guard = self.locks.lock(&format!("job/{}", job.job_id)).await;
+            let mut writes = vec![Write::delete(Table::Jobs, job.job_id.clone())];
+            let prefix = format!("{}/", job.job_id);
+            let mut after = Some(prefix.clone());
+            loop {
+                let page = self
+                    .store
+                    .scan(Table::DeviceJobs, after.as_deref(), 1000)
+                    .await?;
+                let mut done = page.len() < 1000;
+                for (key, _) in &page {
+                    if !key.starts_with(&prefix) {
+                        done = true;
+                        break;
+                    }
+                    writes.push(Write::delete(Table::DeviceJobs, key.clone()));
+                }
+                match page.last() {
+                    Some((k, _)) if !done => after = Some(k.clone()),
+                    _ => break,
                 }
             }
+            for chunk in writes.chunks(1000) {
+                self.store.commit(chunk.to_vec()).await?;
+            }
+            removed += 1;
         }
-        out.sort_by(|a, b| a.created_time.cmp(&b.created_time));
-        Ok(out)
+        if removed > 0 {
+            tracing::info!(removed, "removed finished jobs past their retention");
+        }
+        Ok(removed)
+    }
+
+    /// Starts the hourly removal of finished jobs past their retention.
+    pub(crate) fn spawn_retention(self: &Arc<Self>) {
+        let hub = Arc::downgrade(self);
+        let mut suspend = self.jobs.suspend.subscribe();
+        tokio::spawn(async move {
+            loop {
+                let Some(h) = hub.upgrade() else { return };
+                if let Err(e) = h.sweep_finished_jobs().await {
+                    tracing::warn!("removing old jobs failed: {}", e.message());
+                }
+                drop(h);
+                tokio::select! {
+                    _ = tokio::time::sleep(RETENTION_SWEEP_EVERY) => {}
+                    _ = suspend.wait_for(|s| *s) => return,
+                }
+            }
+        });
     }
 
     /// Stops every job runner without recording an outcome (hub shutdown). Call before
@@ -295,7 +429,7 @@ impl Hub {
 
     /// Restarts the runners of jobs that had not finished when the hub stopped.
     pub(crate) async fn resume_jobs(self: &Arc<Self>) -> Result<()> {
-        for job in self.list_jobs(None, None).await? {
+        for job in self.all_jobs().await? {
             if !is_terminal(&job.status) {
                 tracing::info!(job_id = %job.job_id, status = %job.status, "resuming job");
                 self.spawn_job(job.job_id);
@@ -335,6 +469,12 @@ impl Hub {
         let hub = self.clone();
         let mut suspend = self.jobs.suspend.subscribe();
         tokio::spawn(async move {
+            // Whatever happens to the runner (even a panic), its cancel switch goes, so a
+            // cancel never waits on a runner that is gone.
+            let _forget = ForgetCancel {
+                hub: hub.clone(),
+                job_id: job_id.clone(),
+            };
             let outcome = tokio::select! {
                 r = hub.run_job(&job_id, rx) => Some(r),
                 _ = suspend.wait_for(|s| *s) => None,
@@ -348,11 +488,6 @@ impl Hub {
                     let _ = hub.save_job(&stored).await;
                 }
             }
-            hub.jobs
-                .cancels
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .remove(&job_id);
         });
     }
 
@@ -412,7 +547,9 @@ impl Hub {
                 let matched = match condition {
                     None => true,
                     Some(expr) => {
-                        let rec = DeviceRecord::decode(bytes)?;
+                        let Ok(rec) = DeviceRecord::decode(bytes) else {
+                            continue;
+                        };
                         let doc =
                             serde_json::to_value(rec.to_twin(self.directory.is_connected(id)))
                                 .unwrap_or(Value::Null);
@@ -470,7 +607,11 @@ impl Hub {
             .map_or(start, |created| start.max(created));
         let elapsed = Duration::try_from(jiff::Timestamp::now().duration_since(clock_start))
             .unwrap_or(Duration::ZERO);
-        let deadline = tokio::time::Instant::now() + max.saturating_sub(elapsed);
+        // Validated at creation, but a stored job may predate that: never overflow.
+        let now = tokio::time::Instant::now();
+        let deadline = now
+            .checked_add(max.saturating_sub(elapsed))
+            .unwrap_or_else(|| now + Duration::from_secs(MAX_EXECUTION as u64));
         stored.job.status = "running".into();
         self.save_job(&stored).await?;
 
@@ -545,10 +686,15 @@ impl Hub {
                             let payload: Value = serde_json::from_slice(&r.payload).unwrap_or(Value::Null);
                             json!({ "deviceMethodResponse": { "status": r.status, "payload": payload } })
                         }),
-                        Operation::Twin(body) => hub
-                            .write_twin(&device_id, &body, None, false)
-                            .await
-                            .map(|_| json!({ "deviceMethodResponse": null })),
+                        // Its own task: a twin write whose commit started must still push the
+                        // desired patch, even if the job is cancelled meanwhile.
+                        Operation::Twin(body) => {
+                            let (hub, id) = (hub.clone(), device_id.clone());
+                            match tokio::spawn(async move { hub.write_twin(&id, &body, None, false).await }).await {
+                                Ok(r) => r.map(|_| json!({ "deviceMethodResponse": null })),
+                                Err(_) => Err(Error::internal()),
+                            }
+                        }
                     };
                     (device_id, result, started)
                 });
@@ -643,6 +789,59 @@ impl Hub {
         tracing::info!(job_id = %stored.job.job_id, status, "job finished");
         Ok(())
     }
+}
+
+/// Removes a runner's cancel switch when the runner ends, however it ends.
+struct ForgetCancel {
+    hub: Arc<Hub>,
+    job_id: String,
+}
+
+impl Drop for ForgetCancel {
+    fn drop(&mut self) {
+        self.hub
+            .jobs
+            .cancels
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&self.job_id);
+    }
+}
+
+fn encode_job_cursor(job_id: &str) -> String {
+    use base64::Engine as _;
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(job_id)
+}
+
+fn decode_job_cursor(token: &str) -> Result<String> {
+    use base64::Engine as _;
+    base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(token.trim())
+        .ok()
+        .and_then(|b| String::from_utf8(b).ok())
+        .ok_or_else(|| Error::invalid("The continuation token is not valid"))
+}
+
+/// Whether `bytes` decode as a stored job.
+pub(crate) fn is_valid_job(bytes: &[u8]) -> bool {
+    serde_json::from_slice::<StoredJob>(bytes).is_ok()
+}
+
+/// Job records that cannot be decoded (for the quarantine at open).
+pub(crate) async fn undecodable_jobs(hub: &Hub) -> Result<Vec<(String, Vec<u8>)>> {
+    let mut bad = Vec::new();
+    let mut after: Option<String> = None;
+    loop {
+        let page = hub.store.scan(Table::Jobs, after.as_deref(), 500).await?;
+        let Some((last, _)) = page.last() else { break };
+        after = Some(last.clone());
+        for (key, bytes) in page {
+            if serde_json::from_slice::<StoredJob>(&bytes).is_err() {
+                bad.push((key, bytes));
+            }
+        }
+    }
+    Ok(bad)
 }
 
 fn statistics(records: &[DeviceJob]) -> DeviceJobStatistics {

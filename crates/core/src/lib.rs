@@ -3,18 +3,22 @@
 //! server crate drives it from REST handlers and MQTT sessions; `twinhub-store` persists it.
 
 pub mod auth;
+pub mod check;
 pub mod directory;
 pub mod error;
 pub mod hub;
 pub mod jobs;
 pub mod keys;
+pub mod logsafe;
 pub mod methods;
 pub mod query;
 pub mod record;
+pub mod redelivery;
 pub mod registry;
 pub mod sessions;
+pub mod throttle;
 pub mod twin_doc;
 pub mod twins;
 
 pub use error::{Error, Result};
-pub use hub::Hub;
+pub use hub::{Hub, HubOptions};

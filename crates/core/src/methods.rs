@@ -39,11 +39,8 @@ impl MethodCall {
         if name.is_empty() || name.len() > 1024 {
             return Err(Error::invalid("methodName must be 1 to 1024 characters"));
         }
-        if name.contains('/') || name.chars().any(|c| c.is_control()) {
-            return Err(Error::invalid(
-                "methodName cannot contain '/' or control characters",
-            ));
-        }
+        twinhub_proto::ids::validate_method_name(name)
+            .map_err(|e| Error::invalid(format!("Invalid methodName: {e}")))?;
         let payload = serde_json::to_vec(req.payload.as_ref().unwrap_or(&Value::Null))
             .map_err(|_| Error::invalid("payload is not serializable JSON"))?;
         if payload.len() > MAX_METHOD_PAYLOAD {
@@ -141,9 +138,10 @@ impl Hub {
         connect_timeout: Duration,
     ) -> Result<SessionHandle> {
         let deadline = Instant::now() + connect_timeout;
+        let watch = self.directory.watch(device_id);
         loop {
             // Registered before the check so a change between check and wait is not missed.
-            let changed = self.directory.changed();
+            let changed = watch.changed();
             tokio::pin!(changed);
             changed.as_mut().enable();
             if let Some(h) = self.directory.get(device_id)

@@ -2,9 +2,12 @@
 //! (so every write acknowledged before the query is visible), one page at a time. The
 //! language itself (parsing, matching, projection, aggregation) is `twinhub-query`.
 
+use std::time::Duration;
+
 use base64::Engine as _;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
+use tokio::time::Instant;
 use twinhub_query::{From, Query, Select};
 use twinhub_store::Table;
 
@@ -17,6 +20,13 @@ pub const DEFAULT_PAGE: usize = 100;
 pub const MAX_PAGE: usize = 1000;
 /// Records read from the store per scan step.
 const SCAN_BATCH: usize = 512;
+/// How long one query request may scan before it is refused as throttled (its caller can
+/// page with a narrower condition or retry later).
+pub const QUERY_BUDGET: Duration = Duration::from_secs(10);
+/// Queries scanning at once; more wait their turn (within the budget).
+pub const CONCURRENT_QUERIES: usize = 4;
+/// Most groups a GROUP BY may produce.
+pub const MAX_GROUPS: usize = 10_000;
 
 /// One page of results.
 #[derive(Debug, Clone)]
@@ -67,6 +77,11 @@ impl Hub {
         continuation: Option<&str>,
     ) -> Result<QueryPage> {
         let query = parse_query(text)?;
+        let deadline = Instant::now() + QUERY_BUDGET;
+        let _permit = tokio::time::timeout_at(deadline, self.query_slots.acquire())
+            .await
+            .map_err(|_| over_budget())?
+            .map_err(|_| Error::internal())?;
         let page_size = page_size.unwrap_or(DEFAULT_PAGE);
         if page_size == 0 || page_size > MAX_PAGE {
             return Err(Error::invalid(format!(
@@ -96,16 +111,23 @@ impl Hub {
                 item_type,
             });
         };
-        if query.is_aggregate() {
-            // Aggregates see every document; their result rows are few and fit one page.
-            let mut docs = Vec::new();
-            self.scan_documents(table, None, |_, doc| {
-                docs.push(doc);
-                true
+        if let Some(mut aggregation) = query.aggregation() {
+            // Aggregates see every document, one at a time; their rows are few and fit one
+            // page.
+            let mut too_many = false;
+            self.scan_documents(table, None, deadline, |_, doc| {
+                aggregation.add(&doc);
+                too_many = aggregation.groups() > MAX_GROUPS;
+                !too_many
             })
             .await?;
+            if too_many {
+                return Err(Error::invalid(format!(
+                    "The query makes more than {MAX_GROUPS} groups; group by fewer distinct values"
+                )));
+            }
             return Ok(QueryPage {
-                items: query.aggregate(docs.iter()),
+                items: aggregation.finish(),
                 continuation: None,
                 item_type,
             });
@@ -117,7 +139,7 @@ impl Hub {
         let more = if want == 0 {
             false
         } else {
-            self.scan_documents(table, cursor.after.clone(), |key, doc| {
+            self.scan_documents(table, cursor.after.clone(), deadline, |key, doc| {
                 if query.matches(&doc) {
                     items.push(query.project(&doc));
                 }
@@ -126,7 +148,7 @@ impl Hub {
             })
             .await?
         };
-        let returned = cursor.returned + items.len() as u64;
+        let returned = cursor.returned.saturating_add(items.len() as u64);
         let top_reached = query.top.is_some_and(|t| returned >= t);
         let continuation = (more && !top_reached).then(|| {
             Cursor {
@@ -143,24 +165,34 @@ impl Hub {
     }
 
     /// Feeds every document of `table` after `after` to `visit` in key order until it
-    /// returns false. Returns whether documents may remain.
+    /// returns false. Returns whether documents may remain. Past `deadline` the scan stops
+    /// with IoT Hub's throttling error; records that cannot be decoded are skipped.
     async fn scan_documents(
         &self,
         table: Table,
         mut after: Option<String>,
+        deadline: Instant,
         mut visit: impl FnMut(&str, Value) -> bool,
     ) -> Result<bool> {
         loop {
+            if Instant::now() >= deadline {
+                return Err(over_budget());
+            }
             let batch = self.store.scan(table, after.as_deref(), SCAN_BATCH).await?;
             let full = batch.len() == SCAN_BATCH;
             for (key, bytes) in &batch {
                 let doc = match table {
-                    Table::Devices => {
-                        let rec = DeviceRecord::decode(bytes)?;
-                        serde_json::to_value(rec.to_twin(self.directory.is_connected(key)))
-                            .unwrap_or(Value::Null)
-                    }
-                    _ => serde_json::from_slice(bytes).map_err(|_| Error::internal())?,
+                    Table::Devices => match DeviceRecord::decode(bytes) {
+                        Ok(rec) => {
+                            serde_json::to_value(rec.to_twin(self.directory.is_connected(key)))
+                                .unwrap_or(Value::Null)
+                        }
+                        Err(_) => continue,
+                    },
+                    _ => match serde_json::from_slice(bytes) {
+                        Ok(doc) => doc,
+                        Err(_) => continue,
+                    },
                 };
                 if !visit(key, doc) {
                     // Stopped early: more may follow unless this was the very last key.
@@ -172,6 +204,18 @@ impl Hub {
                 Some((k, _)) if full => after = Some(k.clone()),
                 _ => return Ok(false),
             }
+            // Scans read the store on this task: let other tasks on this worker run.
+            tokio::task::yield_now().await;
         }
     }
+}
+
+fn over_budget() -> Error {
+    Error::new(
+        twinhub_proto::error::ErrorCode::ThrottlingException,
+        format!(
+            "The query did not finish within {} seconds; narrow it or retry later",
+            QUERY_BUDGET.as_secs()
+        ),
+    )
 }

@@ -60,7 +60,11 @@ impl DeviceRecord {
 
     pub fn decode(bytes: &[u8]) -> Result<Self> {
         serde_json::from_slice(bytes).map_err(|e| {
-            tracing::error!(error = %e, "corrupt device record in store");
+            static LOGS: crate::logsafe::RateLimit =
+                crate::logsafe::RateLimit::new(std::time::Duration::from_secs(60), 5);
+            if let Some(suppressed) = LOGS.allow() {
+                tracing::error!(error = %e, suppressed, "a device record in the store cannot be decoded");
+            }
             Error::internal()
         })
     }

@@ -26,6 +26,12 @@ use crate::twin_doc::{self, Section, SectionKind};
 pub const BULK_LIMIT: usize = 100;
 /// IoT Hub's cap on `GET /devices?top=`.
 pub const LIST_LIMIT: usize = 1000;
+/// Longest `statusReason` kept (IoT Hub: 128 characters).
+pub const MAX_STATUS_REASON: usize = 128;
+/// Longest `deviceScope` or parent scope.
+pub const MAX_SCOPE: usize = 256;
+/// Most parent scopes (an IoT Edge child has one parent).
+pub const MAX_PARENT_SCOPES: usize = 8;
 
 /// The identity fields a caller may set on create or update.
 #[derive(Debug, Clone, Default)]
@@ -62,6 +68,29 @@ impl From<&ExportImportDevice> for DeviceSpec {
             parent_scopes: d.parent_scopes.clone().unwrap_or_default(),
         }
     }
+}
+
+/// Bounds the free-text identity fields, so a registry page stays a sensible size.
+fn validate_spec(spec: &DeviceSpec) -> Result<()> {
+    if let Some(reason) = &spec.status_reason
+        && reason.chars().count() > MAX_STATUS_REASON
+    {
+        return Err(Error::invalid(format!(
+            "statusReason must be at most {MAX_STATUS_REASON} characters"
+        )));
+    }
+    let scopes = spec.device_scope.iter().chain(&spec.parent_scopes);
+    if scopes.clone().any(|s| s.len() > MAX_SCOPE) {
+        return Err(Error::invalid(format!(
+            "deviceScope and parentScopes entries must be at most {MAX_SCOPE} characters"
+        )));
+    }
+    if spec.parent_scopes.len() > MAX_PARENT_SCOPES {
+        return Err(Error::invalid(format!(
+            "at most {MAX_PARENT_SCOPES} parentScopes"
+        )));
+    }
+    Ok(())
 }
 
 pub fn validate_device_id(id: &str) -> Result<()> {
@@ -159,10 +188,13 @@ fn resolve_auth(
 }
 
 fn new_record(device_id: &str, spec: &DeviceSpec, now: &str) -> Result<DeviceRecord> {
+    validate_spec(spec)?;
     Ok(DeviceRecord {
         device_id: device_id.to_string(),
         generation_id: keys::generation_id(),
-        identity_version: 1,
+        // Not 1: a device deleted and re-created under the same id must not repeat its
+        // predecessor's etags, or an If-Match taken from the old one would match the new.
+        identity_version: keys::now_micros().max(1),
         status: spec.status.unwrap_or(DeviceStatus::Enabled),
         status_reason: spec.status_reason.clone(),
         status_updated_time: twinhub_proto::time::NEVER.to_string(),
@@ -182,9 +214,14 @@ fn new_record(device_id: &str, spec: &DeviceSpec, now: &str) -> Result<DeviceRec
     })
 }
 
-/// Applies an identity update; returns whether the device is now disabled (to close it).
+/// Applies an identity update; returns whether a live session must end: the device is now
+/// disabled, or its credentials changed (a session signed in with the old ones must not
+/// outlive a key rotation).
 fn update_record(rec: &mut DeviceRecord, spec: &DeviceSpec, now: &str) -> Result<bool> {
-    rec.auth = resolve_auth(spec.authentication.as_ref(), Some(&rec.auth))?;
+    validate_spec(spec)?;
+    let auth = resolve_auth(spec.authentication.as_ref(), Some(&rec.auth))?;
+    let credentials_changed = auth != rec.auth;
+    rec.auth = auth;
     let status = spec.status.unwrap_or(rec.status);
     if status != rec.status {
         rec.status = status;
@@ -195,7 +232,7 @@ fn update_record(rec: &mut DeviceRecord, spec: &DeviceSpec, now: &str) -> Result
     rec.device_scope = spec.device_scope.clone();
     rec.parent_scopes = spec.parent_scopes.clone();
     rec.identity_version += 1;
-    Ok(rec.status == DeviceStatus::Disabled)
+    Ok(rec.status == DeviceStatus::Disabled || credentials_changed)
 }
 
 fn check_etag(if_match: Option<&str>, actual: &str, what: &str) -> Result<()> {
@@ -242,10 +279,10 @@ impl Hub {
             (Some(mut rec), true) => {
                 check_etag(if_match, &rec.device_etag(), "device")?;
                 let before = rec.status;
-                let disabled = update_record(&mut rec, &spec, &now)?;
+                let close = update_record(&mut rec, &spec, &now)?;
                 self.save(&rec).await?;
                 self.counts.change(before, rec.status);
-                if disabled {
+                if close {
                     self.close_device_session(device_id, CloseReason::DeviceDisabled);
                 }
                 rec
@@ -277,6 +314,7 @@ impl Hub {
             .await?;
         self.counts.remove(rec.status);
         self.close_device_session(device_id, CloseReason::DeviceDisabled);
+        self.redelivery.forget(device_id);
         Ok(())
     }
 
@@ -348,10 +386,11 @@ impl Hub {
         let now = keys::now_text();
         let mut writes = Vec::new();
         let mut errors = Vec::new();
-        let mut effects: Vec<(String, Option<DeviceStatus>, Option<DeviceStatus>)> = Vec::new();
+        let mut effects: Vec<Effect> = Vec::new();
         for op in ops {
             let existing = self.load(&op.id).await?;
             let before = existing.as_ref().map(|r| r.status);
+            let auth_before = existing.as_ref().map(|r| r.auth.clone());
             match apply_import(op, existing, &now) {
                 Ok(Some(rec)) => {
                     writes.push(Write::put(
@@ -359,12 +398,22 @@ impl Hub {
                         rec.device_id.clone(),
                         rec.encode(),
                     ));
-                    effects.push((op.id.clone(), before, Some(rec.status)));
+                    effects.push(Effect {
+                        id: op.id.clone(),
+                        before,
+                        after: Some(rec.status),
+                        credentials_changed: auth_before.is_some_and(|a| a != rec.auth),
+                    });
                 }
                 Ok(None) => {
                     writes.push(Write::delete(Table::Devices, op.id.clone()));
                     writes.push(Write::delete(Table::Sessions, op.id.clone()));
-                    effects.push((op.id.clone(), before, None));
+                    effects.push(Effect {
+                        id: op.id.clone(),
+                        before,
+                        after: None,
+                        credentials_changed: false,
+                    });
                 }
                 Err(e) => errors.push(DeviceRegistryOperationError {
                     device_id: op.id.clone(),
@@ -378,15 +427,20 @@ impl Hub {
         if !writes.is_empty() {
             self.store.commit(writes).await?;
         }
-        for (id, before, after) in effects {
-            match (before, after) {
+        for e in effects {
+            match (e.before, e.after) {
                 (None, Some(s)) => self.counts.add(s),
                 (Some(b), Some(a)) => self.counts.change(b, a),
                 (Some(b), None) => self.counts.remove(b),
                 (None, None) => {}
             }
-            if after != Some(DeviceStatus::Enabled) && before.is_some() {
-                self.close_device_session(&id, CloseReason::DeviceDisabled);
+            if e.before.is_some()
+                && (e.after != Some(DeviceStatus::Enabled) || e.credentials_changed)
+            {
+                self.close_device_session(&e.id, CloseReason::DeviceDisabled);
+            }
+            if e.after.is_none() {
+                self.redelivery.forget(&e.id);
             }
         }
         drop(guards);
@@ -396,6 +450,14 @@ impl Hub {
             warnings: Vec::new(),
         })
     }
+}
+
+/// What a committed import operation changed, for the effects that follow the commit.
+struct Effect {
+    id: String,
+    before: Option<DeviceStatus>,
+    after: Option<DeviceStatus>,
+    credentials_changed: bool,
 }
 
 /// The outcome of one import operation: the record to store, `None` to delete.

@@ -10,6 +10,7 @@ use crate::directory::{CloseReason, SessionHandle};
 use crate::error::{Error, Result};
 use crate::hub::Hub;
 use crate::keys;
+use crate::twins::SessionRef;
 
 /// Session state kept between connections of a CleanSession=0 client.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -26,11 +27,15 @@ pub struct SessionStart {
     pub subscriptions: Vec<String>,
     /// When the device's SAS token expires (unix seconds); the session ends then.
     pub token_expiry: u64,
+    /// The device's generation: if it is deleted and re-created, the session is stale.
+    pub generation_id: String,
 }
 
 impl Hub {
-    /// Authenticates a device's CONNECT and registers its session. Any failure means
-    /// "not authorized" to the device; the error's message says why, for the log.
+    /// Authenticates a device's CONNECT and registers its session. A failure's code says
+    /// what the device is told: IotHubUnauthorizedAccess is "not authorized", throttling and
+    /// store faults are "server unavailable" (the device retries); the message says why, for
+    /// the log.
     pub async fn connect_device(
         &self,
         device_id: &str,
@@ -54,6 +59,8 @@ impl Hub {
         }
         let password = password
             .ok_or_else(|| Error::unauthorized("CONNECT carries no password (SAS token)"))?;
+        self.throttles.connect(device_id)?;
+        let auth_checked = rec.auth.clone();
         let token_expiry = self.auth.authenticate_device(
             device_id,
             rec.auth.primary_key.as_deref(),
@@ -70,6 +77,11 @@ impl Hub {
         if rec.status != DeviceStatus::Enabled {
             return Err(Error::unauthorized(format!(
                 "Device '{device_id}' is disabled"
+            )));
+        }
+        if rec.auth != auth_checked {
+            return Err(Error::unauthorized(format!(
+                "Device '{device_id}' changed its credentials while connecting"
             )));
         }
         let previous = match self.store.get(Table::Sessions, device_id).await? {
@@ -92,20 +104,30 @@ impl Hub {
             session_present: resumed.is_some(),
             subscriptions: resumed.map(|s| s.subscriptions).unwrap_or_default(),
             token_expiry,
+            generation_id: rec.generation_id,
         })
     }
 
     /// Records a session's subscriptions so a reconnect (CleanSession=0) restores them.
-    /// Returns after the durable commit, so a SUBACK sent afterwards is never a lie.
-    pub async fn save_subscriptions(&self, device_id: &str, filters: &[String]) -> Result<()> {
+    /// Returns after the durable commit, so a SUBACK sent afterwards is never a lie. A
+    /// session that is no longer the device's current one writes nothing (and gets `false`).
+    pub async fn save_subscriptions(
+        &self,
+        session: &SessionRef<'_>,
+        filters: &[String],
+    ) -> Result<bool> {
         let state = PersistedSession {
             subscriptions: filters.to_vec(),
         };
         let bytes = serde_json::to_vec(&state).unwrap_or_default();
+        let _guard = self.locks.lock(session.device_id).await;
+        if !self.is_current(session) {
+            return Ok(false);
+        }
         self.store
-            .commit(vec![Write::put(Table::Sessions, device_id, bytes)])
+            .commit(vec![Write::put(Table::Sessions, session.device_id, bytes)])
             .await?;
-        Ok(())
+        Ok(true)
     }
 
     /// Called when a session ends. Updates presence only if this connection was still the

@@ -103,18 +103,9 @@ impl Section {
         now: &str,
         desired: bool,
     ) -> Map<String, Value> {
-        let mut diff = Map::new();
-        for key in self.props.keys() {
-            if !props.contains_key(key) {
-                diff.insert(key.clone(), Value::Null);
-            }
-        }
-        for (k, v) in &props {
-            diff.insert(k.clone(), v.clone());
-        }
         self.version += 1;
         let version = desired.then_some(self.version);
-        self.props = Map::new();
+        let old = std::mem::take(&mut self.props);
         self.metadata = Map::new();
         merge(
             &mut self.props,
@@ -124,8 +115,30 @@ impl Section {
             version,
         );
         stamp(&mut self.metadata, now, version);
-        diff
+        diff(&old, &self.props)
     }
+}
+
+/// The merge patch that turns `old` into `new`: keys gone from `new` as `null`, objects on
+/// both sides diffed recursively (a merge keeps the members a patch leaves out), any other
+/// value as it is in `new`.
+fn diff(old: &Map<String, Value>, new: &Map<String, Value>) -> Map<String, Value> {
+    let mut patch = Map::new();
+    for key in old.keys() {
+        if !new.contains_key(key) {
+            patch.insert(key.clone(), Value::Null);
+        }
+    }
+    for (key, value) in new {
+        let value = match (old.get(key), value) {
+            (Some(Value::Object(before)), Value::Object(after)) => {
+                Value::Object(diff(before, after))
+            }
+            _ => value.clone(),
+        };
+        patch.insert(key.clone(), value);
+    }
+    patch
 }
 
 fn stamp(meta: &mut Map<String, Value>, now: &str, version: Option<u64>) {
@@ -209,15 +222,23 @@ pub fn validate_section(kind: SectionKind, value: &Value) -> Result<Map<String, 
         map.shift_remove("$version");
     }
     check_object(kind, &map, 1)?;
+    // The result is measured after the merge; the patch itself is bounded too, because a
+    // desired patch goes to the device as sent (a patch of nothing but nulls changes little
+    // but could be megabytes). Twice the section allows deleting every key of a full one.
+    let size = serde_json::to_vec(&map).map_or(usize::MAX, |v| v.len());
+    if size > 2 * kind.limit() {
+        return Err(Error::invalid(format!(
+            "The {} patch is {size} bytes, over the limit of {} bytes",
+            kind.name(),
+            2 * kind.limit()
+        )));
+    }
     Ok(map)
 }
 
 fn check_object(kind: SectionKind, map: &Map<String, Value>, depth: usize) -> Result<()> {
     if depth > MAX_DEPTH {
-        return Err(Error::invalid(format!(
-            "{} exceed the maximum nesting depth of {MAX_DEPTH}",
-            kind.name()
-        )));
+        return Err(too_deep(kind));
     }
     for (key, value) in map {
         check_key(kind, key)?;
@@ -230,6 +251,11 @@ fn check_value(kind: SectionKind, value: &Value, depth: usize) -> Result<()> {
     match value {
         Value::Object(m) => check_object(kind, m, depth + 1),
         Value::Array(items) => {
+            // Nested arrays count too: unchecked, they could go as deep as the JSON parser
+            // allows, and the stored record, a few levels further in, would not read back.
+            if depth > MAX_DEPTH {
+                return Err(too_deep(kind));
+            }
             for item in items {
                 match item {
                     Value::Null => {
@@ -249,6 +275,13 @@ fn check_value(kind: SectionKind, value: &Value, depth: usize) -> Result<()> {
         ))),
         _ => Ok(()),
     }
+}
+
+fn too_deep(kind: SectionKind) -> Error {
+    Error::invalid(format!(
+        "{} exceed the maximum nesting depth of {MAX_DEPTH}",
+        kind.name()
+    ))
 }
 
 fn check_key(kind: SectionKind, key: &str) -> Result<()> {
@@ -365,6 +398,27 @@ mod tests {
     }
 
     #[test]
+    fn replace_diff_removes_nested_members() {
+        // Found by the twin_patch fuzz target: the diff was {"e": null, "a": {"c": {}}}, which
+        // merged on the device kept "b" and "d".
+        let mut s = Section::new("t0", true);
+        s.apply_patch(
+            &obj(json!({"a": {"b": 1, "c": {"d": 2}}, "e": 3})),
+            "t1",
+            true,
+        );
+        let mut device = s.clone();
+        let diff = s.replace(obj(json!({"a": {"c": {}}})), "t2", true);
+        assert_eq!(
+            Value::Object(diff.clone()),
+            json!({"e": null, "a": {"b": null, "c": {"d": null}}})
+        );
+        device.apply_patch(&diff, "t2", true);
+        assert_eq!(device.props, s.props);
+        assert_eq!(Value::Object(s.props), json!({"a": {"c": {}}}));
+    }
+
+    #[test]
     fn key_rules() {
         for bad in ["a.b", "$x", "a b", "tab\t", ""] {
             let v = json!({ bad: 1 });
@@ -400,6 +454,22 @@ mod tests {
         assert!(validate_section(SectionKind::Desired, &v).is_ok());
         let deeper = json!({ "k": v });
         assert!(validate_section(SectionKind::Desired, &deeper).is_err());
+    }
+
+    #[test]
+    fn nested_arrays_are_depth_limited() {
+        // Found by the twin_patch fuzz target: 125 nested arrays passed validation, and the
+        // device record holding them then failed to decode (serde_json's recursion limit).
+        let nested = |levels: usize| {
+            let mut v = json!(1);
+            for _ in 0..levels {
+                v = json!([v]);
+            }
+            json!({ "a": v })
+        };
+        assert!(validate_section(SectionKind::Reported, &nested(MAX_DEPTH)).is_ok());
+        assert!(validate_section(SectionKind::Reported, &nested(MAX_DEPTH + 1)).is_err());
+        assert!(validate_section(SectionKind::Tags, &nested(125)).is_err());
     }
 
     #[test]

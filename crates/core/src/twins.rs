@@ -6,11 +6,15 @@ use bytes::Bytes;
 use serde_json::{Map, Value};
 use twinhub_proto::model::Twin;
 
-use crate::directory::{CloseReason, SessionCommand, subs};
+use twinhub_proto::ErrorBody;
+use twinhub_proto::model::DeviceStatus;
+
+use crate::directory::{CloseReason, SessionCommand, SessionHandle, subs};
 use crate::error::{Error, Result};
 use crate::hub::Hub;
 use crate::keys;
 use crate::record::if_match_value;
+use crate::redelivery::{Redelivered, TwinAnswer};
 use crate::twin_doc::{self, SectionKind};
 
 /// Merges a tags patch: objects merge recursively, `null` deletes. Tags carry no metadata.
@@ -141,21 +145,136 @@ impl Hub {
         ))
     }
 
-    /// A device's reported-properties patch. Returns the new reported `$version` once the
-    /// change is durable.
-    pub async fn device_patch_reported(&self, device_id: &str, payload: &[u8]) -> Result<u64> {
-        let value: Value = serde_json::from_slice(payload)
-            .map_err(|e| Error::invalid(format!("The reported patch is not valid JSON: {e}")))?;
-        let patch = twin_doc::validate_section(SectionKind::Reported, &value)?;
-        let now = keys::now_text();
+    /// A device's reported-properties patch, as its session received it. Under the device
+    /// lock: a real redelivery (DUP, same `$rid` and payload) gets the remembered answer;
+    /// a session that is no longer the device's current one, or whose device was disabled,
+    /// deleted or re-created since it connected, writes nothing. Otherwise the patch is
+    /// applied and answered once the change is durable.
+    pub async fn device_patch_reported(
+        &self,
+        session: &SessionRef<'_>,
+        request: &TwinRequest<'_>,
+    ) -> PatchOutcome {
+        let device_id = session.device_id;
+        let prepared = serde_json::from_slice::<Value>(request.payload)
+            .map_err(|e| Error::invalid(format!("The reported patch is not valid JSON: {e}")))
+            .and_then(|value| twin_doc::validate_section(SectionKind::Reported, &value));
         let _guard = self.locks.lock(device_id).await;
-        let mut rec = self.load_existing(device_id).await?;
-        let version = rec.twin.reported.apply_patch(&patch, &now, false);
+        if !self.is_current(session) {
+            return PatchOutcome::SessionEnded;
+        }
+        let connection_id = session.handle.connection_id;
+        match self.redelivery.check(
+            device_id,
+            connection_id,
+            request.rid,
+            request.dup,
+            request.payload,
+        ) {
+            Redelivered::New => {}
+            Redelivered::AlreadyAnswered => return PatchOutcome::AlreadyAnswered,
+            Redelivered::Resend(answer) => return PatchOutcome::Answer(answer),
+        }
+        let result = match prepared {
+            Ok(patch) => self.apply_reported(session, &patch).await,
+            Err(e) => Err(e),
+        };
+        let answer = match result {
+            Ok(Some(version)) => TwinAnswer {
+                status: 204,
+                version: Some(version),
+                body: Bytes::new(),
+            },
+            Ok(None) => return PatchOutcome::SessionEnded,
+            Err(e) => TwinAnswer::from_error(&e),
+        };
+        self.redelivery.remember(
+            device_id,
+            connection_id,
+            request.rid,
+            request.payload,
+            &answer,
+        );
+        PatchOutcome::Answer(answer)
+    }
+
+    /// Applies a validated reported patch; `None` when the record shows the session stale.
+    async fn apply_reported(
+        &self,
+        session: &SessionRef<'_>,
+        patch: &Map<String, Value>,
+    ) -> Result<Option<u64>> {
+        let Some(mut rec) = self.load(session.device_id).await? else {
+            return Ok(None);
+        };
+        if rec.generation_id != session.generation_id || rec.status != DeviceStatus::Enabled {
+            return Ok(None);
+        }
+        self.throttles.twin_write(session.device_id)?;
+        let now = keys::now_text();
+        let version = rec.twin.reported.apply_patch(patch, &now, false);
         twin_doc::check_size(SectionKind::Reported, &rec.twin.reported.props)?;
         rec.twin.version += 1;
         rec.last_activity_time = now;
         self.save(&rec).await?;
-        Ok(version)
+        Ok(Some(version))
+    }
+
+    /// Whether `session` is still the one the directory routes its device to.
+    pub(crate) fn is_current(&self, session: &SessionRef<'_>) -> bool {
+        !session.handle.close.is_closed()
+            && self
+                .directory
+                .get(session.device_id)
+                .is_some_and(|h| h.connection_id == session.handle.connection_id)
+    }
+}
+
+/// A device session as the hub accepted it: which device, which connection, and the device's
+/// generation at connect (a device deleted and re-created under the same id is another one).
+#[derive(Debug, Clone, Copy)]
+pub struct SessionRef<'a> {
+    pub device_id: &'a str,
+    pub handle: &'a SessionHandle,
+    pub generation_id: &'a str,
+}
+
+/// A twin request as a device sent it.
+#[derive(Debug, Clone, Copy)]
+pub struct TwinRequest<'a> {
+    pub rid: &'a str,
+    /// MQTT's DUP flag: the client is sending it again.
+    pub dup: bool,
+    pub payload: &'a [u8],
+}
+
+/// What becomes of a device's reported patch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PatchOutcome {
+    /// Answer the device with this.
+    Answer(TwinAnswer),
+    /// A redelivery on the connection that already got its answer: send nothing more.
+    AlreadyAnswered,
+    /// The session may write nothing more (replaced, device disabled, deleted or re-created):
+    /// it ends.
+    SessionEnded,
+}
+
+impl TwinAnswer {
+    /// The answer for a failed request: the error's HTTP status and IoT Hub's error body.
+    pub fn from_error(e: &Error) -> TwinAnswer {
+        let code = e.code();
+        let body = ErrorBody::json(
+            code,
+            e.message(),
+            &keys::tracking_id(),
+            jiff::Timestamp::now(),
+        );
+        TwinAnswer {
+            status: code.http_status(),
+            version: None,
+            body: Bytes::from(body.message),
+        }
     }
 }
 

@@ -94,6 +94,8 @@ error_codes! {
     TooManyModulesOnDevice = 413003,
     /// A throttling limit was hit.
     ThrottlingException = 429001,
+    /// Too many jobs are scheduled or running at once.
+    ThrottlingMaxActiveJobCountExceeded = 429004,
     /// An internal server error.
     ServerError = 500001,
     /// The service is temporarily unavailable.
