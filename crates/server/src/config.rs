@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use figment::Figment;
 use figment::providers::{Env, Format, Serialized, Toml};
 use serde::{Deserialize, Serialize};
+use twinhub_core::throttle::ThrottleConfig;
 
 use crate::error::ServerError;
 
@@ -30,6 +31,23 @@ pub struct Config {
     pub tls_key: Option<PathBuf>,
     /// Seconds a new MQTT connection has to send CONNECT.
     pub mqtt_connect_timeout: u64,
+    /// Open connections on both ports together; `None`: what the open-file limit allows.
+    pub max_connections: Option<usize>,
+    /// Connections not yet authenticated (in the TLS handshake, before the first HTTP
+    /// request or before MQTT CONNECT is accepted).
+    pub max_unauthenticated: usize,
+    /// Seconds ahead a SAS token's expiry may lie; longer-lived tokens are refused.
+    pub max_token_lifetime: u64,
+    /// MQTT CONNECTs per second per device (0: no limit).
+    pub throttle_device_connects: f64,
+    /// Reported-property patches per second per device (0: no limit).
+    pub throttle_device_twin_writes: f64,
+    /// Device-to-cloud messages per second per device; past it acks are delayed (0: no limit).
+    pub throttle_device_d2c: f64,
+    /// REST operations per second for the whole hub (0: no limit).
+    pub throttle_rest: f64,
+    /// Seconds an HTTPS connection may stay silent with no request in flight.
+    pub http_idle_timeout: u64,
 }
 
 impl Default for Config {
@@ -43,6 +61,14 @@ impl Default for Config {
             tls_cert: None,
             tls_key: None,
             mqtt_connect_timeout: 10,
+            max_connections: None,
+            max_unauthenticated: 1024,
+            max_token_lifetime: twinhub_core::hub::DEFAULT_MAX_TOKEN_LIFETIME.as_secs(),
+            throttle_device_connects: ThrottleConfig::default().device_connects,
+            throttle_device_twin_writes: ThrottleConfig::default().device_twin_writes,
+            throttle_device_d2c: ThrottleConfig::default().device_d2c,
+            throttle_rest: ThrottleConfig::default().rest,
+            http_idle_timeout: 120,
         }
     }
 }
@@ -66,9 +92,25 @@ pub struct Overrides {
     pub tls_key: Option<PathBuf>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub mqtt_connect_timeout: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_connections: Option<usize>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_unauthenticated: Option<usize>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_token_lifetime: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub throttle_device_connects: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub throttle_device_twin_writes: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub throttle_device_d2c: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub throttle_rest: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub http_idle_timeout: Option<u64>,
 }
 
-const KEYS: [&str; 8] = [
+const KEYS: [&str; 16] = [
     "data_dir",
     "hostname",
     "bind",
@@ -77,6 +119,14 @@ const KEYS: [&str; 8] = [
     "tls_cert",
     "tls_key",
     "mqtt_connect_timeout",
+    "max_connections",
+    "max_unauthenticated",
+    "max_token_lifetime",
+    "throttle_device_connects",
+    "throttle_device_twin_writes",
+    "throttle_device_d2c",
+    "throttle_rest",
+    "http_idle_timeout",
 ];
 
 impl Config {
@@ -125,7 +175,33 @@ impl Config {
                 "mqtt_connect_timeout must be at least 1 second".into(),
             ));
         }
+        if self.max_connections == Some(0) || self.max_unauthenticated == 0 {
+            return Err(ServerError::Config(
+                "max_connections and max_unauthenticated must be at least 1".into(),
+            ));
+        }
+        if self.http_idle_timeout == 0 {
+            return Err(ServerError::Config(
+                "http_idle_timeout must be at least 1 second".into(),
+            ));
+        }
+        if self.max_token_lifetime == 0 {
+            return Err(ServerError::Config(
+                "max_token_lifetime must be at least 1 second".into(),
+            ));
+        }
+        self.throttles().validate().map_err(ServerError::Config)?;
         Ok(())
+    }
+
+    /// The throttles as the hub takes them.
+    pub fn throttles(&self) -> ThrottleConfig {
+        ThrottleConfig {
+            device_connects: self.throttle_device_connects,
+            device_twin_writes: self.throttle_device_twin_writes,
+            device_d2c: self.throttle_device_d2c,
+            rest: self.throttle_rest,
+        }
     }
 }
 

@@ -32,14 +32,72 @@ fn data_dir_err(path: &Path, reason: impl std::fmt::Display) -> ServerError {
     }
 }
 
-/// Makes sure the data dir exists and is writable (a probe file, fsynced and removed).
+/// Makes sure the data dir exists, is readable by its owner only (it holds every key), and
+/// is writable (a probe file, fsynced and removed).
 pub fn ensure_data_dir(dir: &Path) -> Result<(), ServerError> {
-    fs::create_dir_all(dir).map_err(|e| data_dir_err(dir, format!("cannot create it: {e}")))?;
+    let mut builder = fs::DirBuilder::new();
+    builder.recursive(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::DirBuilderExt;
+        builder.mode(0o700);
+    }
+    builder
+        .create(dir)
+        .map_err(|e| data_dir_err(dir, format!("cannot create it: {e}")))?;
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        if let Ok(meta) = fs::metadata(dir)
+            && meta.permissions().mode() & 0o077 != 0
+        {
+            match fs::set_permissions(dir, fs::Permissions::from_mode(0o700)) {
+                Ok(()) => {
+                    tracing::info!(dir = %dir.display(), "made the data dir owner-only (0700): it holds every device key")
+                }
+                Err(e) => {
+                    tracing::warn!(dir = %dir.display(), "the data dir is readable by others and could not be made owner-only: {e}")
+                }
+            }
+        }
+    }
     let probe = dir.join(".write-probe");
     fs::File::create(&probe)
         .and_then(|mut f| f.write_all(b"ok").and_then(|_| f.sync_all()))
         .map_err(|e| data_dir_err(dir, format!("not writable: {e}")))?;
     let _ = fs::remove_file(&probe);
+    Ok(())
+}
+
+/// Replaces `path` with `contents` so that a crash leaves either the old file or the new one:
+/// a temporary file beside it, fsynced, given `mode` (also when the file existed before), renamed
+/// over it, and the directory fsynced so the rename itself is durable.
+pub fn write_atomic(path: &Path, contents: &[u8], mode: u32) -> std::io::Result<()> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let tmp = dir.join(format!(".{name}.tmp"));
+    let mut opts = fs::OpenOptions::new();
+    opts.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        opts.mode(mode);
+    }
+    let mut f = opts.open(&tmp)?;
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        f.set_permissions(fs::Permissions::from_mode(mode))?;
+    }
+    f.write_all(contents)?;
+    f.sync_all()?;
+    drop(f);
+    fs::rename(&tmp, path)?;
+    #[cfg(unix)]
+    fs::File::open(dir)?.sync_all()?;
     Ok(())
 }
 
@@ -87,19 +145,8 @@ impl HubFile {
     }
 
     fn write(&self, dir: &Path) -> Result<(), ServerError> {
-        let path = Self::path(dir);
-        let tmp = dir.join(format!("{FILE_NAME}.tmp"));
         let text = serde_json::to_string_pretty(self).unwrap_or_default();
-        let mut opts = fs::OpenOptions::new();
-        opts.write(true).create(true).truncate(true);
-        #[cfg(unix)]
-        {
-            use std::os::unix::fs::OpenOptionsExt;
-            opts.mode(0o600);
-        }
-        opts.open(&tmp)
-            .and_then(|mut f| f.write_all(text.as_bytes()).and_then(|_| f.sync_all()))
-            .and_then(|_| fs::rename(&tmp, &path))
+        write_atomic(&Self::path(dir), text.as_bytes(), 0o600)
             .map_err(|e| data_dir_err(dir, format!("cannot write {FILE_NAME}: {e}")))
     }
 

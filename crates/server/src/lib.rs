@@ -2,8 +2,11 @@
 //! the store and the hub, and runs one TLS accept loop per port (REST and MQTT over WebSockets
 //! on HTTPS; MQTT on the MQTT port) until shutdown. The only crate that knows sockets.
 
+pub mod admission;
+pub mod check;
 pub mod config;
 pub mod error;
+mod http_conn;
 pub mod hub_file;
 pub mod mqtt;
 pub mod rest;
@@ -14,15 +17,15 @@ use std::path::PathBuf;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
-use hyper_util::rt::{TokioExecutor, TokioIo};
-use hyper_util::service::TowerToHyperService;
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use twinhub_core::Hub;
+use twinhub_core::{Hub, HubOptions};
 use twinhub_store::{RedbStore, Store};
+
+use admission::Admission;
 
 pub use config::{Config, Overrides};
 pub use error::ServerError;
@@ -32,7 +35,8 @@ use mqtt::SessionContext;
 
 /// How long a client has to finish the TLS handshake.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-/// How long shutdown waits for in-flight work before giving up on it.
+/// How long shutdown waits for in-flight work before giving up on it (a session closes within
+/// its 5-second finish; an HTTP connection within its 10-second grace).
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(20);
 
 /// A started hub.
@@ -44,6 +48,7 @@ pub struct RunningServer {
     pub ca_pem: Option<PathBuf>,
     pub ca_bundle: Option<PathBuf>,
     pub config: Config,
+    pub admission: Arc<Admission>,
     store: Arc<RedbStore>,
     shutdown: CancellationToken,
     tracker: TaskTracker,
@@ -84,6 +89,17 @@ async fn bind(addr: SocketAddr, flag: &'static str, alt: u16) -> Result<TcpListe
 impl RunningServer {
     /// Starts a hub with `config`. Returns once both ports accept connections.
     pub async fn start(config: Config) -> Result<RunningServer, ServerError> {
+        let open_files = admission::raise_open_file_limit();
+        let max_connections = config
+            .max_connections
+            .unwrap_or_else(|| admission::default_max_connections(open_files));
+        tracing::info!(
+            open_files = open_files.map_or_else(|| "unlimited".to_string(), |n| n.to_string()),
+            max_connections,
+            max_unauthenticated = config.max_unauthenticated,
+            "connection limits"
+        );
+        let admission = Arc::new(Admission::new(max_connections, config.max_unauthenticated));
         hub_file::ensure_data_dir(&config.data_dir)?;
         let https = bind(
             SocketAddr::new(config.bind, config.https_port),
@@ -109,12 +125,10 @@ impl RunningServer {
         let hub_file = HubFile::load_or_create(&config, https_addr.port(), mqtt_addr.port())?;
         let tls = tls::prepare(&config)?;
         let store = Arc::new(RedbStore::open(&config.data_dir.join("store.redb"))?);
-        let hub = Hub::open(
-            store.clone() as Arc<dyn Store>,
-            config.hostname.clone(),
-            hub_file.policies.clone(),
-        )
-        .await?;
+        let mut options = HubOptions::new(config.hostname.clone(), hub_file.policies.clone());
+        options.throttles = config.throttles();
+        options.max_token_lifetime = Duration::from_secs(config.max_token_lifetime);
+        let hub = Hub::open(store.clone() as Arc<dyn Store>, options).await?;
 
         let shutdown = CancellationToken::new();
         let tracker = TaskTracker::new();
@@ -122,17 +136,20 @@ impl RunningServer {
             hub: hub.clone(),
             connect_timeout: Duration::from_secs(config.mqtt_connect_timeout),
             shutdown: shutdown.clone(),
+            tracker: tracker.clone(),
         };
         let router = rest::router(rest::AppState {
             hub: hub.clone(),
             metrics: metrics_handle(),
             sessions: sessions.clone(),
+            admission: admission.clone(),
         });
 
         tracker.spawn(accept_loop(
             https,
             TlsAcceptor::from(tls.https),
-            Listener::Https(router),
+            Listener::Https(router, Duration::from_secs(config.http_idle_timeout)),
+            admission.clone(),
             shutdown.clone(),
             tracker.clone(),
         ));
@@ -140,6 +157,7 @@ impl RunningServer {
             mqtt,
             TlsAcceptor::from(tls.mqtt),
             Listener::Mqtt(sessions),
+            admission.clone(),
             shutdown.clone(),
             tracker.clone(),
         ));
@@ -151,6 +169,7 @@ impl RunningServer {
             ca_pem: tls.ca_pem,
             ca_bundle: tls.ca_bundle,
             config,
+            admission,
             store,
             shutdown,
             tracker,
@@ -184,7 +203,8 @@ impl RunningServer {
 }
 
 enum Listener {
-    Https(axum::Router),
+    /// The REST router and the idle timeout of its connections.
+    Https(axum::Router, Duration),
     Mqtt(SessionContext),
 }
 
@@ -192,6 +212,7 @@ async fn accept_loop(
     listener: TcpListener,
     acceptor: TlsAcceptor,
     kind: Listener,
+    admission: Arc<Admission>,
     shutdown: CancellationToken,
     tracker: TaskTracker,
 ) {
@@ -209,7 +230,11 @@ async fn accept_loop(
                 }
             },
         };
-        let _ = tcp.set_nodelay(true);
+        let Some(mut admitted) = admission.admit(peer) else {
+            // Dropping the socket closes it: a full hub costs a refused peer nothing more.
+            continue;
+        };
+        admission::tune_socket(&tcp);
         let acceptor = acceptor.clone();
         let kind = kind.clone();
         let shutdown = shutdown.clone();
@@ -225,34 +250,16 @@ async fn accept_loop(
                     return;
                 }
             };
+            let unauthenticated = admitted.unauthenticated.take();
             match &*kind {
-                Listener::Mqtt(ctx) => mqtt::run_session(ctx.clone(), tls, peer.to_string()).await,
-                Listener::Https(router) => serve_http(tls, router.clone(), shutdown).await,
+                Listener::Mqtt(ctx) => {
+                    mqtt::run_session(ctx.clone(), tls, peer.to_string(), unauthenticated).await
+                }
+                Listener::Https(router, idle) => {
+                    http_conn::serve(tls, router.clone(), *idle, shutdown, unauthenticated).await
+                }
             }
+            drop(admitted);
         });
-    }
-}
-
-async fn serve_http<S>(io: S, router: axum::Router, shutdown: CancellationToken)
-where
-    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
-{
-    let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-    // Without a timer hyper leaves its HTTP/1 header-read timeout (30 s) off, and a client
-    // trickling headers would hold the connection forever.
-    builder.http1().timer(hyper_util::rt::TokioTimer::new());
-    let conn =
-        builder.serve_connection_with_upgrades(TokioIo::new(io), TowerToHyperService::new(router));
-    tokio::pin!(conn);
-    tokio::select! {
-        res = conn.as_mut() => {
-            if let Err(e) = res {
-                tracing::debug!("HTTP connection ended: {e}");
-            }
-        }
-        _ = shutdown.cancelled() => {
-            conn.as_mut().graceful_shutdown();
-            let _ = conn.await;
-        }
     }
 }

@@ -4,7 +4,6 @@
 //! rustls server configs.
 
 use std::fs;
-use std::io::Write as _;
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -19,6 +18,7 @@ use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 
 use crate::config::Config;
 use crate::error::ServerError;
+use crate::hub_file::write_atomic;
 
 /// Where the system's public roots usually live (Debian first).
 const SYSTEM_BUNDLES: [&str; 3] = [
@@ -43,24 +43,16 @@ fn tls_err(what: &str, e: impl std::fmt::Display) -> ServerError {
     ServerError::Tls(format!("{what}: {e}"))
 }
 
+/// Key files: owner-only, replaced atomically.
 fn write_private(path: &Path, contents: &str) -> Result<(), ServerError> {
-    let mut opts = fs::OpenOptions::new();
-    opts.write(true).create(true).truncate(true);
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::OpenOptionsExt;
-        opts.mode(0o600);
-    }
-    let mut f = opts
-        .open(path)
-        .map_err(|e| tls_err(&format!("writing {}", path.display()), e))?;
-    f.write_all(contents.as_bytes())
-        .and_then(|_| f.sync_all())
+    write_atomic(path, contents.as_bytes(), 0o600)
         .map_err(|e| tls_err(&format!("writing {}", path.display()), e))
 }
 
+/// Certificates: readable by all (clients need the CA), replaced atomically.
 fn write_public(path: &Path, contents: &str) -> Result<(), ServerError> {
-    fs::write(path, contents).map_err(|e| tls_err(&format!("writing {}", path.display()), e))
+    write_atomic(path, contents.as_bytes(), 0o644)
+        .map_err(|e| tls_err(&format!("writing {}", path.display()), e))
 }
 
 fn ca_params() -> CertificateParams {
@@ -208,8 +200,11 @@ fn reusable_server_cert(dir: &Path, config: &Config, ca_pem: &str) -> Option<(St
     let expires = cert.validity().not_after.timestamp();
     let fresh =
         expires > (time::OffsetDateTime::now_utc() + time::Duration::days(30)).unix_timestamp();
-    KeyPair::from_pem(&key).ok()?;
-    (covered && fresh).then_some((chain, key))
+    // The two files are written one after the other: a crash in between leaves a key that
+    // belongs to another certificate, which must be reissued rather than refused at start.
+    let pair = KeyPair::from_pem(&key).ok()?;
+    let matches = pair.public_key_raw() == &*cert.public_key().subject_public_key.data;
+    (covered && fresh && matches).then_some((chain, key))
 }
 
 fn san_text(san: &SanType) -> String {
@@ -357,6 +352,30 @@ mod tests {
         let server2 = fs::read_to_string(dir.path().join("tls/server.pem")).unwrap();
         assert_ne!(server1, server2.as_bytes());
         assert!(server2.ends_with(&String::from_utf8(ca1).unwrap()));
+    }
+
+    #[test]
+    fn a_server_key_that_does_not_match_is_replaced_and_files_are_private() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = config(dir.path());
+        prepare(&cfg).unwrap();
+        // As if a crash came between writing the new key and the new certificate.
+        let stray = KeyPair::generate().unwrap();
+        fs::write(dir.path().join("tls/server-key.pem"), stray.serialize_pem()).unwrap();
+        prepare(&cfg).expect("a mismatched pair is reissued, not refused");
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = |p: &str| {
+                fs::metadata(dir.path().join(p))
+                    .unwrap()
+                    .permissions()
+                    .mode()
+                    & 0o777
+            };
+            assert_eq!(mode("tls/server-key.pem"), 0o600);
+            assert_eq!(mode("tls/ca-key.pem"), 0o600);
+        }
     }
 
     #[test]

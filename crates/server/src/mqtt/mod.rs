@@ -11,6 +11,7 @@ use axum::extract::ws::{Message, WebSocket};
 use futures_util::{SinkExt, StreamExt};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 use twinhub_core::Hub;
 
 pub use session::run_session;
@@ -21,12 +22,25 @@ pub struct SessionContext {
     pub hub: Arc<Hub>,
     pub connect_timeout: Duration,
     pub shutdown: CancellationToken,
+    /// Shutdown waits for what this tracks (WebSocket sessions run outside the accept loop).
+    pub tracker: TaskTracker,
 }
 
 /// Serves one MQTT-over-WebSocket connection: frames in, bytes to the session, and back.
-pub async fn serve_websocket(socket: WebSocket, ctx: SessionContext) {
+/// `admission` (the peer's place among unauthenticated connections) goes to the session,
+/// which gives it back once the device has authenticated.
+pub async fn serve_websocket(
+    socket: WebSocket,
+    ctx: SessionContext,
+    admission: Option<tokio::sync::OwnedSemaphorePermit>,
+) {
     let (session_io, bridge_io) = tokio::io::duplex(64 * 1024);
-    let session = tokio::spawn(run_session(ctx, session_io, "websocket".to_string()));
+    let session = ctx.tracker.spawn(run_session(
+        ctx.clone(),
+        session_io,
+        "websocket".to_string(),
+        admission,
+    ));
     let (mut ws_tx, mut ws_rx) = socket.split();
     let (mut from_session, mut to_session) = tokio::io::split(bridge_io);
     let inbound = async {

@@ -1,37 +1,58 @@
 //! One device connection from CONNECT to close. The task owns the stream, its buffers, the
 //! keepalive and token-expiry deadlines, and the map of method calls awaiting the device's
 //! answer. It reads every complete packet already buffered before acting and writes each
-//! batch of answers with one flush. Domain work goes to `twinhub_core::Hub`.
+//! batch of answers with one flush, flushing early when answers pile up so one device cannot
+//! make the hub buffer without bound. Domain work goes to `twinhub_core::Hub`; twin requests
+//! are deduplicated there, under the device lock.
 
-use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::collections::{BTreeSet, HashMap};
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{OwnedSemaphorePermit, mpsc, oneshot};
 use tokio::time::{Instant, sleep_until, timeout};
+use tokio_util::sync::CancellationToken;
 use twinhub_core::directory::{
-    MethodFailure, MethodResponse, RecentAnswer, SessionCommand, SessionHandle, subs,
+    CloseSignal, MethodFailure, MethodResponse, SessionCommand, SessionHandle, subs,
 };
+use twinhub_core::logsafe::{RateLimit, Shown};
 use twinhub_core::methods::MAX_METHOD_PAYLOAD;
+use twinhub_core::redelivery::TwinAnswer;
+use twinhub_core::twins::{PatchOutcome, SessionRef, TwinRequest};
 use twinhub_core::{Error, keys};
 use twinhub_mqtt::{
     ConnAck, Connect, ConnectReturnCode, DEFAULT_MAX_PACKET_SIZE, Packet, Publish, QoS, SubAck,
     SubscribeReturnCode, Topic, decode, encode,
 };
-use twinhub_proto::ErrorBody;
+use twinhub_proto::error::ErrorCode;
 use twinhub_proto::topic::{self, Inbound, Subscription};
 
 use super::SessionContext;
 
 /// Commands queued for one session before callers get "throttled".
 const COMMAND_QUEUE: usize = 256;
-/// Twin request ids remembered to answer a redelivered request without applying it twice.
-const RECENT_TWIN_REQUESTS: usize = 64;
 /// A device that does not read its socket for this long is dropped.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
+/// The last flush and the TLS close, when a session ends, get at most this long.
+const FINISH_TIMEOUT: Duration = Duration::from_secs(5);
+/// Answers buffered before they are flushed even though more input is waiting: bounds what
+/// one read of pipelined requests (twin GETs answered with whole twins) can make the hub hold.
+const OUT_FLUSH_BYTES: usize = 256 * 1024;
+/// Twin requests answered before a flush: a cap on requests outstanding per session.
+const MAX_OUTSTANDING_TWIN: usize = 64;
+/// A buffer that grew past this is given back once idle, so one large packet or burst does
+/// not pin memory for the connection's life.
+const SHRINK_ABOVE: usize = 64 * 1024;
+/// IoT Hub's longest keepalive; 0 (no keepalive) is taken as this too, so a half-open
+/// connection is always noticed.
+const MAX_KEEPALIVE_SECS: u16 = 1177;
 /// Stands in for "never" where a deadline must be an Instant (about 30 years).
 const FAR_FUTURE: Duration = Duration::from_secs(30 * 365 * 86_400);
+
+/// Refused CONNECTs are logged at most this often (each burst then a count).
+static REFUSALS: RateLimit = RateLimit::new(Duration::from_secs(10), 20);
 
 type Reply = oneshot::Sender<Result<MethodResponse, MethodFailure>>;
 
@@ -48,25 +69,43 @@ fn because(s: impl Into<String>) -> End {
     End::Because(s.into())
 }
 
-/// The IoT Hub status a device sees in `$iothub/twin/res/{status}` for a failed request.
-fn twin_error(e: &Error, rid: &str) -> (String, Bytes) {
-    let code = e.code();
-    // The detail a REST error carries in its Message, here as the whole payload.
-    let body = ErrorBody::json(
-        code,
-        e.message(),
-        &keys::tracking_id(),
-        jiff::Timestamp::now(),
-    );
+/// Logs a refusal of a peer that has not authenticated, rate-limited.
+fn log_refusal(peer: &str, what: std::fmt::Arguments<'_>) {
+    if let Some(suppressed) = REFUSALS.allow() {
+        if suppressed > 0 {
+            tracing::info!(%peer, suppressed, "refusing connection: {what}");
+        } else {
+            tracing::info!(%peer, "refusing connection: {what}");
+        }
+    }
+}
+
+/// The CONNACK code a failed `connect_device` earns: bad credentials are "not authorized";
+/// throttling and the hub's own faults are "server unavailable", which devices retry.
+fn refusal_code(e: &Error) -> ConnectReturnCode {
+    match e.code() {
+        ErrorCode::IotHubUnauthorizedAccess | ErrorCode::DeviceNotFound => {
+            ConnectReturnCode::NotAuthorized
+        }
+        _ => ConnectReturnCode::ServerUnavailable,
+    }
+}
+
+fn twin_answer_packet(rid: &str, answer: &TwinAnswer) -> (String, Bytes) {
     (
-        topic::twin_response_topic(code.http_status(), rid, None),
-        Bytes::from(body.message),
+        topic::twin_response_topic(answer.status, rid, answer.version),
+        answer.body.clone(),
     )
 }
 
-/// Runs one device connection over any byte stream until it ends.
-pub async fn run_session<S>(ctx: SessionContext, io: S, peer: String)
-where
+/// Runs one device connection over any byte stream until it ends. `admission` is held until
+/// the device has authenticated: it counts toward the hub's cap on unauthenticated peers.
+pub async fn run_session<S>(
+    ctx: SessionContext,
+    io: S,
+    peer: String,
+    admission: Option<OwnedSemaphorePermit>,
+) where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let (mut rd, wr) = tokio::io::split(io);
@@ -75,29 +114,41 @@ where
     let first = timeout(ctx.connect_timeout, read_packet(&mut rd, &mut inbuf)).await;
     let connect = match first {
         Err(_) => {
-            tracing::info!(%peer, "closing: no CONNECT within {:?}", ctx.connect_timeout);
+            log_refusal(
+                &peer,
+                format_args!("no CONNECT within {:?}", ctx.connect_timeout),
+            );
             return;
         }
         Ok(Err(why)) => {
-            tracing::info!(%peer, "closing before CONNECT: {why}");
+            log_refusal(&peer, format_args!("before CONNECT: {why}"));
             return;
         }
         Ok(Ok(None)) => return,
         Ok(Ok(Some(Packet::Connect(c)))) => c,
         Ok(Ok(Some(other))) => {
-            tracing::info!(%peer, "closing: first packet was {} instead of CONNECT", other.packet_type());
+            log_refusal(
+                &peer,
+                format_args!(
+                    "first packet was {} instead of CONNECT",
+                    other.packet_type()
+                ),
+            );
             return;
         }
     };
 
-    let mut out = Out {
-        wr,
-        buf: BytesMut::with_capacity(4096),
-    };
+    let mut out = Out::new(wr, ctx.shutdown.clone());
     let device_id = match check_connect(&connect) {
         Ok(id) => id,
         Err((code, why)) => {
-            tracing::info!(%peer, client_id = %connect.client_id, "refusing CONNECT ({code:?}): {why}");
+            log_refusal(
+                &peer,
+                format_args!(
+                    "CONNECT from client id {} ({code:?}): {why}",
+                    Shown(&connect.client_id)
+                ),
+            );
             out.refuse(code).await;
             return;
         }
@@ -105,6 +156,7 @@ where
 
     let (tx, commands) = mpsc::channel(COMMAND_QUEUE);
     let handle = SessionHandle::new(tx);
+    out.close = Some(handle.close.clone());
     let password = connect
         .password
         .as_ref()
@@ -121,23 +173,33 @@ where
     {
         Ok(s) => s,
         Err(e) => {
-            tracing::info!(%peer, %device_id, "refusing CONNECT (not authorized): {}", e.message());
-            out.refuse(ConnectReturnCode::NotAuthorized).await;
+            let code = refusal_code(&e);
+            log_refusal(
+                &peer,
+                format_args!(
+                    "CONNECT of device {} ({code:?}): {}",
+                    Shown(&device_id),
+                    e.message()
+                ),
+            );
+            out.refuse(code).await;
             return;
         }
     };
+    drop(admission);
     metrics::counter!("twinhub_mqtt_connections_total").increment(1);
     tracing::debug!(%peer, %device_id, resumed = start.session_present, "device connected");
 
     let mut session = Session {
         ctx: ctx.clone(),
         device_id: device_id.clone(),
+        generation_id: start.generation_id.clone(),
         handle: handle.clone(),
         clean: connect.clean_session,
         filters: BTreeSet::new(),
         next_rid: 1,
         pending: HashMap::new(),
-        recent: ctx.hub.directory().take_recent(&device_id),
+        twin_since_flush: 0,
         out,
     };
     session.out.push(&Packet::ConnAck(ConnAck {
@@ -151,11 +213,15 @@ where
     }
     session.publish_flags();
 
-    let keepalive = (connect.keep_alive > 0)
-        .then(|| Duration::from_millis(u64::from(connect.keep_alive) * 1500));
+    // IoT Hub takes keepalive 0, or one above its maximum, as its maximum.
+    let keepalive_secs = match connect.keep_alive {
+        0 => MAX_KEEPALIVE_SECS,
+        k => k.min(MAX_KEEPALIVE_SECS),
+    };
+    let keepalive = Duration::from_millis(u64::from(keepalive_secs) * 1500);
     let expires_in = Duration::from_secs(start.token_expiry.saturating_sub(keys::now_unix()));
-    // `se` is any u64 the key holder signed: a token valid past the clock's range just never
-    // expires during this connection.
+    // `se` is any u64 the key holder signed (within the hub's maximum lifetime): a deadline
+    // past the clock's range just never comes during this connection.
     let token_end = Instant::now()
         .checked_add(expires_in)
         .unwrap_or_else(|| Instant::now() + FAR_FUTURE);
@@ -166,11 +232,6 @@ where
         End::Quiet => tracing::debug!(%peer, %device_id, "device disconnected"),
         End::Because(why) => tracing::info!(%peer, %device_id, "closing connection: {why}"),
     }
-    // Parked before the socket goes quiet, so a replacing connection finds the answers as
-    // early as possible.
-    ctx.hub
-        .directory()
-        .park_recent(&device_id, std::mem::take(&mut session.recent));
     session.out.finish().await;
     if let Err(e) = ctx
         .hub
@@ -181,14 +242,16 @@ where
     }
 }
 
-/// Validates CONNECT's protocol, client id and user name; returns the device id.
+/// Validates CONNECT's protocol, client id and user name; returns the device id. The
+/// reason is for the log and quotes the peer's text through [`Shown`].
 fn check_connect(c: &Connect) -> Result<String, (ConnectReturnCode, String)> {
     if c.protocol_name != "MQTT" || c.protocol_level != 4 {
         return Err((
             ConnectReturnCode::UnacceptableProtocolVersion,
             format!(
                 "protocol {} level {} (only MQTT 3.1.1 is served)",
-                c.protocol_name, c.protocol_level
+                Shown(&c.protocol_name),
+                c.protocol_level
             ),
         ));
     }
@@ -212,8 +275,8 @@ fn check_connect(c: &Connect) -> Result<String, (ConnectReturnCode, String)> {
         return Err((
             ConnectReturnCode::IdentifierRejected,
             format!(
-                "client id '{}' does not match the user name '{username}'",
-                c.client_id
+                "the client id does not match the user name {}",
+                Shown(username)
             ),
         ));
     }
@@ -249,9 +312,25 @@ async fn read_packet<R: AsyncRead + Unpin>(
 struct Out<W> {
     wr: W,
     buf: BytesMut,
+    /// The session's close signal, once it has one: a flush blocked on a device that stopped
+    /// reading ends as soon as the hub closes the session.
+    close: Option<Arc<CloseSignal>>,
+    shutdown: CancellationToken,
+    /// A write was cut short: the peer is not reading, so closing need not wait for it.
+    stalled: bool,
 }
 
 impl<W: AsyncWrite + Unpin> Out<W> {
+    fn new(wr: W, shutdown: CancellationToken) -> Self {
+        Out {
+            wr,
+            buf: BytesMut::with_capacity(4096),
+            close: None,
+            shutdown,
+            stalled: false,
+        }
+    }
+
     fn push(&mut self, p: &Packet) {
         if let Err(e) = encode(p, &mut self.buf) {
             tracing::error!("encoding an outgoing {} failed: {e}", p.packet_type());
@@ -276,11 +355,34 @@ impl<W: AsyncWrite + Unpin> Out<W> {
         if self.buf.is_empty() {
             return Ok(());
         }
-        let data = self.buf.split().freeze();
-        match timeout(WRITE_TIMEOUT, self.wr.write_all(&data)).await {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(e)) => Err(because(format!("write failed: {e}"))),
-            Err(_) => Err(because("the device stopped reading")),
+        let close = self.close.clone();
+        let closed = async {
+            match &close {
+                Some(c) => c.closed().await,
+                None => std::future::pending().await,
+            }
+        };
+        let result = tokio::select! {
+            written = timeout(WRITE_TIMEOUT, self.wr.write_all(&self.buf)) => match written {
+                Ok(Ok(())) => Ok(()),
+                Ok(Err(e)) => Err(because(format!("write failed: {e}"))),
+                Err(_) => Err(because("the device stopped reading")),
+            },
+            reason = closed => Err(because(format!("closed by the hub while the device was not reading: {reason:?}"))),
+            _ = self.shutdown.cancelled() => Err(because("the hub is shutting down")),
+        };
+        match result {
+            Ok(()) => {
+                self.buf.clear();
+                if self.buf.capacity() > SHRINK_ABOVE {
+                    self.buf = BytesMut::with_capacity(4096);
+                }
+                Ok(())
+            }
+            Err(end) => {
+                self.stalled = true;
+                Err(end)
+            }
         }
     }
 
@@ -292,11 +394,16 @@ impl<W: AsyncWrite + Unpin> Out<W> {
         self.finish().await;
     }
 
-    /// Sends what is queued and closes the stream, within [`WRITE_TIMEOUT`] in all: a peer
-    /// that stopped reading would otherwise hold the TLS close (and the session) forever.
+    /// Sends what is queued and closes the stream, within [`FINISH_TIMEOUT`]; at once when a
+    /// write already stalled (the peer is not reading: the TCP close is all it gets).
     async fn finish(&mut self) {
-        let _ = timeout(WRITE_TIMEOUT, async {
-            let _ = self.flush().await;
+        if self.stalled {
+            return;
+        }
+        let _ = timeout(FINISH_TIMEOUT, async {
+            if !self.buf.is_empty() {
+                let _ = self.wr.write_all(&self.buf).await;
+            }
             let _ = self.wr.shutdown().await;
         })
         .await;
@@ -306,23 +413,32 @@ impl<W: AsyncWrite + Unpin> Out<W> {
 struct Session<W> {
     ctx: SessionContext,
     device_id: String,
+    generation_id: String,
     handle: SessionHandle,
     clean: bool,
     filters: BTreeSet<String>,
     next_rid: u64,
     pending: HashMap<String, Reply>,
-    /// Recently answered twin requests (carried over from the device's previous session).
-    recent: VecDeque<RecentAnswer>,
+    /// Twin requests answered since the last flush.
+    twin_since_flush: usize,
     out: Out<W>,
 }
 
 impl<W: AsyncWrite + Unpin> Session<W> {
+    fn session_ref(&self) -> SessionRef<'_> {
+        SessionRef {
+            device_id: &self.device_id,
+            handle: &self.handle,
+            generation_id: &self.generation_id,
+        }
+    }
+
     async fn serve<R: AsyncRead + Unpin>(
         &mut self,
         rd: &mut R,
         mut inbuf: BytesMut,
         mut commands: mpsc::Receiver<SessionCommand>,
-        keepalive: Option<Duration>,
+        keepalive: Duration,
         token_expiry: Instant,
     ) -> End {
         let close = self.handle.close.clone();
@@ -333,10 +449,13 @@ impl<W: AsyncWrite + Unpin> Session<W> {
             return end;
         }
         loop {
-            if let Err(end) = self.out.flush().await {
+            if let Err(end) = self.flush().await {
                 return end;
             }
-            let keepalive_deadline = keepalive.map(|k| last_read + k);
+            if inbuf.is_empty() && inbuf.capacity() > SHRINK_ABOVE {
+                inbuf = BytesMut::with_capacity(4096);
+            }
+            let keepalive_deadline = last_read + keepalive;
             inbuf.reserve(4096);
             tokio::select! {
                 reason = close.closed() => return because(format!("closed by the hub: {reason:?}")),
@@ -361,7 +480,7 @@ impl<W: AsyncWrite + Unpin> Session<W> {
                         }
                     }
                 }
-                _ = sleep_until(keepalive_deadline.unwrap_or(token_expiry)), if keepalive_deadline.is_some() => {
+                _ = sleep_until(keepalive_deadline) => {
                     return because("keepalive expired (nothing received for 1.5 times the keepalive)");
                 }
                 _ = sleep_until(token_expiry) => return because("the SAS token expired"),
@@ -369,14 +488,32 @@ impl<W: AsyncWrite + Unpin> Session<W> {
         }
     }
 
+    async fn flush(&mut self) -> Result<(), End> {
+        self.twin_since_flush = 0;
+        self.out.flush().await
+    }
+
     async fn drain_input(&mut self, inbuf: &mut BytesMut) -> Result<(), End> {
         loop {
+            // A closed session handles nothing more, even what it already read.
+            if let Some(reason) = self.closed_reason() {
+                return Err(because(format!("closed by the hub: {reason:?}")));
+            }
+            if self.out.buf.len() >= OUT_FLUSH_BYTES
+                || self.twin_since_flush >= MAX_OUTSTANDING_TWIN
+            {
+                self.flush().await?;
+            }
             match decode(inbuf, DEFAULT_MAX_PACKET_SIZE) {
                 Ok(Some(p)) => self.packet(p).await?,
                 Ok(None) => return Ok(()),
                 Err(e) => return Err(because(format!("malformed packet: {e}"))),
             }
         }
+    }
+
+    fn closed_reason(&self) -> Option<twinhub_core::directory::CloseReason> {
+        self.handle.close.reason()
     }
 
     fn command(&mut self, cmd: SessionCommand) {
@@ -417,13 +554,14 @@ impl<W: AsyncWrite + Unpin> Session<W> {
         self.ctx
             .hub
             .directory()
-            .set_subscriptions(&self.handle, flags);
+            .set_subscriptions(&self.device_id, &self.handle, flags);
     }
 
     async fn packet(&mut self, p: Packet) -> Result<(), End> {
         match p {
             Packet::Publish(publish) => self.publish(publish).await,
             Packet::Subscribe(sub) => {
+                let before = self.filters.clone();
                 let mut codes = Vec::with_capacity(sub.filters.len());
                 for (filter, qos) in &sub.filters {
                     self.check_filter(filter.as_str())?;
@@ -435,8 +573,10 @@ impl<W: AsyncWrite + Unpin> Session<W> {
                     };
                     codes.push(SubscribeReturnCode::Success(granted));
                 }
-                self.persist_filters().await?;
-                self.publish_flags();
+                if self.filters != before {
+                    self.persist_filters().await?;
+                    self.publish_flags();
+                }
                 self.out.push(&Packet::SubAck(SubAck {
                     pkid: sub.pkid,
                     return_codes: codes,
@@ -444,11 +584,14 @@ impl<W: AsyncWrite + Unpin> Session<W> {
                 Ok(())
             }
             Packet::Unsubscribe(unsub) => {
+                let before = self.filters.clone();
                 for filter in &unsub.filters {
                     self.filters.remove(filter.as_str());
                 }
-                self.persist_filters().await?;
-                self.publish_flags();
+                if self.filters != before {
+                    self.persist_filters().await?;
+                    self.publish_flags();
+                }
                 self.out.push(&Packet::UnsubAck(unsub.pkid));
                 Ok(())
             }
@@ -468,15 +611,20 @@ impl<W: AsyncWrite + Unpin> Session<W> {
 
     fn check_filter(&self, filter: &str) -> Result<(), End> {
         match topic::parse_subscription(filter) {
-            Ok(Subscription::CloudToDevice { device_id }) if device_id != self.device_id => Err(
-                because(format!("subscribe to another device's topic '{filter}'")),
-            ),
+            Ok(Subscription::CloudToDevice { device_id }) if device_id != self.device_id => {
+                Err(because(format!(
+                    "subscribe to another device's topic {}",
+                    Shown(filter)
+                )))
+            }
             Ok(Subscription::ModuleInputs { .. }) => Err(because(format!(
-                "subscribe to module topic '{filter}' by a device identity"
+                "subscribe to module topic {} by a device identity",
+                Shown(filter)
             ))),
             Ok(_) => Ok(()),
             Err(_) => Err(because(format!(
-                "subscribe to a topic filter the hub does not serve: '{filter}'"
+                "subscribe to a topic filter the hub does not serve: {}",
+                Shown(filter)
             ))),
         }
     }
@@ -486,11 +634,19 @@ impl<W: AsyncWrite + Unpin> Session<W> {
             return Ok(());
         }
         let filters: Vec<String> = self.filters.iter().cloned().collect();
-        self.ctx
+        match self
+            .ctx
             .hub
-            .save_subscriptions(&self.device_id, &filters)
+            .save_subscriptions(&self.session_ref(), &filters)
             .await
-            .map_err(|e| because(format!("saving subscriptions failed: {}", e.message())))
+        {
+            Ok(true) => Ok(()),
+            Ok(false) => Err(because("the session was replaced or its device changed")),
+            Err(e) => Err(because(format!(
+                "saving subscriptions failed: {}",
+                e.message()
+            ))),
+        }
     }
 
     async fn publish(&mut self, p: Publish) -> Result<(), End> {
@@ -501,8 +657,8 @@ impl<W: AsyncWrite + Unpin> Session<W> {
             Ok(i) => i,
             Err(_) => {
                 return Err(because(format!(
-                    "publish to a topic the hub does not serve: '{}'",
-                    p.topic.as_str()
+                    "publish to a topic the hub does not serve: {}",
+                    Shown(p.topic.as_str())
                 )));
             }
         };
@@ -514,9 +670,15 @@ impl<W: AsyncWrite + Unpin> Session<W> {
             } => {
                 if device_id != self.device_id || module_id.is_some() {
                     return Err(because(format!(
-                        "publish to another identity's topic '{}'",
-                        p.topic.as_str()
+                        "publish to another identity's topic {}",
+                        Shown(p.topic.as_str())
                     )));
+                }
+                // Over the operator's rate the acknowledgement waits (IoT Hub's traffic
+                // shaping): the device slows down instead of losing messages.
+                if let Err(wait) = self.ctx.hub.throttles().d2c(&self.device_id) {
+                    self.flush().await?;
+                    self.pause(wait).await?;
                 }
                 metrics::counter!("twinhub_d2c_messages_total").increment(1);
             }
@@ -527,7 +689,7 @@ impl<W: AsyncWrite + Unpin> Session<W> {
                         let _ = reply.send(method_answer(status, &p.payload));
                     }
                     None => {
-                        tracing::debug!(device_id = %self.device_id, %rid, "late or unknown method response dropped")
+                        tracing::debug!(device_id = %self.device_id, rid = %Shown(&rid), "late or unknown method response dropped")
                     }
                 }
             }
@@ -535,44 +697,35 @@ impl<W: AsyncWrite + Unpin> Session<W> {
                 let rid = rid.to_string();
                 let (topic, payload) = match self.ctx.hub.device_get_twin(&self.device_id).await {
                     Ok(doc) => (topic::twin_response_topic(200, &rid, None), doc),
-                    Err(e) => twin_error(&e, &rid),
+                    Err(e) => twin_answer_packet(&rid, &TwinAnswer::from_error(&e)),
                 };
+                self.twin_since_flush += 1;
                 self.out.publish(topic, payload);
             }
             Inbound::TwinPatchReported { rid } => {
                 let rid = rid.to_string();
-                let connection_id = self.handle.connection_id;
-                if let Some(seen) = self.recent.iter_mut().find(|a| a.rid == rid) {
-                    // A redelivery of a request already applied: never apply it twice. This
-                    // connection already has the answer; a new one may have missed it.
-                    if seen.connection_id != connection_id {
-                        seen.connection_id = connection_id;
-                        let (topic, payload) = (seen.topic.clone(), seen.payload.clone());
+                let request = TwinRequest {
+                    rid: &rid,
+                    dup: p.dup,
+                    payload: &p.payload,
+                };
+                let outcome = self
+                    .ctx
+                    .hub
+                    .device_patch_reported(&self.session_ref(), &request)
+                    .await;
+                self.twin_since_flush += 1;
+                match outcome {
+                    PatchOutcome::Answer(answer) => {
+                        let (topic, payload) = twin_answer_packet(&rid, &answer);
                         self.out.publish(topic, payload);
                     }
-                } else {
-                    let (topic, payload) = match self
-                        .ctx
-                        .hub
-                        .device_patch_reported(&self.device_id, &p.payload)
-                        .await
-                    {
-                        Ok(version) => (
-                            topic::twin_response_topic(204, &rid, Some(version)),
-                            Bytes::new(),
-                        ),
-                        Err(e) => twin_error(&e, &rid),
-                    };
-                    if self.recent.len() >= RECENT_TWIN_REQUESTS {
-                        self.recent.pop_front();
+                    PatchOutcome::AlreadyAnswered => {}
+                    PatchOutcome::SessionEnded => {
+                        return Err(because(
+                            "the session was replaced, or its device disabled, deleted or re-created",
+                        ));
                     }
-                    self.recent.push_back(RecentAnswer {
-                        rid,
-                        connection_id,
-                        topic: topic.clone(),
-                        payload: payload.clone(),
-                    });
-                    self.out.publish(topic, payload);
                 }
             }
         }
@@ -580,6 +733,15 @@ impl<W: AsyncWrite + Unpin> Session<W> {
             self.out.push(&Packet::PubAck(p.pkid));
         }
         Ok(())
+    }
+
+    /// Waits `wait`, unless the hub closes the session meanwhile.
+    async fn pause(&self, wait: Duration) -> Result<(), End> {
+        tokio::select! {
+            _ = tokio::time::sleep(wait) => Ok(()),
+            reason = self.handle.close.closed() => Err(because(format!("closed by the hub: {reason:?}"))),
+            _ = self.ctx.shutdown.cancelled() => Err(because("the hub is shutting down")),
+        }
     }
 }
 

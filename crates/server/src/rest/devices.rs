@@ -8,11 +8,11 @@ use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
-use twinhub_core::auth::Right;
 use twinhub_proto::model::{Device, ExportImportDevice};
 
 use super::{
-    ApiError, ApiResult, AppState, authorize, if_match, ok_json, parse_json, parse_json_array,
+    ApiError, ApiResult, AppState, Authorized, Read, ServiceConnect, Write, detached, if_match,
+    ok_json, parse_json, parse_json_array,
 };
 
 pub fn routes() -> Router<AppState> {
@@ -25,10 +25,9 @@ pub fn routes() -> Router<AppState> {
 
 async fn list(
     State(s): State<AppState>,
-    headers: HeaderMap,
+    _: Authorized<Read>,
     Query(q): Query<HashMap<String, String>>,
 ) -> ApiResult {
-    authorize(&s, &headers, Right::RegistryRead)?;
     let top = match q.get("top") {
         None => None,
         Some(t) => Some(t.parse::<usize>().map_err(|_| {
@@ -42,40 +41,43 @@ async fn list(
 
 async fn get_one(
     State(s): State<AppState>,
-    headers: HeaderMap,
+    _: Authorized<Read>,
     Path(id): Path<String>,
 ) -> ApiResult {
-    authorize(&s, &headers, Right::RegistryRead)?;
     Ok(ok_json(&s.hub.get_device(&id).await?))
 }
 
 async fn put(
     State(s): State<AppState>,
+    _: Authorized<Write>,
     headers: HeaderMap,
     Path(id): Path<String>,
     body: Bytes,
 ) -> ApiResult {
-    authorize(&s, &headers, Right::RegistryWrite)?;
     let device: Device = parse_json(&body)?;
-    Ok(ok_json(
-        &s.hub.put_device(&id, &device, if_match(&headers)).await?,
-    ))
+    let etag = if_match(&headers).map(str::to_owned);
+    let hub = s.hub.clone();
+    let device =
+        detached(async move { hub.put_device(&id, &device, etag.as_deref()).await }).await?;
+    Ok(ok_json(&device))
 }
 
 async fn delete(
     State(s): State<AppState>,
+    _: Authorized<Write>,
     headers: HeaderMap,
     Path(id): Path<String>,
 ) -> ApiResult {
-    authorize(&s, &headers, Right::RegistryWrite)?;
-    s.hub.delete_device(&id, if_match(&headers)).await?;
+    let etag = if_match(&headers).map(str::to_owned);
+    let hub = s.hub.clone();
+    detached(async move { hub.delete_device(&id, etag.as_deref()).await }).await?;
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 
-async fn bulk(State(s): State<AppState>, headers: HeaderMap, body: Bytes) -> ApiResult {
-    authorize(&s, &headers, Right::RegistryWrite)?;
+async fn bulk(State(s): State<AppState>, _: Authorized<Write>, body: Bytes) -> ApiResult {
     let ops: Vec<ExportImportDevice> = parse_json_array(&body)?;
-    let result = s.hub.bulk_devices(&ops).await?;
+    let hub = s.hub.clone();
+    let result = detached(async move { hub.bulk_devices(&ops).await }).await?;
     // IoT Hub answers 400 with the same result body when any operation failed.
     let status = if result.is_successful {
         StatusCode::OK
@@ -87,12 +89,10 @@ async fn bulk(State(s): State<AppState>, headers: HeaderMap, body: Bytes) -> Api
     Ok(resp)
 }
 
-async fn registry_statistics(State(s): State<AppState>, headers: HeaderMap) -> ApiResult {
-    authorize(&s, &headers, Right::RegistryRead)?;
+async fn registry_statistics(State(s): State<AppState>, _: Authorized<Read>) -> ApiResult {
     Ok(ok_json(&s.hub.registry_statistics()))
 }
 
-async fn service_statistics(State(s): State<AppState>, headers: HeaderMap) -> ApiResult {
-    authorize(&s, &headers, Right::ServiceConnect)?;
+async fn service_statistics(State(s): State<AppState>, _: Authorized<ServiceConnect>) -> ApiResult {
     Ok(ok_json(&s.hub.service_statistics()))
 }

@@ -1,14 +1,20 @@
 //! The HTTPS API as the official service SDK calls it: the router, the single place where a
-//! hub error becomes an IoT Hub error response, SAS authorization per route, request metrics,
-//! `/health`, `/metrics`, and the MQTT-over-WebSocket upgrade. Handlers are in `devices` and
-//! `twins`; they call `twinhub_core::Hub`.
+//! hub error becomes an IoT Hub error response, SAS authorization per route (an extractor that
+//! runs before the body is read), request metrics, `/health`, `/metrics`, and the
+//! MQTT-over-WebSocket upgrade. Handlers are in `devices`, `twins` and `fleet`; they call
+//! `twinhub_core::Hub`, writes through [`detached`] so their effects outlive a caller that
+//! hangs up.
 
+mod auth;
 mod devices;
 mod fleet;
 mod twins;
 
+pub use auth::{Authorized, Read, ServiceConnect, Write};
+
+use std::future::Future;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use axum::Router;
 use axum::body::Body;
@@ -18,20 +24,23 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use metrics_exporter_prometheus::PrometheusHandle;
-use twinhub_core::auth::Right;
 use twinhub_core::{Hub, keys};
 use twinhub_proto::error::{ERROR_CODE_HEADER, ErrorBody, ErrorCode};
 
+use crate::admission::Admission;
 use crate::mqtt::SessionContext;
 
 /// Largest request body accepted (a bulk import of 100 devices with twins fits).
 pub const MAX_BODY: usize = 4 * 1024 * 1024;
+/// The whole request body must arrive within this long.
+pub const BODY_DEADLINE: Duration = Duration::from_secs(30);
 
 #[derive(Clone)]
 pub struct AppState {
     pub hub: Arc<Hub>,
     pub metrics: PrometheusHandle,
     pub sessions: SessionContext,
+    pub admission: Arc<Admission>,
 }
 
 /// A hub error on its way to an HTTP client.
@@ -87,17 +96,21 @@ pub fn ok_json<T: serde::Serialize>(value: &T) -> Response {
     )
 }
 
-/// Checks the request's SAS token grants `right`.
-pub fn authorize(state: &AppState, headers: &HeaderMap, right: Right) -> ApiResult<()> {
-    let header = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok());
-    state
-        .hub
-        .authorizer()
-        .authorize_service(header, right, keys::now_unix())
-        .map(|_| ())
-        .map_err(ApiError::from)
+/// Runs a hub operation to its end in a task of its own, so that what follows a durable
+/// commit (closing a disabled device's session, pushing a desired patch, counting a device)
+/// happens even if the HTTP caller hangs up and its request future is dropped.
+pub async fn detached<T, F>(operation: F) -> ApiResult<T>
+where
+    F: Future<Output = twinhub_core::Result<T>> + Send + 'static,
+    T: Send + 'static,
+{
+    match tokio::spawn(operation).await {
+        Ok(result) => result.map_err(ApiError::from),
+        Err(e) => {
+            tracing::error!("a hub operation failed: {e}");
+            Err(ApiError::from(twinhub_core::Error::internal()))
+        }
+    }
 }
 
 pub fn if_match(headers: &HeaderMap) -> Option<&str> {
@@ -147,8 +160,17 @@ async fn track(req: Request, next: Next) -> Response {
     resp
 }
 
-async fn health() -> &'static str {
-    "ok\n"
+/// `ok` while the store accepts writes; 503 with the reason while it does not (a full disk,
+/// an I/O error), so a load balancer or supervisor sees it.
+async fn health(State(state): State<AppState>) -> Response {
+    match state.hub.store().health() {
+        twinhub_store::Health::Ok => (StatusCode::OK, "ok\n").into_response(),
+        twinhub_store::Health::Faulty(reason) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("unavailable: the store cannot write: {reason}\n"),
+        )
+            .into_response(),
+    }
 }
 
 async fn render_metrics(State(state): State<AppState>) -> Response {
@@ -156,6 +178,11 @@ async fn render_metrics(State(state): State<AppState>) -> Response {
     // leave a stale count last.
     metrics::gauge!("twinhub_connected_devices")
         .set(state.hub.directory().connected_count() as f64);
+    metrics::gauge!("twinhub_open_connections").set(state.admission.open_connections() as f64);
+    metrics::gauge!("twinhub_unauthenticated_connections")
+        .set(state.admission.unauthenticated() as f64);
+    let healthy = state.hub.store().health() == twinhub_store::Health::Ok;
+    metrics::gauge!("twinhub_store_healthy").set(if healthy { 1.0 } else { 0.0 });
     let mut resp = Response::new(Body::from(state.metrics.render()));
     resp.headers_mut().insert(
         header::CONTENT_TYPE,
@@ -164,11 +191,29 @@ async fn render_metrics(State(state): State<AppState>) -> Response {
     resp
 }
 
+/// WebSocket frames and messages: an MQTT packet (at most 256 KiB) and its framing fit; a
+/// peer cannot make the hub reserve more for a frame it merely announces.
+const MAX_WS_FRAME: usize = twinhub_mqtt::DEFAULT_MAX_PACKET_SIZE + 1024;
+
 async fn websocket(State(state): State<AppState>, ws: WebSocketUpgrade) -> Response {
+    // Until its CONNECT is accepted the peer is unauthenticated, and counts as such.
+    let Some(permit) = state.admission.unauthenticated_permit() else {
+        return ApiError::from(twinhub_core::Error::new(
+            ErrorCode::ServiceUnavailable,
+            "Too many connections are authenticating; retry later",
+        ))
+        .into_response();
+    };
     let ctx = state.sessions.clone();
+    let tracker = ctx.tracker.clone();
     ws.protocols(["mqtt"])
-        .max_message_size(twinhub_mqtt::DEFAULT_MAX_PACKET_SIZE + 1024)
-        .on_upgrade(move |socket| crate::mqtt::serve_websocket(socket, ctx))
+        .max_frame_size(MAX_WS_FRAME)
+        .max_message_size(MAX_WS_FRAME)
+        .write_buffer_size(64 * 1024)
+        .max_write_buffer_size(2 * MAX_WS_FRAME)
+        .on_upgrade(move |socket| {
+            tracker.track_future(crate::mqtt::serve_websocket(socket, ctx, Some(permit)))
+        })
 }
 
 async fn not_found() -> ApiError {
@@ -189,6 +234,9 @@ pub fn router(state: AppState) -> Router {
         .route("/metrics", get(render_metrics))
         .fallback(not_found)
         .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY))
+        .layer(tower_http::timeout::RequestBodyDeadlineLayer::new(
+            BODY_DEADLINE,
+        ))
         .layer(tower_http::trace::TraceLayer::new_for_http())
         .with_state(state)
 }

@@ -6,11 +6,13 @@ use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::routing::{get, post};
 use serde_json::Value;
-use twinhub_core::auth::Right;
 use twinhub_core::methods::MethodCall;
 use twinhub_proto::model::CloudToDeviceMethod;
 
-use super::{ApiResult, AppState, authorize, if_match, json_response, ok_json, parse_json};
+use super::{
+    ApiResult, AppState, Authorized, ServiceConnect, detached, if_match, json_response, ok_json,
+    parse_json,
+};
 
 pub fn routes() -> Router<AppState> {
     Router::new()
@@ -23,50 +25,55 @@ pub fn routes() -> Router<AppState> {
 
 async fn get_twin(
     State(s): State<AppState>,
-    headers: HeaderMap,
+    _: Authorized<ServiceConnect>,
     Path(id): Path<String>,
 ) -> ApiResult {
-    authorize(&s, &headers, Right::ServiceConnect)?;
     Ok(ok_json(&s.hub.get_twin(&id).await?))
 }
 
-async fn patch_twin(s: State<AppState>, h: HeaderMap, id: Path<String>, body: Bytes) -> ApiResult {
-    write_twin(s, h, id, body, false).await
-}
-
-async fn replace_twin(
+async fn patch_twin(
     s: State<AppState>,
+    auth: Authorized<ServiceConnect>,
     h: HeaderMap,
     id: Path<String>,
     body: Bytes,
 ) -> ApiResult {
-    write_twin(s, h, id, body, true).await
+    write_twin(s, auth, h, id, body, false).await
+}
+
+async fn replace_twin(
+    s: State<AppState>,
+    auth: Authorized<ServiceConnect>,
+    h: HeaderMap,
+    id: Path<String>,
+    body: Bytes,
+) -> ApiResult {
+    write_twin(s, auth, h, id, body, true).await
 }
 
 /// PATCH merges, PUT replaces; both go through `Hub::write_twin`.
 async fn write_twin(
     State(s): State<AppState>,
+    _: Authorized<ServiceConnect>,
     headers: HeaderMap,
     Path(id): Path<String>,
     body: Bytes,
     replace: bool,
 ) -> ApiResult {
-    authorize(&s, &headers, Right::ServiceConnect)?;
     let body: Value = parse_json(&body)?;
-    let twin = s
-        .hub
-        .write_twin(&id, &body, if_match(&headers), replace)
-        .await?;
+    let etag = if_match(&headers).map(str::to_owned);
+    let hub = s.hub.clone();
+    let twin =
+        detached(async move { hub.write_twin(&id, &body, etag.as_deref(), replace).await }).await?;
     Ok(ok_json(&twin))
 }
 
 async fn invoke(
     State(s): State<AppState>,
-    headers: HeaderMap,
+    _: Authorized<ServiceConnect>,
     Path(id): Path<String>,
     body: Bytes,
 ) -> ApiResult {
-    authorize(&s, &headers, Right::ServiceConnect)?;
     let request: CloudToDeviceMethod = parse_json(&body)?;
     let call = MethodCall::from_request(&request)?;
     let started = std::time::Instant::now();
