@@ -35,6 +35,12 @@ enum Command {
     Demo(demo::DemoArgs),
     /// Run the hub (HTTPS REST + MQTT over WebSockets, and MQTT over TLS)
     Serve(ServeArgs),
+    /// Verify a data dir offline (while no hub runs on it): the store's integrity and every
+    /// record, hub.json, the TLS files. Exits non-zero if anything is wrong
+    Check {
+        #[arg(long, env = "TWINHUB_DATA_DIR", default_value = "./twinhub-data")]
+        data_dir: PathBuf,
+    },
     /// Print a service connection string read from the data dir
     ConnectionString {
         /// Shared access policy to use
@@ -185,6 +191,30 @@ struct ServeArgs {
     /// Seconds a new MQTT connection has to send CONNECT [default: 10]
     #[arg(long)]
     mqtt_connect_timeout: Option<u64>,
+    /// Open connections on both ports together [default: the open-file limit less 128]
+    #[arg(long)]
+    max_connections: Option<usize>,
+    /// Connections still authenticating (TLS handshake, first request, MQTT CONNECT) [default: 1024]
+    #[arg(long)]
+    max_unauthenticated: Option<usize>,
+    /// Refuse SAS tokens that expire more than this many seconds ahead [default: 31536000, a year]
+    #[arg(long)]
+    max_token_lifetime: Option<u64>,
+    /// MQTT connects per second per device, 0 for no limit [default: 5]
+    #[arg(long)]
+    throttle_device_connects: Option<f64>,
+    /// Reported-property patches per second per device, 0 for no limit [default: 0]
+    #[arg(long)]
+    throttle_device_twin_writes: Option<f64>,
+    /// Device-to-cloud messages per second per device (acks are delayed past it), 0 for no limit [default: 0]
+    #[arg(long)]
+    throttle_device_d2c: Option<f64>,
+    /// REST operations per second for the whole hub, 0 for no limit [default: 0]
+    #[arg(long)]
+    throttle_rest: Option<f64>,
+    /// Seconds an HTTPS connection may stay silent with no request in flight [default: 120]
+    #[arg(long)]
+    http_idle_timeout: Option<u64>,
 }
 
 /// Which hub a management command talks to.
@@ -283,6 +313,19 @@ fn main() -> ExitCode {
 async fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Serve(args) => serve(args).await,
+        Command::Check { data_dir } => {
+            let report = twinhub_server::check::check_data_dir(&data_dir);
+            println!("twinhub check: {}", absolute(&data_dir).display());
+            for line in &report.lines {
+                println!("  {line}");
+            }
+            if report.is_clean() {
+                println!("no problems found");
+                Ok(())
+            } else {
+                bail!("{} problem(s) found", report.problems)
+            }
+        }
         Command::ConnectionString { policy, data_dir } => {
             let file = HubFile::read(&data_dir)?;
             let cs = file
@@ -319,6 +362,14 @@ async fn serve(args: ServeArgs) -> Result<()> {
         tls_cert: args.tls_cert,
         tls_key: args.tls_key,
         mqtt_connect_timeout: args.mqtt_connect_timeout,
+        max_connections: args.max_connections,
+        max_unauthenticated: args.max_unauthenticated,
+        max_token_lifetime: args.max_token_lifetime,
+        throttle_device_connects: args.throttle_device_connects,
+        throttle_device_twin_writes: args.throttle_device_twin_writes,
+        throttle_device_d2c: args.throttle_device_d2c,
+        throttle_rest: args.throttle_rest,
+        http_idle_timeout: args.http_idle_timeout,
     };
     let config = Config::load(args.config.as_deref(), &overrides)?;
     // Before the banner, so a signal sent as soon as it shows still shuts down gracefully.
@@ -326,8 +377,15 @@ async fn serve(args: ServeArgs) -> Result<()> {
     let server = RunningServer::start(config).await?;
     print_banner(&server);
     interrupt.wait().await;
-    tracing::info!("shutting down");
-    server.shutdown().await;
+    tracing::info!("shutting down (a second Ctrl-C or SIGTERM stops at once)");
+    tokio::select! {
+        _ = server.shutdown() => {}
+        _ = interrupt.wait() => {
+            // Acknowledged writes are durable already; only in-flight requests are cut.
+            eprintln!("stopping at once");
+            std::process::exit(130);
+        }
+    }
     Ok(())
 }
 
@@ -355,9 +413,20 @@ fn print_banner(server: &RunningServer) {
         absolute(&c.data_dir).display()
     );
     println!();
-    if let Some(cs) = server.connection_string("iothubowner") {
-        println!("Service connection string (policy iothubowner):");
-        println!("  {cs}");
+    // The owner key grants everything: show it to a person at a terminal, never to a log
+    // (stdout under a service manager ends up in the journal).
+    if std::io::IsTerminal::is_terminal(&std::io::stdout()) {
+        if let Some(cs) = server.connection_string("iothubowner") {
+            println!("Service connection string (policy iothubowner):");
+            println!("  {cs}");
+            println!();
+        }
+    } else {
+        println!("Service connection string: not printed (stdout is not a terminal); run");
+        println!(
+            "  twinhub connection-string --data-dir {}",
+            absolute(&c.data_dir).display()
+        );
         println!();
     }
     if let Some(bundle) = &server.ca_bundle {

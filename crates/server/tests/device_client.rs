@@ -555,9 +555,12 @@ async fn offline(data_dir: &Path, device_id: &str, desired: Value, forget_sessio
     let store = Arc::new(
         twinhub_store::RedbStore::open(&data_dir.join("store.redb")).expect("the store reopens"),
     );
-    let hub = twinhub_core::Hub::open(store.clone() as Arc<dyn Store>, "localhost", Vec::new())
-        .await
-        .unwrap();
+    let hub = twinhub_core::Hub::open(
+        store.clone() as Arc<dyn Store>,
+        twinhub_core::HubOptions::new("localhost", Vec::new()),
+    )
+    .await
+    .unwrap();
     let twin = hub
         .write_twin(
             device_id,

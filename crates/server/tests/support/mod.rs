@@ -25,6 +25,8 @@ pub struct TestHub {
     pub dir: tempfile::TempDir,
     pub https: SocketAddr,
     pub mqtt: SocketAddr,
+    /// Applied to the configuration of every start and restart.
+    tweak: fn(&mut Config),
 }
 
 pub fn config(dir: &std::path::Path, https_port: u16, mqtt_port: u16) -> Config {
@@ -41,15 +43,26 @@ pub fn config(dir: &std::path::Path, https_port: u16, mqtt_port: u16) -> Config 
 
 impl TestHub {
     pub async fn start() -> TestHub {
+        Self::start_with(|_| {}).await
+    }
+
+    /// A hub whose configuration `tweak` adjusts (on every start).
+    pub async fn start_with(tweak: fn(&mut Config)) -> TestHub {
         let dir = tempfile::tempdir().unwrap();
-        let server = RunningServer::start(config(dir.path(), 0, 0))
-            .await
-            .expect("hub starts");
+        Self::start_in(dir, tweak).await
+    }
+
+    /// A hub on the data dir `dir` (a test may mount something there first).
+    pub async fn start_in(dir: tempfile::TempDir, tweak: fn(&mut Config)) -> TestHub {
+        let mut cfg = config(dir.path(), 0, 0);
+        tweak(&mut cfg);
+        let server = RunningServer::start(cfg).await.expect("hub starts");
         TestHub {
             https: server.https_addr,
             mqtt: server.mqtt_addr,
             server: Some(server),
             dir,
+            tweak,
         }
     }
 
@@ -66,10 +79,9 @@ impl TestHub {
     /// Restarts on the same data dir and the same ports.
     pub async fn restart(&mut self) {
         self.stop().await;
-        let server =
-            RunningServer::start(config(self.dir.path(), self.https.port(), self.mqtt.port()))
-                .await
-                .expect("hub restarts");
+        let mut cfg = config(self.dir.path(), self.https.port(), self.mqtt.port());
+        (self.tweak)(&mut cfg);
+        let server = RunningServer::start(cfg).await.expect("hub restarts");
         self.server = Some(server);
     }
 
@@ -142,6 +154,53 @@ pub fn device_token(device_id: &str, key: &str, ttl_secs: i64) -> String {
 pub struct RawMqtt {
     pub stream: TlsStream<TcpStream>,
     pub buf: BytesMut,
+}
+
+/// Resident memory of this process, in KiB (Linux).
+pub fn rss_kib() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmRSS:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+/// A TLS connection to `addr` trusting the hub's CA, offering `alpn`.
+pub async fn tls_connect(hub: &TestHub, addr: SocketAddr, alpn: &[&[u8]]) -> TlsStream<TcpStream> {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_file_iter(hub.ca_pem()).unwrap() {
+        roots.add(cert.unwrap()).unwrap();
+    }
+    let mut cfg = rustls::ClientConfig::builder()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    cfg.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    let tcp = TcpStream::connect(addr).await.unwrap();
+    TlsConnector::from(Arc::new(cfg))
+        .connect(ServerName::try_from("localhost").unwrap(), tcp)
+        .await
+        .unwrap()
+}
+
+/// Reads until the peer closes; `Err(())` if it is still open after `within`.
+pub async fn closed_within<S: tokio::io::AsyncRead + Unpin>(
+    stream: &mut S,
+    within: Duration,
+) -> Result<Vec<u8>, ()> {
+    let mut got = Vec::new();
+    let deadline = tokio::time::Instant::now() + within;
+    let mut buf = [0u8; 4096];
+    loop {
+        match tokio::time::timeout_at(deadline, stream.read(&mut buf)).await {
+            Err(_) => return Err(()),
+            Ok(Ok(0)) | Ok(Err(_)) => return Ok(got),
+            Ok(Ok(n)) => got.extend_from_slice(&buf[..n]),
+        }
+    }
 }
 
 impl RawMqtt {
