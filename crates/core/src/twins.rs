@@ -123,11 +123,16 @@ impl Hub {
         }
         patch.insert("$version".into(), Value::from(version));
         let payload = Bytes::from(serde_json::to_vec(&patch).unwrap_or_default());
+        if handle.close.is_closed() {
+            // Closing already (a slow consumer, a replaced session): it resyncs on reconnect.
+            return;
+        }
         if handle
             .commands
             .try_send(SessionCommand::DesiredPatch { version, payload })
             .is_err()
         {
+            // Once per session: the close makes later pushes return above.
             tracing::warn!(
                 device_id,
                 version,

@@ -73,12 +73,17 @@ impl Printer<'_, '_> {
             Expr::Unary(op, operand) => {
                 self.out
                     .write_char(if *op == UnaryOp::Neg { '-' } else { '+' })?;
-                // A sign written straight before a number would fold into the literal.
-                let min = match operand.as_ref() {
-                    Expr::Literal(Literal::Number(_)) => prec::PRIMARY + 1,
-                    _ => prec::UNARY,
-                };
-                self.expr(operand, min)
+                // A sign written straight before a number would fold into the literal, so the
+                // number gets a sign of its own (`-+5`, `--5`). Not parentheses: they cost the
+                // parser a nesting level the text it came from may not have spent.
+                if let Expr::Literal(Literal::Number(number)) = operand.as_ref() {
+                    let number = number.to_string();
+                    if !number.starts_with('-') {
+                        self.out.write_char('+')?;
+                    }
+                    return self.out.write_str(&number);
+                }
+                self.expr(operand, prec::UNARY)
             }
             Expr::Binary(op, left, right) => {
                 let level = precedence(expr);

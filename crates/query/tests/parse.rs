@@ -695,6 +695,19 @@ fn nesting_is_bounded() {
 }
 
 #[test]
+fn signs_before_numbers_print_without_parentheses() {
+    // Found by the query_parse fuzz target: `--5` printed as `-(-5)`, which costs one nesting
+    // level more, so a condition at the limit printed to text that failed to parse.
+    assert_eq!(cond("--5").to_string(), "--5");
+    assert_eq!(cond("-+5").to_string(), "-+5");
+    assert_eq!(cond("-(5)").to_string(), "-+5");
+    assert_eq!(cond("+ -2.5").to_string(), "+-2.5");
+    let deepest = format!("{}5", "-".repeat(MAX_NESTING + 1));
+    let expr = parse_condition(&deepest).unwrap_or_else(|error| panic!("{error}"));
+    assert_eq!(parse_condition(&expr.to_string()), Ok(expr));
+}
+
+#[test]
 fn the_deepest_accepted_queries_print_evaluate_and_reparse() {
     let twin = serde_json::json!({"x": 1, "tags": {"a": [1, 2]}});
     let chain = format!(

@@ -320,6 +320,52 @@ async fn twin_read_reported_patches_and_desired_delivery() {
     hub.server.shutdown().await;
 }
 
+/// An application that stops reading its desired stream is not buffered for without bound:
+/// past the queue, patches are dropped, and when it reads again the whole document comes
+/// (`full`) with the latest version, so nothing it needs is lost.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_lagging_desired_stream_is_bounded_and_catches_up_with_the_whole_document() {
+    let hub = TestHub::start().await;
+    let key = hub.add_device("lag-dev").await;
+    let device = hub
+        .device("lag-dev", &key, Transport::Mqtt)
+        .build()
+        .unwrap();
+    let mut patches = device.desired_patches();
+    device.connect().await.unwrap();
+    assert!(next_patch(&mut patches).await.full);
+    // Not reading: more changes than the queue holds.
+    let mut last = 0;
+    for i in 0..(twinhub_sdk::device::DESIRED_QUEUE + 100) {
+        last = hub.set_desired("lag-dev", json!({"step": i})).await;
+    }
+    // Give the client time to receive them all.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let mut received = 0;
+    let full = loop {
+        let p = next_patch(&mut patches).await;
+        received += 1;
+        if p.full {
+            break p;
+        }
+        assert!(
+            received <= twinhub_sdk::device::DESIRED_QUEUE,
+            "the queue grew past its bound"
+        );
+    };
+    assert_eq!(full.version, last);
+    assert_eq!(
+        full.patch.get("step"),
+        Some(&json!(twinhub_sdk::device::DESIRED_QUEUE + 99))
+    );
+    // Back in step: the next change arrives as a patch.
+    let next = hub.set_desired("lag-dev", json!({"step": -1})).await;
+    let p = next_patch(&mut patches).await;
+    assert_eq!((p.version, p.full), (next, false));
+    device.close().await;
+    hub.server.shutdown().await;
+}
+
 #[tokio::test]
 async fn telemetry_is_acknowledged_over_both_transports() {
     let hub = TestHub::start().await;

@@ -235,7 +235,9 @@ impl Stream for MethodRequests {
 ///
 /// Ends when the client is closed or another stream replaces this one.
 pub struct DesiredPatches {
-    pub(crate) rx: mpsc::UnboundedReceiver<DesiredPatch>,
+    pub(crate) rx: mpsc::Receiver<DesiredPatch>,
+    /// To wake the connection task once the application reads again after falling behind.
+    pub(crate) shared: std::sync::Arc<super::task::Shared>,
 }
 
 impl fmt::Debug for DesiredPatches {
@@ -247,7 +249,21 @@ impl fmt::Debug for DesiredPatches {
 impl DesiredPatches {
     /// The next patch, or `None` once the stream has ended.
     pub async fn recv(&mut self) -> Option<DesiredPatch> {
-        self.rx.recv().await
+        let next = self.rx.recv().await;
+        self.caught_up();
+        next
+    }
+
+    /// Patches were dropped while the queue was full: now that there is room, the task reads
+    /// the twin and sends the whole document.
+    fn caught_up(&self) {
+        if self
+            .shared
+            .desired_lagging
+            .load(std::sync::atomic::Ordering::Relaxed)
+        {
+            self.shared.changed.notify_one();
+        }
     }
 }
 
@@ -255,7 +271,11 @@ impl Stream for DesiredPatches {
     type Item = DesiredPatch;
 
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<DesiredPatch>> {
-        self.rx.poll_recv(cx)
+        let polled = self.rx.poll_recv(cx);
+        if polled.is_ready() {
+            self.caught_up();
+        }
+        polled
     }
 }
 

@@ -39,6 +39,9 @@ pub const MAX_KEEP_ALIVE: Duration = Duration::from_secs(1740);
 const COMMAND_QUEUE: usize = 1024;
 /// Method requests waiting in a [`MethodRequests`] stream before the device answers "busy".
 const METHOD_QUEUE: usize = 64;
+/// Desired-property changes kept for an application that has not read them yet; past this
+/// it gets the whole document once it reads again.
+pub const DESIRED_QUEUE: usize = 1024;
 
 /// Builds a [`DeviceClient`]; start with [`DeviceClient::builder`].
 #[derive(Clone)]
@@ -341,14 +344,24 @@ impl DeviceClient {
     /// Desired-property changes as a stream, in version order. The first item is the whole
     /// desired document (`full: true`); then each change as the hub sends it. After a
     /// reconnect the client reads the twin and, if changes were missed, sends the whole
-    /// document again (`full: true`). A second call replaces (ends) the first stream.
+    /// document again (`full: true`). An application that falls more than
+    /// [`DESIRED_QUEUE`](crate::device::DESIRED_QUEUE) changes behind is not buffered for
+    /// without bound: once it reads again it gets the whole document (`full: true`) in place
+    /// of what it missed. A second call replaces (ends) the first stream.
     pub fn desired_patches(&self) -> DesiredPatches {
-        let (tx, rx) = mpsc::unbounded_channel();
+        let (tx, rx) = mpsc::channel(DESIRED_QUEUE);
+        self.inner
+            .shared
+            .desired_lagging
+            .store(false, std::sync::atomic::Ordering::Relaxed);
         self.update_dispatch(|d| {
             d.desired = Some(tx);
             d.desired_generation += 1;
         });
-        DesiredPatches { rx }
+        DesiredPatches {
+            rx,
+            shared: self.inner.shared.clone(),
+        }
     }
 
     fn update_dispatch(&self, change: impl FnOnce(&mut task::Dispatch)) {

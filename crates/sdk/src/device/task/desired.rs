@@ -4,8 +4,11 @@
 //! new), the whole document goes out first (`full`), and patches that arrived meanwhile
 //! follow it.
 
+use std::sync::atomic::Ordering;
+
 use bytes::Bytes;
 use serde_json::{Map, Value};
+use tokio::sync::mpsc::error::TrySendError;
 
 use super::outbox::TwinWait;
 use super::{Task, TwinReply, TwinRequest, request_id};
@@ -89,9 +92,31 @@ impl Task {
         }
     }
 
+    /// Whether the stream had fallen behind and now has room again (clears the flag): the
+    /// caller then reads the twin, whose whole document replaces what was dropped.
+    pub(super) fn desired_caught_up(&mut self) -> bool {
+        if !self.shared.desired_lagging.load(Ordering::Relaxed) {
+            return false;
+        }
+        let room = self
+            .shared
+            .dispatch()
+            .desired
+            .as_ref()
+            .is_some_and(|tx| tx.capacity() >= tx.max_capacity() / 2);
+        if room {
+            self.shared.desired_lagging.store(false, Ordering::Relaxed);
+        }
+        room
+    }
+
     /// A patch notification from the hub.
     pub(super) fn desired_patch(&mut self, topic_version: Option<u64>, payload: &Bytes) {
         if self.shared.dispatch().desired.is_none() {
+            return;
+        }
+        if self.shared.desired_lagging.load(Ordering::Relaxed) {
+            // Dropped: the whole document follows once the application reads again.
             return;
         }
         let parsed = match serde_json::from_slice::<Value>(payload) {
@@ -133,11 +158,20 @@ impl Task {
         let Some(tx) = dispatch.desired.as_ref() else {
             return;
         };
-        if tx.send(patch).is_err() {
+        match tx.try_send(patch) {
+            Ok(()) => self.desired.delivered = Some(version),
+            Err(TrySendError::Full(_)) => {
+                // The application reads too slowly: drop rather than buffer without bound.
+                if !self.shared.desired_lagging.swap(true, Ordering::Relaxed) {
+                    tracing::warn!(
+                        version,
+                        "the application is more than {} desired patches behind; it will get the whole document when it reads again",
+                        crate::device::DESIRED_QUEUE
+                    );
+                }
+            }
             // The application dropped the stream.
-            dispatch.desired = None;
-            return;
+            Err(TrySendError::Closed(_)) => dispatch.desired = None,
         }
-        self.desired.delivered = Some(version);
     }
 }

@@ -110,7 +110,7 @@ pub(crate) struct TwinReply {
 pub(crate) struct Dispatch {
     pub handler: Option<Handler>,
     pub methods: Option<mpsc::Sender<MethodRequest>>,
-    pub desired: Option<mpsc::UnboundedSender<DesiredPatch>>,
+    pub desired: Option<mpsc::Sender<DesiredPatch>>,
     /// Bumped by every new desired stream: each starts with the whole document.
     pub desired_generation: u64,
 }
@@ -125,6 +125,9 @@ pub(crate) struct Shared {
     pub close: watch::Sender<bool>,
     /// Set by the task when it has ended.
     pub done: watch::Sender<bool>,
+    /// The desired stream's queue was full and patches were dropped: when the application
+    /// has read some, the task sends the whole document instead.
+    pub desired_lagging: std::sync::atomic::AtomicBool,
 }
 
 impl Shared {
@@ -137,6 +140,7 @@ impl Shared {
             changed: Notify::new(),
             close: watch::Sender::new(false),
             done: watch::Sender::new(false),
+            desired_lagging: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
@@ -445,6 +449,8 @@ impl Task {
                 if self.has(Feature::DesiredPatches) {
                     self.start_resync();
                 }
+            } else if self.desired_caught_up() && self.has(Feature::DesiredPatches) {
+                self.start_resync();
             }
         }
         self.dirty = true;
