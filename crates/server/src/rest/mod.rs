@@ -64,7 +64,13 @@ impl IntoResponse for ApiError {
         let status =
             StatusCode::from_u16(code.http_status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
         if status.is_server_error() {
-            tracing::warn!(code = code.name(), tracking_id = %tracking, message = self.0.message(), "request failed");
+            // Rate-limited: while the disk is full every write fails, and a line per request
+            // would fill what little space comes back.
+            static FAILURES: twinhub_core::logsafe::RateLimit =
+                twinhub_core::logsafe::RateLimit::new(std::time::Duration::from_secs(10), 10);
+            if let Some(suppressed) = FAILURES.allow() {
+                tracing::warn!(code = code.name(), tracking_id = %tracking, suppressed, message = self.0.message(), "request failed");
+            }
         } else {
             tracing::debug!(code = code.name(), tracking_id = %tracking, message = self.0.message(), "request refused");
         }
