@@ -362,7 +362,10 @@ impl<W: AsyncWrite + Unpin> Out<W> {
                 None => std::future::pending().await,
             }
         };
+        // Biased: a write that can complete does, so answers already owed go out even when
+        // the session is closing; the close only cuts a write the device is not taking.
         let result = tokio::select! {
+            biased;
             written = timeout(WRITE_TIMEOUT, self.wr.write_all(&self.buf)) => match written {
                 Ok(Ok(())) => Ok(()),
                 Ok(Err(e)) => Err(because(format!("write failed: {e}"))),
