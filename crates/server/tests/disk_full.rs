@@ -141,16 +141,7 @@ async fn a_full_disk_is_reported_refused_with_503_and_recovered_from() {
     }
     // A CONNECT is never "not authorized" because of the disk.
     for _ in 0..5 {
-        let mut c = RawMqtt::open(&hub).await;
-        let code = c
-            .connect(connect_packet(
-                "d1",
-                Some(&device_token("d1", &key, 600)),
-                true,
-                60,
-            ))
-            .await
-            .0;
+        let (c, code) = RawMqtt::connack(&hub, "d1", &key).await;
         assert!(
             matches!(
                 code,

@@ -207,16 +207,8 @@ async fn changing_credentials_closes_live_sessions() {
     svc.update_device(&device, Some("*")).await.unwrap();
     m.expect_closed(Duration::from_secs(5)).await;
     // The old key no longer signs in.
-    let mut m = RawMqtt::open(&hub).await;
     assert_eq!(
-        m.connect(connect_packet(
-            "d1",
-            Some(&device_token("d1", &key, 600)),
-            true,
-            60
-        ))
-        .await
-        .0,
+        RawMqtt::connack(&hub, "d1", &key).await.1,
         ConnectReturnCode::NotAuthorized
     );
 
@@ -328,14 +320,7 @@ async fn connection_caps_refuse_what_is_over_them() {
                 .create_device(&format!("cap{i}"), Default::default())
                 .await
                 .unwrap();
-            keys.push(
-                d.authentication
-                    .unwrap()
-                    .symmetric_key
-                    .unwrap()
-                    .primary_key
-                    .unwrap(),
-            );
+            keys.push(primary_key(d));
         }
     }
     tokio::time::sleep(Duration::from_millis(300)).await;
@@ -584,16 +569,8 @@ async fn throttles_answer_with_iot_hubs_codes() {
     // Connects: the first took a token, one more is allowed, then refused with 3.
     drop(m);
     let _ = RawMqtt::device(&hub, "d1", &key, true).await;
-    let mut m = RawMqtt::open(&hub).await;
     assert_eq!(
-        m.connect(connect_packet(
-            "d1",
-            Some(&device_token("d1", &key, 600)),
-            true,
-            60
-        ))
-        .await
-        .0,
+        RawMqtt::connack(&hub, "d1", &key).await.1,
         ConnectReturnCode::ServerUnavailable
     );
     // REST: 0.5/s holds 5 tokens, some already used above.

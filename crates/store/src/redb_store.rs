@@ -440,13 +440,7 @@ fn commit_group(shared: &Shared, group: &mut Vec<Pending>) -> Result<(), String>
     let batches = group.len() as u64;
     if group.iter().all(|(writes, _)| writes.is_empty()) {
         // Nothing to make durable; skip the fsync.
-        shared
-            .counters
-            .batches
-            .fetch_add(batches, Ordering::Relaxed);
-        for (_, reply) in group.drain(..) {
-            let _ = reply.send(Ok(()));
-        }
+        succeed(shared, group, batches);
         return Ok(());
     }
     let Some(db) = shared.current() else {
@@ -458,14 +452,7 @@ fn commit_group(shared: &Shared, group: &mut Vec<Pending>) -> Result<(), String>
         Ok(()) => {
             shared.clear_fault();
             shared.counters.transactions.fetch_add(1, Ordering::Relaxed);
-            shared
-                .counters
-                .batches
-                .fetch_add(batches, Ordering::Relaxed);
-            for (_, reply) in group.drain(..) {
-                // A caller whose future was dropped no longer listens.
-                let _ = reply.send(Ok(()));
-            }
+            succeed(shared, group, batches);
             Ok(())
         }
         Err(Failure::Refused(message)) => {
@@ -476,6 +463,18 @@ fn commit_group(shared: &Shared, group: &mut Vec<Pending>) -> Result<(), String>
             Ok(())
         }
         Err(Failure::Fault(message)) => Err(message),
+    }
+}
+
+/// Counts a committed group and answers each of its callers.
+fn succeed(shared: &Shared, group: &mut Vec<Pending>, batches: u64) {
+    shared
+        .counters
+        .batches
+        .fetch_add(batches, Ordering::Relaxed);
+    for (_, reply) in group.drain(..) {
+        // A caller whose future was dropped no longer listens.
+        let _ = reply.send(Ok(()));
     }
 }
 

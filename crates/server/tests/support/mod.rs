@@ -109,18 +109,22 @@ impl TestHub {
 
     /// Creates a SAS device and returns its primary key.
     pub async fn device(&self, id: &str) -> String {
-        let d = self
-            .owner()
-            .create_device(id, Default::default())
-            .await
-            .unwrap();
-        d.authentication
-            .unwrap()
-            .symmetric_key
-            .unwrap()
-            .primary_key
-            .unwrap()
+        primary_key(
+            self.owner()
+                .create_device(id, Default::default())
+                .await
+                .unwrap(),
+        )
     }
+}
+
+/// A device's primary key as the registry returned it.
+pub fn primary_key(device: twinhub_proto::model::Device) -> String {
+    device
+        .authentication
+        .and_then(|a| a.symmetric_key)
+        .and_then(|k| k.primary_key)
+        .expect("a SAS device has a primary key")
 }
 
 impl Drop for TestHub {
@@ -279,6 +283,20 @@ impl RawMqtt {
             Some(Packet::ConnAck(a)) => (a.code, a.session_present),
             other => panic!("expected CONNACK, got {other:?}"),
         }
+    }
+
+    /// The CONNACK code a fresh connection of `device_id` gets with a valid token.
+    pub async fn connack(
+        hub: &TestHub,
+        device_id: &str,
+        key: &str,
+    ) -> (RawMqtt, ConnectReturnCode) {
+        let mut m = RawMqtt::open(hub).await;
+        let token = device_token(device_id, key, 600);
+        let (code, _) = m
+            .connect(connect_packet(device_id, Some(&token), true, 60))
+            .await;
+        (m, code)
     }
 
     /// A connected device session (asserts CONNACK 0).
