@@ -337,6 +337,13 @@ async fn soak(
         .iter()
         .map(|id| devices::client(&hub, id, &settings))
         .collect::<Result<Vec<_>>>()?;
+    println!(
+        "[{:>7.1}s] built {} device clients in {:.1} s",
+        clock.elapsed().as_secs_f64(),
+        args.devices,
+        started.elapsed().as_secs_f64()
+    );
+    let started = Instant::now();
     let fleet = Arc::new(Fleet {
         ids,
         reported_busy: (0..args.devices).map(|_| AtomicBool::new(false)).collect(),
