@@ -125,6 +125,14 @@ impl Counter {
     fn last_acked(&self) -> u64 {
         self.acked.last().copied().unwrap_or(0)
     }
+
+    /// Compares the counter the hub stored with this record: how many acknowledged writes
+    /// it does not reflect (each acknowledged value above it), and whether it holds a value
+    /// that was never sent.
+    fn judge(&self, stored: u64) -> (usize, bool) {
+        let missing = self.acked.iter().filter(|&&v| v > stored).count();
+        (missing, stored > self.last_sent)
+    }
 }
 
 /// What one load worker leaves behind.
@@ -595,7 +603,7 @@ async fn verify(service: &ServiceClient, ledger: &Ledger, report: &mut TrialRepo
             ("desired", desired, stored_seq(&props.desired)),
         ] {
             let Some(counter) = counter else { continue };
-            let missing = counter.acked.iter().filter(|&&v| v > stored).count();
+            let (missing, unsent) = counter.judge(stored);
             if missing > 0 {
                 report.lost += missing;
                 lost.push(format!(
@@ -603,7 +611,7 @@ async fn verify(service: &ServiceClient, ledger: &Ledger, report: &mut TrialRepo
                     counter.last_acked()
                 ));
             }
-            if stored > counter.last_sent {
+            if unsent {
                 phantom.push(format!(
                     "{id} {kind}: stored {SEQ} {stored} > last sent {}",
                     counter.last_sent
@@ -846,5 +854,32 @@ fn print_summary(reports: &[TrialReport]) {
         );
     } else {
         println!("{failed} of {} trial(s) FAILED", reports.len());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stored_counters_are_judged_against_acks_and_sends() {
+        // 1, 2 and 4 acknowledged; 3 failed; 5 was in flight at the kill.
+        let c = Counter {
+            device: 0,
+            last_sent: 5,
+            acked: vec![1, 2, 4],
+        };
+        assert_eq!(c.judge(4), (0, false));
+        assert_eq!(
+            c.judge(5),
+            (0, false),
+            "an unacknowledged write may be there"
+        );
+        assert_eq!(c.judge(3), (1, false));
+        assert_eq!(c.judge(0), (3, false));
+        assert_eq!(c.judge(6), (0, true));
+        let untouched = Counter::default();
+        assert_eq!(untouched.judge(0), (0, false));
+        assert_eq!(untouched.judge(1), (0, true));
     }
 }
