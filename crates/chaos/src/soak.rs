@@ -74,6 +74,9 @@ pub struct SoakArgs {
     /// Where the soak's directory goes [default: the system's temp dir]
     #[arg(long)]
     pub work_dir: Option<PathBuf>,
+    /// Scrape the hub's /metrics every this many seconds, as Prometheus would [default: never]
+    #[arg(long)]
+    pub scrape_metrics: Option<f64>,
 }
 
 /// Counts for one kind of operation.
@@ -229,6 +232,9 @@ pub async fn run(args: SoakArgs) -> Result<bool> {
     if args.devices == 0 || !positive(args.minutes) || !positive(args.sample_secs) {
         bail!("--devices, --minutes and --sample-secs must be positive");
     }
+    if args.scrape_metrics.is_some_and(|s| !positive(s)) {
+        bail!("--scrape-metrics must be positive");
+    }
     let rates = [args.methods_rate, args.reported_rate, args.desired_rate];
     if rates.iter().any(|&r| !r.is_finite() || r < 0.0) {
         bail!("the rates must be zero or positive");
@@ -245,13 +251,15 @@ pub async fn run(args: SoakArgs) -> Result<bool> {
     }
     let duration = Duration::from_secs_f64(args.minutes * 60.0);
     println!(
-        "twinhub-chaos soak: {} devices for {:.1} min; {}/s methods, {}/s reported, {}/s desired; sample every {} s; hub {}; seed {seed}; open files {nofile}",
+        "twinhub-chaos soak: {} devices for {:.1} min; {}/s methods, {}/s reported, {}/s desired; sample every {} s; /metrics {}; hub {}; seed {seed}; open files {nofile}",
         args.devices,
         args.minutes,
         args.methods_rate,
         args.reported_rate,
         args.desired_rate,
         args.sample_secs,
+        args.scrape_metrics
+            .map_or_else(|| "not scraped".into(), |s| format!("scraped every {s} s")),
         cmd.bin.display()
     );
 
@@ -451,6 +459,15 @@ async fn soak(
     ));
 
     let load_started = Instant::now();
+    let scraper = match args.scrape_metrics {
+        Some(secs) => Some(tokio::spawn(scrape_metrics(
+            metrics_client(&hub.ca_pem)?,
+            format!("https://localhost:{}/metrics", hub.https_port),
+            Duration::from_secs_f64(secs),
+            stats.clone(),
+        ))),
+        None => None,
+    };
     let stats_client = hub.service(Duration::from_secs(5))?;
     let mut samples = vec![sample(&hub, &stats_client, load_started, stats).await];
     print_sample(samples.last());
@@ -492,6 +509,9 @@ async fn soak(
         print_sample(samples.last());
     }
 
+    if let Some(scraper) = scraper {
+        scraper.abort();
+    }
     fleet.closing.store(true, Ordering::SeqCst);
     verify(&service, &fleet, stats).await;
     devices::close_all(&fleet.clients, Duration::from_secs(10)).await;
@@ -506,6 +526,40 @@ async fn soak(
             .error("the hub did not stop within 60 s of SIGTERM"),
     }
     Ok(samples)
+}
+
+/// An HTTPS client trusting the hub's CA, for `/metrics` (which needs no token).
+fn metrics_client(ca_pem: &[u8]) -> Result<reqwest::Client> {
+    let certs = reqwest::Certificate::from_pem_bundle(ca_pem).context("reading the hub's CA")?;
+    // reqwest is built without a crypto provider of its own; the SDK's ServiceClient, built
+    // before this, installed ring as the process default.
+    reqwest::Client::builder()
+        .tls_certs_merge(certs)
+        .timeout(Duration::from_secs(10))
+        .build()
+        .context("building the /metrics client")
+}
+
+/// Reads `url` every `every`, as a Prometheus scraper would; a failed scrape is a hub error.
+async fn scrape_metrics(client: reqwest::Client, url: String, every: Duration, stats: Arc<Stats>) {
+    let mut tick = tokio::time::interval(every);
+    tick.tick().await;
+    loop {
+        tick.tick().await;
+        let outcome = match client.get(&url).send().await {
+            Ok(resp) if resp.status().is_success() => resp.bytes().await.map(|_| ()),
+            Ok(resp) => {
+                stats
+                    .hub
+                    .error(format!("GET /metrics answered {}", resp.status()));
+                continue;
+            }
+            Err(e) => Err(e),
+        };
+        if let Err(e) = outcome {
+            stats.hub.error(format!("GET /metrics failed: {e}"));
+        }
+    }
 }
 
 /// Counts a device's drops: a change from connected to anything else.
@@ -623,7 +677,10 @@ async fn call_method(service: &ServiceClient, fleet: &Fleet, i: usize, seq: u64,
         method_name: METHOD.into(),
         payload: Some(payload.clone()),
         response_timeout_in_seconds: Some(30),
-        connect_timeout_in_seconds: Some(0),
+        // `DeviceClient::connect` returns at the CONNACK, before the hub has acknowledged the
+        // method subscription: a call in that gap would find nobody listening. Let the hub
+        // wait for the subscription a little, as IoT Hub does for a device coming online.
+        connect_timeout_in_seconds: Some(5),
     };
     let started = Instant::now();
     match service.invoke_method(id, &call).await {
