@@ -128,7 +128,10 @@ impl HubProcess {
             .with_context(|| format!("reading the hub's banner:\n{}", banner.join("\n")))?;
         hub.https_port = parsed.https_port;
         hub.mqtt_port = parsed.mqtt_port;
-        hub.connection_string = parsed.connection_string;
+        hub.connection_string = match parsed.connection_string {
+            Some(cs) => cs,
+            None => owner_connection_string(&cmd.bin, data_dir)?,
+        };
         let ca = data_dir.join("tls").join("ca.pem");
         hub.ca_pem = std::fs::read(&ca).with_context(|| format!("reading {}", ca.display()))?;
         hub.wait_until_ready(spawned).await?;
@@ -304,7 +307,8 @@ fn read_lines(child: &mut Child, log_path: &Path) -> Result<mpsc::UnboundedRecei
 struct Banner {
     https_port: u16,
     mqtt_port: u16,
-    connection_string: String,
+    /// Printed only when the hub's stdout is a terminal; else read with `connection-string`.
+    connection_string: Option<String>,
 }
 
 impl Banner {
@@ -321,14 +325,32 @@ impl Banner {
             .iter()
             .map(|l| l.trim())
             .find(|l| l.starts_with("HostName=") && l.contains("SharedAccessKeyName=iothubowner"))
-            .context("no iothubowner connection string")?
-            .to_string();
+            .map(str::to_string);
         Ok(Banner {
             https_port,
             mqtt_port,
             connection_string,
         })
     }
+}
+
+/// The `iothubowner` connection string as `twinhub connection-string` prints it (the banner
+/// leaves it out when stdout is not a terminal).
+fn owner_connection_string(bin: &Path, data_dir: &Path) -> Result<String> {
+    let out = Command::new(bin)
+        .arg("connection-string")
+        .arg("--data-dir")
+        .arg(data_dir)
+        .env_remove("TWINHUB_DATA_DIR")
+        .output()
+        .with_context(|| format!("running {} connection-string", bin.display()))?;
+    if !out.status.success() {
+        bail!(
+            "`twinhub connection-string` failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
 }
 
 fn vm_rss_kib(status: &str) -> Option<u64> {
@@ -357,11 +379,19 @@ Next: twinhub device create my-device && twinhub device connection-string my-dev
             Banner {
                 https_port: 40001,
                 mqtt_port: 40002,
-                connection_string:
+                connection_string: Some(
                     "HostName=localhost:40001;SharedAccessKeyName=iothubowner;SharedAccessKey=abc="
-                        .into(),
+                        .into()
+                ),
             }
         );
+        // Not at a terminal: the banner says how to get it instead.
+        let piped: Vec<String> = lines
+            .iter()
+            .filter(|l| !l.contains("SharedAccessKey="))
+            .cloned()
+            .collect();
+        assert_eq!(Banner::parse(&piped).unwrap().connection_string, None);
         assert!(Banner::parse(&lines[..2]).is_err());
     }
 

@@ -6,6 +6,8 @@
 //!   restart) and checks that every write the hub acknowledged is there. See [`kill`].
 //! - `soak`: many devices connected for a long time under a steady mix of direct methods,
 //!   reported and desired patches, with the hub's resident memory sampled. See [`soak`].
+//! - `slow-consumer`: method latency on healthy devices alone and beside a device that
+//!   stopped reading, and how soon the hub drops that device. See [`slow`].
 //!
 //! Both start the hub as a child process on 127.0.0.1 with ports the system picks
 //! ([`hub`]), so they need no root, no fixed ports and no cleanup, and exit non-zero when
@@ -15,6 +17,7 @@ mod devices;
 mod hub;
 mod kill;
 mod rng;
+mod slow;
 mod soak;
 
 use std::process::ExitCode;
@@ -38,6 +41,8 @@ enum Command {
     Kill(kill::KillArgs),
     /// Keep many devices busy for a long time and sample the hub's memory
     Soak(soak::SoakArgs),
+    /// Measure method latency beside a device that stopped reading, and when it is dropped
+    SlowConsumer(slow::SlowArgs),
 }
 
 /// Raises the soft open-file limit to the hard limit (the hub, started afterwards, inherits
@@ -67,6 +72,7 @@ fn main() -> ExitCode {
                 kill::run(args).await
             }
             Command::Soak(args) => soak::run(args).await,
+            Command::SlowConsumer(args) => slow::run(args).await,
         }
     });
     match outcome {

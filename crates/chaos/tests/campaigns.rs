@@ -278,6 +278,37 @@ fn a_short_soak_has_no_errors_and_samples_memory() {
 }
 
 #[test]
+fn a_slow_consumer_is_dropped_and_measured() {
+    let (output, text) = chaos(
+        &[
+            "slow-consumer",
+            "--devices",
+            "4",
+            "--callers",
+            "2",
+            "--seconds",
+            "2",
+            "--patch-bytes",
+            "30000",
+        ],
+        Duration::from_secs(240),
+    );
+    assert!(output.status.success(), "{text}");
+    for phase in [
+        "alone:",
+        "beside a flooded reader:",
+        "beside a slow device:",
+    ] {
+        let line = text
+            .lines()
+            .find(|l| l.starts_with(phase))
+            .unwrap_or_else(|| panic!("no {phase} line:\n{text}"));
+        assert!(number_after(line, phase) > 0, "no calls {phase}\n{text}");
+    }
+    assert!(text.contains("the slow device was dropped"), "{text}");
+}
+
+#[test]
 fn the_hub_is_rebuilt_only_for_its_own_crates() {
     let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
     let names: Vec<String> = hub_crates(&workspace)

@@ -35,6 +35,10 @@ use mqtt::SessionContext;
 
 /// How long a client has to finish the TLS handshake.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How often recorded histogram samples are folded into their buckets. The exporter keeps
+/// every sample until then (or until a scrape), so without it a hub nobody scrapes grows by
+/// each request it serves.
+const METRICS_UPKEEP: Duration = Duration::from_secs(5);
 /// How long shutdown waits for in-flight work before giving up on it (a session closes within
 /// its 5-second finish; an HTTP connection within its 10-second grace).
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(20);
@@ -138,9 +142,22 @@ impl RunningServer {
             shutdown: shutdown.clone(),
             tracker: tracker.clone(),
         };
+        let metrics = metrics_handle();
+        tracker.spawn({
+            let metrics = metrics.clone();
+            let shutdown = shutdown.clone();
+            async move {
+                loop {
+                    tokio::select! {
+                        _ = tokio::time::sleep(METRICS_UPKEEP) => metrics.run_upkeep(),
+                        _ = shutdown.cancelled() => return,
+                    }
+                }
+            }
+        });
         let router = rest::router(rest::AppState {
             hub: hub.clone(),
-            metrics: metrics_handle(),
+            metrics,
             sessions: sessions.clone(),
             admission: admission.clone(),
         });
