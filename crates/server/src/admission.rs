@@ -63,15 +63,25 @@ impl Admission {
         })
     }
 
-    /// A place among unauthenticated peers for a connection already open (an HTTPS
-    /// connection upgraded to MQTT over WebSockets, until its CONNECT is accepted).
-    pub fn unauthenticated_permit(&self) -> Option<OwnedSemaphorePermit> {
-        let permit = self.unauthenticated.clone().try_acquire_owned().ok();
-        if permit.is_none() {
+    /// Places for an HTTPS connection upgraded to MQTT over WebSockets: among open
+    /// connections for the session's life (hyper lets go of the upgraded connection, and with
+    /// it the accept loop's place), and among unauthenticated peers until its CONNECT is
+    /// accepted.
+    pub fn upgraded(&self) -> Option<Admitted> {
+        let Ok(connection) = self.connections.clone().try_acquire_owned() else {
+            metrics::counter!("twinhub_connections_refused_total", "reason" => "max_connections")
+                .increment(1);
+            return None;
+        };
+        let Ok(unauthenticated) = self.unauthenticated.clone().try_acquire_owned() else {
             metrics::counter!("twinhub_connections_refused_total", "reason" => "max_unauthenticated")
                 .increment(1);
-        }
-        permit
+            return None;
+        };
+        Some(Admitted {
+            _connection: connection,
+            unauthenticated: Some(unauthenticated),
+        })
     }
 
     /// Open connections now.

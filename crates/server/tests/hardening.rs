@@ -300,12 +300,9 @@ async fn connection_caps_refuse_what_is_over_them() {
     assert_eq!(metrics, 6);
 }
 
-/// F9: a WebSocket frame header announcing 16 MiB is refused at the header, before the hub
-/// reserves anything for it.
-#[tokio::test(flavor = "multi_thread")]
-async fn oversized_websocket_frames_are_refused_at_the_header() {
-    let hub = TestHub::start().await;
-    let mut s = tls_connect(&hub, hub.https, &[b"http/1.1"]).await;
+/// Opens an MQTT-over-WebSocket upgrade and returns the stream once the hub answered 101.
+async fn websocket(hub: &TestHub) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
+    let mut s = tls_connect(hub, hub.https, &[b"http/1.1"]).await;
     s.write_all(
         b"GET /$iothub/websocket HTTP/1.1\r\nhost: localhost\r\nconnection: Upgrade\r\n\
 upgrade: websocket\r\nsec-websocket-version: 13\r\nsec-websocket-key: dGhlIHNhbXBsZSBub25jZQ==\r\n\
@@ -322,6 +319,26 @@ sec-websocket-protocol: mqtt\r\n\r\n",
         head.push(buf[0]);
     }
     assert!(String::from_utf8_lossy(&head).starts_with("HTTP/1.1 101"));
+    s
+}
+
+/// An upgraded WebSocket session keeps counting as an open connection (hyper lets go of the
+/// connection it upgraded).
+#[tokio::test(flavor = "multi_thread")]
+async fn websocket_sessions_count_as_open_connections() {
+    let hub = TestHub::start().await;
+    let _a = websocket(&hub).await;
+    let _b = websocket(&hub).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(hub.server().admission.open_connections(), 2);
+}
+
+/// F9: a WebSocket frame header announcing 16 MiB is refused at the header, before the hub
+/// reserves anything for it.
+#[tokio::test(flavor = "multi_thread")]
+async fn oversized_websocket_frames_are_refused_at_the_header() {
+    let hub = TestHub::start().await;
+    let mut s = websocket(&hub).await;
     // A masked binary frame announcing 16 MiB (64-bit length), then a trickle.
     let mut frame = vec![0x82, 0xFF];
     frame.extend_from_slice(&(16u64 << 20).to_be_bytes());

@@ -202,11 +202,12 @@ async fn render_metrics(State(state): State<AppState>) -> Response {
 const MAX_WS_FRAME: usize = twinhub_mqtt::DEFAULT_MAX_PACKET_SIZE + 1024;
 
 async fn websocket(State(state): State<AppState>, ws: WebSocketUpgrade) -> Response {
-    // Until its CONNECT is accepted the peer is unauthenticated, and counts as such.
-    let Some(permit) = state.admission.unauthenticated_permit() else {
+    // The session counts as an open connection for its life, and as unauthenticated until
+    // its CONNECT is accepted.
+    let Some(mut admitted) = state.admission.upgraded() else {
         return ApiError::from(twinhub_core::Error::new(
             ErrorCode::ServiceUnavailable,
-            "Too many connections are authenticating; retry later",
+            "Too many connections; retry later",
         ))
         .into_response();
     };
@@ -218,7 +219,11 @@ async fn websocket(State(state): State<AppState>, ws: WebSocketUpgrade) -> Respo
         .write_buffer_size(64 * 1024)
         .max_write_buffer_size(2 * MAX_WS_FRAME)
         .on_upgrade(move |socket| {
-            tracker.track_future(crate::mqtt::serve_websocket(socket, ctx, Some(permit)))
+            let unauthenticated = admitted.unauthenticated.take();
+            tracker.track_future(async move {
+                crate::mqtt::serve_websocket(socket, ctx, unauthenticated).await;
+                drop(admitted);
+            })
         })
 }
 
