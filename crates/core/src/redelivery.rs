@@ -8,9 +8,9 @@
 //! samples send every patch with one constant `$rid`, and the C SDK's counter restarts at
 //! every boot, so a `$rid` alone says nothing.
 
+use std::collections::HashMap;
 use std::collections::VecDeque;
-use std::collections::hash_map::{DefaultHasher, HashMap};
-use std::hash::{BuildHasher, Hash, Hasher};
+use std::hash::BuildHasher;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -43,9 +43,11 @@ impl TwinAnswer {
     }
 }
 
+/// One remembered answer, kept small: at a few hundred patches a second the window holds
+/// tens of thousands of them. The `$rid` and the payload are kept as keyed hashes.
 #[derive(Debug)]
 struct Remembered {
-    rid: String,
+    rid: u64,
     digest: u64,
     /// The connection the answer went to: a redelivery on the same connection already has it.
     connection_id: u64,
@@ -85,13 +87,17 @@ impl Default for Redelivery {
     }
 }
 
-fn digest(payload: &[u8]) -> u64 {
-    let mut h = DefaultHasher::new();
-    payload.hash(&mut h);
-    h.finish()
-}
-
 impl Redelivery {
+    /// Keyed (random per process) hashes: a device cannot aim a collision at its own
+    /// requests.
+    fn rid_hash(&self, rid: &str) -> u64 {
+        self.hasher.hash_one(("rid", rid))
+    }
+
+    fn digest(&self, payload: &[u8]) -> u64 {
+        self.hasher.hash_one(payload)
+    }
+
     fn shard(&self, device_id: &str) -> std::sync::MutexGuard<'_, Shard> {
         let i = (self.hasher.hash_one(device_id) as usize) % SHARDS;
         self.shards[i].lock().unwrap_or_else(|e| e.into_inner())
@@ -110,7 +116,7 @@ impl Redelivery {
         if !dup {
             return Redelivered::New;
         }
-        let d = digest(payload);
+        let (rid, d) = (self.rid_hash(rid), self.digest(payload));
         let now = Instant::now();
         let mut shard = self.shard(device_id);
         let Some(list) = shard.devices.get_mut(device_id) else {
@@ -140,6 +146,7 @@ impl Redelivery {
         payload: &[u8],
         answer: &TwinAnswer,
     ) {
+        let (rid, digest) = (self.rid_hash(rid), self.digest(payload));
         let now = Instant::now();
         let mut shard = self.shard(device_id);
         if shard
@@ -149,6 +156,10 @@ impl Redelivery {
             shard.swept = Some(now);
             shard.devices.retain(|_, list| {
                 list.retain(|r| now.duration_since(r.at) < WINDOW);
+                // A burst's capacity is given back once its answers expire.
+                if list.capacity() > 2 * list.len() + 8 {
+                    list.shrink_to(list.len() + 4);
+                }
                 !list.is_empty()
             });
         }
@@ -162,8 +173,8 @@ impl Redelivery {
             list.pop_front();
         }
         list.push_back(Remembered {
-            rid: rid.to_string(),
-            digest: digest(payload),
+            rid,
+            digest,
             connection_id,
             answer: answer.clone(),
             at: now,

@@ -294,7 +294,10 @@ pub fn mqtt_username(host_name: &str, device_id: &str) -> String {
 /// The name is written as is: check it first with [`crate::ids::validate_method_name`], since a
 /// `/` or `?` in it breaks every SDK's parser.
 pub fn method_request_topic(method_name: &str, rid: &str) -> String {
-    format!("$iothub/methods/POST/{method_name}/?$rid={}", quote(rid))
+    // Devices percent-decode the name (the Python SDK and ours do): a literal `%` must travel
+    // as `%25`, or `a%41` would arrive as `aA`. Names without `%` go as they are.
+    let name = method_name.replace('%', "%25");
+    format!("$iothub/methods/POST/{name}/?$rid={}", quote(rid))
 }
 
 /// `$iothub/methods/res/{status}/?$rid={rid}` (device side).
@@ -761,6 +764,16 @@ mod tests {
         assert_eq!(
             method_request_topic("reboot", "12"),
             "$iothub/methods/POST/reboot/?$rid=12"
+        );
+        // A literal `%` survives the device's percent-decoding.
+        let topic = method_request_topic("a%41", "1");
+        assert_eq!(topic, "$iothub/methods/POST/a%2541/?$rid=1");
+        assert_eq!(
+            parse_delivery_topic(&topic),
+            Ok(Delivery::MethodRequest {
+                method_name: "a%41".into(),
+                rid: "1".into()
+            })
         );
         assert_eq!(
             twin_response_topic(204, "r-1", Some(5)),

@@ -43,8 +43,10 @@ const OUT_FLUSH_BYTES: usize = 256 * 1024;
 /// Twin requests answered before a flush: a cap on requests outstanding per session.
 const MAX_OUTSTANDING_TWIN: usize = 64;
 /// A buffer that grew past this is given back once idle, so one large packet or burst does
-/// not pin memory for the connection's life.
-const SHRINK_ABOVE: usize = 64 * 1024;
+/// not pin memory for the connection's life. Kept low: `BytesMut` doubles a buffer whenever
+/// it must grow while a decoded payload still shares it, so without this a long-lived
+/// session's buffers ratchet up to the largest size they ever needed.
+const SHRINK_ABOVE: usize = 16 * 1024;
 /// IoT Hub's longest keepalive; 0 (no keepalive) is taken as this too, so a half-open
 /// connection is always noticed.
 const MAX_KEEPALIVE_SECS: u16 = 1177;
