@@ -91,7 +91,7 @@ class AddressAllocator:
     device SDK dials. Addresses are never reused within one test session.
     """
 
-    def __init__(self, start: int = 10, ports: Iterable[int] = (443, 8883)) -> None:
+    def __init__(self, start: int = 10, ports: Iterable[int] = (443, 8883, 5671)) -> None:
         self._next = start
         self._ports = tuple(ports)
         self._lock = threading.Lock()

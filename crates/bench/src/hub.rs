@@ -83,6 +83,7 @@ impl Hub {
                     bind: loopback,
                     https_port: 0,
                     mqtt_port: 0,
+                    amqp_port: 0,
                     ..Config::default()
                 })
                 .await?;
@@ -136,7 +137,7 @@ impl Hub {
                 .arg("--data-dir")
                 .arg(data_dir)
                 .args(["--hostname", HOSTNAME, "--bind", &loopback.to_string()])
-                .args(["--https-port", "0", "--mqtt-port", "0"])
+                .args(["--https-port", "0", "--mqtt-port", "0", "--amqp-port", "0"])
                 .env("RUST_LOG", log_filter)
                 .stdin(Stdio::null())
                 .stdout(Stdio::null())

@@ -96,7 +96,7 @@ impl HubProcess {
             .arg("--data-dir")
             .arg(data_dir)
             .args(["--hostname", "localhost", "--bind", "127.0.0.1"])
-            .args(["--https-port", "0", "--mqtt-port", "0"])
+            .args(["--https-port", "0", "--mqtt-port", "0", "--amqp-port", "0"])
             .env("RUST_LOG", &cmd.log_filter)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())

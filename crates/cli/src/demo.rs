@@ -62,6 +62,7 @@ pub async fn run(args: DemoArgs) -> Result<()> {
         bind: [127, 0, 0, 1].into(),
         https_port: 0,
         mqtt_port: 0,
+        amqp_port: 0,
         ..Config::default()
     })
     .await

@@ -5,6 +5,7 @@
 use std::io::Write as _;
 mod demo;
 mod interrupt;
+mod trust;
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -41,11 +42,18 @@ enum Command {
         #[arg(long, env = "TWINHUB_DATA_DIR", default_value = "./twinhub-data")]
         data_dir: PathBuf,
     },
-    /// Print a service connection string read from the data dir
+    /// Print a service connection string read from the data dir; with --events, the built-in
+    /// endpoint's Event Hub-compatible one (for the Event Hubs SDKs)
     ConnectionString {
-        /// Shared access policy to use
-        #[arg(long, default_value = "iothubowner")]
-        policy: String,
+        /// Shared access policy to use [default: iothubowner; service with --events]
+        #[arg(long)]
+        policy: Option<String>,
+        /// The Event Hub-compatible connection string of the built-in endpoint
+        #[arg(long)]
+        events: bool,
+        /// With --events: the emulator form for the plaintext AMQP port (--amqp-plain-port)
+        #[arg(long, requires = "events")]
+        plain: bool,
         #[arg(long, env = "TWINHUB_DATA_DIR", default_value = "./twinhub-data")]
         data_dir: PathBuf,
     },
@@ -63,6 +71,16 @@ enum Command {
         #[command(flatten)]
         target: Target,
     },
+    /// Manage the consumer groups of the built-in events endpoint
+    ConsumerGroup {
+        #[command(subcommand)]
+        command: ConsumerGroupCommand,
+        #[command(flatten)]
+        target: Target,
+    },
+    /// Make clients trust the hub's development CA (like `mkcert -install`); without flags,
+    /// prints what it would do
+    Trust(trust::TrustArgs),
     /// Run a twin query and print every row of every page
     Query {
         #[command(flatten)]
@@ -215,6 +233,21 @@ struct ServeArgs {
     /// Seconds an HTTPS connection may stay silent with no request in flight [default: 120]
     #[arg(long)]
     http_idle_timeout: Option<u64>,
+    /// AMQP over TLS port: the Event Hub-compatible endpoint [default: 5671]
+    #[arg(long)]
+    amqp_port: Option<u16>,
+    /// Also serve AMQP without TLS on this port, for the Event Hubs SDKs' emulator mode (loopback binds only)
+    #[arg(long)]
+    amqp_plain_port: Option<u16>,
+    /// Partitions of the built-in events endpoint, 1 to 32; fixed once telemetry was stored [default: 4]
+    #[arg(long)]
+    partitions: Option<u32>,
+    /// Seconds telemetry is kept on the built-in endpoint [default: 86400, a day]
+    #[arg(long)]
+    retention: Option<u64>,
+    /// Bytes of telemetry kept per partition, oldest dropped first [default: no bound]
+    #[arg(long)]
+    retention_bytes: Option<u64>,
 }
 
 /// Which hub a management command talks to.
@@ -239,6 +272,35 @@ struct Target {
     /// A CA certificate (PEM) to trust besides the system roots
     #[arg(long, global = true)]
     ca: Option<PathBuf>,
+}
+
+#[derive(Subcommand)]
+enum ConsumerGroupCommand {
+    /// Create a consumer group (creating one that exists is not an error)
+    Create { name: String },
+    /// List the consumer groups, one per line
+    List,
+    /// Delete a consumer group ($Default cannot be deleted)
+    Delete { name: String },
+}
+
+async fn consumer_group(command: ConsumerGroupCommand, target: &Target) -> Result<()> {
+    let (client, _) = client(target)?;
+    match command {
+        ConsumerGroupCommand::Create { name } => {
+            let name = client.create_consumer_group(&name).await?;
+            println!("{name}");
+        }
+        ConsumerGroupCommand::List => {
+            for name in client.list_consumer_groups().await? {
+                println!("{name}");
+            }
+        }
+        ConsumerGroupCommand::Delete { name } => {
+            client.delete_consumer_group(&name).await?;
+        }
+    }
+    Ok(())
 }
 
 #[derive(Subcommand)]
@@ -326,11 +388,31 @@ async fn run(cli: Cli) -> Result<()> {
                 bail!("{} problem(s) found", report.problems)
             }
         }
-        Command::ConnectionString { policy, data_dir } => {
+        Command::ConnectionString {
+            policy,
+            events,
+            plain,
+            data_dir,
+        } => {
             let file = HubFile::read(&data_dir)?;
-            let cs = file
-                .connection_string(&policy)
-                .ok_or_else(|| anyhow!("no policy named '{policy}' in {}", data_dir.display()))?;
+            let policy =
+                policy.unwrap_or_else(|| if events { "service" } else { "iothubowner" }.into());
+            if !file.policies.iter().any(|p| p.name == policy) {
+                bail!("no policy named '{policy}' in {}", data_dir.display());
+            }
+            let cs =
+                if events {
+                    file.events_connection_string(&policy, plain).ok_or_else(|| {
+                    if plain {
+                        anyhow!("the hub last ran without --amqp-plain-port; start it with one")
+                    } else {
+                        anyhow!("the hub has not run with the events endpoint yet; start it once")
+                    }
+                })?
+                } else {
+                    file.connection_string(&policy)
+                        .ok_or_else(|| anyhow!("no policy named '{policy}'"))?
+                };
             println!("{cs}");
             Ok(())
         }
@@ -338,6 +420,8 @@ async fn run(cli: Cli) -> Result<()> {
         Command::Demo(args) => demo::run(args).await,
         Command::Twin { command, target } => twin(command, &target).await,
         Command::Query { args, target } => query(args, &target).await,
+        Command::ConsumerGroup { command, target } => consumer_group(command, &target).await,
+        Command::Trust(args) => trust::run(args),
         Command::Job { command, target } => job(command, &target).await,
     }
 }
@@ -370,6 +454,11 @@ async fn serve(args: ServeArgs) -> Result<()> {
         throttle_device_d2c: args.throttle_device_d2c,
         throttle_rest: args.throttle_rest,
         http_idle_timeout: args.http_idle_timeout,
+        amqp_port: args.amqp_port,
+        amqp_plain_port: args.amqp_plain_port,
+        partitions: args.partitions,
+        retention: args.retention,
+        retention_bytes: args.retention_bytes,
     };
     let config = Config::load(args.config.as_deref(), &overrides)?;
     // Before the banner, so a signal sent as soon as it shows still shuts down gracefully.
@@ -408,6 +497,18 @@ fn print_banner(server: &RunningServer) {
         "  MQTT over TLS:                          mqtts://{}",
         server.mqtt_addr
     );
+    println!(
+        "  AMQP over TLS (Event Hub-compatible):   amqps://{}/{}",
+        server.amqp_addr,
+        server
+            .hub_file
+            .event_hub_name
+            .as_deref()
+            .unwrap_or_default()
+    );
+    if let Some(plain) = server.amqp_plain_addr {
+        println!("  AMQP without TLS (emulator mode):       amqp://{plain}");
+    }
     println!(
         "  data dir:                               {}",
         absolute(&c.data_dir).display()

@@ -28,6 +28,8 @@ impl Served {
                 "0",
                 "--mqtt-port",
                 "0",
+                "--amqp-port",
+                "0",
             ])
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
@@ -116,7 +118,7 @@ fn refused(args: &[&str]) -> String {
 fn serve_prints_the_owner_string_at_a_terminal() {
     let dir = tempfile::tempdir().unwrap();
     let command = format!(
-        "{BIN} serve --data-dir {} --bind 127.0.0.1 --https-port 0 --mqtt-port 0",
+        "{BIN} serve --data-dir {} --bind 127.0.0.1 --https-port 0 --mqtt-port 0 --amqp-port 0",
         dir.path().display()
     );
     let mut child = Command::new("script")
@@ -287,6 +289,8 @@ fn port_in_use_is_one_clear_line() {
         &port,
         "--mqtt-port",
         "0",
+        "--amqp-port",
+        "0",
     ]);
     assert!(
         line.contains("address already in use") && line.contains("--https-port"),
@@ -333,6 +337,8 @@ fn privileged_port_refused_to_a_user_without_the_capability() {
             "443",
             "--mqtt-port",
             "0",
+            "--amqp-port",
+            "0",
         ])
         .output()
         .expect("setpriv (util-linux) runs");
@@ -357,6 +363,8 @@ fn data_dir_not_writable() {
         "--https-port",
         "0",
         "--mqtt-port",
+        "0",
+        "--amqp-port",
         "0",
     ]);
     assert!(
@@ -394,6 +402,8 @@ fn certificate_and_key_that_do_not_match() {
         "--https-port",
         "0",
         "--mqtt-port",
+        "0",
+        "--amqp-port",
         "0",
         "--tls-cert",
         tls.join("server.pem").to_str().unwrap(),

@@ -57,6 +57,7 @@ impl Hub {
                 bind: "127.0.0.1".parse().unwrap(),
                 https_port: 0,
                 mqtt_port: 0,
+                amqp_port: 0,
                 ..Config::default()
             }))
             .expect("the hub starts");

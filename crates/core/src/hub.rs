@@ -55,7 +55,7 @@ impl Counts {
 }
 
 /// How a hub is set up.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct HubOptions {
     /// The hub's name, accepted in SAS `sr`.
     pub hostname: String,
@@ -65,6 +65,20 @@ pub struct HubOptions {
     pub max_token_lifetime: Duration,
     /// Finished jobs are removed this long after they ended.
     pub job_retention: Duration,
+    /// The built-in endpoint's event log; `None` keeps telemetry in memory (tests).
+    pub events: Option<Arc<dyn twinhub_eventlog::EventLog>>,
+}
+
+impl std::fmt::Debug for HubOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HubOptions")
+            .field("hostname", &self.hostname)
+            .field("throttles", &self.throttles)
+            .field("max_token_lifetime", &self.max_token_lifetime)
+            .field("job_retention", &self.job_retention)
+            .field("events", &self.events.is_some())
+            .finish_non_exhaustive()
+    }
 }
 
 impl HubOptions {
@@ -75,6 +89,7 @@ impl HubOptions {
             throttles: ThrottleConfig::default(),
             max_token_lifetime: DEFAULT_MAX_TOKEN_LIFETIME,
             job_retention: crate::jobs::DEFAULT_RETENTION,
+            events: None,
         }
     }
 }
@@ -94,6 +109,8 @@ pub struct Hub {
     pub(crate) throttles: Throttles,
     /// Bounds the queries scanning at once.
     pub(crate) query_slots: tokio::sync::Semaphore,
+    /// The built-in Event Hub-compatible endpoint.
+    pub(crate) events: crate::telemetry::Events,
 }
 
 impl Hub {
@@ -113,7 +130,20 @@ impl Hub {
             redelivery: Redelivery::default(),
             throttles: Throttles::new(&options.throttles),
             query_slots: tokio::sync::Semaphore::new(crate::query::CONCURRENT_QUERIES),
+            events: crate::telemetry::Events::new(match options.events {
+                Some(log) => log,
+                None => Arc::new(
+                    twinhub_eventlog::MemoryLog::new(twinhub_eventlog::LogOptions::default())
+                        .map_err(|e| {
+                            crate::error::Error::new(
+                                twinhub_proto::error::ErrorCode::ServerError,
+                                format!("the in-memory event log cannot be made: {e}"),
+                            )
+                        })?,
+                ),
+            }),
         };
+        hub.load_consumer_groups().await?;
         let mut after: Option<String> = None;
         let mut bad = Vec::new();
         loop {

@@ -16,6 +16,7 @@ pub mod record;
 pub mod redelivery;
 pub mod registry;
 pub mod sessions;
+pub mod telemetry;
 pub mod throttle;
 pub mod twin_doc;
 pub mod twins;

@@ -24,6 +24,22 @@ pub(crate) fn unquote(s: &str) -> Option<Cow<'_, str>> {
     percent_decode_str(s).decode_utf8().ok()
 }
 
+/// Percent-decodes `s`; `None` when a `%` is not followed by two hex digits or the decoded
+/// bytes are not UTF-8 (property bags, where a garbled value must not pass silently).
+pub(crate) fn unquote_strict(s: &str) -> Option<String> {
+    let bytes = s.as_bytes();
+    let mut i = 0;
+    while let Some(p) = bytes[i..].iter().position(|&b| b == b'%') {
+        let at = i + p;
+        let hex = bytes.get(at + 1..at + 3)?;
+        if !hex.iter().all(u8::is_ascii_hexdigit) {
+            return None;
+        }
+        i = at + 3;
+    }
+    unquote(s).map(Cow::into_owned)
+}
+
 /// Percent-decodes `s`, replacing invalid UTF-8 with U+FFFD.
 pub(crate) fn unquote_lossy(s: &str) -> Cow<'_, str> {
     percent_decode_str(s).decode_utf8_lossy()

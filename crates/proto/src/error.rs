@@ -70,6 +70,8 @@ error_codes! {
     IotHubQuotaExceeded = 403002,
     /// The device's cloud-to-device queue is full.
     DeviceMaximumQueueDepthExceeded = 403004,
+    /// The addressed resource (e.g. a consumer group) does not exist.
+    IotHubNotFound = 404000,
     /// The device is not registered.
     DeviceNotFound = 404001,
     /// The job does not exist.

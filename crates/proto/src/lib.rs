@@ -7,6 +7,7 @@
 //! * [`model`]: REST JSON documents (devices, twins, methods, bulk import, statistics).
 //! * [`time`]: IoT Hub's timestamp spelling.
 //! * [`topic`]: the device-facing MQTT topic grammar and property bags.
+//! * [`message`]: a device-to-cloud message, its property bag and its stored form.
 //! * [`ids`]: device id, module id and method name rules.
 //! * [`encoding`]: the percent-encoding IoT Hub's SDKs use in paths, topics and tokens.
 
@@ -14,6 +15,7 @@ pub mod connection_string;
 pub mod encoding;
 pub mod error;
 pub mod ids;
+pub mod message;
 pub mod model;
 pub mod sas;
 pub mod time;

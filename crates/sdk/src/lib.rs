@@ -62,6 +62,7 @@
 
 pub mod device;
 mod error;
+pub mod events;
 pub mod service;
 
 pub use device::{
@@ -69,6 +70,7 @@ pub use device::{
     MethodRequest, MethodRequests, MethodResponse, Transport,
 };
 pub use error::{Error, Result};
+pub use events::{Event, EventStream, EventsClient, EventsClientBuilder, StartPosition};
 pub use service::{
     METHOD_JOB, NewDevice, QueryPage, QueryPages, ServiceClient, ServiceClientBuilder, TWIN_JOB,
 };

@@ -104,6 +104,11 @@ impl ServiceClientBuilder {
     }
 }
 
+#[derive(serde::Deserialize)]
+struct ConsumerGroup {
+    name: String,
+}
+
 /// A client for IoT Hub's service REST API.
 #[derive(Debug, Clone)]
 pub struct ServiceClient {
@@ -294,6 +299,44 @@ impl ServiceClient {
         let query: Vec<(&str, String)> = top.map(|t| ("top", t.to_string())).into_iter().collect();
         self.call(Method::GET, "/devices", &query, &[], None, StatusCode::OK)
             .await
+    }
+
+    /// The built-in events endpoint's consumer groups (`$Default` first).
+    pub async fn list_consumer_groups(&self) -> Result<Vec<String>> {
+        let groups: Vec<ConsumerGroup> = self
+            .call(
+                Method::GET,
+                "/eventHubEndpoints/events/consumerGroups",
+                &[],
+                &[],
+                None,
+                StatusCode::OK,
+            )
+            .await?;
+        Ok(groups.into_iter().map(|g| g.name).collect())
+    }
+
+    /// Creates a consumer group on the built-in events endpoint (creating one that exists is
+    /// not an error). Needs RegistryWrite.
+    pub async fn create_consumer_group(&self, name: &str) -> Result<String> {
+        let path = format!("/eventHubEndpoints/events/consumerGroups/{}", segment(name));
+        let group: ConsumerGroup = self
+            .call(Method::PUT, &path, &[], &[], None, StatusCode::OK)
+            .await?;
+        Ok(group.name)
+    }
+
+    /// Deletes a consumer group (not `$Default`). Needs RegistryWrite.
+    pub async fn delete_consumer_group(&self, name: &str) -> Result<()> {
+        let path = format!("/eventHubEndpoints/events/consumerGroups/{}", segment(name));
+        let resp = self.send(Method::DELETE, &path, &[], &[], None).await?;
+        if resp.status() != StatusCode::NO_CONTENT {
+            return Err(Error::Protocol(format!(
+                "expected 204, got {}",
+                resp.status()
+            )));
+        }
+        Ok(())
     }
 
     /// Deletes a device. `etag` `None` deletes unconditionally.

@@ -48,6 +48,17 @@ pub struct Config {
     pub throttle_rest: f64,
     /// Seconds an HTTPS connection may stay silent with no request in flight.
     pub http_idle_timeout: u64,
+    /// AMQP over TLS: the Event Hub-compatible endpoint (0: any free port).
+    pub amqp_port: u16,
+    /// Plaintext AMQP for the Event Hubs SDKs' emulator mode (`UseDevelopmentEmulator=true`);
+    /// off unless given, and only on a loopback `bind`.
+    pub amqp_plain_port: Option<u16>,
+    /// Partitions of the built-in endpoint (1 to 32). Fixed once the event log exists.
+    pub partitions: u32,
+    /// Seconds telemetry is kept on the built-in endpoint.
+    pub retention: u64,
+    /// Bytes of telemetry kept per partition; the oldest segments go first (none: no bound).
+    pub retention_bytes: Option<u64>,
 }
 
 impl Default for Config {
@@ -69,6 +80,11 @@ impl Default for Config {
             throttle_device_d2c: ThrottleConfig::default().device_d2c,
             throttle_rest: ThrottleConfig::default().rest,
             http_idle_timeout: 120,
+            amqp_port: 5671,
+            amqp_plain_port: None,
+            partitions: 4,
+            retention: 86_400,
+            retention_bytes: None,
         }
     }
 }
@@ -108,9 +124,19 @@ pub struct Overrides {
     pub throttle_rest: Option<f64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub http_idle_timeout: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub amqp_port: Option<u16>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub amqp_plain_port: Option<u16>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub partitions: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub retention: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub retention_bytes: Option<u64>,
 }
 
-const KEYS: [&str; 16] = [
+const KEYS: [&str; 21] = [
     "data_dir",
     "hostname",
     "bind",
@@ -127,6 +153,11 @@ const KEYS: [&str; 16] = [
     "throttle_device_d2c",
     "throttle_rest",
     "http_idle_timeout",
+    "amqp_port",
+    "amqp_plain_port",
+    "partitions",
+    "retention",
+    "retention_bytes",
 ];
 
 impl Config {
@@ -189,6 +220,40 @@ impl Config {
             return Err(ServerError::Config(
                 "max_token_lifetime must be at least 1 second".into(),
             ));
+        }
+        if !(1..=32).contains(&self.partitions) {
+            return Err(ServerError::Config(
+                "partitions must be between 1 and 32".into(),
+            ));
+        }
+        if self.retention == 0 {
+            return Err(ServerError::Config(
+                "retention must be at least 1 second".into(),
+            ));
+        }
+        if self.amqp_plain_port.is_some() && !self.bind.is_loopback() {
+            return Err(ServerError::Config(format!(
+                "amqp_plain_port serves AMQP without TLS, so it is only allowed on a loopback bind (bind is {})",
+                self.bind
+            )));
+        }
+        let ports = [
+            Some(self.https_port),
+            Some(self.mqtt_port),
+            Some(self.amqp_port),
+            self.amqp_plain_port,
+        ];
+        for (i, a) in ports.iter().enumerate() {
+            for b in &ports[i + 1..] {
+                if let (Some(a), Some(b)) = (a, b)
+                    && a == b
+                    && *a != 0
+                {
+                    return Err(ServerError::Config(format!(
+                        "port {a} is given to two listeners; each needs its own"
+                    )));
+                }
+            }
         }
         self.throttles().validate().map_err(ServerError::Config)?;
         Ok(())

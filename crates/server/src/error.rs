@@ -31,6 +31,8 @@ pub enum ServerError {
     },
     #[error("TLS: {0}")]
     Tls(String),
+    #[error("event log: {0}")]
+    Events(String),
     #[error("store: {0}")]
     Store(#[from] twinhub_store::Error),
     #[error("hub: {0}")]

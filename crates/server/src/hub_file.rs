@@ -22,7 +22,24 @@ pub struct HubFile {
     pub hostname: String,
     pub https_port: u16,
     pub mqtt_port: u16,
+    /// The Event Hub-compatible endpoint: AMQP over TLS, its plaintext port if enabled, and
+    /// its name (absent in files written before the endpoint existed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub amqp_port: Option<u16>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub amqp_plain_port: Option<u16>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub event_hub_name: Option<String>,
     pub policies: Vec<Policy>,
+}
+
+/// The ports one start serves on.
+#[derive(Debug, Clone, Copy)]
+pub struct Ports {
+    pub https: u16,
+    pub mqtt: u16,
+    pub amqp: u16,
+    pub amqp_plain: Option<u16>,
 }
 
 fn data_dir_err(path: &Path, reason: impl std::fmt::Display) -> ServerError {
@@ -123,11 +140,7 @@ impl HubFile {
 
     /// Loads `hub.json`, creating it with fresh policies on first start, and records the
     /// hostname and ports of this start.
-    pub fn load_or_create(
-        config: &Config,
-        https_port: u16,
-        mqtt_port: u16,
-    ) -> Result<HubFile, ServerError> {
+    pub fn load_or_create(config: &Config, ports: Ports) -> Result<HubFile, ServerError> {
         let dir = &config.data_dir;
         let policies = if Self::path(dir).exists() {
             Self::read(dir)?.policies
@@ -136,8 +149,11 @@ impl HubFile {
         };
         let file = HubFile {
             hostname: config.hostname.clone(),
-            https_port,
-            mqtt_port,
+            https_port: ports.https,
+            mqtt_port: ports.mqtt,
+            amqp_port: Some(ports.amqp),
+            amqp_plain_port: ports.amqp_plain,
+            event_hub_name: Some(twinhub_eventhub::entity_name(&config.hostname)),
             policies,
         };
         file.write(dir)?;
@@ -163,5 +179,31 @@ impl HubFile {
     pub fn connection_string(&self, policy: &str) -> Option<String> {
         let p = self.policies.iter().find(|p| p.name == policy)?;
         Some(ConnectionString::service(&self.service_host(), &p.name, &p.primary_key).to_string())
+    }
+
+    /// The Event Hub-compatible connection string of the built-in endpoint for `policy`, as
+    /// the Event Hubs SDKs take it. Over TLS they always dial 5671 (the port in `Endpoint` is
+    /// ignored), so it is written only when it is not 5671, for tools that honour it. With
+    /// `plain`, the emulator form for the plaintext port (`UseDevelopmentEmulator=true`).
+    pub fn events_connection_string(&self, policy: &str, plain: bool) -> Option<String> {
+        let p = self.policies.iter().find(|p| p.name == policy)?;
+        let name = self.event_hub_name.clone()?;
+        if plain {
+            let port = self.amqp_plain_port?;
+            return Some(format!(
+                "Endpoint=sb://{}:{port};SharedAccessKeyName={};SharedAccessKey={};EntityPath={name};UseDevelopmentEmulator=true",
+                self.hostname, p.name, p.primary_key
+            ));
+        }
+        let port = self.amqp_port?;
+        let host = if port == 5671 {
+            self.hostname.clone()
+        } else {
+            format!("{}:{port}", self.hostname)
+        };
+        Some(format!(
+            "Endpoint=sb://{host}/;SharedAccessKeyName={};SharedAccessKey={};EntityPath={name}",
+            p.name, p.primary_key
+        ))
     }
 }

@@ -1,8 +1,11 @@
-//! twinhub's process: it binds the HTTPS and MQTT ports, prepares TLS and the data dir, opens
-//! the store and the hub, and runs one TLS accept loop per port (REST and MQTT over WebSockets
-//! on HTTPS; MQTT on the MQTT port) until shutdown. The only crate that knows sockets.
+//! twinhub's process: it binds the HTTPS, MQTT and AMQP ports, prepares TLS and the data dir,
+//! opens the store, the event log and the hub, and runs one accept loop per port (REST, MQTT
+//! and AMQP over WebSockets on HTTPS; MQTT on the MQTT port; the Event Hub-compatible endpoint
+//! on the AMQP port, and in plaintext on loopback if asked) until shutdown. The only crate
+//! that knows sockets.
 
 pub mod admission;
+pub mod amqp;
 pub mod check;
 pub mod config;
 pub mod error;
@@ -11,6 +14,7 @@ pub mod hub_file;
 pub mod mqtt;
 pub mod rest;
 pub mod tls;
+mod ws;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -23,6 +27,7 @@ use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use twinhub_core::{Hub, HubOptions};
+use twinhub_eventlog::{DiskLog, EventLog, LogOptions};
 use twinhub_store::{RedbStore, Store};
 
 use admission::Admission;
@@ -47,6 +52,10 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(20);
 pub struct RunningServer {
     pub https_addr: SocketAddr,
     pub mqtt_addr: SocketAddr,
+    /// AMQP over TLS (the Event Hub-compatible endpoint).
+    pub amqp_addr: SocketAddr,
+    /// Plaintext AMQP on loopback, when enabled.
+    pub amqp_plain_addr: Option<SocketAddr>,
     pub hub: Arc<Hub>,
     pub hub_file: HubFile,
     pub ca_pem: Option<PathBuf>,
@@ -54,9 +63,13 @@ pub struct RunningServer {
     pub config: Config,
     pub admission: Arc<Admission>,
     store: Arc<RedbStore>,
+    events: Arc<DiskLog>,
     shutdown: CancellationToken,
     tracker: TaskTracker,
 }
+
+/// How often the event log's retention is enforced.
+const RETENTION_SWEEP: Duration = Duration::from_secs(60);
 
 fn metrics_handle() -> PrometheusHandle {
     static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
@@ -117,6 +130,29 @@ impl RunningServer {
             8883,
         )
         .await?;
+        let amqp = bind(
+            SocketAddr::new(config.bind, config.amqp_port),
+            "amqp-port",
+            5671,
+        )
+        .await?;
+        let amqp_plain = match config.amqp_plain_port {
+            Some(port) => {
+                Some(bind(SocketAddr::new(config.bind, port), "amqp-plain-port", 5672).await?)
+            }
+            None => None,
+        };
+        let local = |l: &TcpListener, port: u16| {
+            l.local_addr().map_err(|e| ServerError::Listen {
+                addr: SocketAddr::new(config.bind, port),
+                source: e,
+            })
+        };
+        let amqp_addr = local(&amqp, config.amqp_port)?;
+        let amqp_plain_addr = match &amqp_plain {
+            Some(l) => Some(local(l, config.amqp_plain_port.unwrap_or(0))?),
+            None => None,
+        };
         let https_addr = https.local_addr().map_err(|e| ServerError::Listen {
             addr: SocketAddr::new(config.bind, config.https_port),
             source: e,
@@ -126,12 +162,33 @@ impl RunningServer {
             source: e,
         })?;
 
-        let hub_file = HubFile::load_or_create(&config, https_addr.port(), mqtt_addr.port())?;
+        let hub_file = HubFile::load_or_create(
+            &config,
+            hub_file::Ports {
+                https: https_addr.port(),
+                mqtt: mqtt_addr.port(),
+                amqp: amqp_addr.port(),
+                amqp_plain: amqp_plain_addr.map(|a| a.port()),
+            },
+        )?;
         let tls = tls::prepare(&config)?;
         let store = Arc::new(RedbStore::open(&config.data_dir.join("store.redb"))?);
+        let events = Arc::new(
+            DiskLog::open(
+                config.data_dir.join("events"),
+                LogOptions {
+                    partitions: config.partitions,
+                    retention: Duration::from_secs(config.retention),
+                    retention_bytes: config.retention_bytes,
+                    ..LogOptions::default()
+                },
+            )
+            .map_err(|e| ServerError::Events(e.to_string()))?,
+        );
         let mut options = HubOptions::new(config.hostname.clone(), hub_file.policies.clone());
         options.throttles = config.throttles();
         options.max_token_lifetime = Duration::from_secs(config.max_token_lifetime);
+        options.events = Some(events.clone() as Arc<dyn EventLog>);
         let hub = Hub::open(store.clone() as Arc<dyn Store>, options).await?;
 
         let shutdown = CancellationToken::new();
@@ -155,16 +212,44 @@ impl RunningServer {
                 }
             }
         });
+        tracker.spawn({
+            let events = events.clone();
+            let shutdown = shutdown.clone();
+            async move {
+                loop {
+                    tokio::select! {
+                        _ = tokio::time::sleep(RETENTION_SWEEP) => {
+                            match events.enforce_retention(twinhub_core::keys::now_millis()).await {
+                                Ok(0) => {}
+                                Ok(n) => tracing::info!(events = n, "telemetry past its retention dropped"),
+                                Err(e) => tracing::warn!("enforcing the event log's retention failed: {e}"),
+                            }
+                        }
+                        _ = shutdown.cancelled() => return,
+                    }
+                }
+            }
+        });
+        let amqp_ctx = amqp::AmqpContext {
+            hub: hub.clone(),
+            entity: twinhub_eventhub::entity_name(&config.hostname),
+            redirect_host: config.hostname.clone(),
+            redirect_port: amqp_addr.port(),
+            owners: Arc::new(amqp::Owners::default()),
+            shutdown: shutdown.clone(),
+            tracker: tracker.clone(),
+        };
         let router = rest::router(rest::AppState {
             hub: hub.clone(),
             metrics,
             sessions: sessions.clone(),
+            amqp: amqp_ctx.clone(),
             admission: admission.clone(),
         });
 
         tracker.spawn(accept_loop(
             https,
-            TlsAcceptor::from(tls.https),
+            Some(TlsAcceptor::from(tls.https)),
             Listener::Https(router, Duration::from_secs(config.http_idle_timeout)),
             admission.clone(),
             shutdown.clone(),
@@ -172,15 +257,35 @@ impl RunningServer {
         ));
         tracker.spawn(accept_loop(
             mqtt,
-            TlsAcceptor::from(tls.mqtt),
+            Some(TlsAcceptor::from(tls.mqtt.clone())),
             Listener::Mqtt(sessions),
             admission.clone(),
             shutdown.clone(),
             tracker.clone(),
         ));
+        tracker.spawn(accept_loop(
+            amqp,
+            Some(TlsAcceptor::from(tls.mqtt)),
+            Listener::Amqp(amqp_ctx.clone()),
+            admission.clone(),
+            shutdown.clone(),
+            tracker.clone(),
+        ));
+        if let Some(plain) = amqp_plain {
+            tracker.spawn(accept_loop(
+                plain,
+                None,
+                Listener::Amqp(amqp_ctx),
+                admission.clone(),
+                shutdown.clone(),
+                tracker.clone(),
+            ));
+        }
         Ok(RunningServer {
             https_addr,
             mqtt_addr,
+            amqp_addr,
+            amqp_plain_addr,
             hub,
             hub_file,
             ca_pem: tls.ca_pem,
@@ -188,6 +293,7 @@ impl RunningServer {
             config,
             admission,
             store,
+            events,
             shutdown,
             tracker,
         })
@@ -213,6 +319,7 @@ impl RunningServer {
         {
             tracing::warn!("some connections did not finish within {SHUTDOWN_GRACE:?}");
         }
+        self.events.close().await;
         if let Err(e) = self.store.close().await {
             tracing::error!("closing the store failed: {e}");
         }
@@ -223,11 +330,13 @@ enum Listener {
     /// The REST router and the idle timeout of its connections.
     Https(axum::Router, Duration),
     Mqtt(SessionContext),
+    Amqp(amqp::AmqpContext),
 }
 
 async fn accept_loop(
     listener: TcpListener,
-    acceptor: TlsAcceptor,
+    // `None`: plaintext (the loopback AMQP listener only).
+    acceptor: Option<TlsAcceptor>,
     kind: Listener,
     admission: Arc<Admission>,
     shutdown: CancellationToken,
@@ -256,6 +365,15 @@ async fn accept_loop(
         let kind = kind.clone();
         let shutdown = shutdown.clone();
         tracker.spawn(async move {
+            let unauthenticated = admitted.unauthenticated.take();
+            let Some(acceptor) = acceptor else {
+                if let Listener::Amqp(ctx) = &*kind {
+                    amqp::serve_connection(ctx.clone(), tcp, peer.to_string(), unauthenticated)
+                        .await;
+                }
+                drop(admitted);
+                return;
+            };
             let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
                 Ok(Ok(tls)) => tls,
                 Ok(Err(e)) => {
@@ -267,10 +385,13 @@ async fn accept_loop(
                     return;
                 }
             };
-            let unauthenticated = admitted.unauthenticated.take();
             match &*kind {
                 Listener::Mqtt(ctx) => {
                     mqtt::run_session(ctx.clone(), tls, peer.to_string(), unauthenticated).await
+                }
+                Listener::Amqp(ctx) => {
+                    amqp::serve_connection(ctx.clone(), tls, peer.to_string(), unauthenticated)
+                        .await
                 }
                 Listener::Https(router, idle) => {
                     http_conn::serve(tls, router.clone(), *idle, shutdown, unauthenticated).await

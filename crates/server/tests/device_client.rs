@@ -30,6 +30,7 @@ async fn start_server(data_dir: &Path, https_port: u16, mqtt_port: u16) -> Runni
         bind: "127.0.0.1".parse().unwrap(),
         https_port,
         mqtt_port,
+        amqp_port: 0,
         ..Config::default()
     })
     .await

@@ -10,7 +10,7 @@
 mod backoff;
 mod link;
 mod messages;
-mod settings;
+pub(crate) mod settings;
 mod task;
 
 use std::future::Future;

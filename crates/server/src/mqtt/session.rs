@@ -61,7 +61,10 @@ type Reply = oneshot::Sender<Result<MethodResponse, MethodFailure>>;
 /// Why a session ended (for the log).
 #[derive(Debug)]
 enum End {
-    /// The client closed or said DISCONNECT: nothing to report.
+    /// The client said DISCONNECT: its will is discarded.
+    Disconnected,
+    /// The client closed the connection without DISCONNECT: nothing to report, but its will
+    /// is sent.
     Quiet,
     /// The hub closed it; the reason is worth a log line.
     Because(String),
@@ -231,10 +234,21 @@ pub async fn run_session<S>(
         .serve(&mut rd, inbuf, commands, keepalive, token_end)
         .await;
     match &end {
-        End::Quiet => tracing::debug!(%peer, %device_id, "device disconnected"),
+        End::Disconnected | End::Quiet => {
+            tracing::debug!(%peer, %device_id, "device disconnected")
+        }
         End::Because(why) => tracing::info!(%peer, %device_id, "closing connection: {why}"),
     }
     session.out.finish().await;
+    // IoT Hub sends the will of a device that went away without DISCONNECT as telemetry,
+    // when it names the device's own events topic. A session the hub replaced or closed
+    // does not (the device did not go away).
+    if !matches!(end, End::Disconnected)
+        && let Some(will) = &connect.will
+        && !session.closed_by_hub()
+    {
+        session.send_will(will).await;
+    }
     if let Err(e) = ctx
         .hub
         .disconnect_device(&device_id, handle.connection_id, connect.clean_session)
@@ -430,6 +444,41 @@ struct Session<W> {
 }
 
 impl<W: AsyncWrite + Unpin> Session<W> {
+    /// The hub ended this session (a newer connection, changed credentials, shutdown).
+    fn closed_by_hub(&self) -> bool {
+        self.handle.close.is_closed()
+    }
+
+    /// Appends the device's will as telemetry marked `iothub-MessageType=Will`, if it names
+    /// the device's own events topic; other wills are ignored, as IoT Hub ignores them.
+    async fn send_will(&self, will: &twinhub_mqtt::LastWill) {
+        let Ok(Inbound::Telemetry {
+            device_id,
+            module_id: None,
+            properties,
+        }) = topic::parse_publish_topic(will.topic.as_str())
+        else {
+            return;
+        };
+        if device_id != self.device_id {
+            return;
+        }
+        if let Err(e) = self
+            .ctx
+            .hub
+            .send_telemetry(
+                &self.session_ref(),
+                properties,
+                will.message.to_vec(),
+                will.retain,
+                true,
+            )
+            .await
+        {
+            tracing::info!(device_id = %self.device_id, "the device's will was not kept: {}", e.message());
+        }
+    }
+
     fn session_ref(&self) -> SessionRef<'_> {
         SessionRef {
             device_id: &self.device_id,
@@ -604,7 +653,7 @@ impl<W: AsyncWrite + Unpin> Session<W> {
                 self.out.push(&Packet::PingResp);
                 Ok(())
             }
-            Packet::Disconnect => Err(End::Quiet),
+            Packet::Disconnect => Err(End::Disconnected),
             // Devices acknowledge nothing we send at QoS 1 today; a stray PUBACK is harmless.
             Packet::PubAck(_) => Ok(()),
             other => Err(because(format!(
@@ -671,7 +720,7 @@ impl<W: AsyncWrite + Unpin> Session<W> {
             Inbound::Telemetry {
                 device_id,
                 module_id,
-                ..
+                properties,
             } => {
                 if device_id != self.device_id || module_id.is_some() {
                     return Err(because(format!(
@@ -685,7 +734,27 @@ impl<W: AsyncWrite + Unpin> Session<W> {
                     self.flush().await?;
                     self.pause(wait).await?;
                 }
-                metrics::counter!("twinhub_d2c_messages_total").increment(1);
+                // The PUBACK below goes out only once the message is durable. A message the
+                // hub cannot keep closes the connection unacknowledged (MQTT 3.1.1 has no
+                // negative PUBACK); the device sends it again after reconnecting.
+                let appended = self
+                    .ctx
+                    .hub
+                    .send_telemetry(
+                        &self.session_ref(),
+                        properties,
+                        p.payload.to_vec(),
+                        p.retain,
+                        false,
+                    )
+                    .await;
+                if let Err(e) = appended {
+                    return Err(because(format!(
+                        "telemetry refused ({}): {}",
+                        e.code().name(),
+                        e.message()
+                    )));
+                }
             }
             Inbound::MethodResponse { status, rid } => {
                 let rid = rid.to_string();

@@ -7,6 +7,7 @@
 
 mod auth;
 mod devices;
+mod events;
 mod fleet;
 mod twins;
 
@@ -40,6 +41,7 @@ pub struct AppState {
     pub hub: Arc<Hub>,
     pub metrics: PrometheusHandle,
     pub sessions: SessionContext,
+    pub amqp: crate::amqp::AmqpContext,
     pub admission: Arc<Admission>,
 }
 
@@ -201,9 +203,20 @@ async fn render_metrics(State(state): State<AppState>) -> Response {
 /// peer cannot make the hub reserve more for a frame it merely announces.
 const MAX_WS_FRAME: usize = twinhub_mqtt::DEFAULT_MAX_PACKET_SIZE + 1024;
 
+/// The WebSocket subprotocol of AMQP over WebSockets (the Azure clients insist on its echo).
+const AMQP_WS_PROTOCOL: &str = "AMQPWSB10";
+
+/// `/$iothub/websocket`: MQTT for devices (`mqtt`), AMQP for service clients (`AMQPWSB10`).
 async fn websocket(State(state): State<AppState>, ws: WebSocketUpgrade) -> Response {
-    // The session counts as an open connection for its life, and as unauthenticated until
-    // its CONNECT is accepted.
+    upgrade(state, ws, &["mqtt", AMQP_WS_PROTOCOL])
+}
+
+/// `/$servicebus/websocket[/]`: AMQP only (the Event Hubs clients).
+async fn amqp_websocket(State(state): State<AppState>, ws: WebSocketUpgrade) -> Response {
+    upgrade(state, ws, &[AMQP_WS_PROTOCOL])
+}
+
+fn upgrade(state: AppState, ws: WebSocketUpgrade, protocols: &[&'static str]) -> Response {
     let Some(mut admitted) = state.admission.upgraded() else {
         return ApiError::from(twinhub_core::Error::new(
             ErrorCode::ServiceUnavailable,
@@ -211,17 +224,37 @@ async fn websocket(State(state): State<AppState>, ws: WebSocketUpgrade) -> Respo
         ))
         .into_response();
     };
-    let ctx = state.sessions.clone();
-    let tracker = ctx.tracker.clone();
-    ws.protocols(["mqtt"])
+    let amqp_only = protocols == [AMQP_WS_PROTOCOL];
+    let tracker = state.sessions.tracker.clone();
+    ws.protocols(protocols.iter().copied())
         .max_frame_size(MAX_WS_FRAME)
         .max_message_size(MAX_WS_FRAME)
         .write_buffer_size(64 * 1024)
         .max_write_buffer_size(2 * MAX_WS_FRAME)
         .on_upgrade(move |socket| {
             let unauthenticated = admitted.unauthenticated.take();
+            let amqp = amqp_only
+                || socket.protocol().is_some_and(|p| {
+                    p.as_bytes()
+                        .eq_ignore_ascii_case(AMQP_WS_PROTOCOL.as_bytes())
+                });
             tracker.track_future(async move {
-                crate::mqtt::serve_websocket(socket, ctx, unauthenticated).await;
+                if amqp {
+                    let ctx = state.amqp.clone();
+                    let tracker = ctx.tracker.clone();
+                    crate::ws::bridge(socket, &tracker, move |io| {
+                        crate::amqp::serve_connection(
+                            ctx,
+                            io,
+                            "websocket".to_string(),
+                            unauthenticated,
+                        )
+                    })
+                    .await;
+                } else {
+                    crate::mqtt::serve_websocket(socket, state.sessions.clone(), unauthenticated)
+                        .await;
+                }
                 drop(admitted);
             })
         })
@@ -239,7 +272,10 @@ pub fn router(state: AppState) -> Router {
         .merge(devices::routes())
         .merge(twins::routes())
         .merge(fleet::routes())
+        .merge(events::routes())
         .route("/$iothub/websocket", get(websocket))
+        .route("/$servicebus/websocket", get(amqp_websocket))
+        .route("/$servicebus/websocket/", get(amqp_websocket))
         .route_layer(middleware::from_fn(track))
         .route("/health", get(health))
         .route("/metrics", get(render_metrics))

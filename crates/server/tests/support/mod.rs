@@ -36,6 +36,7 @@ pub fn config(dir: &std::path::Path, https_port: u16, mqtt_port: u16) -> Config 
         bind: "127.0.0.1".parse().unwrap(),
         https_port,
         mqtt_port,
+        amqp_port: 0,
         mqtt_connect_timeout: 2,
         ..Config::default()
     }

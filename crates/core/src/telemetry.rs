@@ -1,0 +1,261 @@
+//! Device-to-cloud messages: decoded from the MQTT property bag, stamped with what IoT Hub
+//! stamps (identity, auth method, generation, source), and appended durably to the built-in
+//! endpoint's event log (`twinhub_eventlog`), partitioned by a stable hash of the device id.
+//! Also the endpoint's consumer groups, kept in the store's meta table. The AMQP endpoint in
+//! the server reads the log through [`Events`].
+
+use std::sync::{Arc, RwLock};
+
+use twinhub_eventlog::{Appended, EventLog, NewEvent, partition_for};
+use twinhub_proto::error::ErrorCode;
+use twinhub_proto::message::{
+    AUTH_METHOD_DEVICE_SAS, Message, MessageError, SOURCE_TELEMETRY, Stamp,
+};
+use twinhub_store::{Table, Write};
+
+use crate::error::{Error, Result};
+use crate::hub::Hub;
+use crate::twins::SessionRef;
+
+/// The consumer group every Event Hub has.
+pub const DEFAULT_CONSUMER_GROUP: &str = "$Default";
+/// Event Hubs' limit on consumer groups per hub (standard tier).
+pub const MAX_CONSUMER_GROUPS: usize = 20;
+const CONSUMER_GROUPS_KEY: &str = "consumer_groups";
+
+/// The built-in endpoint: its log and its consumer groups.
+pub struct Events {
+    log: Arc<dyn EventLog>,
+    /// Created when the hub opened (the endpoint's `created_at`).
+    created_ms: i64,
+    /// Every group but `$Default`, as created (names match case-insensitively).
+    groups: RwLock<Vec<String>>,
+}
+
+impl std::fmt::Debug for Events {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Events")
+            .field("partitions", &self.log.partition_count())
+            .finish()
+    }
+}
+
+impl Events {
+    pub(crate) fn new(log: Arc<dyn EventLog>) -> Events {
+        Events {
+            log,
+            created_ms: crate::keys::now_millis(),
+            groups: RwLock::new(Vec::new()),
+        }
+    }
+
+    pub fn log(&self) -> &Arc<dyn EventLog> {
+        &self.log
+    }
+
+    pub fn created_ms(&self) -> i64 {
+        self.created_ms
+    }
+
+    /// The group's name as created, if it exists (`$Default` always does).
+    pub fn consumer_group(&self, name: &str) -> Option<String> {
+        if name.eq_ignore_ascii_case(DEFAULT_CONSUMER_GROUP) {
+            return Some(DEFAULT_CONSUMER_GROUP.to_owned());
+        }
+        let groups = self.groups.read().unwrap_or_else(|e| e.into_inner());
+        groups
+            .iter()
+            .find(|g| g.eq_ignore_ascii_case(name))
+            .cloned()
+    }
+
+    pub fn consumer_groups(&self) -> Vec<String> {
+        let groups = self.groups.read().unwrap_or_else(|e| e.into_inner());
+        std::iter::once(DEFAULT_CONSUMER_GROUP.to_owned())
+            .chain(groups.iter().cloned())
+            .collect()
+    }
+}
+
+fn message_error(e: MessageError) -> Error {
+    match e {
+        MessageError::TooLarge(_) => Error::new(ErrorCode::MessageTooLarge, e.to_string()),
+        _ => Error::invalid(e.to_string()),
+    }
+}
+
+fn log_error(e: twinhub_eventlog::Error) -> Error {
+    match e {
+        twinhub_eventlog::Error::TooLarge { .. } => {
+            Error::new(ErrorCode::MessageTooLarge, e.to_string())
+        }
+        twinhub_eventlog::Error::Closed => {
+            Error::new(ErrorCode::ServiceUnavailable, "The hub is shutting down")
+        }
+        e => {
+            tracing::debug!(error = %e, "event log unavailable");
+            Error::new(
+                ErrorCode::ServiceUnavailable,
+                "The hub's event storage is unavailable; retry later",
+            )
+        }
+    }
+}
+
+/// Consumer group names as Event Hubs allows them: 1 to 50 letters, digits, `.`, `_`, `-`,
+/// starting with a letter or digit.
+pub fn validate_consumer_group(name: &str) -> Result<()> {
+    let ok = !name.is_empty()
+        && name.len() <= 50
+        && name.as_bytes()[0].is_ascii_alphanumeric()
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::invalid(format!(
+            "Consumer group name {} is invalid: use 1 to 50 letters, digits, '.', '_' or '-', starting with a letter or digit",
+            crate::logsafe::Shown(name)
+        )))
+    }
+}
+
+impl Hub {
+    pub fn events(&self) -> &Events {
+        &self.events
+    }
+
+    /// Appends a device's telemetry publish to the built-in endpoint; returns once it is
+    /// durable (the caller acknowledges only then). `retain` marks an MQTT RETAIN publish;
+    /// `will` a last-will message the hub sends for a device that dropped.
+    pub async fn send_telemetry(
+        &self,
+        session: &SessionRef<'_>,
+        property_bag: &str,
+        body: Vec<u8>,
+        retain: bool,
+        will: bool,
+    ) -> Result<Appended> {
+        let mut message = Message::from_property_bag(property_bag, body).map_err(message_error)?;
+        if retain {
+            message
+                .application
+                .push(("mqtt-retain".to_owned(), Some("true".to_owned())));
+        }
+        if will {
+            message
+                .application
+                .push(("iothub-MessageType".to_owned(), Some("Will".to_owned())));
+        }
+        message.stamp = Stamp {
+            device_id: session.device_id.to_owned(),
+            module_id: None,
+            auth_method: AUTH_METHOD_DEVICE_SAS.to_owned(),
+            generation_id: session.generation_id.to_owned(),
+            source: SOURCE_TELEMETRY.to_owned(),
+            data_schema: None,
+        };
+        let log = &self.events.log;
+        let partition = partition_for(session.device_id, log.partition_count());
+        let mut appended = log
+            .append(
+                partition,
+                vec![NewEvent {
+                    data: message.encode().into(),
+                }],
+            )
+            .await
+            .map_err(log_error)?;
+        metrics::counter!("twinhub_d2c_messages_total").increment(1);
+        appended
+            .pop()
+            .ok_or_else(|| Error::new(ErrorCode::ServerError, "the event log appended nothing"))
+    }
+
+    /// Loads the consumer groups from the store (at open).
+    pub(crate) async fn load_consumer_groups(&self) -> Result<()> {
+        let groups = match self.store.get(Table::Meta, CONSUMER_GROUPS_KEY).await? {
+            Some(bytes) => serde_json::from_slice::<Vec<String>>(&bytes).unwrap_or_else(|e| {
+                tracing::error!(error = %e, "the stored consumer groups cannot be decoded; starting with $Default only");
+                Vec::new()
+            }),
+            None => Vec::new(),
+        };
+        *self
+            .events
+            .groups
+            .write()
+            .unwrap_or_else(|e| e.into_inner()) = groups;
+        Ok(())
+    }
+
+    async fn save_consumer_groups(&self, groups: Vec<String>) -> Result<()> {
+        let bytes = serde_json::to_vec(&groups).unwrap_or_default();
+        self.store
+            .commit(vec![Write::put(Table::Meta, CONSUMER_GROUPS_KEY, bytes)])
+            .await?;
+        *self
+            .events
+            .groups
+            .write()
+            .unwrap_or_else(|e| e.into_inner()) = groups;
+        Ok(())
+    }
+
+    /// Creates a consumer group; creating one that exists is not an error (as ARM's PUT).
+    pub async fn create_consumer_group(&self, name: &str) -> Result<String> {
+        validate_consumer_group(name)?;
+        let _guard = self.locks.lock("\u{0}consumer-groups").await;
+        if let Some(existing) = self.events.consumer_group(name) {
+            return Ok(existing);
+        }
+        let mut groups = self.events.consumer_groups();
+        groups.remove(0);
+        if groups.len() + 1 >= MAX_CONSUMER_GROUPS {
+            return Err(Error::new(
+                ErrorCode::IotHubQuotaExceeded,
+                format!("A hub has at most {MAX_CONSUMER_GROUPS} consumer groups"),
+            ));
+        }
+        groups.push(name.to_owned());
+        self.save_consumer_groups(groups).await?;
+        Ok(name.to_owned())
+    }
+
+    /// Deletes a consumer group. `$Default` cannot be deleted.
+    pub async fn delete_consumer_group(&self, name: &str) -> Result<()> {
+        if name.eq_ignore_ascii_case(DEFAULT_CONSUMER_GROUP) {
+            return Err(Error::invalid(
+                "The $Default consumer group cannot be deleted",
+            ));
+        }
+        let _guard = self.locks.lock("\u{0}consumer-groups").await;
+        let mut groups = self.events.consumer_groups();
+        groups.remove(0);
+        let before = groups.len();
+        groups.retain(|g| !g.eq_ignore_ascii_case(name));
+        if groups.len() == before {
+            return Err(Error::new(
+                ErrorCode::IotHubNotFound,
+                format!("Consumer group {} not found", crate::logsafe::Shown(name)),
+            ));
+        }
+        self.save_consumer_groups(groups).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn consumer_group_names() {
+        for ok in ["a", "reader-1", "x.y_z", &"a".repeat(50)] {
+            assert!(validate_consumer_group(ok).is_ok(), "{ok}");
+        }
+        for bad in ["", "-a", "$Default2", "a b", "a/b", &"a".repeat(51)] {
+            assert!(validate_consumer_group(bad).is_err(), "{bad}");
+        }
+    }
+}
