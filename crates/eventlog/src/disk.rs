@@ -66,6 +66,8 @@ struct Faults {
     writes: AtomicU64,
     #[cfg(test)]
     syncs: AtomicU64,
+    #[cfg(test)]
+    truncates: AtomicU64,
 }
 
 impl Faults {
@@ -86,6 +88,15 @@ impl Faults {
         #[cfg(test)]
         if take_one(&self.syncs) {
             return Err(io::Error::other("injected fsync failure"));
+        }
+        Ok(())
+    }
+
+    /// An error if the next truncation after a failed write fails.
+    fn truncate(&self) -> io::Result<()> {
+        #[cfg(test)]
+        if take_one(&self.truncates) {
+            return Err(io::Error::other("injected truncate failure"));
         }
         Ok(())
     }
@@ -538,5 +549,184 @@ impl Drop for DiskLog {
         {
             tracing::error!("the event log writer thread panicked");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn options() -> LogOptions {
+        LogOptions {
+            partitions: 2,
+            segment_bytes: 4096,
+            ..LogOptions::default()
+        }
+    }
+
+    fn events(count: usize, size: usize, fill: u8) -> Vec<NewEvent> {
+        (0..count)
+            .map(|_| NewEvent::new(vec![fill; size]))
+            .collect()
+    }
+
+    fn segment_files(dir: &Path, partition: u32) -> Vec<PathBuf> {
+        let mut files: Vec<PathBuf> = std::fs::read_dir(files::partition_dir(dir, partition))
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .collect();
+        files.sort();
+        files
+    }
+
+    async fn all(log: &DiskLog, partition: u32) -> Vec<StoredEvent> {
+        log.read(partition, 0, usize::MAX, usize::MAX)
+            .await
+            .unwrap()
+    }
+
+    /// After a failed append the partition is as before it, on disk too: the next append
+    /// takes the same sequence number and offset, and a reopen finds only whole records.
+    async fn refused_then_consistent(fault: impl Fn(&Faults), leftover: bool) {
+        let tmp = tempfile::tempdir().unwrap();
+        let log = DiskLog::open(tmp.path(), options()).unwrap();
+        log.append(0, events(2, 100, 1)).await.unwrap();
+        fault(&log.shared.faults);
+        let failed = log.append(0, events(3, 100, 2)).await;
+        assert!(matches!(failed, Err(Error::Unavailable(_))), "{failed:?}");
+        assert_eq!(log.info(0).unwrap().last_sequence, 1);
+        assert_eq!(all(&log, 0).await.len(), 2);
+        let record = (100 + RECORD_OVERHEAD) as u64;
+        let active = segment_files(tmp.path(), 0).pop().unwrap();
+        let len = std::fs::metadata(&active).unwrap().len();
+        if leftover {
+            assert!(
+                len > 2 * record,
+                "the injected failure left nothing to repair"
+            );
+        } else {
+            assert_eq!(len, 2 * record, "the failed append was not truncated");
+        }
+        // The other partition is unaffected.
+        log.append(1, events(1, 10, 9)).await.unwrap();
+
+        let next = log.append(0, events(1, 100, 3)).await.unwrap();
+        assert_eq!(next[0].sequence, 2);
+        assert_eq!(next[0].offset, 2 * (100 + RECORD_OVERHEAD) as u64);
+        assert_eq!(std::fs::metadata(&active).unwrap().len(), 3 * record);
+        log.close().await;
+        drop(log);
+
+        let log = DiskLog::open(tmp.path(), options()).unwrap();
+        let read = all(&log, 0).await;
+        let fills: Vec<u8> = read.iter().map(|e| e.data[0]).collect();
+        assert_eq!(fills, [1, 1, 3]);
+        log.close().await;
+    }
+
+    #[tokio::test]
+    async fn a_failed_write_is_refused_and_leaves_no_half_record() {
+        refused_then_consistent(|f| f.writes.store(1, Ordering::SeqCst), false).await;
+    }
+
+    #[tokio::test]
+    async fn a_failed_fsync_is_refused_and_rolled_back() {
+        refused_then_consistent(|f| f.syncs.store(1, Ordering::SeqCst), false).await;
+    }
+
+    #[tokio::test]
+    async fn a_half_record_that_could_not_be_truncated_is_cut_before_the_next_append() {
+        let fault = |f: &Faults| {
+            f.writes.store(1, Ordering::SeqCst);
+            f.truncates.store(1, Ordering::SeqCst);
+        };
+        refused_then_consistent(fault, true).await;
+    }
+
+    /// A failure after the group created a segment removes that segment again.
+    #[tokio::test]
+    async fn a_failure_while_rolling_removes_the_new_segment() {
+        let tmp = tempfile::tempdir().unwrap();
+        let log = DiskLog::open(tmp.path(), options()).unwrap();
+        // 1024-byte records: four fill a segment.
+        log.append(0, events(4, 1000, 1)).await.unwrap();
+        assert_eq!(segment_files(tmp.path(), 0).len(), 1);
+        // Six more: the first starts a segment, the fifth another; the write before that fails.
+        log.shared.faults.writes.store(1, Ordering::SeqCst);
+        let failed = log.append(0, events(6, 1000, 2)).await;
+        assert!(matches!(failed, Err(Error::Unavailable(_))), "{failed:?}");
+        assert_eq!(
+            segment_files(tmp.path(), 0).len(),
+            1,
+            "the new segment stayed"
+        );
+        assert_eq!(log.info(0).unwrap().last_sequence, 3);
+
+        let appended = log.append(0, events(6, 1000, 3)).await.unwrap();
+        assert_eq!(appended[0].sequence, 4);
+        assert_eq!(appended[0].offset, 4096);
+        assert_eq!(segment_files(tmp.path(), 0).len(), 3);
+        log.close().await;
+        drop(log);
+        let log = DiskLog::open(tmp.path(), options()).unwrap();
+        let fills: Vec<u8> = all(&log, 0).await.iter().map(|e| e.data[0]).collect();
+        assert_eq!(fills, [1, 1, 1, 1, 3, 3, 3, 3, 3, 3]);
+        log.close().await;
+    }
+
+    /// Concurrent appends share fsyncs: far fewer groups than appends.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn concurrent_appends_are_group_committed() {
+        let tmp = tempfile::tempdir().unwrap();
+        let log = Arc::new(DiskLog::open(tmp.path(), options()).unwrap());
+        let tasks: Vec<_> = (0..64u32)
+            .map(|i| {
+                let log = Arc::clone(&log);
+                tokio::spawn(async move {
+                    for _ in 0..10 {
+                        log.append(i % 2, events(1, 100, 0)).await.unwrap();
+                    }
+                })
+            })
+            .collect();
+        for task in tasks {
+            task.await.unwrap();
+        }
+        let stats = log.stats();
+        assert_eq!((stats.appends, stats.events), (640, 640));
+        assert!(
+            stats.groups < stats.appends / 4,
+            "appends were not grouped: {stats:?}"
+        );
+        log.close().await;
+    }
+
+    #[test]
+    fn the_tail_cache_keeps_the_newest_events_within_its_budget() {
+        let mut cache = TailCache {
+            capacity: 250,
+            ..TailCache::default()
+        };
+        let event = |sequence: i64| StoredEvent {
+            sequence,
+            offset: sequence as u64 * 124,
+            enqueued_ms: 0,
+            data: Bytes::from(vec![0; 100]),
+        };
+        assert!(cache.serve(0, 10, usize::MAX).is_none());
+        for sequence in 0..5 {
+            cache.push(event(sequence));
+        }
+        assert!(cache.serve(2, 10, usize::MAX).is_none(), "evicted");
+        let served = cache.serve(3, 10, usize::MAX).unwrap();
+        assert_eq!(
+            served.iter().map(|e| e.sequence).collect::<Vec<_>>(),
+            [3, 4]
+        );
+        assert_eq!(cache.serve(3, 1, usize::MAX).unwrap().len(), 1);
+        assert_eq!(cache.serve(3, 10, 150).unwrap().len(), 1);
+        assert!(cache.serve(5, 10, usize::MAX).unwrap().is_empty());
+        cache.drop_before(4);
+        assert!(cache.serve(3, 10, usize::MAX).is_none());
     }
 }

@@ -220,7 +220,7 @@ fn commit(shared: &Shared, partitions: &mut [PartitionWriter], appends: Vec<Vec<
                     shared.dir.display()
                 );
                 tracing::error!(error = %reason, appends = group.len(), "event log append failed");
-                writer.rollback(staged);
+                writer.rollback(staged, &shared.faults);
                 for pending in group {
                     let _ = pending.reply.send(Err(Error::Unavailable(reason.clone())));
                 }
@@ -350,7 +350,7 @@ impl PartitionWriter {
     }
 
     /// Puts the partition back as it was before a failed group.
-    fn rollback(&mut self, staged: Staged) {
+    fn rollback(&mut self, staged: Staged, faults: &Faults) {
         for path in &staged.created {
             if let Err(e) = std::fs::remove_file(path) {
                 // Left behind, it is emptied when the segment is created again, or cut as a
@@ -359,10 +359,9 @@ impl PartitionWriter {
             }
         }
         self.repair = true;
-        let truncated = self
-            .at
-            .active
-            .set_len(self.at.active_len)
+        let truncated = faults
+            .truncate()
+            .and_then(|()| self.at.active.set_len(self.at.active_len))
             .and_then(|()| self.at.active.sync_data());
         match truncated {
             Ok(()) => self.repair = false,
