@@ -344,6 +344,14 @@ impl DiskLog {
     }
 }
 
+/// What a read does once planned under the partition's lock.
+enum Plan {
+    /// Nothing to read, or everything served from the tail cache.
+    Done(Vec<StoredEvent>),
+    /// Positioned reads of the segment files, on a blocking task.
+    Read(Vec<Chunk>),
+}
+
 /// One run of records to read from one segment file.
 struct Chunk {
     file: Arc<File>,
@@ -450,23 +458,25 @@ impl EventLog for DiskLog {
         max_events: usize,
         max_bytes: usize,
     ) -> Result<Vec<StoredEvent>> {
-        let chunks = self.read_partition(partition, |p| {
+        let plan = self.read_partition(partition, |p| {
             let next = next.max(p.index.begin());
             if max_events == 0 || next >= p.index.next_seq() {
-                return Ok(Err(Vec::new()));
+                return Ok(Plan::Done(Vec::new()));
             }
             if let Some(events) = p.cache.serve(next, max_events, max_bytes) {
-                return Ok(Err(events));
+                return Ok(Plan::Done(events));
             }
-            let spans = p.index.plan(next, max_events, max_bytes, |segment, i| {
-                segment.record_len(i) as usize - RECORD_OVERHEAD
-            });
-            let spans = spans.map_err(|e| match e {
-                Error::Corrupt(why) => Error::Corrupt(format!("partition {partition}: {why}")),
-                e => e,
-            })?;
+            let spans = p
+                .index
+                .plan(next, max_events, max_bytes, |segment, i| {
+                    segment.record_len(i) as usize - RECORD_OVERHEAD
+                })
+                .map_err(|e| match e {
+                    Error::Corrupt(why) => Error::Corrupt(format!("partition {partition}: {why}")),
+                    e => e,
+                })?;
             let segments = p.index.segments();
-            Ok(Ok(spans
+            let chunks = spans
                 .into_iter()
                 .map(|span| {
                     let segment = &segments[span.segment];
@@ -480,16 +490,17 @@ impl EventLog for DiskLog {
                         count: span.to - span.from,
                     }
                 })
-                .collect::<Vec<_>>()))
+                .collect();
+            Ok(Plan::Read(chunks))
         })??;
-        // `Err` here carries events already in hand (or none to read).
-        let chunks = match chunks {
-            Ok(chunks) => chunks,
-            Err(events) => return Ok(events),
-        };
-        tokio::task::spawn_blocking(move || read_chunks(partition, chunks))
-            .await
-            .map_err(|e| Error::Unavailable(format!("the read task failed: {e}")))?
+        match plan {
+            Plan::Done(events) => Ok(events),
+            Plan::Read(chunks) => {
+                tokio::task::spawn_blocking(move || read_chunks(partition, chunks))
+                    .await
+                    .map_err(|e| Error::Unavailable(format!("the read task failed: {e}")))?
+            }
+        }
     }
 
     async fn wait_for(&self, partition: u32, next: i64) -> Result<()> {
