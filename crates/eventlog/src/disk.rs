@@ -585,6 +585,7 @@ mod tests {
         let mut files: Vec<PathBuf> = std::fs::read_dir(files::partition_dir(dir, partition))
             .unwrap()
             .map(|e| e.unwrap().path())
+            .filter(|p| p.extension().is_some_and(|e| e == "seg"))
             .collect();
         files.sort();
         files

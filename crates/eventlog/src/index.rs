@@ -37,6 +37,34 @@ impl<B> Segment<B> {
         }
     }
 
+    /// A segment rebuilt from saved positions and times (see [`Segment::entries`]), or `None`
+    /// unless they describe records back to back from position 0 within `len` bytes.
+    pub(crate) fn from_entries(
+        first_seq: i64,
+        base_offset: u64,
+        positions: Vec<u32>,
+        times: Vec<i64>,
+        len: u64,
+        body: B,
+    ) -> Option<Self> {
+        let ordered = positions.first().is_none_or(|&p| p == 0)
+            && positions.windows(2).all(|w| w[0] < w[1])
+            && positions.last().map_or(len == 0, |&p| u64::from(p) < len);
+        (ordered && positions.len() == times.len()).then_some(Segment {
+            first_seq,
+            base_offset,
+            positions,
+            times,
+            len,
+            body,
+        })
+    }
+
+    /// The position and enqueued time of every readable record.
+    pub(crate) fn entries(&self) -> (&[u32], &[i64]) {
+        (&self.positions, &self.times)
+    }
+
     /// The same segment over another body.
     pub(crate) fn with_body<C>(self, body: C) -> Segment<C> {
         Segment {

@@ -271,38 +271,56 @@ async fn records_with_a_broken_crc_in_the_active_segment_are_cut() {
     log.close().await;
 }
 
-/// Damage inside an older (sealed) segment is not cut and not returned: reads up to it work,
-/// a read starting at it fails with `Corrupt`, reads from the next segment on work, and the
-/// log keeps appending. Damage that appears while the log is open is caught by the read's CRC
-/// check the same way.
-#[tokio::test]
-async fn damage_in_an_older_segment_is_reported_not_returned() {
-    let tmp = tempfile::tempdir().unwrap();
-    let options = LogOptions {
-        tail_cache_bytes: 0,
-        ..options()
-    };
-    let log = open(tmp.path(), options.clone());
-    // 100-byte events: 124-byte records, 33 to a 4096-byte segment.
-    const PER: usize = 4096 / (100 + RECORD_OVERHEAD);
+/// 100-byte events make 124-byte records, 33 to a 4096-byte segment.
+const PER: usize = 4096 / (100 + RECORD_OVERHEAD);
+
+/// Appends 100 events of 100 bytes to partition 0 (four segments, three sealed) and closes
+/// the log; returns what was assigned and the segment files.
+async fn sealed_segments(dir: &Path, options: &LogOptions) -> (Vec<Appended>, Vec<PathBuf>) {
+    let log = open(dir, options.clone());
     let data: Vec<NewEvent> = (0..100)
         .map(|i| NewEvent::new(vec![i as u8; 100]))
         .collect();
     let appended = append(&log, 0, data).await;
     log.close().await;
     drop(log);
-    let files = segments(tmp.path(), 0);
+    let files = segments(dir, 0);
     assert_eq!(
         files.len(),
         100usize.div_ceil(PER),
         "the test needs sealed segments"
     );
-    // Damage sequence 40, in the second segment.
-    let (second, third) = (PER as i64, 2 * PER as i64);
-    let damaged = appended[40].offset - appended[PER].offset + RECORD_OVERHEAD as u64 + 10;
-    let file = OpenOptions::new().write(true).open(&files[1]).unwrap();
-    file.write_all_at(b"\xde\xad", damaged).unwrap();
-    drop(file);
+    (appended, files)
+}
+
+/// Overwrites two bytes in the data of `sequence`, in segment file `file` starting at
+/// `base` (the offset of its first record).
+fn damage(file: &Path, base: u64, record: &Appended) {
+    let at = record.offset - base + RECORD_OVERHEAD as u64 + 10;
+    let file = OpenOptions::new().write(true).open(file).unwrap();
+    file.write_all_at(b"\xde\xad", at).unwrap();
+}
+
+/// Damage inside a sealed segment that has its saved index is found by the read's CRC check:
+/// that one event fails with `Corrupt` (naming it), reads stop before it, and everything
+/// else, in that segment too, still reads. The same holds for damage appearing while the log
+/// is open.
+#[tokio::test]
+async fn damage_in_a_sealed_segment_fails_only_that_event() {
+    let tmp = tempfile::tempdir().unwrap();
+    let options = LogOptions {
+        tail_cache_bytes: 0,
+        ..options()
+    };
+    let (appended, files) = sealed_segments(tmp.path(), &options).await;
+    for file in &files[..files.len() - 1] {
+        assert!(
+            file.with_extension("idx").exists(),
+            "sealed {} has no index",
+            file.display()
+        );
+    }
+    damage(&files[1], appended[PER].offset, &appended[40]);
 
     let log = open(tmp.path(), options.clone());
     let read = read_all(&log, 0).await;
@@ -311,41 +329,94 @@ async fn damage_in_an_older_segment_is_reported_not_returned() {
         (0..40).collect::<Vec<_>>(),
         "reads stop before the damage"
     );
-    assert_eq!(read[second as usize].sequence, second);
     match log.read(0, 40, 10, usize::MAX).await {
         Err(Error::Corrupt(why)) => assert!(why.contains("40"), "{why}"),
         other => panic!("reading at the damage: {other:?}"),
     }
-    assert!(matches!(
-        log.read(0, third - 1, 1, 1).await,
-        Err(Error::Corrupt(_))
-    ));
-    let rest = log.read(0, third, 1000, usize::MAX).await.unwrap();
-    assert_eq!(sequences(&rest), (third..100).collect::<Vec<_>>());
-    let info = log.info(0).unwrap();
-    assert_eq!((info.begin_sequence, info.last_sequence), (0, 99));
+    let rest = log.read(0, 41, 1000, usize::MAX).await.unwrap();
+    assert_eq!(sequences(&rest), (41..100).collect::<Vec<_>>());
+    assert!(rest.iter().all(|e| e.data[..] == [e.sequence as u8; 100]));
     assert_eq!(
         append(&log, 0, numbered("more", 0..1)).await[0].sequence,
         100
     );
-    // Resolving by offset skips the unreadable records.
+
+    // Damage while open: the index still points at the record, its CRC no longer matches.
+    damage(&files[2], appended[2 * PER].offset, &appended[70]);
+    let before = log.read(0, 41, 1000, usize::MAX).await.unwrap();
+    assert_eq!(sequences(&before), (41..70).collect::<Vec<_>>());
+    assert!(matches!(
+        log.read(0, 70, 10, usize::MAX).await,
+        Err(Error::Corrupt(_))
+    ));
+    log.close().await;
+}
+
+/// Without its saved index, a sealed segment is scanned at open; damage found then is left on
+/// disk (not cut, unlike the active segment's tail) and out of the index: from it to the end
+/// of its segment, reads fail with `Corrupt`, while the segments around it read, positions
+/// skip it, and the log keeps appending. The scan saves a new index.
+#[tokio::test]
+async fn damage_found_by_a_scan_leaves_the_rest_of_its_segment_unreadable() {
+    let tmp = tempfile::tempdir().unwrap();
+    let options = LogOptions {
+        tail_cache_bytes: 0,
+        ..options()
+    };
+    let (appended, files) = sealed_segments(tmp.path(), &options).await;
+    let whole = file_len(&files[1]);
+    damage(&files[1], appended[PER].offset, &appended[40]);
+    fs::remove_file(files[1].with_extension("idx")).unwrap();
+    // A garbage index is as good as none.
+    fs::write(files[0].with_extension("idx"), b"garbage").unwrap();
+
+    let log = open(tmp.path(), options.clone());
+    assert_eq!(
+        file_len(&files[1]),
+        whole,
+        "a sealed segment must not be cut"
+    );
+    assert!(
+        files[1].with_extension("idx").exists(),
+        "the scan saves an index"
+    );
+    let third = 2 * PER as i64;
+    let read = read_all(&log, 0).await;
+    assert_eq!(sequences(&read), (0..40).collect::<Vec<_>>());
+    for at in [40, 41, third - 1] {
+        match log.read(0, at, 10, usize::MAX).await {
+            Err(Error::Corrupt(_)) => {}
+            other => panic!("reading at {at}, after the damage: {other:?}"),
+        }
+    }
+    let rest = log.read(0, third, 1000, usize::MAX).await.unwrap();
+    assert_eq!(sequences(&rest), (third..100).collect::<Vec<_>>());
+    let info = log.info(0).unwrap();
+    assert_eq!((info.begin_sequence, info.last_sequence), (0, 99));
     let from = Position::Offset {
         offset: appended[45].offset,
         inclusive: true,
     };
     assert_eq!(log.resolve(0, &from).unwrap(), third);
+    assert_eq!(
+        append(&log, 0, numbered("more", 0..1)).await[0].sequence,
+        100
+    );
+    log.close().await;
+    drop(log);
 
-    // Damage while open: the index still points at the record, its CRC no longer matches.
-    let file = OpenOptions::new().write(true).open(&files[2]).unwrap();
-    let at = appended[70].offset - appended[2 * PER].offset + RECORD_OVERHEAD as u64;
-    file.write_all_at(b"\xbe\xef", at).unwrap();
-    drop(file);
-    let before = log.read(0, third, 1000, usize::MAX).await.unwrap();
-    assert_eq!(sequences(&before), (third..70).collect::<Vec<_>>());
+    // The saved indexes (the rebuilt one describes the damaged segment as scanned) give the
+    // same answers.
+    let log = open(tmp.path(), options);
+    assert_eq!(
+        sequences(&read_all(&log, 0).await),
+        (0..40).collect::<Vec<_>>()
+    );
     assert!(matches!(
-        log.read(0, 70, 10, usize::MAX).await,
+        log.read(0, 41, 1, 1).await,
         Err(Error::Corrupt(_))
     ));
+    assert_eq!(log.read(0, third, 1, 1).await.unwrap()[0].sequence, third);
     log.close().await;
 }
 

@@ -6,18 +6,26 @@
 //! <dir>/00/                 one directory per partition
 //!     00000000000000000000-00000000000000000000.seg
 //!     <first sequence (20 digits)>-<first offset (20 digits)>.seg
+//!     <first sequence (20 digits)>-<first offset (20 digits)>.idx   (sealed segments)
 //! ```
 //!
 //! A segment file is records back to back (see [`crate::record`]), nothing else. Files are
 //! created 0600 and directories 0700: the events are device data.
 //!
-//! Recovery reads every segment once, sequentially, checking each record's CRC and sequence
-//! number, to build the partition's [`Index`]. In the last (active) segment, the first record
-//! that is torn or damaged and everything after it are cut off: they can only be an append
-//! that never completed, so it was never acknowledged. In an older segment the same damage is
-//! kept on disk but left out of the index: the events from there to the next segment are
-//! reported as [`Error::Corrupt`] by reads rather than returned as garbage, and retention
-//! drops that segment in its turn.
+//! When a segment is sealed its index (every record's position and enqueued time, see
+//! [`encode_index`]) is saved beside it, so that opening the log reads only the `.idx` files
+//! and the last segment, not every event. A missing, torn or stale `.idx` (it is not fsynced,
+//! and carries a CRC and the segment's length) only costs a scan of its segment, which writes
+//! it again.
+//!
+//! Recovery scans the last (active) segment record by record, checking each CRC and sequence
+//! number: the first record that is torn or damaged and everything after it are cut off. They
+//! can only be an append that never completed (a sealed segment is fsynced before its
+//! successor is created), so they were never acknowledged. A sealed segment is scanned only
+//! without a usable `.idx`; damage found then is kept on disk but left out of the index, so
+//! the events from there to the next segment are reported as [`Error::Corrupt`] by reads. With
+//! a `.idx`, damage is found by the CRC check of every read, which reports that one event as
+//! [`Error::Corrupt`] (a reader may skip it). Damaged data is never returned.
 
 use std::fs::{self, DirBuilder, File, OpenOptions, TryLockError};
 use std::io::{self, Read, Write as _};
@@ -35,6 +43,8 @@ const LOCK: &str = "lock";
 const MAGIC: &str = "twinhub-eventlog";
 const FORMAT: u32 = 1;
 const SEGMENT_SUFFIX: &str = ".seg";
+const INDEX_EXTENSION: &str = "idx";
+const INDEX_MAGIC: &[u8; 8] = b"TWEVIDX1";
 
 fn io_error(context: impl std::fmt::Display, e: io::Error) -> Error {
     Error::Unavailable(format!("{context}: {e}"))
@@ -48,8 +58,20 @@ pub(super) fn segment_path(partition_dir: &Path, first_seq: i64, base_offset: u6
     partition_dir.join(format!("{first_seq:020}-{base_offset:020}{SEGMENT_SUFFIX}"))
 }
 
+/// The saved index of the segment at `segment_path`.
+pub(super) fn index_path(segment_path: &Path) -> PathBuf {
+    segment_path.with_extension(INDEX_EXTENSION)
+}
+
 fn parse_segment_name(name: &str) -> Option<(i64, u64)> {
-    let stem = name.strip_suffix(SEGMENT_SUFFIX)?;
+    parse_name(name.strip_suffix(SEGMENT_SUFFIX)?)
+}
+
+fn parse_index_name(name: &str) -> Option<(i64, u64)> {
+    parse_name(name.strip_suffix(INDEX_EXTENSION)?.strip_suffix('.')?)
+}
+
+fn parse_name(stem: &str) -> Option<(i64, u64)> {
     let (seq, offset) = stem.split_once('-')?;
     if seq.len() != 20 || offset.len() != 20 {
         return None;
@@ -214,6 +236,80 @@ fn write_manifest(dir: &Path, partitions: u32) -> Result<()> {
     write().map_err(|e| io_error(format_args!("writing the manifest in {}", dir.display()), e))
 }
 
+/// A sealed segment's saved index, little-endian: magic, the segment file's length, the
+/// readable length, the record count, every record's `u32` position, every record's `i64`
+/// enqueued time, then a CRC-32 of everything before it.
+pub(super) fn encode_index<B>(segment: &Segment<B>, file_len: u64) -> Vec<u8> {
+    let (positions, times) = segment.entries();
+    let mut buf = Vec::with_capacity(36 + positions.len() * 12);
+    buf.extend_from_slice(INDEX_MAGIC);
+    buf.extend_from_slice(&file_len.to_le_bytes());
+    buf.extend_from_slice(&segment.len().to_le_bytes());
+    buf.extend_from_slice(&(positions.len() as u64).to_le_bytes());
+    for position in positions {
+        buf.extend_from_slice(&position.to_le_bytes());
+    }
+    for time in times {
+        buf.extend_from_slice(&time.to_le_bytes());
+    }
+    let crc = crc32fast::hash(&buf);
+    buf.extend_from_slice(&crc.to_le_bytes());
+    buf
+}
+
+/// The segment a saved index describes, if it is intact and made for a file of this length.
+fn decode_index(
+    bytes: &[u8],
+    first_seq: i64,
+    base_offset: u64,
+    file_len: u64,
+) -> Option<Segment<()>> {
+    let (body, crc) = bytes.split_last_chunk::<4>()?;
+    if crc32fast::hash(body) != u32::from_le_bytes(*crc) {
+        return None;
+    }
+    let (magic, rest) = body.split_first_chunk::<8>()?;
+    let (stored_file_len, rest) = rest.split_first_chunk::<8>()?;
+    let (len, rest) = rest.split_first_chunk::<8>()?;
+    let (count, rest) = rest.split_first_chunk::<8>()?;
+    let count = usize::try_from(u64::from_le_bytes(*count)).ok()?;
+    if magic != INDEX_MAGIC
+        || u64::from_le_bytes(*stored_file_len) != file_len
+        || rest.len() != count.checked_mul(12)?
+    {
+        return None;
+    }
+    let (positions, times) = rest.split_at(count * 4);
+    let positions = positions
+        .chunks_exact(4)
+        .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect();
+    let times = times
+        .chunks_exact(8)
+        .map(|c| i64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]))
+        .collect();
+    Segment::from_entries(
+        first_seq,
+        base_offset,
+        positions,
+        times,
+        u64::from_le_bytes(*len),
+        (),
+    )
+}
+
+/// Saves a sealed segment's index. Not fsynced: a torn or lost one is rebuilt from the
+/// segment at the next open.
+pub(super) fn save_index(path: &Path, bytes: &[u8]) -> io::Result<()> {
+    let mut file = OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)?;
+    file.write_all(bytes)
+}
+
 /// A partition as recovered from its files: the index over every segment, and where the
 /// writer continues.
 pub(super) struct Recovered {
@@ -228,17 +324,26 @@ pub(super) struct Recovered {
 pub(super) fn recover_partition(dir: &Path) -> Result<Recovered> {
     let listing = |e| io_error(format_args!("listing {}", dir.display()), e);
     let mut names = Vec::new();
+    let mut indexes = Vec::new();
     for entry in fs::read_dir(dir).map_err(listing)? {
         let entry = entry.map_err(listing)?;
-        match entry.file_name().to_str().and_then(parse_segment_name) {
-            Some(name) => names.push(name),
-            None => tracing::debug!(
-                file = %entry.path().display(),
-                "ignoring a file that is not a segment"
-            ),
+        let name = entry.file_name();
+        let name = name.to_str().unwrap_or_default();
+        if let Some(segment) = parse_segment_name(name) {
+            names.push(segment);
+        } else if let Some(segment) = parse_index_name(name) {
+            indexes.push((segment, entry.path()));
+        } else {
+            tracing::debug!(file = %entry.path().display(), "ignoring a file that is not a segment");
         }
     }
     names.sort_unstable();
+    // The index of a segment that retention removed (a crash between the two removals).
+    for (segment, path) in indexes {
+        if names.binary_search(&segment).is_err() {
+            let _ = fs::remove_file(path);
+        }
+    }
     for pair in names.windows(2) {
         if pair[0].0 == pair[1].0 || pair[0].1 >= pair[1].1 {
             return Err(Error::Corrupt(format!(
@@ -304,6 +409,18 @@ fn recover_segment(
         .write(true)
         .open(path)
         .map_err(|e| io_error(format_args!("opening {shown}"), e))?;
+    let file_len = file
+        .metadata()
+        .map_err(|e| io_error(format_args!("reading {shown}"), e))?
+        .len();
+    if !last {
+        let saved = fs::read(index_path(path))
+            .ok()
+            .and_then(|bytes| decode_index(&bytes, first_seq, base_offset, file_len));
+        if let Some(segment) = saved {
+            return Ok(segment.with_body(Arc::new(file)));
+        }
+    }
     // A whole segment at once: they are bounded by `segment_bytes` (plus one oversized event),
     // and one sequential read is the fastest way through.
     let mut data = Vec::new();
@@ -353,6 +470,12 @@ fn recover_segment(
             );
         }
     }
+    if !last {
+        let index = index_path(path);
+        if let Err(e) = save_index(&index, &encode_index(&segment, file_len)) {
+            tracing::warn!(index = %index.display(), "could not save a segment index: {e}");
+        }
+    }
     Ok(segment.with_body(Arc::new(file)))
 }
 
@@ -373,5 +496,37 @@ mod tests {
         ] {
             assert_eq!(parse_segment_name(bad), None, "{bad}");
         }
+        let index = index_path(&path);
+        let name = index.file_name().and_then(|n| n.to_str()).unwrap();
+        assert_eq!(name, "00000000000000000042-00000000000000001234.idx");
+        assert_eq!(parse_index_name(name), Some((42, 1234)));
+        assert_eq!(parse_segment_name(name), None);
+    }
+
+    #[test]
+    fn segment_indexes_round_trip_and_refuse_damage() {
+        let mut segment = Segment::new(7, 700, ());
+        for i in 0..5 {
+            segment.push(30 + i, 1_000 + i as i64);
+        }
+        let bytes = encode_index(&segment, 200);
+        let back = decode_index(&bytes, 7, 700, 200).expect("an intact index");
+        assert_eq!(back.entries(), segment.entries());
+        assert_eq!((back.len(), back.end_seq()), (segment.len(), 12));
+        // Made for a file of another length (the segment changed since): refused.
+        assert!(decode_index(&bytes, 7, 700, 201).is_none());
+        for cut in 0..bytes.len() {
+            assert!(
+                decode_index(&bytes[..cut], 7, 700, 200).is_none(),
+                "cut at {cut}"
+            );
+        }
+        for at in 0..bytes.len() {
+            let mut bad = bytes.clone();
+            bad[at] ^= 0x10;
+            assert!(decode_index(&bad, 7, 700, 200).is_none(), "flip at {at}");
+        }
+        let empty = Segment::new(0, 0, ());
+        assert!(decode_index(&encode_index(&empty, 0), 0, 0, 0).is_some());
     }
 }

@@ -22,7 +22,7 @@ use std::sync::atomic::Ordering;
 use bytes::Bytes;
 use tokio::sync::{mpsc, oneshot};
 
-use super::files::{create_segment, segment_path, sync_dir};
+use super::files::{create_segment, encode_index, index_path, save_index, segment_path, sync_dir};
 use super::{Faults, Shared};
 use crate::index::rolls;
 use crate::record::{self, record_len};
@@ -257,7 +257,8 @@ fn publish(
         writer.at = end;
     }
     let mut answers = Vec::with_capacity(staged.records.len());
-    let next = {
+    let created = staged.created.len();
+    let (next, sealed) = {
         let mut state = shared.partition(partition);
         for record in staged.records {
             state
@@ -271,7 +272,16 @@ fn publish(
             });
             answers.push(record.appended);
         }
-        state.index.next_seq()
+        // The segments this group sealed: the `created` ones before the new active one.
+        let segments = state.index.segments();
+        let sealed: Vec<(PathBuf, Vec<u8>)> = segments
+            .range(segments.len().saturating_sub(created + 1)..segments.len().saturating_sub(1))
+            .map(|segment| {
+                let path = segment_path(&writer.dir, segment.first_seq, segment.base_offset);
+                (index_path(&path), encode_index(segment, segment.len()))
+            })
+            .collect();
+        (state.index.next_seq(), sealed)
     };
     shared.tails.publish(partition, next);
     let mut answers = answers.into_iter();
@@ -279,6 +289,12 @@ fn publish(
         let mine: Vec<Appended> = answers.by_ref().take(pending.events.len()).collect();
         // A caller whose future was dropped no longer listens; its events are stored anyway.
         let _ = pending.reply.send(Ok(mine));
+    }
+    // After the answers: nobody waits for an index, which only speeds up the next open.
+    for (path, bytes) in sealed {
+        if let Err(e) = save_index(&path, &bytes) {
+            tracing::warn!(index = %path.display(), "could not save a segment index: {e}");
+        }
     }
 }
 
@@ -408,6 +424,8 @@ fn enforce_retention(shared: &Shared, partitions: &[PartitionWriter], now_ms: i6
                 // It comes back (with its events) at the next open, and is dropped again.
                 tracing::warn!(segment = %path.display(), "could not remove an expired segment: {e}");
             }
+            // A leftover index is removed at the next open.
+            let _ = std::fs::remove_file(index_path(&path));
         }
         if let Err(e) = sync_dir(&writer.dir) {
             tracing::warn!(dir = %writer.dir.display(), "could not sync a partition directory: {e}");
