@@ -420,6 +420,44 @@ async fn damage_found_by_a_scan_leaves_the_rest_of_its_segment_unreadable() {
     log.close().await;
 }
 
+/// What a failed append leaves if its rollback truncated the previous segment but could not
+/// remove the segment it had created, and the process then stopped: that empty segment is
+/// removed at open and numbering continues from the previous one, without a gap.
+#[tokio::test]
+async fn an_empty_segment_left_by_a_failed_append_is_removed() {
+    let tmp = tempfile::tempdir().unwrap();
+    let log = open(tmp.path(), options());
+    // 1024-byte records, four to a segment; the fifth starts a second one.
+    let appended = append(
+        &log,
+        0,
+        (0..5).map(|_| NewEvent::new(vec![1; 1000])).collect(),
+    )
+    .await;
+    log.close().await;
+    drop(log);
+    let files = segments(tmp.path(), 0);
+    assert_eq!(files.len(), 2);
+    let cut = |path: &Path, len: u64| {
+        OpenOptions::new()
+            .write(true)
+            .open(path)
+            .unwrap()
+            .set_len(len)
+            .unwrap();
+    };
+    cut(&files[0], appended[3].offset);
+    cut(&files[1], 0);
+
+    let log = open(tmp.path(), options());
+    assert_eq!(segments(tmp.path(), 0), files[..1]);
+    assert_eq!(log.info(0).unwrap().last_sequence, 2);
+    let next = append(&log, 0, numbered("next", 0..1)).await[0];
+    assert_eq!((next.sequence, next.offset), (3, appended[3].offset));
+    assert_eq!(sequences(&read_all(&log, 0).await), [0, 1, 2, 3]);
+    log.close().await;
+}
+
 /// A directory made for one partition count cannot be opened with another.
 #[tokio::test]
 async fn a_partition_count_mismatch_fails() {

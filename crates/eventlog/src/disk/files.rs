@@ -378,6 +378,26 @@ pub(super) fn recover_partition(dir: &Path) -> Result<Recovered> {
         segments.push(segment);
     }
 
+    // An empty last segment after a segment cut short: an append that created it failed, its
+    // rollback truncated the previous segment but could not remove this one, and the process
+    // stopped before the writer reused it. Its name claims sequence numbers that were never
+    // assigned; without it the previous segment is the active one again. (A sealed segment
+    // that is damaged but whole on disk is not this case, and keeps its successor.)
+    if let [.., previous, last] = &segments[..]
+        && last.count() == 0
+        && previous
+            .body
+            .metadata()
+            .is_ok_and(|m| previous.base_offset + m.len() < last.base_offset)
+    {
+        let path = segment_path(dir, last.first_seq, last.base_offset);
+        tracing::warn!(segment = %path.display(), "removing an empty segment left by a failed append");
+        fs::remove_file(&path)
+            .and_then(|()| sync_dir(dir))
+            .map_err(|e| io_error(format_args!("removing {}", path.display()), e))?;
+        return recover_partition(dir);
+    }
+
     let newest = segments
         .iter()
         .rev()
