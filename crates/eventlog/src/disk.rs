@@ -216,9 +216,10 @@ impl fmt::Debug for DiskLog {
 }
 
 impl DiskLog {
-    /// Opens the log in `dir`, creating it when missing, recovers every partition (see
-    /// [`files`](self) for what is cut or refused) and starts the writer thread. Blocking: it
-    /// reads every retained segment once; call it from `spawn_blocking` in async code.
+    /// Opens the log in `dir`, creating it when missing, recovers every partition and starts
+    /// the writer thread. Recovery reads each sealed segment's saved index and scans the last
+    /// segment, cutting a torn tail off it; a sealed segment without a usable index is scanned
+    /// too. Blocking: call it from `spawn_blocking` in async code.
     ///
     /// Fails with [`Error::PartitionMismatch`] when `dir` was made for another partition
     /// count, [`Error::Unavailable`] when another log has it open or I/O fails, and
