@@ -5,6 +5,7 @@
 use std::io::Write as _;
 mod demo;
 mod interrupt;
+mod monitor;
 mod trust;
 
 use std::path::{Path, PathBuf};
@@ -78,6 +79,9 @@ enum Command {
         #[command(flatten)]
         target: Target,
     },
+    /// Print device-to-cloud messages as they arrive on the built-in events endpoint (AMQP),
+    /// one JSON object per line
+    MonitorEvents(monitor::MonitorArgs),
     /// Make clients trust the hub's development CA (like `mkcert -install`); without flags,
     /// prints what it would do
     Trust(trust::TrustArgs),
@@ -422,6 +426,7 @@ async fn run(cli: Cli) -> Result<()> {
         Command::Query { args, target } => query(args, &target).await,
         Command::ConsumerGroup { command, target } => consumer_group(command, &target).await,
         Command::Trust(args) => trust::run(args),
+        Command::MonitorEvents(args) => monitor::run(args).await,
         Command::Job { command, target } => job(command, &target).await,
     }
 }

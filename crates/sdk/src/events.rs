@@ -131,6 +131,7 @@ impl EventsClientBuilder {
             connection: tokio::sync::Mutex::new(connection),
             session: tokio::sync::Mutex::new(session),
             partitions: Vec::new(),
+            management: tokio::sync::Mutex::new(None),
         };
         client.partitions = client.read_partition_ids().await?;
         Ok(client)
@@ -353,6 +354,7 @@ pub struct EventsClient {
     connection: tokio::sync::Mutex<ConnectionHandle<()>>,
     session: tokio::sync::Mutex<SessionHandle<()>>,
     partitions: Vec<String>,
+    management: tokio::sync::Mutex<Option<(Sender, Receiver)>>,
 }
 
 impl std::fmt::Debug for EventsClient {
@@ -434,8 +436,9 @@ impl EventsClient {
                 _ => None,
             })
             .unwrap_or(0);
-        let _ = requests.close().await;
-        let _ = replies.close().await;
+        // The pair stays attached for the client's life: closing links and attaching new ones
+        // on the same session at once is where AMQP peers race on handle reuse.
+        *self.management.lock().await = Some((requests, replies));
         if status != 200 {
             return Err(Error::Hub {
                 status: u16::try_from(status).unwrap_or(500),
@@ -514,7 +517,9 @@ impl EventsClient {
                 .target(format!("receiver-{}", random_suffix()))
                 .attach(&mut *session)
                 .await
-                .map_err(|e| Error::Protocol(format!("attaching to partition {partition}: {e}")))?;
+                .map_err(|e| {
+                    Error::Protocol(format!("attaching to partition {partition}: {e:?}"))
+                })?;
             drop(session);
             tasks.push(tokio::spawn(pump(receiver, partition, tx.clone())));
         }
@@ -544,16 +549,44 @@ async fn pump(mut receiver: Receiver, partition: String, tx: mpsc::Sender<Result
                 }
             }
             Err(e) => {
-                let _ = tx
-                    .send(Err(Error::Unreachable(format!(
-                        "partition {partition}: {e}"
-                    ))))
-                    .await;
+                let _ = tx.send(Err(recv_error(&partition, e))).await;
                 break;
             }
         }
     }
     let _ = receiver.close().await;
+}
+
+/// A receiver's end as the SDK reports it: the hub's refusal (with an HTTP-like status for its
+/// AMQP condition) or a lost connection.
+fn recv_error(partition: &str, e: fe2o3_amqp::link::RecvError) -> Error {
+    use fe2o3_amqp::link::{LinkStateError, RecvError};
+    use fe2o3_amqp::types::definitions::{AmqpError, ErrorCondition, LinkError};
+    let remote = match &e {
+        RecvError::LinkStateError(LinkStateError::RemoteClosedWithError(err))
+        | RecvError::LinkStateError(LinkStateError::RemoteDetachedWithError(err)) => Some(err),
+        _ => None,
+    };
+    let Some(err) = remote else {
+        return Error::Unreachable(format!("partition {partition}: {e}"));
+    };
+    let status = match &err.condition {
+        ErrorCondition::AmqpError(AmqpError::NotFound) => 404,
+        ErrorCondition::AmqpError(AmqpError::UnauthorizedAccess) => 401,
+        ErrorCondition::AmqpError(AmqpError::ResourceLimitExceeded) => 403,
+        ErrorCondition::AmqpError(AmqpError::InvalidField) => 400,
+        ErrorCondition::LinkError(LinkError::Stolen) => 409,
+        _ => 500,
+    };
+    Error::Hub {
+        status,
+        code: None,
+        message: format!(
+            "partition {partition}: {:?}: {}",
+            err.condition,
+            err.description.as_deref().unwrap_or("")
+        ),
+    }
 }
 
 fn json_of(v: &Value) -> serde_json::Value {

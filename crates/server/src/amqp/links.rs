@@ -132,10 +132,7 @@ pub(super) async fn serve_session(
                         link,
                         error(
                             AmqpError::NotFound.into(),
-                            format!(
-                                "The messaging entity '{}' could not be found",
-                                Shown(entity)
-                            ),
+                            format!("The messaging entity {} could not be found", Shown(entity)),
                         ),
                     )
                     .await;
@@ -245,7 +242,7 @@ pub(super) async fn serve_session(
                     link,
                     error(
                         AmqpError::NotFound.into(),
-                        format!("The messaging entity '{}' could not be found", Shown(&path)),
+                        format!("The messaging entity {} could not be found", Shown(&path)),
                     ),
                 )
                 .await;
@@ -302,14 +299,14 @@ fn open_partition(
     let not_found = |what: String| error(AmqpError::NotFound.into(), what);
     if !entity.eq_ignore_ascii_case(&ctx.entity) {
         return Err(not_found(format!(
-            "The messaging entity '{}' could not be found",
+            "The messaging entity {} could not be found",
             Shown(entity)
         )));
     }
     let events = ctx.hub.events();
     let Some(group) = events.consumer_group(consumer_group) else {
         return Err(not_found(format!(
-            "The consumer group '{}' does not exist",
+            "The consumer group {} does not exist",
             Shown(consumer_group)
         )));
     };
@@ -320,7 +317,7 @@ fn open_partition(
         .filter(|p| *p < count && partition == p.to_string())
         .ok_or_else(|| {
             not_found(format!(
-                "Partition '{}' does not exist; valid partitions are 0 to {}",
+                "Partition {} does not exist; valid partitions are 0 to {}",
                 Shown(partition),
                 count - 1
             ))
@@ -599,7 +596,7 @@ fn read_metadata(ctx: &AmqpContext, grants: &Grants, request: &Request) -> Reply
         return management::reply(
             request,
             404,
-            &format!("The messaging entity '{}' could not be found", Shown(name)),
+            &format!("The messaging entity {} could not be found", Shown(name)),
             Value::Null,
         );
     }
