@@ -526,6 +526,13 @@ async fn serve_control(
             break;
         }
     }
+    // Clients end the exchange by detaching both links. Answer their detaches instead of
+    // sending our own: a detach of ours crossing theirs reaches the client after it may have
+    // attached a new link under the same handle, which breaks that link (seen with
+    // fe2o3-amqp's client).
+    if !done.is_cancelled() {
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(5), replies.on_detach()).await;
+    }
     let _ = requests.close().await;
     let _ = replies.close().await;
 }
