@@ -9,14 +9,16 @@ with the SDK's own `connection_verify` keyword, or with `twinhub trust --python`
 from __future__ import annotations
 
 import json
+import subprocess
 import threading
 import time
 import uuid
+from pathlib import Path
 from typing import Any
 
 import pytest
 
-from harness import Hub, unique_id
+from harness import Hub, hub_binary, unique_id
 
 pytestmark = pytest.mark.device
 
@@ -333,3 +335,80 @@ def test_emulator_mode_on_the_plaintext_port(hub_factory, device_client):
     client = EventHubConsumerClient.from_connection_string(cs, consumer_group="$Default")
     events = of_device(collect(client, lambda evs: len(of_device(evs, device_id)) >= 2), device_id)
     assert len(events) == 2
+
+
+def test_twinhub_trust_python_lets_the_sdk_trust_the_hub_unchanged(hub, device_client):
+    """`twinhub trust --python` puts the dev CA in certifi's bundle: the consumer then needs no
+    connection_verify at all, as against Azure. Undone with --remove, even on failure."""
+    import sys
+
+    from azure.eventhub import EventHubConsumerClient
+
+    device_id = unique_id("teltrust")
+    send_messages(device_client, hub, device_id, 2)
+    data = ("--data-dir", str(hub.data_dir))
+    print(hub.cli("trust", *data))  # without flags: says what it would do, changes nothing
+    hub.cli("trust", "--python", sys.executable, *data)
+    try:
+        client = EventHubConsumerClient.from_connection_string(
+            events_cs(hub), consumer_group="$Default"
+        )
+        events = of_device(collect(client, lambda evs: len(of_device(evs, device_id)) >= 2), device_id)
+        assert len(events) == 2
+        again = hub.cli("trust", "--python", sys.executable, *data)
+        assert "already holds" in again
+    finally:
+        hub.cli("trust", "--python", sys.executable, "--remove", *data)
+    import certifi
+
+    assert "twinhub development CA" not in Path(certifi.where()).read_text()
+
+
+def test_rust_examples_send_and_read_telemetry_beside_the_python_sdks(hub, device_client):
+    """send_telemetry (Rust) is read by azure-eventhub; azure-iot-device is read by
+    read_d2c_messages (Rust)."""
+    examples = hub_binary().parent / "examples"
+    device_id = unique_id("telrust")
+    env = hub.env()
+    sent = subprocess.run(
+        [
+            str(examples / "send_telemetry"),
+            "--connection-string",
+            hub.device_cs(device_id),
+            "--count",
+            "3",
+            "--interval-ms",
+            "50",
+        ],
+        env=env,
+        capture_output=True,
+        timeout=60,
+    )
+    assert sent.returncode == 0, sent.stderr.decode()
+    events = of_device(collect(consumer(hub), lambda evs: len(of_device(evs, device_id)) >= 3), device_id)
+    assert len(events) == 3
+    for e in events:
+        body = json.loads(e.body_as_str())
+        assert set(body) == {"temperature", "humidity"}
+        assert e.properties[b"temperatureAlert"] in (b"true", b"false")
+
+    other = unique_id("telpy")
+    send_messages(device_client, hub, other, 2)
+    read = subprocess.run(
+        [
+            str(examples / "read_d2c_messages"),
+            "--connection-string",
+            events_cs(hub),
+            "--ca",
+            str(hub.ca_pem),
+            "--from-start",
+            "--timeout",
+            "8",
+        ],
+        env=env,
+        capture_output=True,
+        timeout=60,
+    )
+    out = read.stdout.decode()
+    assert f"Device: {other}" in out, out[-2000:]
+    assert out.count(f"Device: {other}") == 2
