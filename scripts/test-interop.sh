@@ -4,7 +4,8 @@
 #   scripts/test-interop.sh [pytest args...]
 #
 # Builds the hub (`cargo build -p twinhub`) unless TWINHUB_BIN names a binary, prepares the
-# venv (scripts/python-env.sh), runs `pytest tests/interop -q` and exits non-zero when any
+# venv (scripts/python-env.sh) and the Node.js packages (scripts/node-env.sh, exported as
+# TWINHUB_NODE_MODULES), runs `pytest tests/interop -q` and exits non-zero when any
 # test fails or errors, when nothing ran, or when anything was skipped or xfailed without
 # being listed in ALLOWED_SKIPS below with a reason.
 set -euo pipefail
@@ -28,6 +29,10 @@ export TWINHUB_BIN
 
 venv="$("$repo/scripts/python-env.sh")"
 python="$venv/bin/python"
+
+# The official Node.js Event Hubs SDK and rhea, for test_telemetry_node.py.
+TWINHUB_NODE_MODULES="$("$repo/scripts/node-env.sh")"
+export TWINHUB_NODE_MODULES
 
 workdir="$(mktemp -d "${TMPDIR:-/tmp}/twinhub-interop.XXXXXX")"
 trap 'rm -rf "$workdir"' EXIT
