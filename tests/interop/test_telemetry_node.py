@@ -2,8 +2,9 @@
 azure-iot-device sends device-to-cloud messages over MQTT, and an EventHubConsumerClient
 (node/read_events.mjs) reads them from the built-in Event Hub-compatible endpoint with the
 connection string `twinhub connection-string --events` prints, over AMQP/TLS on 5671 or AMQP
-over WebSockets on 443 (the `ws` package as the SDK's WebSocket). The hub's CA is trusted with
-NODE_EXTRA_CA_CERTS only.
+over WebSockets on 443 (the `ws` package as the SDK's WebSocket). Also Azure's JS sample that
+starts from the IoT Hub connection string and follows the messages/events redirect
+(node/iothub_connection_string.mjs). The hub's CA is trusted with NODE_EXTRA_CA_CERTS only.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import json
 import re
 import uuid
+from typing import Any
 
 import pytest
 
@@ -138,3 +140,35 @@ def test_node_client_is_refused_with_a_bad_key(hub):
     [fatal] = run.of_type("fatal")
     # core-amqp's name for amqp:unauthorized-access (a 401 status on the CBS reply).
     assert fatal["code"] == "UnauthorizedError", run.explain()
+
+
+def test_iothub_connection_string_sample_follows_the_redirect(hub, device_client):
+    """Azure's JS sample (iothubConnectionString): SASL PLAIN as <policy>@sas.root.<hub> with a
+    token for <host>/messages/events, a receiver on messages/events/$management, the redirect's
+    info parsed into an Event Hubs connection string, then the EventHubConsumerClient."""
+    device = unique_id("noderedir")
+    sent = send_interleaved(device_client, hub, [device], 3)
+    run = run_node(
+        "iothub_connection_string.mjs",
+        hub,
+        hub.service_cs("service"),
+        "--count",
+        "3",
+        "--device",
+        device,
+        "--timeout",
+        str(READ_TIMEOUT_S),
+        timeout=PROCESS_TIMEOUT_S,
+    )
+    redirects = run.of_type("redirect")
+    assert len(redirects) == 1, run.explain()
+    r: dict[str, Any] = redirects[0]
+    entity = events_cs(hub).split("EntityPath=", 1)[1].split(";")[0]
+    assert r["condition"] == "amqp:link:redirect"
+    assert r["hostname"] == hub.hostname and r["networkHost"] == hub.hostname, r
+    assert r["port"] == 5671, r
+    assert r["address"] == f"amqps://{hub.hostname}:5671/{entity}/$management", r
+    assert r["entityPath"] == entity, r
+    assert run.returncode == 0, run.explain()
+    assert not run.errors, run.explain()
+    assert_read_in_order(run, sent)
