@@ -361,7 +361,11 @@ async fn a_start_past_the_end_waits_for_new_events_and_offsets_resume() {
         .find(|e| e.enqueued_time >= all[2].enqueued_time)
         .unwrap();
     assert_eq!(by_time[0].body, first.body);
-    assert!(by_time.iter().all(|e| e.enqueued_time >= all[2].enqueued_time));
+    assert!(
+        by_time
+            .iter()
+            .all(|e| e.enqueued_time >= all[2].enqueued_time)
+    );
 }
 
 #[tokio::test]
@@ -647,4 +651,74 @@ async fn links_closed_by_the_client_free_their_handles_for_new_ones() {
             .unwrap_or_else(|e| panic!("round {round}: {e:?}"));
         let _ = r.close().await;
     }
+}
+
+/// Upgrades `path` with `protocols` and returns the response head and the stream.
+async fn upgrade(
+    hub: &TestHub,
+    path: &str,
+    protocols: &str,
+) -> (
+    String,
+    tokio_rustls::client::TlsStream<tokio::net::TcpStream>,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tls_connect(hub, hub.https, &[b"http/1.1"]).await;
+    let request = format!(
+        "GET {path} HTTP/1.1\r\nhost: localhost\r\nconnection: Upgrade\r\nupgrade: websocket\r\n\
+sec-websocket-version: 13\r\nsec-websocket-key: dGhlIHNhbXBsZSBub25jZQ==\r\n\
+sec-websocket-protocol: {protocols}\r\n\r\n"
+    );
+    s.write_all(request.as_bytes()).await.unwrap();
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        s.read_exact(&mut byte).await.unwrap();
+        head.push(byte[0]);
+    }
+    (String::from_utf8_lossy(&head).to_ascii_lowercase(), s)
+}
+
+/// Sends the plain AMQP header in a masked binary frame and reads the hub's first frame back.
+async fn amqp_over_websocket_answers(
+    mut s: tokio_rustls::client::TlsStream<tokio::net::TcpStream>,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let header = b"AMQP\x00\x01\x00\x00";
+    let mask = [1u8, 2, 3, 4];
+    let mut frame = vec![0x82, 0x80 | header.len() as u8];
+    frame.extend_from_slice(&mask);
+    frame.extend(header.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+    s.write_all(&frame).await.unwrap();
+    let mut head = [0u8; 2];
+    tokio::time::timeout(WAIT, s.read_exact(&mut head))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(head[0], 0x82, "a binary frame");
+    let len = usize::from(head[1] & 0x7f);
+    let mut payload = vec![0u8; len.min(125)];
+    s.read_exact(&mut payload).await.unwrap();
+    assert!(payload.starts_with(b"AMQP\x00\x01\x00\x00"), "{payload:?}");
+}
+
+#[tokio::test]
+async fn amqp_over_websockets_on_the_azure_paths_echoes_amqpwsb10() {
+    let hub = TestHub::start().await;
+    for path in [
+        "/$servicebus/websocket",
+        "/$servicebus/websocket/",
+        "/$iothub/websocket",
+    ] {
+        let (head, s) = upgrade(&hub, path, "AMQPWSB10").await;
+        assert!(head.starts_with("http/1.1 101"), "{path}: {head}");
+        assert!(
+            head.contains("sec-websocket-protocol: amqpwsb10"),
+            "{path}: {head}"
+        );
+        amqp_over_websocket_answers(s).await;
+    }
+    // The device path still speaks MQTT to devices that ask for it.
+    let (head, _s) = upgrade(&hub, "/$iothub/websocket", "mqtt").await;
+    assert!(head.contains("sec-websocket-protocol: mqtt"), "{head}");
 }
