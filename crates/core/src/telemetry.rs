@@ -121,6 +121,17 @@ pub fn validate_consumer_group(name: &str) -> Result<()> {
     }
 }
 
+/// How a telemetry message reached the hub.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Origin<'a> {
+    /// An MQTT RETAIN publish (`mqtt-retain=true`).
+    pub retain: bool,
+    /// The device's will, sent because it dropped (`iothub-MessageType=Will`).
+    pub will: bool,
+    /// The model id from the MQTT user name's `model-id`.
+    pub model_id: Option<&'a str>,
+}
+
 impl Hub {
     pub fn events(&self) -> &Events {
         &self.events
@@ -128,15 +139,20 @@ impl Hub {
 
     /// Appends a device's telemetry publish to the built-in endpoint; returns once it is
     /// durable (the caller acknowledges only then). `retain` marks an MQTT RETAIN publish;
-    /// `will` a last-will message the hub sends for a device that dropped.
+    /// `will` a last-will message the hub sends for a device that dropped; `model_id` is the
+    /// Plug and Play model the device announced at connect (`dt-dataschema`).
     pub async fn send_telemetry(
         &self,
         session: &SessionRef<'_>,
         property_bag: &str,
         body: Vec<u8>,
-        retain: bool,
-        will: bool,
+        origin: Origin<'_>,
     ) -> Result<Appended> {
+        let Origin {
+            retain,
+            will,
+            model_id,
+        } = origin;
         let mut message = Message::from_property_bag(property_bag, body).map_err(message_error)?;
         if retain {
             message
@@ -154,7 +170,7 @@ impl Hub {
             auth_method: AUTH_METHOD_DEVICE_SAS.to_owned(),
             generation_id: session.generation_id.to_owned(),
             source: SOURCE_TELEMETRY.to_owned(),
-            data_schema: None,
+            data_schema: model_id.map(str::to_owned),
         };
         let log = &self.events.log;
         let partition = partition_for(session.device_id, log.partition_count());

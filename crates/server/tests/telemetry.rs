@@ -722,3 +722,41 @@ async fn amqp_over_websockets_on_the_azure_paths_echoes_amqpwsb10() {
     let (head, _s) = upgrade(&hub, "/$iothub/websocket", "mqtt").await;
     assert!(head.contains("sec-websocket-protocol: mqtt"), "{head}");
 }
+
+#[tokio::test]
+async fn the_model_id_of_the_user_name_becomes_dt_dataschema() {
+    let hub = TestHub::start().await;
+    let key = hub.device("tel-pnp").await;
+    let mut m = RawMqtt::open(&hub).await;
+    let mut c = connect_packet(
+        "tel-pnp",
+        Some(&device_token("tel-pnp", &key, 3600)),
+        true,
+        60,
+    );
+    c.username = Some(
+        "localhost/tel-pnp/?api-version=2021-04-12&model-id=dtmi%3Acom%3Aexample%3AThermostat%3B1"
+            .into(),
+    );
+    m.connect(c).await;
+    m.send(&publish(
+        "tel-pnp",
+        "%24.sub=thermostat1",
+        b"{}",
+        QoS::AtLeastOnce,
+        1,
+    ))
+    .await;
+    puback(&mut m, 1).await;
+    let client = events(&hub).await;
+    let got = read(
+        &mut client.receive(None, StartPosition::Earliest).await.unwrap(),
+        1,
+    )
+    .await;
+    assert_eq!(
+        got[0].annotations["dt-dataschema"],
+        "dtmi:com:example:Thermostat;1"
+    );
+    assert_eq!(got[0].annotations["dt-subject"], "thermostat1");
+}

@@ -20,6 +20,7 @@ use twinhub_core::directory::{
 use twinhub_core::logsafe::{RateLimit, Shown};
 use twinhub_core::methods::MAX_METHOD_PAYLOAD;
 use twinhub_core::redelivery::TwinAnswer;
+use twinhub_core::telemetry::Origin;
 use twinhub_core::twins::{PatchOutcome, SessionRef, TwinRequest};
 use twinhub_core::{Error, keys};
 use twinhub_mqtt::{
@@ -199,6 +200,7 @@ pub async fn run_session<S>(
         ctx: ctx.clone(),
         device_id: device_id.clone(),
         generation_id: start.generation_id.clone(),
+        model_id: model_id(connect.username.as_deref().unwrap_or_default()),
         handle: handle.clone(),
         clean: connect.clean_session,
         filters: BTreeSet::new(),
@@ -429,10 +431,26 @@ impl<W: AsyncWrite + Unpin> Out<W> {
     }
 }
 
+/// The Plug and Play model id a device announces in its user name (`...&model-id=dtmi:...`).
+fn model_id(username: &str) -> Option<String> {
+    let (_, query) = username.split_once('?')?;
+    query
+        .split('&')
+        .find_map(|pair| pair.strip_prefix("model-id="))
+        .filter(|v| !v.is_empty() && v.len() <= 512)
+        .map(|v| {
+            percent_encoding::percent_decode_str(v)
+                .decode_utf8_lossy()
+                .into_owned()
+        })
+}
+
 struct Session<W> {
     ctx: SessionContext,
     device_id: String,
     generation_id: String,
+    /// `dt-dataschema` of its telemetry.
+    model_id: Option<String>,
     handle: SessionHandle,
     clean: bool,
     filters: BTreeSet<String>,
@@ -470,8 +488,11 @@ impl<W: AsyncWrite + Unpin> Session<W> {
                 &self.session_ref(),
                 properties,
                 will.message.to_vec(),
-                will.retain,
-                true,
+                Origin {
+                    retain: will.retain,
+                    will: true,
+                    model_id: self.model_id.as_deref(),
+                },
             )
             .await
         {
@@ -744,8 +765,11 @@ impl<W: AsyncWrite + Unpin> Session<W> {
                         &self.session_ref(),
                         properties,
                         p.payload.to_vec(),
-                        p.retain,
-                        false,
+                        Origin {
+                            retain: p.retain,
+                            will: false,
+                            model_id: self.model_id.as_deref(),
+                        },
                     )
                     .await;
                 if let Err(e) = appended {
