@@ -138,9 +138,7 @@ impl Hub {
     }
 
     /// Appends a device's telemetry publish to the built-in endpoint; returns once it is
-    /// durable (the caller acknowledges only then). `retain` marks an MQTT RETAIN publish;
-    /// `will` a last-will message the hub sends for a device that dropped; `model_id` is the
-    /// Plug and Play model the device announced at connect (`dt-dataschema`).
+    /// durable (the caller acknowledges only then).
     pub async fn send_telemetry(
         &self,
         session: &SessionRef<'_>,
@@ -148,18 +146,30 @@ impl Hub {
         body: Vec<u8>,
         origin: Origin<'_>,
     ) -> Result<Appended> {
-        let Origin {
-            retain,
-            will,
-            model_id,
-        } = origin;
+        let event = self.prepare_telemetry(session, property_bag, body, origin)?;
+        self.append_telemetry(session.device_id, vec![event])
+            .await?
+            .pop()
+            .ok_or_else(|| Error::new(ErrorCode::ServerError, "the event log appended nothing"))
+    }
+
+    /// Checks and stamps one telemetry publish (property bag, IoT Hub's size limit) and encodes
+    /// it for the log, without writing it: a session gathers what one read brought and appends
+    /// it with [`Hub::append_telemetry`] in one go.
+    pub fn prepare_telemetry(
+        &self,
+        session: &SessionRef<'_>,
+        property_bag: &str,
+        body: Vec<u8>,
+        origin: Origin<'_>,
+    ) -> Result<NewEvent> {
         let mut message = Message::from_property_bag(property_bag, body).map_err(message_error)?;
-        if retain {
+        if origin.retain {
             message
                 .application
                 .push(("mqtt-retain".to_owned(), Some("true".to_owned())));
         }
-        if will {
+        if origin.will {
             message
                 .application
                 .push(("iothub-MessageType".to_owned(), Some("Will".to_owned())));
@@ -170,23 +180,26 @@ impl Hub {
             auth_method: AUTH_METHOD_DEVICE_SAS.to_owned(),
             generation_id: session.generation_id.to_owned(),
             source: SOURCE_TELEMETRY.to_owned(),
-            data_schema: model_id.map(str::to_owned),
+            data_schema: origin.model_id.map(str::to_owned),
         };
+        Ok(NewEvent {
+            data: message.encode().into(),
+        })
+    }
+
+    /// Appends one device's prepared messages, in order, to its partition; returns once they
+    /// are durable. All or none: a failure acknowledges nothing.
+    pub async fn append_telemetry(
+        &self,
+        device_id: &str,
+        events: Vec<NewEvent>,
+    ) -> Result<Vec<Appended>> {
+        let count = events.len() as u64;
         let log = &self.events.log;
-        let partition = partition_for(session.device_id, log.partition_count());
-        let mut appended = log
-            .append(
-                partition,
-                vec![NewEvent {
-                    data: message.encode().into(),
-                }],
-            )
-            .await
-            .map_err(log_error)?;
-        metrics::counter!("twinhub_d2c_messages_total").increment(1);
-        appended
-            .pop()
-            .ok_or_else(|| Error::new(ErrorCode::ServerError, "the event log appended nothing"))
+        let partition = partition_for(device_id, log.partition_count());
+        let appended = log.append(partition, events).await.map_err(log_error)?;
+        metrics::counter!("twinhub_d2c_messages_total").increment(count);
+        Ok(appended)
     }
 
     /// Loads the consumer groups from the store (at open).

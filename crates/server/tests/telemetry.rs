@@ -760,3 +760,39 @@ async fn the_model_id_of_the_user_name_becomes_dt_dataschema() {
     );
     assert_eq!(got[0].annotations["dt-subject"], "thermostat1");
 }
+
+#[tokio::test]
+async fn a_burst_in_one_write_is_kept_in_order_and_acknowledged_in_order() {
+    let hub = TestHub::start().await;
+    let mut d = device(&hub, "tel-burst").await;
+    let mut bytes = bytes::BytesMut::new();
+    for i in 1..=300u16 {
+        twinhub_mqtt::encode(
+            &publish(
+                "tel-burst",
+                "",
+                format!("{i}").as_bytes(),
+                QoS::AtLeastOnce,
+                i,
+            ),
+            &mut bytes,
+        )
+        .unwrap();
+    }
+    d.send_raw(&bytes).await;
+    for i in 1..=300u16 {
+        puback(&mut d, i).await;
+    }
+    let client = events(&hub).await;
+    let got = read(
+        &mut client.receive(None, StartPosition::Earliest).await.unwrap(),
+        300,
+    )
+    .await;
+    let bodies: Vec<String> = got
+        .iter()
+        .map(|e| String::from_utf8_lossy(&e.body).into_owned())
+        .collect();
+    let want: Vec<String> = (1..=300).map(|i| i.to_string()).collect();
+    assert_eq!(bodies, want);
+}

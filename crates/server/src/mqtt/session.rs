@@ -32,6 +32,10 @@ use twinhub_proto::topic::{self, Inbound, Subscription};
 
 use super::SessionContext;
 
+/// Telemetry publishes of one read appended together, at most this many or about this many
+/// bytes at a time.
+const TELEMETRY_BATCH: usize = 256;
+const TELEMETRY_BATCH_BYTES: usize = 1 << 20;
 /// Commands queued for one session before callers get "throttled".
 const COMMAND_QUEUE: usize = 256;
 /// A device that does not read its socket for this long is dropped.
@@ -201,6 +205,8 @@ pub async fn run_session<S>(
         device_id: device_id.clone(),
         generation_id: start.generation_id.clone(),
         model_id: model_id(connect.username.as_deref().unwrap_or_default()),
+        telemetry: Vec::new(),
+        telemetry_bytes: 0,
         handle: handle.clone(),
         clean: connect.clean_session,
         filters: BTreeSet::new(),
@@ -451,6 +457,9 @@ struct Session<W> {
     generation_id: String,
     /// `dt-dataschema` of its telemetry.
     model_id: Option<String>,
+    /// Telemetry read but not yet appended: packet id, QoS, the prepared event.
+    telemetry: Vec<(u16, QoS, twinhub_eventlog::NewEvent)>,
+    telemetry_bytes: usize,
     handle: SessionHandle,
     clean: bool,
     filters: BTreeSet<String>,
@@ -563,6 +572,34 @@ impl<W: AsyncWrite + Unpin> Session<W> {
         }
     }
 
+    /// Appends the telemetry gathered from this read in one batch and queues its PUBACKs.
+    async fn flush_telemetry(&mut self) -> Result<(), End> {
+        if self.telemetry.is_empty() {
+            return Ok(());
+        }
+        let batch = std::mem::take(&mut self.telemetry);
+        self.telemetry_bytes = 0;
+        let mut acks = Vec::with_capacity(batch.len());
+        let mut events = Vec::with_capacity(batch.len());
+        for (pkid, qos, event) in batch {
+            acks.push((pkid, qos));
+            events.push(event);
+        }
+        if let Err(e) = self.ctx.hub.append_telemetry(&self.device_id, events).await {
+            return Err(because(format!(
+                "telemetry refused ({}): {}",
+                e.code().name(),
+                e.message()
+            )));
+        }
+        for (pkid, qos) in acks {
+            if qos == QoS::AtLeastOnce {
+                self.out.push(&Packet::PubAck(pkid));
+            }
+        }
+        Ok(())
+    }
+
     async fn flush(&mut self) -> Result<(), End> {
         self.twin_since_flush = 0;
         self.out.flush().await
@@ -581,8 +618,11 @@ impl<W: AsyncWrite + Unpin> Session<W> {
             }
             match decode(inbuf, DEFAULT_MAX_PACKET_SIZE) {
                 Ok(Some(p)) => self.packet(p).await?,
-                Ok(None) => return Ok(()),
-                Err(e) => return Err(because(format!("malformed packet: {e}"))),
+                Ok(None) => return self.flush_telemetry().await,
+                Err(e) => {
+                    self.flush_telemetry().await?;
+                    return Err(because(format!("malformed packet: {e}")));
+                }
             }
         }
     }
@@ -633,6 +673,9 @@ impl<W: AsyncWrite + Unpin> Session<W> {
     }
 
     async fn packet(&mut self, p: Packet) -> Result<(), End> {
+        if !matches!(p, Packet::Publish(_)) {
+            self.flush_telemetry().await?;
+        }
         match p {
             Packet::Publish(publish) => self.publish(publish).await,
             Packet::Subscribe(sub) => {
@@ -726,17 +769,22 @@ impl<W: AsyncWrite + Unpin> Session<W> {
 
     async fn publish(&mut self, p: Publish) -> Result<(), End> {
         if p.qos == QoS::ExactlyOnce {
+            self.flush_telemetry().await?;
             return Err(because("QoS 2 publish (IoT Hub serves QoS 0 and 1 only)"));
         }
         let inbound = match topic::parse_publish_topic(p.topic.as_str()) {
             Ok(i) => i,
             Err(_) => {
+                self.flush_telemetry().await?;
                 return Err(because(format!(
                     "publish to a topic the hub does not serve: {}",
                     Shown(p.topic.as_str())
                 )));
             }
         };
+        if !matches!(inbound, Inbound::Telemetry { .. }) {
+            self.flush_telemetry().await?;
+        }
         match inbound {
             Inbound::Telemetry {
                 device_id,
@@ -744,6 +792,7 @@ impl<W: AsyncWrite + Unpin> Session<W> {
                 properties,
             } => {
                 if device_id != self.device_id || module_id.is_some() {
+                    self.flush_telemetry().await?;
                     return Err(because(format!(
                         "publish to another identity's topic {}",
                         Shown(p.topic.as_str())
@@ -752,33 +801,44 @@ impl<W: AsyncWrite + Unpin> Session<W> {
                 // Over the operator's rate the acknowledgement waits (IoT Hub's traffic
                 // shaping): the device slows down instead of losing messages.
                 if let Err(wait) = self.ctx.hub.throttles().d2c(&self.device_id) {
+                    self.flush_telemetry().await?;
                     self.flush().await?;
                     self.pause(wait).await?;
                 }
-                // The PUBACK below goes out only once the message is durable. A message the
-                // hub cannot keep closes the connection unacknowledged (MQTT 3.1.1 has no
-                // negative PUBACK); the device sends it again after reconnecting.
-                let appended = self
-                    .ctx
-                    .hub
-                    .send_telemetry(
-                        &self.session_ref(),
-                        properties,
-                        p.payload.to_vec(),
-                        Origin {
-                            retain: p.retain,
-                            will: false,
-                            model_id: self.model_id.as_deref(),
-                        },
-                    )
-                    .await;
-                if let Err(e) = appended {
-                    return Err(because(format!(
-                        "telemetry refused ({}): {}",
-                        e.code().name(),
-                        e.message()
-                    )));
+                // A message the hub cannot keep closes the connection unacknowledged (MQTT
+                // 3.1.1 has no negative PUBACK); the device sends it again after reconnecting.
+                let prepared = self.ctx.hub.prepare_telemetry(
+                    &self.session_ref(),
+                    properties,
+                    p.payload.to_vec(),
+                    Origin {
+                        retain: p.retain,
+                        will: false,
+                        model_id: self.model_id.as_deref(),
+                    },
+                );
+                let event = match prepared {
+                    Ok(event) => event,
+                    Err(e) => {
+                        // What came before it is kept and acknowledged.
+                        self.flush_telemetry().await?;
+                        return Err(because(format!(
+                            "telemetry refused ({}): {}",
+                            e.code().name(),
+                            e.message()
+                        )));
+                    }
+                };
+                // Gathered with the rest of this read and appended in one go; the PUBACKs
+                // leave once the batch is durable, in order.
+                self.telemetry_bytes += event.data.len();
+                self.telemetry.push((p.pkid, p.qos, event));
+                if self.telemetry.len() >= TELEMETRY_BATCH
+                    || self.telemetry_bytes >= TELEMETRY_BATCH_BYTES
+                {
+                    self.flush_telemetry().await?;
                 }
+                return Ok(());
             }
             Inbound::MethodResponse { status, rid } => {
                 let rid = rid.to_string();
