@@ -24,6 +24,10 @@ pytestmark = pytest.mark.device
 READ_TIMEOUT_S = 40
 PROCESS_TIMEOUT_S = 90.0
 
+# The tests that read get a hub of their own (fresh_hub): the consumer stops when it has read
+# everything the hub holds, so no partition is still delivering when it closes. Closing in the
+# middle of a delivery is a case of its own, not mixed into these.
+
 
 def events_cs(hub: Hub) -> str:
     return hub.cli("connection-string", "--events", "--data-dir", str(hub.data_dir)).strip()
@@ -78,7 +82,8 @@ def assert_read_in_order(run: NodeRun, sent: dict[str, list[dict]]) -> None:
 
 
 @pytest.mark.parametrize("transport", ["amqps", "websockets"])
-def test_node_consumer_reads_what_devices_sent(hub, device_client, transport):
+def test_node_consumer_reads_what_devices_sent(fresh_hub, device_client, transport):
+    hub = fresh_hub
     devices = [unique_id("node"), unique_id("node")]
     sent = send_interleaved(device_client, hub, devices, 3)
     args = [events_cs(hub), "--count", "6", "--timeout", str(READ_TIMEOUT_S)]
@@ -93,7 +98,8 @@ def test_node_consumer_reads_what_devices_sent(hub, device_client, transport):
     assert run.of_type("done") == [{"type": "done", "reason": "count", "counted": 6}], run.explain()
 
 
-def test_node_client_metadata_agrees_with_what_is_read(hub, device_client):
+def test_node_client_metadata_agrees_with_what_is_read(fresh_hub, device_client):
+    hub = fresh_hub
     device = unique_id("nodemeta")
     send_interleaved(device_client, hub, [device], 2)
     cs = events_cs(hub)
@@ -142,10 +148,11 @@ def test_node_client_is_refused_with_a_bad_key(hub):
     assert fatal["code"] == "UnauthorizedError", run.explain()
 
 
-def test_iothub_connection_string_sample_follows_the_redirect(hub, device_client):
+def test_iothub_connection_string_sample_follows_the_redirect(fresh_hub, device_client):
     """Azure's JS sample (iothubConnectionString): SASL PLAIN as <policy>@sas.root.<hub> with a
     token for <host>/messages/events, a receiver on messages/events/$management, the redirect's
     info parsed into an Event Hubs connection string, then the EventHubConsumerClient."""
+    hub = fresh_hub
     device = unique_id("noderedir")
     sent = send_interleaved(device_client, hub, [device], 3)
     run = run_node(
