@@ -46,7 +46,7 @@ log "installing $(grep -cvE '^\s*(#|$)' "$req") pinned requirements"
     || die "pip install -r $req failed"
 
 # Catches a broken install (e.g. the missing six) before any test runs.
-"$venv/bin/python" -c 'import azure.iot.device, azure.iot.hub, paho.mqtt.client, pytest, pytest_timeout' >&2 \
+"$venv/bin/python" -c 'import azure.iot.device, azure.iot.hub, azure.eventhub, websocket, paho.mqtt.client, pytest, pytest_timeout' >&2 \
     || die "the installed packages do not import"
 
 echo "$want" > "$stamp"
