@@ -1,12 +1,26 @@
-//! Writes every performative we send with all of its fields. AMQP lets a sender leave
+//! Byte-level fixes between fe2o3-amqp and the Azure clients, both directions of one stream.
+//!
+//! Out: every performative we send goes with all of its fields. AMQP lets a sender leave
 //! trailing null fields out of a performative's list, and fe2o3-amqp does; the Event Hubs
 //! SDK's pure-Python AMQP stack indexes the fields of a received `open` (and others) by
 //! position and fails on a short list ("list index out of range"), while Azure's own
-//! services always send them in full. This write adapter pads each outgoing performative
-//! with nulls up to its arity; protocol headers and frame payloads pass through unchanged.
+//! services always send them in full. Each outgoing performative is padded with nulls up to
+//! its arity (begin's handle-max spelled out); protocol headers and payloads pass unchanged.
+//!
+//! In: frames a client sends on a channel after its own `end` there are dropped. rhea (the
+//! Node SDKs) settles deliveries that were in flight after ending the session; fe2o3-amqp
+//! forgets the channel at the `end` and closes the whole connection with `amqp:not-found`
+//! on the next frame, cutting the client's other sessions. A `begin` opens the channel again.
+//!
+//! In, too: a client's `end` waits until we have answered the `detach`es it sent just before
+//! it. rhea sends detach and end back to back; fe2o3-amqp's session, once it has the end,
+//! refuses the link's detach reply and ends the session with `amqp:illegal-state`. Held ends
+//! are let go after [`END_HOLD`] whatever happens.
 
 use std::pin::Pin;
 use std::task::{Context, Poll};
+
+use std::future::Future;
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
@@ -130,16 +144,37 @@ pub(crate) fn pad_frame(frame: &[u8]) -> Option<Vec<u8>> {
     Some(out)
 }
 
-/// A stream whose writes are regrouped into whole frames, each padded by [`pad_frame`].
+/// A stream whose writes are regrouped into whole frames, each padded by [`pad_frame`], and
+/// whose reads drop what a client sends on a channel it has ended.
 #[derive(Debug)]
 pub(crate) struct Padded<S> {
     inner: S,
+    /// Bytes read from `inner`, not yet a whole frame or header.
+    raw: Vec<u8>,
+    /// Whole frames and headers ready for the reader, and how many of them it took.
+    ready: Vec<u8>,
+    taken: usize,
+    /// Channels the client sent `end` on (and no `begin` since).
+    ended: std::collections::HashSet<u16>,
+    eof: bool,
+    /// Per client channel: detaches the client sent that we have not answered yet, and
+    /// detaches we sent first (the client's next ones answer them).
+    owed: std::collections::HashMap<u16, (u32, u32)>,
+    /// Per client channel: its `end`, held while detaches are owed.
+    held: std::collections::HashMap<u16, Vec<u8>>,
+    /// Our channel -> the client's, from the `begin`s we send.
+    peer_channel: std::collections::HashMap<u16, u16>,
+    hold_until: Option<Pin<Box<tokio::time::Sleep>>>,
+    reader: Option<std::task::Waker>,
     /// Bytes written to us, not yet a whole frame or header.
     incoming: Vec<u8>,
     /// Bytes ready for `inner`, and how many of them went out already.
     outgoing: Vec<u8>,
     sent: usize,
 }
+
+/// The longest a client's `end` waits for our detach replies.
+const END_HOLD: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// Above this many bytes waiting for the socket, writes wait for it to drain.
 const HIGH_WATER: usize = 256 * 1024;
@@ -148,14 +183,107 @@ impl<S> Padded<S> {
     pub(crate) fn new(inner: S) -> Self {
         Padded {
             inner,
+            raw: Vec::new(),
+            ready: Vec::new(),
+            taken: 0,
+            ended: std::collections::HashSet::new(),
+            eof: false,
+            owed: std::collections::HashMap::new(),
+            held: std::collections::HashMap::new(),
+            peer_channel: std::collections::HashMap::new(),
+            hold_until: None,
+            reader: None,
             incoming: Vec::new(),
             outgoing: Vec::new(),
             sent: 0,
         }
     }
 
+    /// Moves every whole header and frame from `raw` to `ready`, less what arrives on an
+    /// ended channel.
+    fn filter_incoming(&mut self) {
+        let mut at = 0;
+        loop {
+            let rest = &self.raw[at..];
+            if rest.len() >= 8 && &rest[..4] == b"AMQP" {
+                self.ready.extend_from_slice(&rest[..8]);
+                at += 8;
+                continue;
+            }
+            if rest.len() < 8 {
+                break;
+            }
+            let size = u32::from_be_bytes([rest[0], rest[1], rest[2], rest[3]]) as usize;
+            if size < 8 {
+                // Malformed: the codec reports it.
+                self.ready.extend_from_slice(rest);
+                at = self.raw.len();
+                break;
+            }
+            if rest.len() < size {
+                break;
+            }
+            let frame = &rest[..size];
+            let channel = u16::from_be_bytes([frame[6], frame[7]]);
+            let doff = usize::from(frame[4]) * 4;
+            let code = match frame.get(doff..doff + 3) {
+                Some([0x00, 0x53, code]) if frame[5] == 0 => Some(*code),
+                _ => None,
+            };
+            let keep = match code {
+                Some(0x11) => {
+                    self.ended.remove(&channel);
+                    self.owed.remove(&channel);
+                    true
+                }
+                Some(0x16) if !self.ended.contains(&channel) => {
+                    let owed = self.owed.entry(channel).or_default();
+                    if owed.1 > 0 {
+                        owed.1 -= 1; // it answers ours
+                    } else {
+                        owed.0 += 1;
+                    }
+                    true
+                }
+                Some(0x17) => {
+                    let first = self.ended.insert(channel);
+                    if first && self.owed.get(&channel).is_some_and(|o| o.0 > 0) {
+                        self.held.insert(channel, frame.to_vec());
+                        self.hold_until = Some(Box::pin(tokio::time::sleep(END_HOLD)));
+                        false
+                    } else {
+                        first
+                    }
+                }
+                // Link-level frames (attach to detach) belong to the ended session; open and
+                // close are the connection's and always pass.
+                Some(0x12..=0x16) => !self.ended.contains(&channel),
+                _ => true,
+            };
+            if keep {
+                self.ready.extend_from_slice(frame);
+            }
+            at += size;
+        }
+        self.raw.drain(..at);
+    }
+
+    /// Hands a held `end` to the reader.
+    fn release(&mut self, client_channel: u16) {
+        if let Some(end) = self.held.remove(&client_channel) {
+            self.ready.extend_from_slice(&end);
+            if self.held.is_empty() {
+                self.hold_until = None;
+            }
+            if let Some(w) = self.reader.take() {
+                w.wake();
+            }
+        }
+    }
+
     /// Moves every whole header and frame from `incoming` to `outgoing`, padded.
     fn regroup(&mut self) {
+        let mut released = Vec::new();
         let mut at = 0;
         loop {
             let rest = &self.incoming[at..];
@@ -178,6 +306,31 @@ impl<S> Padded<S> {
                 break;
             }
             let frame = &rest[..size];
+            let channel = u16::from_be_bytes([frame[6], frame[7]]);
+            let doff = usize::from(frame[4]) * 4;
+            match frame.get(doff..doff + 3) {
+                Some([0x00, 0x53, 0x11]) if frame[5] == 0 => {
+                    // begin: its first field is the client's channel (ushort 0x60).
+                    if let Some([0x60, hi, lo]) = frame.get(doff + 6..doff + 9) {
+                        self.peer_channel
+                            .insert(channel, u16::from_be_bytes([*hi, *lo]));
+                    }
+                }
+                Some([0x00, 0x53, 0x16]) if frame[5] == 0 => {
+                    if let Some(client) = self.peer_channel.get(&channel).copied() {
+                        let owed = self.owed.entry(client).or_default();
+                        if owed.0 > 0 {
+                            owed.0 -= 1;
+                            if owed.0 == 0 {
+                                released.push(client);
+                            }
+                        } else {
+                            owed.1 += 1;
+                        }
+                    }
+                }
+                _ => {}
+            }
             match pad_frame(frame) {
                 Some(padded) => self.outgoing.extend_from_slice(&padded),
                 None => self.outgoing.extend_from_slice(frame),
@@ -185,6 +338,9 @@ impl<S> Padded<S> {
             at += size;
         }
         self.incoming.drain(..at);
+        for client in released {
+            self.release(client);
+        }
     }
 }
 
@@ -211,7 +367,46 @@ impl<S: AsyncRead + Unpin> AsyncRead for Padded<S> {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.inner).poll_read(cx, buf)
+        let this = &mut *self;
+        if let Some(deadline) = this.hold_until.as_mut()
+            && deadline.as_mut().poll(cx).is_ready()
+        {
+            this.hold_until = None;
+            let channels: Vec<u16> = this.held.keys().copied().collect();
+            for c in channels {
+                this.release(c);
+            }
+        }
+        this.reader = Some(cx.waker().clone());
+        loop {
+            if this.taken < this.ready.len() {
+                let n = buf.remaining().min(this.ready.len() - this.taken);
+                buf.put_slice(&this.ready[this.taken..this.taken + n]);
+                this.taken += n;
+                if this.taken == this.ready.len() {
+                    this.ready.clear();
+                    this.taken = 0;
+                }
+                return Poll::Ready(Ok(()));
+            }
+            if this.eof {
+                // What is left is a partial frame: hand it over so the codec sees the end.
+                if !this.raw.is_empty() {
+                    this.ready.append(&mut this.raw);
+                    continue;
+                }
+                return Poll::Ready(Ok(()));
+            }
+            let mut chunk = [0u8; 16 * 1024];
+            let mut read = ReadBuf::new(&mut chunk);
+            std::task::ready!(Pin::new(&mut this.inner).poll_read(cx, &mut read))?;
+            if read.filled().is_empty() {
+                this.eof = true;
+                continue;
+            }
+            this.raw.extend_from_slice(read.filled());
+            this.filter_incoming();
+        }
     }
 }
 
@@ -250,6 +445,7 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Padded<S> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
 
     fn frame(frame_type: u8, body: &[u8]) -> Vec<u8> {
         let mut f = Vec::new();
@@ -329,6 +525,106 @@ mod tests {
         let detach_full = [0x00, 0x53, 0x16, 0xc0, 0x04, 0x03, 0x43, 0x41, 0x40];
         assert!(pad_frame(&frame(0, &detach_full)).is_none());
         assert!(pad_frame(&frame(0, &[0x00, 0x53, 0x77, 0x45])).is_none());
+    }
+
+    #[tokio::test]
+    async fn frames_after_a_clients_end_are_dropped_until_it_begins_again() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let on = |channel: u8, body: &[u8]| {
+            let mut f = frame(0, body);
+            f[7] = channel;
+            f
+        };
+        let disposition = [0x00, 0x53, 0x15, 0xc0, 0x03, 0x02, 0x41, 0x43];
+        let end = [0x00, 0x53, 0x17, 0x45];
+        let begin = [0x00, 0x53, 0x11, 0xc0, 0x02, 0x01, 0x40];
+        let mut sent = b"AMQP\x00\x01\x00\x00".to_vec();
+        let mut want = sent.clone();
+        for f in [on(5, &disposition), on(5, &end)] {
+            sent.extend(&f);
+            want.extend(&f);
+        }
+        sent.extend(on(5, &disposition)); // after the end: dropped
+        let close = on(5, &[0x00, 0x53, 0x18, 0x45]); // the connection's close always passes
+        sent.extend(&close);
+        want.extend(&close);
+        let other = on(3, &disposition); // another channel: kept
+        sent.extend(&other);
+        want.extend(&other);
+        for f in [on(5, &begin), on(5, &disposition)] {
+            sent.extend(&f);
+            want.extend(&f);
+        }
+        let (mut a, b) = tokio::io::duplex(4096);
+        let mut r = Padded::new(b);
+        for chunk in sent.chunks(5) {
+            a.write_all(chunk).await.unwrap();
+        }
+        drop(a);
+        let mut got = Vec::new();
+        r.read_to_end(&mut got).await.unwrap();
+        assert_eq!(got, want);
+    }
+
+    #[tokio::test]
+    async fn a_clients_end_waits_for_our_detach_replies() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let on = |channel: u8, body: &[u8]| {
+            let mut f = frame(0, body);
+            f[7] = channel;
+            f
+        };
+        let begin_for_5 = [0x00, 0x53, 0x11, 0xc0, 0x04, 0x01, 0x60, 0x00, 0x05];
+        let detach = [0x00, 0x53, 0x16, 0xc0, 0x03, 0x02, 0x43, 0x41];
+        let end = [0x00, 0x53, 0x17, 0xc0, 0x02, 0x01, 0x40];
+        let (mut client, server_side) = tokio::io::duplex(4096);
+        let mut hub = Padded::new(server_side);
+        hub.write_all(&on(0, &begin_for_5)).await.unwrap();
+        hub.flush().await.unwrap();
+        let mut from_client = on(5, &detach);
+        from_client.extend(on(5, &end));
+        client.write_all(&from_client).await.unwrap();
+        let mut got = vec![0u8; on(5, &detach).len()];
+        hub.read_exact(&mut got).await.unwrap();
+        assert_eq!(got, on(5, &detach));
+        let mut more = [0u8; 1];
+        assert!(
+            tokio::time::timeout(Duration::from_millis(200), hub.read(&mut more))
+                .await
+                .is_err(),
+            "the end was not held"
+        );
+        hub.write_all(&on(0, &detach)).await.unwrap();
+        hub.flush().await.unwrap();
+        let mut got = vec![0u8; on(5, &end).len()];
+        tokio::time::timeout(Duration::from_secs(1), hub.read_exact(&mut got))
+            .await
+            .expect("our detach lets the end through")
+            .unwrap();
+        assert_eq!(got, on(5, &end));
+    }
+
+    #[tokio::test]
+    async fn a_held_end_goes_through_after_the_hold_even_unanswered() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let on = |channel: u8, body: &[u8]| {
+            let mut f = frame(0, body);
+            f[7] = channel;
+            f
+        };
+        let detach = [0x00, 0x53, 0x16, 0xc0, 0x03, 0x02, 0x43, 0x41];
+        let end = [0x00, 0x53, 0x17, 0xc0, 0x02, 0x01, 0x40];
+        let (mut client, server_side) = tokio::io::duplex(4096);
+        let mut hub = Padded::new(server_side);
+        let mut from_client = on(2, &detach);
+        from_client.extend(on(2, &end));
+        client.write_all(&from_client).await.unwrap();
+        let mut got = vec![0u8; from_client.len()];
+        tokio::time::timeout(END_HOLD * 3, hub.read_exact(&mut got))
+            .await
+            .expect("released after the hold")
+            .unwrap();
+        assert_eq!(got, from_client);
     }
 
     #[tokio::test]
