@@ -7,7 +7,7 @@ use std::fmt::Write as _;
 use serde::Serialize;
 
 use crate::machine::Machine;
-use crate::run::Settings;
+use crate::run::{Scenario, Settings};
 use crate::scenario::connect::ConnectResult;
 use crate::scenario::fanout::Fanout;
 use crate::scenario::telemetry::{CatchUp, EndToEnd, Ingest};
@@ -184,6 +184,19 @@ impl Report {
                 None => unmeasured(goal),
             },
         );
+        // A partial run (`--scenarios`) is judged on what it ran only.
+        let ran = [
+            Scenario::Methods,
+            Scenario::Methods,
+            Scenario::Twin,
+            Scenario::Connect,
+        ]
+        .map(|s| self.settings.scenarios.contains(&s));
+        let mut out: Vec<TargetCheck> = out
+            .into_iter()
+            .zip(ran)
+            .filter_map(|(check, ran)| ran.then_some(check))
+            .collect();
         if let Some(t) = &self.telemetry {
             out.extend(telemetry_targets(t));
         }
@@ -778,6 +791,70 @@ mod tests {
             !table.contains("desired-fanout:"),
             "no fan-out was run:\n{table}"
         );
+    }
+
+    #[test]
+    fn telemetry_targets_are_judged_and_a_partial_run_only_on_what_ran() {
+        let mut r = report();
+        r.settings.scenarios = vec![Scenario::Telemetry];
+        let mut e2e = Recorder::new();
+        e2e.record(Duration::from_micros(600));
+        r.telemetry = Some(TelemetryReport {
+            ingest: Pair {
+                twinhub: Some(Ingest {
+                    acks: throughput(60_000.0, 20_000),
+                    ..Ingest::default()
+                }),
+                mosquitto: Some(Ingest {
+                    acks: throughput(75_000.0, 15_000),
+                    ..Ingest::default()
+                }),
+            },
+            end_to_end: Pair {
+                twinhub: Some(EndToEnd {
+                    sent: 1,
+                    received: 1,
+                    latency: e2e.latency(),
+                    ..EndToEnd::default()
+                }),
+                mosquitto: None,
+            },
+            disk_floor: Some(EndToEnd {
+                latency: e2e.latency(),
+                ..EndToEnd::default()
+            }),
+            catch_up: Some(CatchUp {
+                backlog: 100,
+                read: 100,
+                per_second: 50_000.0,
+                seconds_to_last: Some(0.002),
+                in_order: true,
+                ..CatchUp::default()
+            }),
+        });
+        r.targets = r.check_targets();
+        let checks = &r.targets;
+        assert_eq!(checks.len(), 3, "{checks:?}");
+        assert_eq!(
+            checks[0].met,
+            Some(true),
+            "0.80x is over 0.75x: {:?}",
+            checks[0]
+        );
+        assert!(checks[0].measured.starts_with("0.80x"), "{:?}", checks[0]);
+        assert_eq!(checks[1].met, Some(true), "{:?}", checks[1]);
+        assert_eq!(checks[2].met, Some(false), "{:?}", checks[2]);
+        let table = r.table();
+        for needle in [
+            "telemetry ingest:",
+            "telemetry end to end:",
+            "disk floor",
+            "telemetry catch-up",
+            "0.80x",
+        ] {
+            assert!(table.contains(needle), "{needle} missing from\n{table}");
+        }
+        assert!(!table.contains("methods at C=256"), "{table}");
     }
 
     #[test]

@@ -137,8 +137,10 @@ impl Settings {
             telemetry_rate: 1_000.0,
             telemetry_latency_secs: 3.0,
             backlog_events: 100_000,
-            backlog_devices: 100,
-            backlog_inflight: 32,
+            // The hub appends one message per device connection at a time, so many devices
+            // fill the backlog faster than a deep window per device.
+            backlog_devices: 400,
+            backlog_inflight: 16,
             partitions: 4,
             floor: true,
             quiet_wait_secs: 15.0,
