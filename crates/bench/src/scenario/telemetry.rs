@@ -135,10 +135,10 @@ pub fn payload_stamp(body: &[u8]) -> Option<(u64, u64, u64)> {
     ))
 }
 
-/// Counters of the hub's event log writer over the ingest window, read with `perf stat` on
-/// the syscall tracepoints (when perf and tracefs are there): every group commit fsyncs each
-/// partition file it wrote once, so messages per fdatasync is the group commit's size per
-/// partition.
+/// Counters of the hub's event log writer over the ingest window: fdatasyncs from `perf stat`
+/// on the syscall tracepoint, machine-wide (when perf and tracefs are there; the hub is the
+/// only process syncing files then). Every group commit fsyncs each partition file it wrote
+/// once, so messages per fdatasync is the group commit's size per partition.
 #[derive(Debug, Clone, Copy, PartialEq, Default, Serialize, Deserialize)]
 pub struct LogCounters {
     pub seconds: f64,
