@@ -51,11 +51,18 @@ enum Running {
     InProcess(Box<RunningServer>),
 }
 
+/// The policy the bench reads telemetry as (ServiceConnect only, as a back end would).
+pub const EVENTS_POLICY: &str = "service";
+
 /// A started hub and what clients need to reach it.
 pub struct Hub {
     pub https_addr: SocketAddr,
     pub mqtt_addr: SocketAddr,
+    /// The Event Hub-compatible endpoint (AMQP over TLS).
+    pub amqp_addr: SocketAddr,
     pub connection_string: String,
+    /// The Event Hub-compatible connection string of the built-in endpoint.
+    pub events_connection_string: String,
     /// The dev CA (PEM) that signed the hub's certificate.
     pub ca_pem: String,
     /// The dev CA's private key (PEM), to sign the peers' certificates.
@@ -70,13 +77,24 @@ fn read_text(path: &Path) -> Result<String> {
 }
 
 impl Hub {
-    /// Starts a hub with a fresh store in `data_dir` on loopback, on ports the system picks.
+    /// Starts a hub with a fresh store in `data_dir` on loopback, on ports the system picks,
+    /// with the hub's default number of event partitions.
     pub async fn start(launch: &Launch, data_dir: &Path) -> Result<Hub> {
+        Self::start_with(launch, data_dir, None).await
+    }
+
+    /// [`Hub::start`] with `partitions` event partitions (`--partitions`) when given.
+    pub async fn start_with(
+        launch: &Launch,
+        data_dir: &Path,
+        partitions: Option<u32>,
+    ) -> Result<Hub> {
         std::fs::create_dir_all(data_dir)
             .map_err(|e| Error::io(format!("creating {}", data_dir.display()), e))?;
         let loopback = IpAddr::from([127, 0, 0, 1]);
         match launch {
             Launch::InProcess => {
+                let defaults = Config::default();
                 let server = RunningServer::start(Config {
                     data_dir: data_dir.to_path_buf(),
                     hostname: HOSTNAME.into(),
@@ -84,17 +102,24 @@ impl Hub {
                     https_port: 0,
                     mqtt_port: 0,
                     amqp_port: 0,
-                    ..Config::default()
+                    partitions: partitions.unwrap_or(defaults.partitions),
+                    ..defaults
                 })
                 .await?;
                 let connection_string = server
                     .connection_string("iothubowner")
                     .ok_or_else(|| Error::Setup("the hub has no iothubowner policy".into()))?;
+                let events_connection_string = server
+                    .hub_file
+                    .events_connection_string(EVENTS_POLICY, false)
+                    .ok_or_else(|| Error::Setup("the hub has no events endpoint".into()))?;
                 let tls = data_dir.join("tls");
                 Ok(Hub {
                     https_addr: server.https_addr,
                     mqtt_addr: server.mqtt_addr,
+                    amqp_addr: server.amqp_addr,
                     connection_string,
+                    events_connection_string,
                     ca_pem: read_text(&tls.join("ca.pem"))?,
                     ca_key_pem: read_text(&tls.join("ca-key.pem"))?,
                     data_dir: data_dir.to_path_buf(),
@@ -103,7 +128,7 @@ impl Hub {
                 })
             }
             Launch::Process { bin, log_filter } => {
-                Self::start_child(bin, log_filter, data_dir, loopback).await
+                Self::start_child(bin, log_filter, data_dir, loopback, partitions).await
             }
         }
     }
@@ -113,6 +138,7 @@ impl Hub {
         log_filter: &str,
         data_dir: &Path,
         loopback: IpAddr,
+        partitions: Option<u32>,
     ) -> Result<Hub> {
         if !bin.is_file() {
             return Err(Error::Setup(format!(
@@ -131,13 +157,18 @@ impl Hub {
         let log_path = data_dir.join("hub.log");
         let log = std::fs::File::create(&log_path)
             .map_err(|e| Error::io(format!("creating {}", log_path.display()), e))?;
+        let mut command = Command::new(bin);
+        command
+            .arg("serve")
+            .arg("--data-dir")
+            .arg(data_dir)
+            .args(["--hostname", HOSTNAME, "--bind", &loopback.to_string()])
+            .args(["--https-port", "0", "--mqtt-port", "0", "--amqp-port", "0"]);
+        if let Some(p) = partitions {
+            command.args(["--partitions", &p.to_string()]);
+        }
         let mut child = ChildProcess::spawn(
-            Command::new(bin)
-                .arg("serve")
-                .arg("--data-dir")
-                .arg(data_dir)
-                .args(["--hostname", HOSTNAME, "--bind", &loopback.to_string()])
-                .args(["--https-port", "0", "--mqtt-port", "0", "--amqp-port", "0"])
+            command
                 .env("RUST_LOG", log_filter)
                 .stdin(Stdio::null())
                 .stdout(Stdio::null())
@@ -167,13 +198,15 @@ impl Hub {
     /// Everything needed to talk to a child hub, once it answers.
     async fn probe(data_dir: &Path, loopback: IpAddr, version: &str) -> Option<Probed> {
         let file = HubFile::read(data_dir).ok()?;
-        if file.https_port == 0 || file.mqtt_port == 0 {
+        let amqp_port = file.amqp_port.unwrap_or(0);
+        if file.https_port == 0 || file.mqtt_port == 0 || amqp_port == 0 {
             return None;
         }
         let tls = data_dir.join("tls");
         let ca_pem = std::fs::read_to_string(tls.join("ca.pem")).ok()?;
         let ca_key_pem = std::fs::read_to_string(tls.join("ca-key.pem")).ok()?;
         let connection_string = file.connection_string("iothubowner")?;
+        let events_connection_string = file.events_connection_string(EVENTS_POLICY, false)?;
         let service = ServiceClient::builder(&connection_string)
             .extra_ca_pem(ca_pem.clone())
             .timeout(Duration::from_secs(5))
@@ -183,7 +216,9 @@ impl Hub {
         Some(Probed {
             https_addr: SocketAddr::new(loopback, file.https_port),
             mqtt_addr: SocketAddr::new(loopback, file.mqtt_port),
+            amqp_addr: SocketAddr::new(loopback, amqp_port),
             connection_string,
+            events_connection_string,
             ca_pem,
             ca_key_pem,
             data_dir: data_dir.to_path_buf(),
@@ -221,7 +256,9 @@ impl Hub {
 struct Probed {
     https_addr: SocketAddr,
     mqtt_addr: SocketAddr,
+    amqp_addr: SocketAddr,
     connection_string: String,
+    events_connection_string: String,
     ca_pem: String,
     ca_key_pem: String,
     data_dir: PathBuf,
@@ -233,7 +270,9 @@ impl Probed {
         let Probed {
             https_addr,
             mqtt_addr,
+            amqp_addr,
             connection_string,
+            events_connection_string,
             ca_pem,
             ca_key_pem,
             data_dir,
@@ -242,7 +281,9 @@ impl Probed {
         Hub {
             https_addr,
             mqtt_addr,
+            amqp_addr,
             connection_string,
+            events_connection_string,
             ca_pem,
             ca_key_pem,
             data_dir,

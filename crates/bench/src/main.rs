@@ -104,6 +104,36 @@ struct RunArgs {
     /// Desired patches in flight during the fan-out
     #[arg(long)]
     fanout_concurrency: Option<usize>,
+    /// Devices publishing telemetry (ingest and end to end)
+    #[arg(long)]
+    telemetry_devices: Option<usize>,
+    /// QoS 1 telemetry publishes each device keeps unacknowledged during ingest
+    #[arg(long)]
+    telemetry_inflight: Option<usize>,
+    /// Bytes of every telemetry payload
+    #[arg(long)]
+    telemetry_payload: Option<usize>,
+    /// Measured window of the telemetry ingest phase, seconds (0 skips it)
+    #[arg(long)]
+    telemetry_duration: Option<f64>,
+    /// Messages per second (over all devices) in the end-to-end latency phase (0 skips it)
+    #[arg(long)]
+    telemetry_rate: Option<f64>,
+    /// Measured window of the end-to-end latency phase, seconds
+    #[arg(long)]
+    telemetry_latency_duration: Option<f64>,
+    /// Events in the catch-up backlog (0 skips the catch-up)
+    #[arg(long)]
+    backlog: Option<usize>,
+    /// Devices filling the backlog
+    #[arg(long)]
+    backlog_devices: Option<usize>,
+    /// QoS 1 publishes each backlog device keeps unacknowledged
+    #[arg(long)]
+    backlog_inflight: Option<usize>,
+    /// Event partitions of the hubs (`twinhub serve --partitions`)
+    #[arg(long)]
+    partitions: Option<u32>,
     /// Seconds to wait before each phase for other load on the machine to pass (0: don't)
     #[arg(long)]
     quiet_wait: Option<f64>,
@@ -154,6 +184,16 @@ fn settings(args: RunArgs) -> Result<Settings> {
         source_addrs = args.source_addrs,
         fanout_devices = args.fanout_devices,
         fanout_concurrency = args.fanout_concurrency,
+        telemetry_devices = args.telemetry_devices,
+        telemetry_inflight = args.telemetry_inflight,
+        telemetry_payload = args.telemetry_payload,
+        telemetry_duration_secs = args.telemetry_duration,
+        telemetry_rate = args.telemetry_rate,
+        telemetry_latency_secs = args.telemetry_latency_duration,
+        backlog_events = args.backlog,
+        backlog_devices = args.backlog_devices,
+        backlog_inflight = args.backlog_inflight,
+        partitions = args.partitions,
         quiet_wait_secs = args.quiet_wait,
     );
     s.mosquitto = match (args.no_mosquitto, args.mosquitto_bin) {

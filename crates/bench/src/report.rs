@@ -7,9 +7,10 @@ use std::fmt::Write as _;
 use serde::Serialize;
 
 use crate::machine::Machine;
-use crate::run::Settings;
+use crate::run::{Scenario, Settings};
 use crate::scenario::connect::ConnectResult;
 use crate::scenario::fanout::Fanout;
+use crate::scenario::telemetry::{CatchUp, EndToEnd, Ingest};
 use crate::stats::{Latency, Throughput};
 
 /// 2 GiB: the memory target for 50,000 idle connections.
@@ -18,12 +19,27 @@ const CONNECTIONS_TARGET: usize = 50_000;
 const METHODS_RATE_TARGET: f64 = 20_000.0;
 const TWIN_RATE_TARGET: f64 = 20_000.0;
 const P50_RATIO_TARGET: f64 = 1.5;
+const INGEST_RATIO_TARGET: f64 = 0.75;
+const E2E_P50_TARGET_US: u64 = 2_000;
+const CATCH_UP_RATE_TARGET: f64 = 200_000.0;
 
 /// twinhub's and Mosquitto's figures for one scenario.
 #[derive(Debug, Clone, Serialize)]
 pub struct Pair<T> {
     pub twinhub: Option<T>,
     pub mosquitto: Option<T>,
+}
+
+/// The telemetry scenario's three phases.
+#[derive(Debug, Clone, Serialize)]
+pub struct TelemetryReport {
+    pub ingest: Pair<Ingest>,
+    pub end_to_end: Pair<EndToEnd>,
+    /// The same rate of 1-record appends, each fdatasynced, to a file beside the hub's data:
+    /// what a durable acknowledgement costs at least on this disk.
+    pub disk_floor: Option<EndToEnd>,
+    /// twinhub only: Mosquitto keeps no log to replay.
+    pub catch_up: Option<CatchUp>,
 }
 
 /// One concurrency level of the methods scenario.
@@ -76,6 +92,7 @@ pub struct Report {
     pub twin: Option<Pair<Throughput>>,
     pub connect: Option<Pair<ConnectResult>>,
     pub desired_fanout: Option<Pair<Fanout>>,
+    pub telemetry: Option<TelemetryReport>,
     pub targets: Vec<TargetCheck>,
     pub notes: Vec<String>,
 }
@@ -167,6 +184,22 @@ impl Report {
                 None => unmeasured(goal),
             },
         );
+        // A partial run (`--scenarios`) is judged on what it ran only.
+        let ran = [
+            Scenario::Methods,
+            Scenario::Methods,
+            Scenario::Twin,
+            Scenario::Connect,
+        ]
+        .map(|s| self.settings.scenarios.contains(&s));
+        let mut out: Vec<TargetCheck> = out
+            .into_iter()
+            .zip(ran)
+            .filter_map(|(check, ran)| ran.then_some(check))
+            .collect();
+        if let Some(t) = &self.telemetry {
+            out.extend(telemetry_targets(t));
+        }
         out
     }
 
@@ -284,6 +317,10 @@ impl Report {
             t.pair("errors", h, p, Unit::Count, |x| Some(x.errors as f64));
         }
 
+        if let Some(r) = &self.telemetry {
+            telemetry_table(&mut t, &self.settings, r);
+        }
+
         if !self.targets.is_empty() {
             t.section("targets (twinhub)");
             for c in &self.targets {
@@ -302,6 +339,177 @@ impl Report {
             }
         }
         t.out
+    }
+}
+
+/// The telemetry issue's aims: ingest against Mosquitto, end-to-end p50, catch-up rate.
+fn telemetry_targets(t: &TelemetryReport) -> Vec<TargetCheck> {
+    let mut out = Vec::new();
+    let goal = format!("telemetry ingest >= {INGEST_RATIO_TARGET}x Mosquitto QoS 1 msgs/s");
+    let hub = t.ingest.twinhub.as_ref().map(|i| &i.acks);
+    let peer = t.ingest.mosquitto.as_ref().map(|i| &i.acks);
+    out.push(match (hub, peer) {
+        (Some(h), Some(p)) if p.per_second > 0.0 => {
+            let ratio = h.per_second / p.per_second;
+            TargetCheck {
+                goal,
+                measured: format!(
+                    "{ratio:.2}x ({}/s vs {}/s)",
+                    thousands(h.per_second),
+                    thousands(p.per_second)
+                ),
+                met: Some(ratio >= INGEST_RATIO_TARGET && h.errors == 0),
+            }
+        }
+        _ => unmeasured(goal),
+    });
+    let goal = format!(
+        "telemetry publish -> AMQP consumer p50 < {} ms",
+        E2E_P50_TARGET_US / 1000
+    );
+    out.push(match t.end_to_end.twinhub.as_ref() {
+        Some(e) if e.latency.count > 0 => TargetCheck {
+            goal,
+            measured: format!(
+                "{:.3} ms (p99 {:.3}, p99.9 {:.3}; {} of {} received)",
+                ms(e.latency.p50_us),
+                ms(e.latency.p99_us),
+                ms(e.latency.p999_us),
+                e.received,
+                e.sent
+            ),
+            met: Some(e.latency.p50_us < E2E_P50_TARGET_US && e.received == e.sent),
+        },
+        _ => unmeasured(goal),
+    });
+    let goal = "telemetry catch-up read > 200,000 events/s".to_string();
+    out.push(match t.catch_up.as_ref() {
+        Some(c) if c.read > 0 => TargetCheck {
+            goal,
+            measured: format!(
+                "{}/s ({} events in {})",
+                thousands(c.per_second),
+                thousands(c.read as f64),
+                c.seconds_to_last
+                    .map_or_else(|| "not all read".to_string(), |s| format!("{s:.2} s"))
+            ),
+            met: Some(c.per_second > CATCH_UP_RATE_TARGET && c.read == c.backlog),
+        },
+        _ => unmeasured(goal),
+    });
+    out
+}
+
+fn telemetry_table(t: &mut Table, s: &Settings, r: &TelemetryReport) {
+    let (h, p) = (r.ingest.twinhub.as_ref(), r.ingest.mosquitto.as_ref());
+    if h.is_some() || p.is_some() {
+        t.section(&format!(
+            "telemetry ingest: {} devices, {} QoS 1 publishes in flight each, {}-byte payloads; \
+             twinhub = PUBACK after the event log's fsync; mosquitto = PUBACK from memory (no \
+             subscriber)",
+            s.telemetry_devices, s.telemetry_inflight, s.telemetry_payload
+        ));
+        t.header(false);
+        let (ha, pa) = (h.map(|x| &x.acks), p.map(|x| &x.acks));
+        t.pair("msgs/s", ha, pa, Unit::Rate, |x| Some(x.per_second));
+        t.pair("payload MB/s", h, p, Unit::Mib, |x| {
+            Some(x.payload_mb_per_second)
+        });
+        t.row("", "ack latency:", None, None, None, Unit::Count);
+        latency_rows(t, ha.map(|x| &x.latency), pa.map(|x| &x.latency), None);
+        cpu_rows(t, ha, pa, None);
+        let log = |x: &Ingest| x.log;
+        t.pair("log fdatasyncs/s", h, p, Unit::Rate, |x| {
+            log(x).map(|l| l.fdatasyncs_per_second)
+        });
+        t.pair("msgs per fdatasync", h, p, Unit::Mib, |x| {
+            log(x).map(|l| l.messages_per_fdatasync)
+        });
+        t.pair("disk KiB per msg", h, p, Unit::Mib, |x| {
+            log(x)?.disk_bytes_per_message.map(|b| b / 1024.0)
+        });
+        t.pair("errors", ha, pa, Unit::Count, |x| Some(x.errors as f64));
+    }
+
+    let (h, p) = (
+        r.end_to_end.twinhub.as_ref(),
+        r.end_to_end.mosquitto.as_ref(),
+    );
+    if h.is_some() || p.is_some() {
+        t.section(&format!(
+            "telemetry end to end: {} msg/s over {} devices, QoS 1, {}-byte payloads stamped at \
+             the send; twinhub = publish -> EventsClient (AMQP, every partition from @latest); \
+             mosquitto = publish -> MQTT subscriber (QoS 1); disk floor = a {}-byte append + \
+             fdatasync at the same rate, same filesystem",
+            thousands(s.telemetry_rate),
+            s.telemetry_devices,
+            s.telemetry_payload,
+            s.telemetry_payload
+        ));
+        let f = r.disk_floor.as_ref();
+        t.header_with(Some("disk floor"));
+        t.row(
+            "",
+            "sent/s",
+            h.map(|x| x.sent_per_second),
+            p.map(|x| x.sent_per_second),
+            Some(f.map(|x| x.sent_per_second)),
+            Unit::Rate,
+        );
+        t.pair("sent", h, p, Unit::Count, |x| Some(x.sent as f64));
+        t.pair("received", h, p, Unit::Count, |x| Some(x.received as f64));
+        t.row("", "publish -> consumer:", None, None, None, Unit::Count);
+        latency_rows(
+            t,
+            h.map(|x| &x.latency),
+            p.map(|x| &x.latency),
+            Some(f.map(|x| &x.latency)),
+        );
+        t.pair("ack p50 ms", h, p, Unit::Ms, |x| {
+            (x.ack_latency.count > 0).then(|| ms(x.ack_latency.p50_us))
+        });
+        t.pair("ack p99 ms", h, p, Unit::Ms, |x| {
+            (x.ack_latency.count > 0).then(|| ms(x.ack_latency.p99_us))
+        });
+        t.pair("server CPU cores", h, p, Unit::Cores, |x| {
+            x.cpu?.server_cores
+        });
+        t.pair("bench CPU cores", h, p, Unit::Load, |x| x.cpu?.client_cores);
+        t.pair("errors", h, p, Unit::Count, |x| Some(x.errors as f64));
+    }
+
+    if let Some(c) = &r.catch_up {
+        t.section(&format!(
+            "telemetry catch-up (twinhub only): a backlog of {} events ({}-byte payloads) in {} \
+             partitions, filled by {} devices with {} QoS 1 publishes in flight each; one \
+             EventsClient reads every partition from Earliest",
+            thousands(c.backlog as f64),
+            c.payload_bytes,
+            c.partitions,
+            c.fill_devices,
+            c.fill_inflight
+        ));
+        let one = |t: &mut Table, metric: &str, v: Option<f64>, unit: Unit| {
+            t.row("", metric, v, None, None, unit);
+        };
+        t.header(false);
+        one(t, "fill s", Some(c.fill_seconds), Unit::Secs);
+        one(t, "fill msgs/s", Some(c.fill_per_second), Unit::Rate);
+        one(t, "reader connect s", Some(c.connect_seconds), Unit::Secs);
+        one(t, "time to first s", c.seconds_to_first, Unit::Secs);
+        one(t, "time to last s", c.seconds_to_last, Unit::Secs);
+        one(t, "events read", Some(c.read as f64), Unit::Count);
+        one(t, "events/s", Some(c.per_second), Unit::Rate);
+        one(t, "payload MB/s", Some(c.payload_mb_per_second), Unit::Mib);
+        one(t, "server CPU cores", c.server_cores, Unit::Cores);
+        one(t, "bench CPU cores", c.client_cores, Unit::Cores);
+        t.line(&format!(
+            "  {:<7} {:<20} {:>12}",
+            "",
+            "in order, no gaps",
+            if c.in_order { "yes" } else { "NO" }
+        ));
+        one(t, "errors", Some(c.errors as f64), Unit::Count);
     }
 }
 
@@ -427,12 +635,17 @@ impl Table {
     }
 
     fn header(&mut self, floor: bool) {
+        self.header_with(floor.then_some("TLS floor"));
+    }
+
+    /// The column heads, with a floor column named `floor` if any.
+    fn header_with(&mut self, floor: Option<&str>) {
         let mut s = format!(
             "  {:<7} {:<20} {:>12} {:>12} {:>9}",
             "", "", "twinhub", "mosquitto", "ratio"
         );
-        if floor {
-            let _ = write!(s, " {:>12}", "TLS floor");
+        if let Some(name) = floor {
+            let _ = write!(s, " {name:>12}");
         }
         self.line(&s);
     }
@@ -541,6 +754,7 @@ mod tests {
                 mosquitto: None,
             }),
             desired_fanout: None,
+            telemetry: None,
             targets: Vec::new(),
             notes: vec!["a note".into()],
         }
@@ -577,6 +791,70 @@ mod tests {
             !table.contains("desired-fanout:"),
             "no fan-out was run:\n{table}"
         );
+    }
+
+    #[test]
+    fn telemetry_targets_are_judged_and_a_partial_run_only_on_what_ran() {
+        let mut r = report();
+        r.settings.scenarios = vec![Scenario::Telemetry];
+        let mut e2e = Recorder::new();
+        e2e.record(Duration::from_micros(600));
+        r.telemetry = Some(TelemetryReport {
+            ingest: Pair {
+                twinhub: Some(Ingest {
+                    acks: throughput(60_000.0, 20_000),
+                    ..Ingest::default()
+                }),
+                mosquitto: Some(Ingest {
+                    acks: throughput(75_000.0, 15_000),
+                    ..Ingest::default()
+                }),
+            },
+            end_to_end: Pair {
+                twinhub: Some(EndToEnd {
+                    sent: 1,
+                    received: 1,
+                    latency: e2e.latency(),
+                    ..EndToEnd::default()
+                }),
+                mosquitto: None,
+            },
+            disk_floor: Some(EndToEnd {
+                latency: e2e.latency(),
+                ..EndToEnd::default()
+            }),
+            catch_up: Some(CatchUp {
+                backlog: 100,
+                read: 100,
+                per_second: 50_000.0,
+                seconds_to_last: Some(0.002),
+                in_order: true,
+                ..CatchUp::default()
+            }),
+        });
+        r.targets = r.check_targets();
+        let checks = &r.targets;
+        assert_eq!(checks.len(), 3, "{checks:?}");
+        assert_eq!(
+            checks[0].met,
+            Some(true),
+            "0.80x is over 0.75x: {:?}",
+            checks[0]
+        );
+        assert!(checks[0].measured.starts_with("0.80x"), "{:?}", checks[0]);
+        assert_eq!(checks[1].met, Some(true), "{:?}", checks[1]);
+        assert_eq!(checks[2].met, Some(false), "{:?}", checks[2]);
+        let table = r.table();
+        for needle in [
+            "telemetry ingest:",
+            "telemetry end to end:",
+            "disk floor",
+            "telemetry catch-up",
+            "0.80x",
+        ] {
+            assert!(table.contains(needle), "{needle} missing from\n{table}");
+        }
+        assert!(!table.contains("methods at C=256"), "{table}");
     }
 
     #[test]

@@ -13,8 +13,8 @@ use crate::hub::{self, Hub, Launch};
 use crate::machine::{self, Machine};
 use crate::mosquitto::{self, Mosquitto};
 use crate::progress::Progress;
-use crate::report::{MethodsRow, Pair, Report, Versions};
-use crate::scenario::{self, Ctx, Flavor, Target, connect, fanout, methods, twin};
+use crate::report::{MethodsRow, Pair, Report, TelemetryReport, Versions};
+use crate::scenario::{self, Ctx, Flavor, Target, connect, fanout, methods, telemetry, twin};
 use crate::tls;
 
 /// Open files the bench keeps for itself besides the connection scenario's sockets.
@@ -36,14 +36,16 @@ pub enum Scenario {
     Twin,
     Connect,
     DesiredFanout,
+    Telemetry,
 }
 
 impl Scenario {
-    pub const ALL: [Scenario; 4] = [
+    pub const ALL: [Scenario; 5] = [
         Scenario::Methods,
         Scenario::Twin,
         Scenario::Connect,
         Scenario::DesiredFanout,
+        Scenario::Telemetry,
     ];
 }
 
@@ -74,6 +76,25 @@ pub struct Settings {
     pub source_addrs: usize,
     pub fanout_devices: usize,
     pub fanout_concurrency: usize,
+    /// Devices publishing telemetry (ingest and end to end).
+    pub telemetry_devices: usize,
+    /// QoS 1 telemetry publishes each device keeps unacknowledged during ingest.
+    pub telemetry_inflight: usize,
+    /// Bytes of every telemetry payload.
+    pub telemetry_payload: usize,
+    /// Measured window of the ingest phase, seconds.
+    pub telemetry_duration_secs: f64,
+    /// Messages per second over all devices in the end-to-end phase.
+    pub telemetry_rate: f64,
+    /// Measured window of the end-to-end phase, seconds.
+    pub telemetry_latency_secs: f64,
+    /// Events in the catch-up backlog (0: skip the catch-up).
+    pub backlog_events: usize,
+    /// Devices filling the backlog, and QoS 1 publishes each keeps unacknowledged.
+    pub backlog_devices: usize,
+    pub backlog_inflight: usize,
+    /// Event partitions of the hubs (`twinhub serve --partitions`).
+    pub partitions: u32,
     pub floor: bool,
     /// How long to wait, before each phase, for other load on the machine to pass.
     pub quiet_wait_secs: f64,
@@ -109,6 +130,18 @@ impl Settings {
             source_addrs: 4,
             fanout_devices: 500,
             fanout_concurrency: 32,
+            telemetry_devices: 100,
+            telemetry_inflight: 16,
+            telemetry_payload: 1024,
+            telemetry_duration_secs: 2.0,
+            telemetry_rate: 1_000.0,
+            telemetry_latency_secs: 3.0,
+            backlog_events: 100_000,
+            // The hub appends one message per device connection at a time, so many devices
+            // fill the backlog faster than a deep window per device.
+            backlog_devices: 400,
+            backlog_inflight: 16,
+            partitions: 4,
             floor: true,
             quiet_wait_secs: 15.0,
             hub,
@@ -135,6 +168,9 @@ impl Settings {
             connect_concurrency: 64,
             fanout_devices: 10_000,
             fanout_concurrency: 64,
+            telemetry_duration_secs: 15.0,
+            telemetry_latency_secs: 20.0,
+            backlog_events: 1_000_000,
             quiet_wait_secs: 300.0,
             ..Settings::quick(hub)
         }
@@ -151,12 +187,35 @@ impl Settings {
             (Scenario::Twin, self.twin_devices),
             (Scenario::Connect, self.connections),
             (Scenario::DesiredFanout, self.fanout_devices),
+            (Scenario::Telemetry, self.telemetry_devices),
         ]
         .iter()
         .filter(|(s, _)| self.runs(*s))
         .map(|(_, n)| *n)
         .max()
         .unwrap_or(0)
+    }
+
+    fn telemetry_shape(&self) -> telemetry::Shape {
+        telemetry::Shape {
+            devices: self.telemetry_devices.max(1),
+            inflight: self.telemetry_inflight.max(1),
+            payload: self.telemetry_payload,
+            warmup: secs(self.warmup_secs.max(1.0)),
+            duration: secs(self.telemetry_duration_secs),
+            rate: self.telemetry_rate,
+            latency_duration: secs(self.telemetry_latency_secs),
+        }
+    }
+
+    fn backlog_shape(&self) -> telemetry::BacklogShape {
+        telemetry::BacklogShape {
+            events: self.backlog_events,
+            devices: self.backlog_devices.max(1),
+            inflight: self.backlog_inflight.max(1),
+            payload: self.telemetry_payload,
+            limit: Duration::from_secs(if self.mode == Mode::Full { 900 } else { 180 }),
+        }
     }
 
     fn methods_shape(&self) -> methods::Shape {
@@ -247,6 +306,7 @@ pub async fn run(mut settings: Settings, progress: Progress) -> Result<Report> {
         twin: results.twin,
         connect: results.connect,
         desired_fanout: results.fanout,
+        telemetry: results.telemetry,
         registration: results.registration,
         targets: Vec::new(),
         notes,
@@ -262,6 +322,7 @@ struct Results {
     twin: Option<Pair<crate::stats::Throughput>>,
     connect: Option<Pair<connect::ConnectResult>>,
     fanout: Option<Pair<fanout::Fanout>>,
+    telemetry: Option<TelemetryReport>,
 }
 
 async fn start_targets(
@@ -271,7 +332,12 @@ async fn start_targets(
     notes: &mut Vec<String>,
 ) -> Result<(Targets, Ctx, Versions)> {
     progress.note("starting twinhub");
-    let hub = Hub::start(&settings.hub, &work_dir.join("hub")).await?;
+    let hub = Hub::start_with(
+        &settings.hub,
+        &work_dir.join("hub"),
+        Some(settings.partitions),
+    )
+    .await?;
     if let Some(pid) = hub.pid() {
         progress.note(&format!(
             "twinhub pid {pid} (profile with `perf record -g -p {pid}`)"
@@ -376,7 +442,7 @@ async fn run_in(
     notes: &mut Vec<String>,
 ) -> Result<(Versions, Results)> {
     let (targets, ctx, versions) = start_targets(settings, progress, work_dir, notes).await?;
-    let outcome = scenarios(settings, &ctx, &targets, notes).await;
+    let outcome = scenarios(settings, &ctx, &targets, work_dir, notes).await;
     targets.stop().await;
     Ok((versions, outcome?))
 }
@@ -410,6 +476,7 @@ async fn scenarios(
     settings: &Settings,
     ctx: &Ctx,
     targets: &Targets,
+    work_dir: &std::path::Path,
     notes: &mut Vec<String>,
 ) -> Result<Results> {
     let mut results = Results::default();
@@ -571,7 +638,187 @@ async fn scenarios(
             mosquitto: broker_r,
         });
     }
+
+    if settings.runs(Scenario::Telemetry) {
+        results.telemetry =
+            Some(telemetry_phases(settings, ctx, targets, work_dir, &service, notes).await);
+    }
     Ok(results)
+}
+
+/// The telemetry scenario: ingest and end to end on twinhub and Mosquitto, then the catch-up
+/// on a hub of its own (so its log holds the backlog and nothing else).
+async fn telemetry_phases(
+    settings: &Settings,
+    ctx: &Ctx,
+    targets: &Targets,
+    work_dir: &std::path::Path,
+    service: &twinhub_sdk::ServiceClient,
+    notes: &mut Vec<String>,
+) -> TelemetryReport {
+    let hub_t = &targets.hub_target;
+    let broker_t = targets.broker_target.as_ref();
+    let settle_wait = Duration::from_secs(120);
+    let shape = settings.telemetry_shape();
+    let endpoint = telemetry::Endpoint {
+        connection_string: targets.hub.events_connection_string.clone(),
+        ca_pem: targets.hub.ca_pem.clone(),
+        port: targets.hub.amqp_addr.port(),
+    };
+
+    let ingest = settings.telemetry_duration_secs > 0.0;
+    let hub_ingest = if ingest {
+        settle_machine(settings, ctx, notes, "telemetry ingest").await;
+        let r = keep(
+            notes,
+            "twinhub telemetry ingest",
+            telemetry::ingest(ctx, hub_t, shape).await,
+        );
+        keep(
+            notes,
+            "waiting for the hub after telemetry ingest",
+            hub::wait_disconnected(service, settle_wait).await,
+        );
+        r
+    } else {
+        None
+    };
+    if hub_ingest.as_ref().is_some_and(|i| i.log.is_none()) && hub_t.pid.is_some() {
+        notes.push(
+            "telemetry ingest: no fdatasync counts (they need `perf` and the syscall \
+             tracepoints: `apt-get install linux-perf`, `mount -t tracefs nodev \
+             /sys/kernel/tracing`, as root)"
+                .into(),
+        );
+    }
+    let broker_ingest = match broker_t.filter(|_| ingest) {
+        Some(b) => {
+            settle_machine(settings, ctx, notes, "telemetry ingest (mosquitto)").await;
+            keep(
+                notes,
+                "mosquitto telemetry ingest",
+                telemetry::ingest(ctx, b, shape).await,
+            )
+        }
+        None => None,
+    };
+
+    let e2e = settings.telemetry_rate > 0.0;
+    let hub_e2e = if e2e {
+        settle_machine(settings, ctx, notes, "telemetry end to end").await;
+        let r = keep(
+            notes,
+            "twinhub telemetry end to end",
+            telemetry::end_to_end(ctx, hub_t, shape, telemetry::Consumer::Events(&endpoint)).await,
+        );
+        keep(
+            notes,
+            "waiting for the hub after telemetry end to end",
+            hub::wait_disconnected(service, settle_wait).await,
+        );
+        r
+    } else {
+        None
+    };
+    let disk_floor = if e2e {
+        settle_machine(settings, ctx, notes, "telemetry disk floor").await;
+        keep(
+            notes,
+            "the fdatasync floor",
+            telemetry::disk_floor(work_dir, shape).await,
+        )
+    } else {
+        None
+    };
+    let broker_e2e = match broker_t.filter(|_| e2e) {
+        Some(b) => {
+            settle_machine(settings, ctx, notes, "telemetry end to end (mosquitto)").await;
+            keep(
+                notes,
+                "mosquitto telemetry end to end",
+                telemetry::end_to_end(ctx, b, shape, telemetry::Consumer::Subscriber).await,
+            )
+        }
+        None => None,
+    };
+
+    let catch_up = if settings.backlog_events > 0 {
+        let outcome = catch_up_phase(settings, ctx, work_dir, notes).await;
+        keep(notes, "telemetry catch-up", outcome)
+    } else {
+        None
+    };
+    TelemetryReport {
+        ingest: Pair {
+            twinhub: hub_ingest,
+            mosquitto: broker_ingest,
+        },
+        end_to_end: Pair {
+            twinhub: hub_e2e,
+            mosquitto: broker_e2e,
+        },
+        disk_floor,
+        catch_up,
+    }
+}
+
+fn service_of(target: &Target) -> Result<twinhub_sdk::ServiceClient> {
+    target
+        .services()?
+        .first()
+        .cloned()
+        .ok_or_else(|| Error::Setup("no service client".into()))
+}
+
+/// Starts a hub of its own for the backlog, fills it and reads it back, and stops it.
+async fn catch_up_phase(
+    settings: &Settings,
+    ctx: &Ctx,
+    work_dir: &std::path::Path,
+    notes: &mut Vec<String>,
+) -> Result<telemetry::CatchUp> {
+    let shape = settings.backlog_shape();
+    ctx.progress
+        .note("starting a second twinhub for the telemetry backlog");
+    let hub = Hub::start_with(
+        &settings.hub,
+        &work_dir.join("hub-backlog"),
+        Some(settings.partitions),
+    )
+    .await?;
+    if let Some(pid) = hub.pid() {
+        ctx.progress.note(&format!("backlog twinhub pid {pid}"));
+    }
+    let outcome = async {
+        // A fresh data dir has its own dev CA.
+        let ctx = &Ctx {
+            tls: tls::Client::new(hub.ca_pem.as_bytes())?,
+            progress: ctx.progress.clone(),
+        };
+        let service = hub.service()?;
+        hub::register_devices(&service, shape.devices, &ctx.progress).await?;
+        let target = Target {
+            name: "twinhub-backlog",
+            mqtt_addr: hub.mqtt_addr,
+            pid: hub.pid(),
+            flavor: Flavor::Hub {
+                services: vec![service],
+            },
+        };
+        let endpoint = telemetry::Endpoint {
+            connection_string: hub.events_connection_string.clone(),
+            ca_pem: hub.ca_pem.clone(),
+            port: hub.amqp_addr.port(),
+        };
+        settle_machine(settings, ctx, notes, "telemetry backlog fill").await;
+        let filled = telemetry::fill_backlog(ctx, &target, shape).await?;
+        hub::wait_disconnected(&service_of(&target)?, Duration::from_secs(120)).await?;
+        settle_machine(settings, ctx, notes, "telemetry catch-up read").await;
+        telemetry::read_backlog(ctx, &target, &endpoint, shape, filled).await
+    }
+    .await;
+    hub.stop().await;
+    outcome
 }
 
 #[cfg(test)]

@@ -1,7 +1,7 @@
 //! Runs every scenario at a tiny scale against an in-process hub, with the TLS echo floor as a
 //! child process of this package's own binary: proves the load generator speaks the hub's
-//! protocols (SAS CONNECT, method round trips, durable twin acks, desired pushes) and that
-//! the report and table carry the figures.
+//! protocols (SAS CONNECT, method round trips, durable twin acks, desired pushes, telemetry
+//! in over MQTT and back out over AMQP) and that the report and table carry the figures.
 
 use std::path::PathBuf;
 
@@ -23,6 +23,14 @@ fn tiny(work: PathBuf) -> Settings {
     s.source_addrs = 2;
     s.fanout_devices = 10;
     s.fanout_concurrency = 4;
+    s.telemetry_devices = 3;
+    s.telemetry_inflight = 2;
+    s.telemetry_duration_secs = 0.5;
+    s.telemetry_rate = 60.0;
+    s.telemetry_latency_secs = 0.5;
+    s.backlog_events = 500;
+    s.backlog_devices = 3;
+    s.backlog_inflight = 4;
     s.mosquitto = Peer::Off;
     // Other builds on a shared machine must not stall or fail the test.
     s.quiet_wait_secs = 0.0;
@@ -87,10 +95,37 @@ async fn every_scenario_runs_against_an_in_process_hub() {
     let registration = report.registration.as_ref().expect("registration figures");
     assert_eq!(registration.devices, 20);
 
-    // Without Mosquitto the ratio target cannot be judged; the others can.
-    assert_eq!(report.targets.len(), 4);
+    let telemetry = report.telemetry.as_ref().expect("telemetry figures");
+    let ingest = telemetry.ingest.twinhub.as_ref().expect("ingest figures");
+    assert!(ingest.acks.completed > 0, "{ingest:?}");
+    assert_eq!(ingest.acks.errors, 0, "{:?}", ingest.acks.first_error);
+    assert!(telemetry.ingest.mosquitto.is_none());
+    let e2e = telemetry
+        .end_to_end
+        .twinhub
+        .as_ref()
+        .expect("end-to-end figures");
+    assert!(e2e.sent > 0, "{e2e:?}");
+    assert_eq!(e2e.received, e2e.sent, "{e2e:?}");
+    assert_eq!(e2e.errors, 0, "{:?}", e2e.first_error);
+    assert!(e2e.latency.p50_us > 0 && e2e.ack_latency.count == e2e.sent);
+    let floor = telemetry.disk_floor.as_ref().expect("disk floor figures");
+    assert!(floor.received > 0 && floor.errors == 0, "{floor:?}");
+    let catch_up = telemetry.catch_up.as_ref().expect("catch-up figures");
+    assert_eq!(catch_up.backlog, 500, "{catch_up:?}");
+    assert_eq!(catch_up.read, 500, "{catch_up:?}");
+    assert!(catch_up.in_order, "{catch_up:?}");
+    assert_eq!(catch_up.partitions, 4);
+    assert_eq!(catch_up.per_partition.values().sum::<u64>(), 500);
+    assert!(catch_up.seconds_to_last.is_some_and(|s| s > 0.0));
+
+    // Without Mosquitto the ratio targets cannot be judged; the others can.
+    assert_eq!(report.targets.len(), 7);
     assert_eq!(report.targets[0].met, None);
     assert!(report.targets[2].met.is_some());
+    assert_eq!(report.targets[4].met, None, "{:?}", report.targets[4]);
+    assert!(report.targets[5].met.is_some(), "{:?}", report.targets[5]);
+    assert!(report.targets[6].met.is_some(), "{:?}", report.targets[6]);
 
     let table = report.table();
     for needle in [
@@ -100,6 +135,10 @@ async fn every_scenario_runs_against_an_in_process_hub() {
         "connect:",
         "desired-fanout:",
         "TLS floor",
+        "telemetry ingest:",
+        "telemetry end to end:",
+        "telemetry catch-up",
+        "disk floor",
     ] {
         assert!(table.contains(needle), "{needle} missing from\n{table}");
     }

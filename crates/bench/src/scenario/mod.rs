@@ -6,6 +6,7 @@
 pub mod connect;
 pub mod fanout;
 pub mod methods;
+pub mod telemetry;
 pub mod twin;
 
 use std::collections::HashMap;
