@@ -106,6 +106,27 @@ pub(super) async fn serve_session(
         });
         let filter = selector_of(&attach);
         let role = attach.role.clone();
+        // A receiver's start is fixed before its attach is answered: `@latest` then means
+        // what was stored when the client asked, and nothing appended in between is skipped.
+        let opened = match (&node, &role) {
+            (
+                Node::Partition {
+                    entity,
+                    consumer_group,
+                    partition,
+                },
+                Role::Receiver,
+            ) => Some(open_partition(
+                &ctx,
+                &grants,
+                entity,
+                consumer_group,
+                partition,
+                filter.as_deref(),
+                epoch,
+            )),
+            _ => None,
+        };
         let link = match LinkAcceptor::new()
             .accept_incoming_attach(attach, &mut session)
             .await
@@ -158,12 +179,24 @@ pub(super) async fn serve_session(
                     }
                 }
             }
-            Node::Partition {
-                entity,
-                consumer_group,
-                partition,
-            } => {
-                let LinkEndpoint::Sender(sender) = link else {
+            Node::Partition { .. } => match (link, opened) {
+                (LinkEndpoint::Sender(sender), Some(Ok((partition, cursor, claim)))) => {
+                    links.spawn(serve_partition(
+                        ctx.clone(),
+                        sender,
+                        partition,
+                        cursor,
+                        claim,
+                        runtime_metric,
+                        done.clone(),
+                        peer.clone(),
+                    ));
+                }
+                (LinkEndpoint::Sender(sender), Some(Err(err))) => {
+                    tracing::debug!(%peer, address = %Shown(&address), "AMQP receiver refused: {err:?}");
+                    let _ = sender.close_with_error(err).await;
+                }
+                (link, _) => {
                     refuse(
                         link,
                         error(
@@ -172,36 +205,8 @@ pub(super) async fn serve_session(
                         ),
                     )
                     .await;
-                    continue;
-                };
-                let opened = open_partition(
-                    &ctx,
-                    &grants,
-                    &entity,
-                    &consumer_group,
-                    &partition,
-                    filter.as_deref(),
-                    epoch,
-                );
-                match opened {
-                    Ok((partition, position, claim)) => {
-                        links.spawn(serve_partition(
-                            ctx.clone(),
-                            sender,
-                            partition,
-                            position,
-                            claim,
-                            runtime_metric,
-                            done.clone(),
-                            peer.clone(),
-                        ));
-                    }
-                    Err(err) => {
-                        tracing::debug!(%peer, address = %Shown(&address), "AMQP receiver refused: {err:?}");
-                        let _ = sender.close_with_error(err).await;
-                    }
                 }
-            }
+            },
             Node::HubEventsManagement | Node::HubEventsPartition { .. } => {
                 let rest = match &node {
                     Node::HubEventsPartition {
@@ -289,7 +294,7 @@ fn open_partition(
     partition: &str,
     filter: Option<&str>,
     epoch: Option<i64>,
-) -> Result<(u32, StartPosition, Claim), AmqpErrorBody> {
+) -> Result<(u32, i64, Claim), AmqpErrorBody> {
     if !grants.allows(Right::ServiceConnect) {
         return Err(error(
             AmqpError::UnauthorizedAccess.into(),
@@ -337,7 +342,11 @@ fn open_partition(
             ),
         ),
     })?;
-    Ok((p, position, claim))
+    let cursor = events
+        .log()
+        .resolve(p, &position_of(position))
+        .map_err(|e| error(AmqpError::InternalError.into(), e.to_string()))?;
+    Ok((p, cursor, claim))
 }
 
 fn position_of(start: StartPosition) -> Position {
@@ -370,7 +379,7 @@ async fn serve_partition(
     ctx: AmqpContext,
     mut sender: Sender,
     partition: u32,
-    start: StartPosition,
+    cursor: i64,
     claim: Claim,
     runtime_metric: bool,
     done: CancellationToken,
@@ -384,15 +393,7 @@ async fn serve_partition(
             "A receiver with a higher epoch took this partition",
         )
     };
-    let mut next = match log.resolve(partition, &position_of(start)) {
-        Ok(n) => n,
-        Err(e) => {
-            let _ = sender
-                .close_with_error(error(AmqpError::InternalError.into(), e.to_string()))
-                .await;
-            return;
-        }
-    };
+    let mut next = cursor;
     let outcome = 'pump: loop {
         let batch = tokio::select! {
             _ = done.cancelled() => break 'pump Step::Stop(None),
