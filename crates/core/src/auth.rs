@@ -81,6 +81,20 @@ impl Authorizer {
         self
     }
 
+    /// The policy a service token names in `skn`.
+    fn token_policy(&self, token: &SasToken) -> Result<&Policy> {
+        let name = token
+            .key_name
+            .as_deref()
+            .ok_or_else(|| Error::unauthorized("The token names no shared access policy (skn)"))?;
+        self.policy(name).ok_or_else(|| {
+            Error::unauthorized(format!(
+                "Unknown shared access policy {}",
+                crate::logsafe::Shown(name)
+            ))
+        })
+    }
+
     fn check_lifetime(&self, token: &SasToken, now_unix: u64) -> Result<()> {
         if token.expiry.saturating_sub(now_unix) > self.max_lifetime {
             return Err(Error::unauthorized(format!(
@@ -113,16 +127,8 @@ impl Authorizer {
         let header = header.ok_or_else(|| Error::unauthorized("Missing Authorization header"))?;
         let token = SasToken::parse(header)
             .map_err(|e| Error::unauthorized(format!("Malformed SharedAccessSignature: {e}")))?;
-        let name = token
-            .key_name
-            .as_deref()
-            .ok_or_else(|| Error::unauthorized("The token names no shared access policy (skn)"))?;
-        let policy = self.policy(name).ok_or_else(|| {
-            Error::unauthorized(format!(
-                "Unknown shared access policy {}",
-                crate::logsafe::Shown(name)
-            ))
-        })?;
+        let policy = self.token_policy(&token)?;
+        let name = policy.name.as_str();
         if !self.hub_resource_matches(&token.resource) {
             return Err(Error::unauthorized(format!(
                 "The token's resource {} does not name this hub",
@@ -231,16 +237,7 @@ impl Authorizer {
                 crate::logsafe::Shown(resource)
             )));
         }
-        let name = token
-            .key_name
-            .as_deref()
-            .ok_or_else(|| Error::unauthorized("The token names no shared access policy (skn)"))?;
-        let policy = self.policy(name).ok_or_else(|| {
-            Error::unauthorized(format!(
-                "Unknown shared access policy {}",
-                crate::logsafe::Shown(name)
-            ))
-        })?;
+        let policy = self.token_policy(&token)?;
         let signed = [&policy.primary_key, &policy.secondary_key]
             .into_iter()
             .any(|key| token.verify(key) || token.verify_with_key_text(key));
