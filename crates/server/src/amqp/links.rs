@@ -231,7 +231,6 @@ pub(super) async fn serve_session(
                     Value::Int(i32::from(ctx.redirect_port)),
                 );
                 info.insert(Symbol::from("address"), Value::String(target));
-                let _ = role;
                 refuse(
                     link,
                     AmqpErrorBody::new(

@@ -9,9 +9,8 @@ mod links;
 pub mod owners;
 mod pad;
 
-use std::pin::Pin;
 use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll};
+
 use std::time::Duration;
 
 use fe2o3_amqp::acceptor::{
@@ -19,7 +18,7 @@ use fe2o3_amqp::acceptor::{
 };
 use fe2o3_amqp_types::primitives::{Array, Symbol};
 use fe2o3_amqp_types::sasl::{SaslCode, SaslInit, SaslOutcome, SaslResponse};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
 use tokio::sync::OwnedSemaphorePermit;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -142,47 +141,6 @@ impl SaslAcceptor for HubSasl {
     }
 }
 
-/// A stream that first replays bytes already read from it (the protocol header we peeked).
-#[derive(Debug)]
-struct Replayed<S> {
-    head: Vec<u8>,
-    at: usize,
-    inner: S,
-}
-
-impl<S: AsyncRead + Unpin> AsyncRead for Replayed<S> {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<std::io::Result<()>> {
-        if self.at < self.head.len() {
-            let n = buf.remaining().min(self.head.len() - self.at);
-            let at = self.at;
-            buf.put_slice(&self.head[at..at + n]);
-            self.at += n;
-            return Poll::Ready(Ok(()));
-        }
-        Pin::new(&mut self.inner).poll_read(cx, buf)
-    }
-}
-
-impl<S: AsyncWrite + Unpin> AsyncWrite for Replayed<S> {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write(cx, buf)
-    }
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.inner).poll_flush(cx)
-    }
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.inner).poll_shutdown(cx)
-    }
-}
-
 /// Serves one AMQP connection over `io` (TLS, WebSocket bridge or plaintext). `admission`
 /// (the peer's place among unauthenticated connections) is given back once a token is
 /// accepted.
@@ -207,11 +165,7 @@ pub async fn serve_connection<Io>(
         return;
     }
     let sasl = header[4] == 3;
-    let io = pad::Padded::new(Replayed {
-        head: header.to_vec(),
-        at: 0,
-        inner: io,
-    });
+    let io = pad::Padded::with_head(io, &header);
     let grants = Arc::new(Grants::default());
     let builder = ConnectionAcceptor::builder()
         .container_id(format!("twinhub-{}", ctx.entity))

@@ -199,44 +199,36 @@ impl<S> Padded<S> {
         }
     }
 
+    /// A stream that reads `head` (bytes already taken from `inner`, such as a peeked
+    /// protocol header) before `inner`.
+    pub(crate) fn with_head(inner: S, head: &[u8]) -> Self {
+        let mut padded = Padded::new(inner);
+        padded.raw.extend_from_slice(head);
+        padded.filter_incoming();
+        padded
+    }
+
     /// Moves every whole header and frame from `raw` to `ready`, less what arrives on an
     /// ended channel.
     fn filter_incoming(&mut self) {
         let mut at = 0;
-        loop {
-            let rest = &self.raw[at..];
-            if rest.len() >= 8 && &rest[..4] == b"AMQP" {
-                self.ready.extend_from_slice(&rest[..8]);
-                at += 8;
-                continue;
-            }
-            if rest.len() < 8 {
-                break;
-            }
-            let size = u32::from_be_bytes([rest[0], rest[1], rest[2], rest[3]]) as usize;
-            if size < 8 {
-                // Malformed: the codec reports it.
-                self.ready.extend_from_slice(rest);
-                at = self.raw.len();
-                break;
-            }
-            if rest.len() < size {
-                break;
-            }
-            let frame = &rest[..size];
-            let channel = u16::from_be_bytes([frame[6], frame[7]]);
-            let doff = usize::from(frame[4]) * 4;
-            let code = match frame.get(doff..doff + 3) {
-                Some([0x00, 0x53, code]) if frame[5] == 0 => Some(*code),
-                _ => None,
+        while let Some(piece) = next_piece(&self.raw[at..]) {
+            at += piece.len();
+            let frame = match piece {
+                Piece::Frame(frame) => frame,
+                Piece::Header(bytes) | Piece::Garbage(bytes) => {
+                    self.ready.extend_from_slice(bytes);
+                    continue;
+                }
             };
-            let keep = match code {
-                Some(0x11) => {
+            let channel = frame.channel;
+            let keep = match frame.performative {
+                Some(BEGIN) => {
                     self.ended.remove(&channel);
                     self.owed.remove(&channel);
                     true
                 }
-                Some(0x16) if !self.ended.contains(&channel) => {
+                Some(DETACH) if !self.ended.contains(&channel) => {
                     let owed = self.owed.entry(channel).or_default();
                     if owed.1 > 0 {
                         owed.1 -= 1; // it answers ours
@@ -245,10 +237,10 @@ impl<S> Padded<S> {
                     }
                     true
                 }
-                Some(0x17) => {
+                Some(END) => {
                     let first = self.ended.insert(channel);
                     if first && self.owed.get(&channel).is_some_and(|o| o.0 > 0) {
-                        self.held.insert(channel, frame.to_vec());
+                        self.held.insert(channel, frame.bytes.to_vec());
                         self.hold_until = Some(Box::pin(tokio::time::sleep(END_HOLD)));
                         false
                     } else {
@@ -257,13 +249,12 @@ impl<S> Padded<S> {
                 }
                 // Link-level frames (attach to detach) belong to the ended session; open and
                 // close are the connection's and always pass.
-                Some(0x12..=0x16) => !self.ended.contains(&channel),
+                Some(ATTACH..=DETACH) => !self.ended.contains(&channel),
                 _ => true,
             };
             if keep {
-                self.ready.extend_from_slice(frame);
+                self.ready.extend_from_slice(frame.bytes);
             }
-            at += size;
         }
         self.raw.drain(..at);
     }
@@ -285,39 +276,25 @@ impl<S> Padded<S> {
     fn regroup(&mut self) {
         let mut released = Vec::new();
         let mut at = 0;
-        loop {
-            let rest = &self.incoming[at..];
-            if rest.len() >= 8 && &rest[..4] == b"AMQP" {
-                self.outgoing.extend_from_slice(&rest[..8]);
-                at += 8;
-                continue;
-            }
-            if rest.len() < 8 {
-                break;
-            }
-            let size = u32::from_be_bytes([rest[0], rest[1], rest[2], rest[3]]) as usize;
-            if size < 8 || rest.len() < size {
-                // A short or partial frame: wait for the rest (a bad size is the codec's bug,
-                // passed through so the peer sees it).
-                if size < 8 {
-                    self.outgoing.extend_from_slice(rest);
-                    at = self.incoming.len();
+        while let Some(piece) = next_piece(&self.incoming[at..]) {
+            at += piece.len();
+            let frame = match piece {
+                Piece::Frame(frame) => frame,
+                Piece::Header(bytes) | Piece::Garbage(bytes) => {
+                    self.outgoing.extend_from_slice(bytes);
+                    continue;
                 }
-                break;
-            }
-            let frame = &rest[..size];
-            let channel = u16::from_be_bytes([frame[6], frame[7]]);
-            let doff = usize::from(frame[4]) * 4;
-            match frame.get(doff..doff + 3) {
-                Some([0x00, 0x53, 0x11]) if frame[5] == 0 => {
-                    // begin: its first field is the client's channel (ushort 0x60).
-                    if let Some([0x60, hi, lo]) = frame.get(doff + 6..doff + 9) {
+            };
+            match frame.performative {
+                Some(BEGIN) => {
+                    // Its first field is the client's channel (ushort 0x60).
+                    if let Some([0x60, hi, lo]) = frame.bytes.get(frame.body + 3..frame.body + 6) {
                         self.peer_channel
-                            .insert(channel, u16::from_be_bytes([*hi, *lo]));
+                            .insert(frame.channel, u16::from_be_bytes([*hi, *lo]));
                     }
                 }
-                Some([0x00, 0x53, 0x16]) if frame[5] == 0 => {
-                    if let Some(client) = self.peer_channel.get(&channel).copied() {
+                Some(DETACH) => {
+                    if let Some(client) = self.peer_channel.get(&frame.channel).copied() {
                         let owed = self.owed.entry(client).or_default();
                         if owed.0 > 0 {
                             owed.0 -= 1;
@@ -331,17 +308,75 @@ impl<S> Padded<S> {
                 }
                 _ => {}
             }
-            match pad_frame(frame) {
+            match pad_frame(frame.bytes) {
                 Some(padded) => self.outgoing.extend_from_slice(&padded),
-                None => self.outgoing.extend_from_slice(frame),
+                None => self.outgoing.extend_from_slice(frame.bytes),
             }
-            at += size;
         }
         self.incoming.drain(..at);
         for client in released {
             self.release(client);
         }
     }
+}
+
+const BEGIN: u8 = 0x11;
+const ATTACH: u8 = 0x12;
+const DETACH: u8 = 0x16;
+const END: u8 = 0x17;
+
+/// One unit of the byte stream.
+enum Piece<'a> {
+    /// A protocol header (`AMQP` and four version bytes).
+    Header(&'a [u8]),
+    Frame(Frame<'a>),
+    /// The rest of the stream after a size below 8: no frame, passed on for the codec to
+    /// refuse.
+    Garbage(&'a [u8]),
+}
+
+struct Frame<'a> {
+    bytes: &'a [u8],
+    channel: u16,
+    /// Where the body starts (after the extended header).
+    body: usize,
+    /// An AMQP (not SASL) performative's descriptor code.
+    performative: Option<u8>,
+}
+
+impl Piece<'_> {
+    fn len(&self) -> usize {
+        match self {
+            Piece::Header(b) | Piece::Garbage(b) => b.len(),
+            Piece::Frame(f) => f.bytes.len(),
+        }
+    }
+}
+
+/// The piece at the start of `rest`, or `None` while it is incomplete.
+fn next_piece(rest: &[u8]) -> Option<Piece<'_>> {
+    if rest.len() < 8 {
+        return None;
+    }
+    if &rest[..4] == b"AMQP" {
+        return Some(Piece::Header(&rest[..8]));
+    }
+    let size = u32::from_be_bytes([rest[0], rest[1], rest[2], rest[3]]) as usize;
+    if size < 8 {
+        return Some(Piece::Garbage(rest));
+    }
+    let bytes = rest.get(..size)?;
+    let body = usize::from(bytes[4]) * 4;
+    let performative = match bytes.get(body..body + 3) {
+        Some([0x00, 0x53, code]) if bytes[5] == 0 => Some(*code),
+        _ => None,
+    };
+    Some(Piece::Frame(Frame {
+        bytes,
+        channel: u16::from_be_bytes([bytes[6], bytes[7]]),
+        body,
+        performative,
+    }))
 }
 
 impl<S: AsyncWrite + Unpin> Padded<S> {
