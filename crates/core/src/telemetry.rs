@@ -30,6 +30,8 @@ pub struct Events {
     created_ms: i64,
     /// Every group but `$Default`, as created (names match case-insensitively).
     groups: RwLock<Vec<String>>,
+    /// Serializes changes to `groups` and their commit.
+    changing: tokio::sync::Mutex<()>,
 }
 
 impl std::fmt::Debug for Events {
@@ -46,6 +48,7 @@ impl Events {
             log,
             created_ms: crate::keys::now_millis(),
             groups: RwLock::new(Vec::new()),
+            changing: tokio::sync::Mutex::new(()),
         }
     }
 
@@ -70,10 +73,17 @@ impl Events {
     }
 
     pub fn consumer_groups(&self) -> Vec<String> {
-        let groups = self.groups.read().unwrap_or_else(|e| e.into_inner());
         std::iter::once(DEFAULT_CONSUMER_GROUP.to_owned())
-            .chain(groups.iter().cloned())
+            .chain(self.created_groups())
             .collect()
+    }
+
+    /// The groups created besides `$Default`.
+    fn created_groups(&self) -> Vec<String> {
+        self.groups
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 }
 
@@ -235,12 +245,11 @@ impl Hub {
     /// Creates a consumer group; creating one that exists is not an error (as ARM's PUT).
     pub async fn create_consumer_group(&self, name: &str) -> Result<String> {
         validate_consumer_group(name)?;
-        let _guard = self.locks.lock("\u{0}consumer-groups").await;
+        let _changing = self.events.changing.lock().await;
         if let Some(existing) = self.events.consumer_group(name) {
             return Ok(existing);
         }
-        let mut groups = self.events.consumer_groups();
-        groups.remove(0);
+        let mut groups = self.events.created_groups();
         if groups.len() + 1 >= MAX_CONSUMER_GROUPS {
             return Err(Error::new(
                 ErrorCode::IotHubQuotaExceeded,
@@ -259,9 +268,8 @@ impl Hub {
                 "The $Default consumer group cannot be deleted",
             ));
         }
-        let _guard = self.locks.lock("\u{0}consumer-groups").await;
-        let mut groups = self.events.consumer_groups();
-        groups.remove(0);
+        let _changing = self.events.changing.lock().await;
+        let mut groups = self.events.created_groups();
         let before = groups.len();
         groups.retain(|g| !g.eq_ignore_ascii_case(name));
         if groups.len() == before {
