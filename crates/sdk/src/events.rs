@@ -126,7 +126,6 @@ impl EventsClientBuilder {
         let (connection, session) = open(&target, &tls).await?;
         let mut client = EventsClient {
             target,
-            tls,
             consumer_group: self.consumer_group,
             connection: tokio::sync::Mutex::new(connection),
             session: tokio::sync::Mutex::new(session),
@@ -341,15 +340,12 @@ fn redirect_target(
 }
 
 fn random_suffix() -> String {
-    let mut b = [0u8; 6];
-    let _ = getrandom::fill(&mut b);
-    b.iter().map(|x| format!("{x:02x}")).collect()
+    format!("{:012x}", crate::device::backoff::random_u64() >> 16)
 }
 
 /// A client of the built-in events endpoint.
 pub struct EventsClient {
     target: Target,
-    tls: Arc<rustls::ClientConfig>,
     consumer_group: String,
     connection: tokio::sync::Mutex<ConnectionHandle<()>>,
     session: tokio::sync::Mutex<SessionHandle<()>>,
@@ -530,7 +526,6 @@ impl EventsClient {
     pub async fn close(self) {
         let _ = self.session.lock().await.end().await;
         let _ = self.connection.lock().await.close().await;
-        let _ = &self.tls;
     }
 }
 

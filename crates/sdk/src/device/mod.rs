@@ -7,7 +7,7 @@
 //! and TLS trust once, `link` dials and authenticates one connection, `messages` holds the
 //! values the application sees, and `backoff` paces reconnects.
 
-mod backoff;
+pub(crate) mod backoff;
 mod link;
 mod messages;
 pub(crate) mod settings;
