@@ -169,22 +169,22 @@ fn commit(shared: &Shared, partitions: &mut [PartitionWriter], appends: Vec<Vec<
             .filter(|(_, _, _, written)| written.is_ok())
             .map(|(_, _, staged, _)| staged)
             .collect();
-        if pending.len() > 1 {
-            std::thread::scope(|scope| {
-                let handles: Vec<_> = pending
+        // The writer thread syncs the first partition itself; the others get a thread each.
+        match pending.split_first() {
+            None => Vec::new(),
+            Some((first, rest)) => std::thread::scope(|scope| {
+                let handles: Vec<_> = rest
                     .iter()
-                    .map(|staged| scope.spawn(|| sync(staged)))
+                    .map(|&staged| scope.spawn(move || sync(staged)))
                     .collect();
-                handles
-                    .into_iter()
-                    .map(|h| {
-                        h.join()
-                            .unwrap_or_else(|_| Err(io::Error::other("fsync thread panicked")))
-                    })
-                    .collect()
-            })
-        } else {
-            pending.into_iter().map(sync).collect()
+                let mut out = Vec::with_capacity(pending.len());
+                out.push(sync(first));
+                out.extend(handles.into_iter().map(|h| {
+                    h.join()
+                        .unwrap_or_else(|_| Err(io::Error::other("fsync thread panicked")))
+                }));
+                out
+            }),
         }
     };
     let mut syncs = syncs.into_iter();
