@@ -762,14 +762,6 @@ async fn telemetry_phases(
     }
 }
 
-fn service_of(target: &Target) -> Result<twinhub_sdk::ServiceClient> {
-    target
-        .services()?
-        .first()
-        .cloned()
-        .ok_or_else(|| Error::Setup("no service client".into()))
-}
-
 /// Starts a hub of its own for the backlog, fills it and reads it back, and stops it.
 async fn catch_up_phase(
     settings: &Settings,
@@ -802,7 +794,7 @@ async fn catch_up_phase(
             mqtt_addr: hub.mqtt_addr,
             pid: hub.pid(),
             flavor: Flavor::Hub {
-                services: vec![service],
+                services: vec![service.clone()],
             },
         };
         let endpoint = telemetry::Endpoint {
@@ -812,7 +804,7 @@ async fn catch_up_phase(
         };
         settle_machine(settings, ctx, notes, "telemetry backlog fill").await;
         let filled = telemetry::fill_backlog(ctx, &target, shape).await?;
-        hub::wait_disconnected(&service_of(&target)?, Duration::from_secs(120)).await?;
+        hub::wait_disconnected(&service, Duration::from_secs(120)).await?;
         settle_machine(settings, ctx, notes, "telemetry catch-up read").await;
         telemetry::read_backlog(ctx, &target, &endpoint, shape, filled).await
     }

@@ -217,19 +217,24 @@ pub struct CatchUp {
     pub first_error: Option<String>,
 }
 
+/// `n` device connections that only publish (no subscriptions).
+async fn publishers(ctx: &Ctx, target: &Target, n: usize) -> Result<Vec<Conn>> {
+    connect_fleet(
+        ctx,
+        target,
+        n,
+        |_| Vec::new(),
+        &format!("{}: devices", target.name),
+    )
+    .await
+}
+
 // ---------------------------------------------------------------------------------------
 // Ingest
 
 /// Runs the ingest phase against `target`.
 pub async fn ingest(ctx: &Ctx, target: &Target, shape: Shape) -> Result<Ingest> {
-    let conns = connect_fleet(
-        ctx,
-        target,
-        shape.devices,
-        |_| Vec::new(),
-        &format!("{}: devices", target.name),
-    )
-    .await?;
+    let conns = publishers(ctx, target, shape.devices).await?;
     let window = Window::starting_now(shape.warmup, shape.duration);
     let cpu = cpu_probe(target.pid, window);
     let log = target.pid.map(|pid| log_probe(pid, window));
@@ -323,7 +328,7 @@ fn write_bytes(pid: u32) -> Option<u64> {
 }
 
 /// The count of one event in `perf stat -x,` output (`<count>,<unit>,<event>,...`).
-pub fn perf_count(output: &str, event: &str) -> Option<u64> {
+fn perf_count(output: &str, event: &str) -> Option<u64> {
     output.lines().find_map(|line| {
         let mut fields = line.split(',');
         let count = fields.next()?.trim();
@@ -397,14 +402,7 @@ pub async fn end_to_end(
     shape: Shape,
     consumer: Consumer<'_>,
 ) -> Result<EndToEnd> {
-    let conns = connect_fleet(
-        ctx,
-        target,
-        shape.devices,
-        |_| Vec::new(),
-        &format!("{}: devices", target.name),
-    )
-    .await?;
+    let conns = publishers(ctx, target, shape.devices).await?;
     let base = Instant::now();
     // Messages sent in the window, by (device, seq): the consumer counts each once.
     let arrived = Arc::new(AtomicU64::new(0));
@@ -768,7 +766,7 @@ pub async fn fill_backlog(ctx: &Ctx, target: &Target, shape: BacklogShape) -> Re
 
     // Fill: every message is acknowledged, so the backlog is exactly `events` long.
     let devices = shape.devices.clamp(1, shape.events.max(1));
-    let conns = connect_fleet(ctx, target, devices, |_| Vec::new(), "backlog: devices").await?;
+    let conns = publishers(ctx, target, devices).await?;
     let bar = ctx
         .progress
         .bar("telemetry backlog fill", shape.events as u64);
