@@ -145,14 +145,12 @@ def test_partition_metadata_agrees_with_what_is_read(hub, device_client):
     ids = client.get_partition_ids()
     assert ids == props["partition_ids"] == ["0", "1", "2", "3"]
     total = 0
-    mine = None
     for pid in ids:
         p = client.get_partition_properties(pid)
         assert p["id"] == pid
         if p["is_empty"]:
             continue
         total += p["last_enqueued_sequence_number"] - p["beginning_sequence_number"] + 1
-        mine = mine or pid
     client.close()
     events = collect(consumer(hub), lambda evs: len(evs) >= total)
     assert len(events) == total
@@ -212,7 +210,6 @@ def test_latest_reads_only_new_events(hub, device_client):
     device_id = unique_id("tellat")
     send_messages(device_client, hub, device_id, 2)
     client = consumer(hub)
-    events: list = []
 
     def later():
         time.sleep(3)
