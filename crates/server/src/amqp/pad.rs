@@ -287,8 +287,9 @@ impl<S> Padded<S> {
             };
             match frame.performative {
                 Some(BEGIN) => {
-                    // Its first field is the client's channel (ushort 0x60).
-                    if let Some([0x60, hi, lo]) = frame.bytes.get(frame.body + 3..frame.body + 6) {
+                    // Its first field is the client's channel (ushort 0x60), after the
+                    // descriptor (3 bytes) and the list8 header (3 bytes).
+                    if let Some([0x60, hi, lo]) = frame.bytes.get(frame.body + 6..frame.body + 9) {
                         self.peer_channel
                             .insert(frame.channel, u16::from_be_bytes([*hi, *lo]));
                     }
@@ -632,7 +633,8 @@ mod tests {
         hub.write_all(&on(0, &detach)).await.unwrap();
         hub.flush().await.unwrap();
         let mut got = vec![0u8; on(5, &end).len()];
-        tokio::time::timeout(Duration::from_secs(1), hub.read_exact(&mut got))
+        // Well before END_HOLD, so only our detach can have released it.
+        tokio::time::timeout(END_HOLD / 5, hub.read_exact(&mut got))
             .await
             .expect("our detach lets the end through")
             .unwrap();
