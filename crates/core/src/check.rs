@@ -40,6 +40,10 @@ fn decodes(table: Table, bytes: &[u8]) -> bool {
         Table::Sessions => serde_json::from_slice::<PersistedSession>(bytes).is_ok(),
         Table::Jobs => is_valid_job(bytes),
         Table::DeviceJobs => serde_json::from_slice::<DeviceJob>(bytes).is_ok(),
+        Table::CloudMessages => twinhub_proto::c2d::CloudMessage::decode(bytes).is_ok(),
+        Table::Feedback => {
+            serde_json::from_slice::<twinhub_proto::c2d::FeedbackRecord>(bytes).is_ok()
+        }
         // Opaque by design: hub-wide values and what was already set aside.
         Table::Meta | Table::Quarantine => true,
     }

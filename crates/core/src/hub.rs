@@ -67,6 +67,8 @@ pub struct HubOptions {
     pub job_retention: Duration,
     /// The built-in endpoint's event log; `None` keeps telemetry in memory (tests).
     pub events: Option<Arc<dyn twinhub_eventlog::EventLog>>,
+    /// Cloud-to-device queue and feedback rules.
+    pub c2d: crate::c2d::C2dOptions,
 }
 
 impl std::fmt::Debug for HubOptions {
@@ -77,6 +79,7 @@ impl std::fmt::Debug for HubOptions {
             .field("max_token_lifetime", &self.max_token_lifetime)
             .field("job_retention", &self.job_retention)
             .field("events", &self.events.is_some())
+            .field("c2d", &self.c2d)
             .finish_non_exhaustive()
     }
 }
@@ -90,6 +93,7 @@ impl HubOptions {
             max_token_lifetime: DEFAULT_MAX_TOKEN_LIFETIME,
             job_retention: crate::jobs::DEFAULT_RETENTION,
             events: None,
+            c2d: crate::c2d::C2dOptions::default(),
         }
     }
 }
@@ -111,12 +115,15 @@ pub struct Hub {
     pub(crate) query_slots: tokio::sync::Semaphore,
     /// The built-in Event Hub-compatible endpoint.
     pub(crate) events: crate::telemetry::Events,
+    /// Cloud-to-device queues and delivery feedback.
+    pub(crate) c2d: crate::c2d::CloudMessaging,
 }
 
 impl Hub {
     /// Opens the hub over `store`: counts the registry once, moves records that cannot be
     /// decoded to the quarantine table (with a log line each), and resumes unfinished jobs.
     pub async fn open(store: Arc<dyn Store>, options: HubOptions) -> Result<Arc<Hub>> {
+        let c2d = crate::c2d::CloudMessaging::new(options.c2d.clone());
         let mut jobs = crate::jobs::JobsState::default();
         jobs.retention = options.job_retention;
         let hub = Hub {
@@ -142,8 +149,10 @@ impl Hub {
                         })?,
                 ),
             }),
+            c2d,
         };
         hub.load_consumer_groups().await?;
+        hub.load_c2d().await?;
         let mut after: Option<String> = None;
         let mut bad = Vec::new();
         loop {
@@ -166,13 +175,18 @@ impl Hub {
         let hub = Arc::new(hub);
         hub.resume_jobs().await?;
         hub.spawn_retention();
+        hub.spawn_c2d_sweep();
         Ok(hub)
     }
 
     /// Moves records that cannot be decoded out of `table` into [`Table::Quarantine`] (key
     /// `{table}/{key}`, the bytes as they were), so one damaged value cannot keep the hub from
     /// starting and nothing is thrown away.
-    async fn quarantine(&self, table: Table, records: Vec<(String, Vec<u8>)>) -> Result<()> {
+    pub(crate) async fn quarantine(
+        &self,
+        table: Table,
+        records: Vec<(String, Vec<u8>)>,
+    ) -> Result<()> {
         if records.is_empty() {
             return Ok(());
         }

@@ -94,7 +94,7 @@ pub(crate) struct JobsState {
     pub(crate) retention: Duration,
     /// Set when the hub stops: runners stop without recording anything, so the devices they
     /// had not finished stay pending and the job resumes at the next start.
-    suspend: watch::Sender<bool>,
+    pub(crate) suspend: watch::Sender<bool>,
     budget: Arc<Semaphore>,
 }
 
@@ -551,8 +551,7 @@ impl Hub {
                             continue;
                         };
                         let doc =
-                            serde_json::to_value(rec.to_twin(self.directory.is_connected(id)))
-                                .unwrap_or(Value::Null);
+                            serde_json::to_value(self.render_twin(&rec)).unwrap_or(Value::Null);
                         expr.matches(&doc)
                     }
                 };

@@ -29,6 +29,23 @@ pub fn tracking_id() -> String {
         .collect()
 }
 
+/// A random UUID (version 4) in its usual text form: the lock tokens of cloud-to-device and
+/// feedback messages.
+pub fn lock_token() -> String {
+    let mut b = random_bytes::<16>();
+    b[6] = (b[6] & 0x0f) | 0x40;
+    b[8] = (b[8] & 0x3f) | 0x80;
+    let hex: String = b.iter().map(|x| format!("{x:02x}")).collect();
+    format!(
+        "{}-{}-{}-{}-{}",
+        &hex[0..8],
+        &hex[8..12],
+        &hex[12..16],
+        &hex[16..20],
+        &hex[20..32]
+    )
+}
+
 /// Now, in IoT Hub's timestamp text.
 pub fn now_text() -> String {
     twinhub_proto::time::format_timestamp(jiff::Timestamp::now())

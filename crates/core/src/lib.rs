@@ -3,6 +3,7 @@
 //! server crate drives it from REST handlers and MQTT sessions; `twinhub-store` persists it.
 
 pub mod auth;
+pub mod c2d;
 pub mod check;
 pub mod directory;
 pub mod error;

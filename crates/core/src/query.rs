@@ -184,8 +184,7 @@ impl Hub {
                 let doc = match table {
                     Table::Devices => match DeviceRecord::decode(bytes) {
                         Ok(rec) => {
-                            serde_json::to_value(rec.to_twin(self.directory.is_connected(key)))
-                                .unwrap_or(Value::Null)
+                            serde_json::to_value(self.render_twin(&rec)).unwrap_or(Value::Null)
                         }
                         Err(_) => continue,
                     },

@@ -288,12 +288,26 @@ impl Hub {
                 rec
             }
         };
-        Ok(record.to_device(self.directory.is_connected(device_id)))
+        Ok(self.render_device(&record))
+    }
+
+    /// The Device document, with the live connection state and queue depth.
+    pub(crate) fn render_device(&self, rec: &DeviceRecord) -> Device {
+        let mut device = rec.to_device(self.directory.is_connected(&rec.device_id));
+        device.cloud_to_device_message_count = Some(self.c2d.depth(&rec.device_id));
+        device
+    }
+
+    /// The Twin document, with the live connection state and queue depth.
+    pub(crate) fn render_twin(&self, rec: &DeviceRecord) -> twinhub_proto::model::Twin {
+        let mut twin = rec.to_twin(self.directory.is_connected(&rec.device_id));
+        twin.cloud_to_device_message_count = Some(self.c2d.depth(&rec.device_id));
+        twin
     }
 
     pub async fn get_device(&self, device_id: &str) -> Result<Device> {
         let rec = self.load_existing(device_id).await?;
-        Ok(rec.to_device(self.directory.is_connected(device_id)))
+        Ok(self.render_device(&rec))
     }
 
     /// The stored record (for device authentication and the server's own needs).
@@ -306,12 +320,13 @@ impl Hub {
         let _guard = self.locks.lock(device_id).await;
         let rec = self.load_existing(device_id).await?;
         check_etag(if_match, &rec.device_etag(), "device")?;
-        self.store
-            .commit(vec![
-                Write::delete(Table::Devices, device_id),
-                Write::delete(Table::Sessions, device_id),
-            ])
-            .await?;
+        let mut writes = vec![
+            Write::delete(Table::Devices, device_id),
+            Write::delete(Table::Sessions, device_id),
+        ];
+        writes.extend(self.c2d_deletion_writes(device_id));
+        self.store.commit(writes).await?;
+        self.c2d_forget(device_id);
         self.counts.remove(rec.status);
         self.close_device_session(device_id, CloseReason::DeviceDisabled);
         self.redelivery.forget(device_id);
@@ -326,9 +341,7 @@ impl Hub {
         }
         let page = self.store.scan(Table::Devices, None, top).await?;
         page.iter()
-            .map(|(id, bytes)| {
-                DeviceRecord::decode(bytes).map(|r| r.to_device(self.directory.is_connected(id)))
-            })
+            .map(|(_, bytes)| DeviceRecord::decode(bytes).map(|r| self.render_device(&r)))
             .collect()
     }
 
@@ -408,6 +421,7 @@ impl Hub {
                 Ok(None) => {
                     writes.push(Write::delete(Table::Devices, op.id.clone()));
                     writes.push(Write::delete(Table::Sessions, op.id.clone()));
+                    writes.extend(self.c2d_deletion_writes(&op.id));
                     effects.push(Effect {
                         id: op.id.clone(),
                         before,
@@ -441,6 +455,7 @@ impl Hub {
             }
             if e.after.is_none() {
                 self.redelivery.forget(&e.id);
+                self.c2d_forget(&e.id);
             }
         }
         drop(guards);

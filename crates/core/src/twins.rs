@@ -58,7 +58,7 @@ impl Hub {
     /// `GET /twins/{id}`.
     pub async fn get_twin(&self, device_id: &str) -> Result<Twin> {
         let rec = self.load_existing(device_id).await?;
-        Ok(rec.to_twin(self.directory.is_connected(device_id)))
+        Ok(self.render_twin(&rec))
     }
 
     /// `PATCH /twins/{id}` (`replace == false`) or `PUT /twins/{id}` (`replace == true`).
@@ -108,7 +108,7 @@ impl Hub {
         if let Some(patch) = desired_patch {
             self.push_desired(device_id, rec.twin.desired.version, patch);
         }
-        Ok(rec.to_twin(self.directory.is_connected(device_id)))
+        Ok(self.render_twin(&rec))
     }
 
     /// Sends a committed desired patch to the device's session if it listens for them. Called

@@ -253,7 +253,7 @@ impl SystemProperties {
 
 const FORMAT_VERSION: u8 = 1;
 
-fn put_len(out: &mut Vec<u8>, mut n: usize) {
+pub(crate) fn put_len(out: &mut Vec<u8>, mut n: usize) {
     // LEB128: small fields cost one byte.
     loop {
         let byte = (n & 0x7f) as u8;
@@ -266,12 +266,12 @@ fn put_len(out: &mut Vec<u8>, mut n: usize) {
     }
 }
 
-fn put(out: &mut Vec<u8>, bytes: &[u8]) {
+pub(crate) fn put(out: &mut Vec<u8>, bytes: &[u8]) {
     put_len(out, bytes.len());
     out.extend_from_slice(bytes);
 }
 
-fn put_opt(out: &mut Vec<u8>, bytes: Option<&[u8]>) {
+pub(crate) fn put_opt(out: &mut Vec<u8>, bytes: Option<&[u8]>) {
     match bytes {
         None => out.push(0),
         Some(b) => {
@@ -281,13 +281,13 @@ fn put_opt(out: &mut Vec<u8>, bytes: Option<&[u8]>) {
     }
 }
 
-fn take_byte(r: &mut &[u8]) -> Result<u8, MessageError> {
+pub(crate) fn take_byte(r: &mut &[u8]) -> Result<u8, MessageError> {
     let (&b, rest) = r.split_first().ok_or(MessageError::Damaged("truncated"))?;
     *r = rest;
     Ok(b)
 }
 
-fn take_len(r: &mut &[u8]) -> Result<usize, MessageError> {
+pub(crate) fn take_len(r: &mut &[u8]) -> Result<usize, MessageError> {
     let mut n: usize = 0;
     for shift in (0..64).step_by(7) {
         let b = take_byte(r)?;
@@ -301,7 +301,7 @@ fn take_len(r: &mut &[u8]) -> Result<usize, MessageError> {
     Err(MessageError::Damaged("length overflow"))
 }
 
-fn take<'a>(r: &mut &'a [u8]) -> Result<&'a [u8], MessageError> {
+pub(crate) fn take<'a>(r: &mut &'a [u8]) -> Result<&'a [u8], MessageError> {
     let n = take_len(r)?;
     if n > r.len() {
         return Err(MessageError::Damaged("truncated"));
@@ -311,11 +311,11 @@ fn take<'a>(r: &mut &'a [u8]) -> Result<&'a [u8], MessageError> {
     Ok(head)
 }
 
-fn take_str(r: &mut &[u8]) -> Result<String, MessageError> {
+pub(crate) fn take_str(r: &mut &[u8]) -> Result<String, MessageError> {
     String::from_utf8(take(r)?.to_vec()).map_err(|_| MessageError::Damaged("text is not UTF-8"))
 }
 
-fn take_opt_str(r: &mut &[u8]) -> Result<Option<String>, MessageError> {
+pub(crate) fn take_opt_str(r: &mut &[u8]) -> Result<Option<String>, MessageError> {
     match take_byte(r)? {
         0 => Ok(None),
         1 => take_str(r).map(Some),

@@ -31,17 +31,23 @@ pub enum Table {
     /// Records that could not be decoded, moved aside as they were, keyed by
     /// `{table}/{key}`.
     Quarantine,
+    /// Queued cloud-to-device messages, keyed by `{deviceId}/{sequence number, 16 hex}`.
+    CloudMessages,
+    /// Delivery feedback records waiting for the service, keyed by `{sequence, 16 hex}`.
+    Feedback,
 }
 
 impl Table {
     /// Every table, in a stable order.
-    pub const ALL: [Table; 6] = [
+    pub const ALL: [Table; 8] = [
         Table::Meta,
         Table::Devices,
         Table::Sessions,
         Table::Jobs,
         Table::DeviceJobs,
         Table::Quarantine,
+        Table::CloudMessages,
+        Table::Feedback,
     ];
 
     /// The table's stable on-disk name.
@@ -53,6 +59,8 @@ impl Table {
             Table::Jobs => "jobs",
             Table::DeviceJobs => "device_jobs",
             Table::Quarantine => "quarantine",
+            Table::CloudMessages => "c2d",
+            Table::Feedback => "c2d_feedback",
         }
     }
 }
