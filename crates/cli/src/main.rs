@@ -252,6 +252,18 @@ struct ServeArgs {
     /// Bytes of telemetry kept per partition, oldest dropped first [default: no bound]
     #[arg(long)]
     retention_bytes: Option<u64>,
+    /// Cloud-to-device messages a device's queue holds, 1 to 5000 [default: 50, as IoT Hub]
+    #[arg(long)]
+    c2d_max_queue_depth: Option<usize>,
+    /// Seconds a cloud-to-device message lives when its sender sets no expiry, 60 to 172800 [default: 3600]
+    #[arg(long)]
+    c2d_default_ttl: Option<u64>,
+    /// Abandons after which a cloud-to-device message is dead-lettered, 1 to 100 [default: 10]
+    #[arg(long)]
+    c2d_max_delivery_count: Option<u32>,
+    /// Milliseconds between feedback messages unless 64 records wait [default: 15000, as IoT Hub]
+    #[arg(long)]
+    c2d_feedback_interval_ms: Option<u64>,
 }
 
 /// Which hub a management command talks to.
@@ -464,6 +476,10 @@ async fn serve(args: ServeArgs) -> Result<()> {
         partitions: args.partitions,
         retention: args.retention,
         retention_bytes: args.retention_bytes,
+        c2d_max_queue_depth: args.c2d_max_queue_depth,
+        c2d_default_ttl: args.c2d_default_ttl,
+        c2d_max_delivery_count: args.c2d_max_delivery_count,
+        c2d_feedback_interval_ms: args.c2d_feedback_interval_ms,
     };
     let config = Config::load(args.config.as_deref(), &overrides)?;
     // Before the banner, so a signal sent as soon as it shows still shuts down gracefully.

@@ -36,6 +36,39 @@ impl Hub {
     /// what the device is told: IotHubUnauthorizedAccess is "not authorized", throttling and
     /// store faults are "server unavailable" (the device retries); the message says why, for
     /// the log.
+    /// Authenticates a device's HTTPS request (its `Authorization` SAS token, signed with the
+    /// device's key or a policy with DeviceConnect); returns the device's generation.
+    pub async fn authenticate_device_request(
+        &self,
+        device_id: &str,
+        authorization: Option<&str>,
+    ) -> Result<String> {
+        let rec = self.load(device_id).await?.ok_or_else(|| {
+            Error::unauthorized(format!("Device '{device_id}' is not registered"))
+        })?;
+        if rec.status != DeviceStatus::Enabled {
+            return Err(Error::unauthorized(format!(
+                "Device '{device_id}' is disabled"
+            )));
+        }
+        if rec.auth.auth_type != AuthenticationType::Sas {
+            return Err(Error::unauthorized(format!(
+                "Device '{device_id}' uses {:?} authentication, which needs a client certificate",
+                rec.auth.auth_type
+            )));
+        }
+        let token = authorization
+            .ok_or_else(|| Error::unauthorized("The request carries no Authorization header"))?;
+        self.auth.authenticate_device(
+            device_id,
+            rec.auth.primary_key.as_deref(),
+            rec.auth.secondary_key.as_deref(),
+            token,
+            keys::now_unix(),
+        )?;
+        Ok(rec.generation_id)
+    }
+
     pub async fn connect_device(
         &self,
         device_id: &str,

@@ -173,6 +173,25 @@ impl Hub {
         body: Vec<u8>,
         origin: Origin<'_>,
     ) -> Result<NewEvent> {
+        self.prepare_device_telemetry(
+            session.device_id,
+            session.generation_id,
+            property_bag,
+            body,
+            origin,
+        )
+    }
+
+    /// [`Hub::prepare_telemetry`] for a device known by id and generation (the HTTPS
+    /// endpoint, which has no session).
+    pub fn prepare_device_telemetry(
+        &self,
+        device_id: &str,
+        generation_id: &str,
+        property_bag: &str,
+        body: Vec<u8>,
+        origin: Origin<'_>,
+    ) -> Result<NewEvent> {
         let mut message = Message::from_property_bag(property_bag, body).map_err(message_error)?;
         if origin.retain {
             message
@@ -185,10 +204,10 @@ impl Hub {
                 .push(("iothub-MessageType".to_owned(), Some("Will".to_owned())));
         }
         message.stamp = Stamp {
-            device_id: session.device_id.to_owned(),
+            device_id: device_id.to_owned(),
             module_id: None,
             auth_method: AUTH_METHOD_DEVICE_SAS.to_owned(),
-            generation_id: session.generation_id.to_owned(),
+            generation_id: generation_id.to_owned(),
             source: SOURCE_TELEMETRY.to_owned(),
             data_schema: origin.model_id.map(str::to_owned),
         };

@@ -59,6 +59,14 @@ pub struct Config {
     pub retention: u64,
     /// Bytes of telemetry kept per partition; the oldest segments go first (none: no bound).
     pub retention_bytes: Option<u64>,
+    /// Cloud-to-device messages a device's queue holds (IoT Hub: 50).
+    pub c2d_max_queue_depth: usize,
+    /// Seconds a cloud-to-device message lives when its sender sets no expiry (IoT Hub: 3600).
+    pub c2d_default_ttl: u64,
+    /// Abandons after which a cloud-to-device message is dead-lettered (IoT Hub: 10).
+    pub c2d_max_delivery_count: u32,
+    /// Milliseconds between feedback messages unless 64 records wait (IoT Hub: 15000).
+    pub c2d_feedback_interval_ms: u64,
 }
 
 impl Default for Config {
@@ -85,6 +93,10 @@ impl Default for Config {
             partitions: 4,
             retention: 86_400,
             retention_bytes: None,
+            c2d_max_queue_depth: 50,
+            c2d_default_ttl: 3600,
+            c2d_max_delivery_count: 10,
+            c2d_feedback_interval_ms: 15_000,
         }
     }
 }
@@ -134,9 +146,17 @@ pub struct Overrides {
     pub retention: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub retention_bytes: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub c2d_max_queue_depth: Option<usize>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub c2d_default_ttl: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub c2d_max_delivery_count: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub c2d_feedback_interval_ms: Option<u64>,
 }
 
-const KEYS: [&str; 21] = [
+const KEYS: [&str; 25] = [
     "data_dir",
     "hostname",
     "bind",
@@ -158,9 +178,24 @@ const KEYS: [&str; 21] = [
     "partitions",
     "retention",
     "retention_bytes",
+    "c2d_max_queue_depth",
+    "c2d_default_ttl",
+    "c2d_max_delivery_count",
+    "c2d_feedback_interval_ms",
 ];
 
 impl Config {
+    /// The cloud-to-device rules these settings give.
+    pub fn c2d(&self) -> twinhub_core::c2d::C2dOptions {
+        twinhub_core::c2d::C2dOptions {
+            max_queue_depth: self.c2d_max_queue_depth,
+            default_ttl: std::time::Duration::from_secs(self.c2d_default_ttl),
+            max_delivery_count: self.c2d_max_delivery_count,
+            feedback_interval: std::time::Duration::from_millis(self.c2d_feedback_interval_ms),
+            ..Default::default()
+        }
+    }
+
     /// Resolves the settings: defaults < `file` < `TWINHUB_*` environment < `overrides`.
     pub fn load(file: Option<&Path>, overrides: &Overrides) -> Result<Config, ServerError> {
         let mut fig = Figment::from(Serialized::defaults(Config::default()));
@@ -229,6 +264,27 @@ impl Config {
         if self.retention == 0 {
             return Err(ServerError::Config(
                 "retention must be at least 1 second".into(),
+            ));
+        }
+        if !(1..=5000).contains(&self.c2d_max_queue_depth) {
+            return Err(ServerError::Config(
+                "c2d_max_queue_depth must be between 1 and 5000".into(),
+            ));
+        }
+        // IoT Hub's range for defaultTtlAsIso8601: one minute to two days.
+        if !(60..=172_800).contains(&self.c2d_default_ttl) {
+            return Err(ServerError::Config(
+                "c2d_default_ttl must be between 60 and 172800 seconds (IoT Hub's range)".into(),
+            ));
+        }
+        if !(1..=100).contains(&self.c2d_max_delivery_count) {
+            return Err(ServerError::Config(
+                "c2d_max_delivery_count must be between 1 and 100 (IoT Hub's range)".into(),
+            ));
+        }
+        if self.c2d_feedback_interval_ms == 0 {
+            return Err(ServerError::Config(
+                "c2d_feedback_interval_ms must be at least 1".into(),
             ));
         }
         if self.amqp_plain_port.is_some() && !self.bind.is_loopback() {

@@ -189,6 +189,7 @@ impl RunningServer {
         options.throttles = config.throttles();
         options.max_token_lifetime = Duration::from_secs(config.max_token_lifetime);
         options.events = Some(events.clone() as Arc<dyn EventLog>);
+        options.c2d = config.c2d();
         let hub = Hub::open(store.clone() as Arc<dyn Store>, options).await?;
 
         let shutdown = CancellationToken::new();

@@ -2,6 +2,7 @@
 //! implementation in `session` (generic over the byte stream); `crate::ws` bridges WebSocket
 //! frames to a byte stream.
 
+mod c2d;
 mod session;
 
 use std::sync::Arc;

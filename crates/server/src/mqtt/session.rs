@@ -14,6 +14,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{OwnedSemaphorePermit, mpsc, oneshot};
 use tokio::time::{Instant, sleep_until, timeout};
 use tokio_util::sync::CancellationToken;
+use twinhub_core::c2d::Holder;
 use twinhub_core::directory::{
     CloseSignal, MethodFailure, MethodResponse, SessionCommand, SessionHandle, subs,
 };
@@ -31,6 +32,7 @@ use twinhub_proto::error::ErrorCode;
 use twinhub_proto::topic::{self, Inbound, Subscription};
 
 use super::SessionContext;
+use super::c2d::{Acked, Outbox};
 
 /// Telemetry publishes of one read appended together, at most this many or about this many
 /// bytes at a time.
@@ -213,6 +215,7 @@ pub async fn run_session<S>(
         next_rid: 1,
         pending: HashMap::new(),
         twin_since_flush: 0,
+        c2d: Outbox::new(ctx.hub.c2d().watch(&device_id)),
         out,
     };
     session.out.push(&Packet::ConnAck(ConnAck {
@@ -241,6 +244,8 @@ pub async fn run_session<S>(
     let end = session
         .serve(&mut rd, inbuf, commands, keepalive, token_end)
         .await;
+    // What the device did not acknowledge waits in its queue for the next session.
+    ctx.hub.c2d_release(&device_id, handle.connection_id);
     match &end {
         End::Disconnected | End::Quiet => {
             tracing::debug!(%peer, %device_id, "device disconnected")
@@ -375,6 +380,21 @@ impl<W: AsyncWrite + Unpin> Out<W> {
         }
     }
 
+    /// A cloud-to-device message at QoS 1 (the only thing the hub publishes at QoS 1).
+    fn publish_acked(&mut self, topic: String, payload: Bytes, pkid: u16, dup: bool) {
+        match Topic::new(topic) {
+            Ok(topic) => self.push(&Packet::Publish(Publish {
+                dup,
+                qos: QoS::AtLeastOnce,
+                retain: false,
+                topic,
+                pkid,
+                payload,
+            })),
+            Err(e) => tracing::error!("an outgoing topic is invalid: {e}"),
+        }
+    }
+
     async fn flush(&mut self) -> Result<(), End> {
         if self.buf.is_empty() {
             return Ok(());
@@ -467,6 +487,8 @@ struct Session<W> {
     pending: HashMap<String, Reply>,
     /// Twin requests answered since the last flush.
     twin_since_flush: usize,
+    /// Cloud-to-device messages out to the device.
+    c2d: Outbox,
     out: Out<W>,
 }
 
@@ -532,6 +554,11 @@ impl<W: AsyncWrite + Unpin> Session<W> {
         if let Err(end) = self.drain_input(&mut inbuf).await {
             return end;
         }
+        // A restored subscription gets what queued while the device was away.
+        if let Err(end) = self.fill_c2d().await {
+            return end;
+        }
+        let c2d_watch = self.c2d.watch();
         loop {
             if let Err(end) = self.flush().await {
                 return end;
@@ -562,6 +589,11 @@ impl<W: AsyncWrite + Unpin> Session<W> {
                             Ok(cmd) => self.command(cmd),
                             Err(_) => break,
                         }
+                    }
+                }
+                _ = c2d_watch.notified(), if self.c2d.wants_more() => {
+                    if let Err(end) = self.fill_c2d().await {
+                        return end;
                     }
                 }
                 _ = sleep_until(keepalive_deadline) => {
@@ -655,7 +687,7 @@ impl<W: AsyncWrite + Unpin> Session<W> {
         }
     }
 
-    fn publish_flags(&self) {
+    fn publish_flags(&mut self) {
         let mut flags = 0;
         for f in &self.filters {
             flags |= match topic::parse_subscription(f) {
@@ -670,6 +702,60 @@ impl<W: AsyncWrite + Unpin> Session<W> {
             .hub
             .directory()
             .set_subscriptions(&self.device_id, &self.handle, flags);
+        self.c2d.set_subscribed(flags & subs::C2D != 0);
+    }
+
+    /// Takes messages from the device's queue and publishes them, while the subscription
+    /// stands and fewer than the bound are out.
+    async fn fill_c2d(&mut self) -> Result<(), End> {
+        while self.c2d.wants_more() {
+            let next = self
+                .ctx
+                .hub
+                .c2d_receive(&self.device_id, Holder::Session(self.handle.connection_id))
+                .await;
+            match next {
+                Ok(Some(locked)) => {
+                    let topic = topic::c2d_topic(
+                        &self.device_id,
+                        &locked.message.mqtt_properties(&self.device_id),
+                    );
+                    let pkid = self.c2d.track(locked.lock_token);
+                    self.out.publish_acked(
+                        topic,
+                        Bytes::from(locked.message.body),
+                        pkid,
+                        locked.redelivery,
+                    );
+                }
+                Ok(None) => break,
+                Err(e) => {
+                    return Err(because(format!(
+                        "taking a cloud-to-device message failed: {}",
+                        e.message()
+                    )));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// A PUBACK completes the oldest message out; IoT Hub closes a device that acknowledges
+    /// out of order, and so does twinhub.
+    async fn c2d_acked(&mut self, pkid: u16) -> Result<(), End> {
+        match self.c2d.acked(pkid) {
+            Acked::Completed(token) => {
+                if let Err(e) = self.ctx.hub.c2d_complete(&self.device_id, &token).await {
+                    // Purged or the device deleted meanwhile: nothing left to complete.
+                    tracing::debug!(device_id = %self.device_id, "completing a cloud-to-device message: {}", e.message());
+                }
+                self.fill_c2d().await
+            }
+            Acked::OutOfOrder { expected } => Err(because(format!(
+                "PUBACK {pkid} out of order: PUBACKs must follow the order of the PUBLISHes (MQTT 3.1.1 section 4.6); expected {expected}"
+            ))),
+            Acked::Unknown => Ok(()),
+        }
     }
 
     async fn packet(&mut self, p: Packet) -> Result<(), End> {
@@ -699,7 +785,8 @@ impl<W: AsyncWrite + Unpin> Session<W> {
                     pkid: sub.pkid,
                     return_codes: codes,
                 }));
-                Ok(())
+                // After the SUBACK, so the device knows the subscription before messages come.
+                self.fill_c2d().await
             }
             Packet::Unsubscribe(unsub) => {
                 let before = self.filters.clone();
@@ -718,8 +805,7 @@ impl<W: AsyncWrite + Unpin> Session<W> {
                 Ok(())
             }
             Packet::Disconnect => Err(End::Disconnected),
-            // Devices acknowledge nothing we send at QoS 1 today; a stray PUBACK is harmless.
-            Packet::PubAck(_) => Ok(()),
+            Packet::PubAck(pkid) => self.c2d_acked(pkid).await,
             other => Err(because(format!(
                 "unexpected {} from a device",
                 other.packet_type()

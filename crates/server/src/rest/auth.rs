@@ -72,3 +72,42 @@ impl<R: Rights> FromRequestParts<AppState> for Authorized<R> {
         Ok(Authorized(PhantomData))
     }
 }
+
+/// Proof that the request's SAS token is the device's own (the `{id}` of the path), for the
+/// device-facing HTTPS endpoints. Carries the device's generation.
+pub struct DeviceAuthorized {
+    pub device_id: String,
+    pub generation_id: String,
+}
+
+impl FromRequestParts<AppState> for DeviceAuthorized {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
+        let params = axum::extract::RawPathParams::from_request_parts(parts, state)
+            .await
+            .map_err(|_| {
+                ApiError::from(twinhub_core::Error::invalid("the path names no device"))
+            })?;
+        let device_id = params
+            .iter()
+            .find(|(name, _)| *name == "id")
+            .map(|(_, value)| value.to_owned())
+            .ok_or_else(|| {
+                ApiError::from(twinhub_core::Error::invalid("the path names no device"))
+            })?;
+        let header = parts
+            .headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok());
+        let generation_id = state
+            .hub
+            .authenticate_device_request(&device_id, header)
+            .await?;
+        state.hub.throttles().rest()?;
+        Ok(DeviceAuthorized {
+            device_id,
+            generation_id,
+        })
+    }
+}

@@ -9,6 +9,7 @@ mod auth;
 mod devices;
 mod events;
 mod fleet;
+mod messages;
 mod twins;
 
 pub use auth::{Authorized, Read, ServiceConnect, Write};
@@ -273,6 +274,7 @@ pub fn router(state: AppState) -> Router {
         .merge(twins::routes())
         .merge(fleet::routes())
         .merge(events::routes())
+        .merge(messages::routes())
         .route("/$iothub/websocket", get(websocket))
         .route("/$servicebus/websocket", get(amqp_websocket))
         .route("/$servicebus/websocket/", get(amqp_websocket))
