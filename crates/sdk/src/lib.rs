@@ -66,8 +66,8 @@ pub mod events;
 pub mod service;
 
 pub use device::{
-    ConnectionState, DesiredPatch, DesiredPatches, DeviceClient, DeviceClientBuilder, DeviceTwin,
-    MethodRequest, MethodRequests, MethodResponse, Transport,
+    C2dMessages, CloudToDeviceMessage, ConnectionState, DesiredPatch, DesiredPatches, DeviceClient,
+    DeviceClientBuilder, DeviceTwin, MethodRequest, MethodRequests, MethodResponse, Transport,
 };
 pub use error::{Error, Result};
 pub use events::{Event, EventStream, EventsClient, EventsClientBuilder, StartPosition};

@@ -450,3 +450,57 @@ async fn purge_over_rest_empties_the_queue() {
         .unwrap();
     assert_eq!(missing.status(), 404);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_rust_device_client_streams_messages_and_taking_one_completes_it() {
+    let hub = TestHub::start().await;
+    let key = hub.device("d1").await;
+    let client = || {
+        twinhub_sdk::DeviceClient::builder(&format!(
+            "HostName=localhost;DeviceId=d1;SharedAccessKey={key}"
+        ))
+        .extra_ca_pem(std::fs::read(hub.ca_pem()).unwrap())
+        .port(hub.mqtt.port())
+        .build()
+        .unwrap()
+    };
+    let device = client();
+    let mut messages = device.c2d_messages();
+    device.connect().await.unwrap();
+    let h = &hub.server().hub;
+    h.send_c2d(message("m1", Ack::Full)).await.unwrap();
+    h.send_c2d(message("m2", Ack::None)).await.unwrap();
+    let m1 = tokio::time::timeout(Duration::from_secs(10), messages.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(m1.message_id.as_deref(), Some("m1"));
+    assert_eq!(m1.correlation_id.as_deref(), Some("corr-m1"));
+    assert_eq!(m1.content_type.as_deref(), Some("application/json"));
+    assert_eq!(m1.ack, "full");
+    assert_eq!(m1.property("color"), Some("red blue"));
+    assert_eq!(&m1.body[..], b"{\"id\":\"m1\"}");
+    assert!(!m1.redelivered);
+    wait_feedback(&hub, 1).await;
+    // m2 arrived at the client but was never taken: after the client goes, it waits again.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(depth(&hub).await, 1);
+    device.close().await;
+    drop(messages);
+    let device = client();
+    let mut messages = device.c2d_messages();
+    device.connect().await.unwrap();
+    let m2 = tokio::time::timeout(Duration::from_secs(10), messages.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(m2.message_id.as_deref(), Some("m2"));
+    for _ in 0..100 {
+        if depth(&hub).await == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(depth(&hub).await, 0);
+    device.close().await;
+}

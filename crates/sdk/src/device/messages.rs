@@ -338,3 +338,115 @@ mod tests {
         assert!(rx.try_recv().is_err());
     }
 }
+
+/// A cloud-to-device message, as the hub delivered it over MQTT.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CloudToDeviceMessage {
+    pub body: Bytes,
+    /// `$.mid`
+    pub message_id: Option<String>,
+    /// `$.cid`
+    pub correlation_id: Option<String>,
+    /// `$.uid`
+    pub user_id: Option<String>,
+    /// `$.ct`
+    pub content_type: Option<String>,
+    /// `$.ce`
+    pub content_encoding: Option<String>,
+    /// `$.exp`: the absolute expiry, as the hub wrote it.
+    pub expiry: Option<String>,
+    /// `iothub-ack`: the feedback the sender asked for (`none` when absent).
+    pub ack: String,
+    /// The application properties, in the order the hub sent them.
+    pub properties: Vec<(String, String)>,
+    /// The hub delivered it before (DUP): the previous connection ended before it was taken.
+    pub redelivered: bool,
+}
+
+impl CloudToDeviceMessage {
+    /// Reads the property bag of a `devices/{id}/messages/devicebound/{bag}` topic.
+    pub(crate) fn from_bag(bag: &str, body: Bytes, redelivered: bool) -> CloudToDeviceMessage {
+        let mut m = CloudToDeviceMessage {
+            body,
+            message_id: None,
+            correlation_id: None,
+            user_id: None,
+            content_type: None,
+            content_encoding: None,
+            expiry: None,
+            ack: "none".to_owned(),
+            properties: Vec::new(),
+            redelivered,
+        };
+        for (key, value) in twinhub_proto::topic::parse_property_bag(bag) {
+            let slot = match key.as_str() {
+                "$.mid" => &mut m.message_id,
+                "$.cid" => &mut m.correlation_id,
+                "$.uid" => &mut m.user_id,
+                "$.ct" => &mut m.content_type,
+                "$.ce" => &mut m.content_encoding,
+                "$.exp" => &mut m.expiry,
+                "$.to" => continue,
+                "iothub-ack" => {
+                    m.ack = value;
+                    continue;
+                }
+                _ => {
+                    m.properties.push((key, value));
+                    continue;
+                }
+            };
+            *slot = Some(value);
+        }
+        m
+    }
+
+    /// The value of application property `name`, if the message carries it.
+    pub fn property(&self, name: &str) -> Option<&str> {
+        self.properties
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+/// One delivery waiting in the stream: which connection it came on and under which packet
+/// id, so taking it acknowledges it there.
+pub(crate) struct C2dDelivery {
+    pub connection: u64,
+    pub pkid: u16,
+    pub message: CloudToDeviceMessage,
+}
+
+/// Cloud-to-device messages as a stream, in the order the hub sent them, from
+/// [`DeviceClient::c2d_messages`](super::DeviceClient::c2d_messages).
+///
+/// Taking a message with [`recv`](C2dMessages::recv) completes it at the hub (MQTT's
+/// PUBACK, which is all MQTT allows a device: no reject, no abandon). A message the
+/// connection lost before it was taken is delivered again after the reconnect.
+pub struct C2dMessages {
+    pub(crate) rx: mpsc::Receiver<C2dDelivery>,
+    pub(crate) commands: mpsc::Sender<Command>,
+}
+
+impl fmt::Debug for C2dMessages {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("C2dMessages").finish_non_exhaustive()
+    }
+}
+
+impl C2dMessages {
+    /// The next message, or `None` once the client is closed (or a newer stream replaced
+    /// this one).
+    pub async fn recv(&mut self) -> Option<CloudToDeviceMessage> {
+        let delivery = self.rx.recv().await?;
+        let _ = self
+            .commands
+            .send(Command::C2dTaken {
+                connection: delivery.connection,
+                pkid: delivery.pkid,
+            })
+            .await;
+        Some(delivery.message)
+    }
+}

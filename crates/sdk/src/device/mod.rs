@@ -24,12 +24,15 @@ use twinhub_proto::connection_string::{ConnectionString, ConnectionStringKind};
 
 use crate::error::{Error, Result};
 pub use messages::{
-    ConnectionState, DesiredPatch, DesiredPatches, DeviceTwin, MethodRequest, MethodRequests,
-    MethodResponse,
+    C2dMessages, CloudToDeviceMessage, ConnectionState, DesiredPatch, DesiredPatches, DeviceTwin,
+    MethodRequest, MethodRequests, MethodResponse,
 };
 use settings::Settings;
 pub use settings::Transport;
 use task::{Command, Handler, Outbound, Shared, Task, TwinReply, TwinRequest};
+
+/// Cloud-to-device messages buffered for the application at most.
+const C2D_QUEUE: usize = 64;
 
 /// IoT Hub's limit on one device-to-cloud message body.
 pub const MAX_EVENT_SIZE: usize = 256 * 1024;
@@ -361,6 +364,21 @@ impl DeviceClient {
         DesiredPatches {
             rx,
             shared: self.inner.shared.clone(),
+        }
+    }
+
+    /// Cloud-to-device messages as a stream, in the order the hub sends them. The client
+    /// subscribes on the first call; taking a message completes it at the hub. The hub keeps
+    /// at most 8 messages out to a device, so an application that stops reading holds back
+    /// its queue rather than growing a buffer here. A second call replaces (ends) the first
+    /// stream.
+    pub fn c2d_messages(&self) -> C2dMessages {
+        // Above the hub's in-flight bound, so a delivery always finds room.
+        let (tx, rx) = mpsc::channel(C2D_QUEUE);
+        self.update_dispatch(|d| d.c2d = Some(tx));
+        C2dMessages {
+            rx,
+            commands: self.inner.commands.clone(),
         }
     }
 

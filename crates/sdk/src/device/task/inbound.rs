@@ -16,7 +16,9 @@ use super::conn::Conn;
 use super::outbox::Feature;
 use super::{Command, Task, TwinReply};
 use crate::device::link::MAX_PACKET;
-use crate::device::messages::{MethodRequest, MethodResponse, Responder};
+use crate::device::messages::{
+    C2dDelivery, CloudToDeviceMessage, MethodRequest, MethodResponse, Responder,
+};
 
 impl Task {
     /// Handles every complete packet in the read buffer; `Err` ends the connection.
@@ -59,6 +61,13 @@ impl Task {
 
     /// Handles a PUBLISH from the hub; QoS 1 ones are acknowledged whatever they carry.
     fn publish(&mut self, conn: &mut Conn, p: Publish) -> Result<(), String> {
+        if p.qos == QoS::AtLeastOnce
+            && let Ok(Delivery::CloudToDevice { properties, .. }) =
+                iot::parse_delivery_topic(p.topic.as_str())
+        {
+            self.c2d_message(conn, properties, &p);
+            return Ok(());
+        }
         match p.qos {
             QoS::AtMostOnce => {}
             QoS::AtLeastOnce => {
@@ -90,6 +99,30 @@ impl Task {
             Err(e) => tracing::warn!("ignoring a PUBLISH on an unknown topic: {e}"),
         }
         Ok(())
+    }
+
+    /// A cloud-to-device message goes to the application's stream and is acknowledged when
+    /// the application takes it; with no stream it is acknowledged (completed) at once.
+    fn c2d_message(&mut self, conn: &mut Conn, bag: &str, p: &Publish) {
+        let message = CloudToDeviceMessage::from_bag(bag, p.payload.clone(), p.dup);
+        let stream = self.shared.dispatch().c2d.clone();
+        let delivery = C2dDelivery {
+            connection: self.connection,
+            pkid: p.pkid,
+            message,
+        };
+        let refused = match stream {
+            Some(tx) => match tx.try_send(delivery) {
+                Ok(()) => return,
+                Err(mpsc::error::TrySendError::Full(d) | mpsc::error::TrySendError::Closed(d)) => d,
+            },
+            None => delivery,
+        };
+        tracing::warn!(
+            message_id = refused.message.message_id.as_deref().unwrap_or(""),
+            "a cloud-to-device message arrived with no stream to take it; completed unread"
+        );
+        let _ = conn.push(&Packet::PubAck(p.pkid));
     }
 
     fn twin_response(&mut self, rid: &str, reply: TwinReply) {

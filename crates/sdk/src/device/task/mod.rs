@@ -29,7 +29,9 @@ use twinhub_proto::topic as iot;
 
 use super::backoff::{Backoff, random_u64};
 use super::link::{self, Link};
-use super::messages::{ConnectionState, DesiredPatch, MethodRequest, MethodResponse, json_bytes};
+use super::messages::{
+    C2dDelivery, ConnectionState, DesiredPatch, MethodRequest, MethodResponse, json_bytes,
+};
 use super::settings::Settings;
 use crate::error::{Error, Result};
 use conn::{Conn, Drain};
@@ -61,6 +63,9 @@ pub(crate) enum Command {
         request: TwinRequest,
         reply: oneshot::Sender<Result<TwinReply>>,
     },
+    /// The application took a cloud-to-device message: acknowledge it, if the connection it
+    /// came on is still this one.
+    C2dTaken { connection: u64, pkid: u16 },
 }
 
 /// A QoS 1 message to send.
@@ -111,6 +116,7 @@ pub(crate) struct Dispatch {
     pub handler: Option<Handler>,
     pub methods: Option<mpsc::Sender<MethodRequest>>,
     pub desired: Option<mpsc::Sender<DesiredPatch>>,
+    pub c2d: Option<mpsc::Sender<C2dDelivery>>,
     /// Bumped by every new desired stream: each starts with the whole document.
     pub desired_generation: u64,
 }
@@ -195,8 +201,12 @@ pub(crate) struct Task {
     outbox: Outbox,
     pkids: HashMap<u16, PkidUse>,
     twins: HashMap<String, TwinWait>,
-    subs: [Sub; 3],
+    subs: [Sub; 4],
     desired: DesiredSync,
+    /// Counts connections, so an acknowledgement never reaches a later connection.
+    connection: u64,
+    /// Packet ids of cloud-to-device messages the application took, to acknowledge.
+    c2d_acks: Vec<u16>,
     /// Something changed that may let subscriptions or queued messages go out.
     dirty: bool,
 }
@@ -221,8 +231,10 @@ impl Task {
             outbox: Outbox::default(),
             pkids: HashMap::new(),
             twins: HashMap::new(),
-            subs: [Sub::default(); 3],
+            subs: [Sub::default(); 4],
             desired: DesiredSync::default(),
+            connection: 0,
+            c2d_acks: Vec::new(),
             dirty: true,
         }
     }
@@ -309,6 +321,7 @@ impl Task {
                 Command::Twin { reply, .. } => {
                     let _ = reply.send(Err(error.clone()));
                 }
+                Command::C2dTaken { .. } => {}
             }
         }
         {
@@ -317,6 +330,7 @@ impl Task {
             dispatch.handler = None;
             dispatch.methods = None;
             dispatch.desired = None;
+            dispatch.c2d = None;
         }
         self.shared.done.send_replace(true);
     }
@@ -338,6 +352,10 @@ impl Task {
     async fn serve(&mut self, link: Link) -> End {
         let session_present = link.session_present;
         let mut conn = Conn::new(link);
+        // Acknowledgements owed to the last connection mean nothing on this one: the hub
+        // delivers those messages again.
+        self.c2d_acks.clear();
+        self.connection += 1;
         self.on_connected(session_present);
         if let Err(why) = self.drain_input(&mut conn) {
             return End::Dropped(why);
@@ -347,6 +365,9 @@ impl Task {
             if self.dirty {
                 self.dirty = false;
                 self.ensure_subscriptions(&mut conn);
+                for pkid in std::mem::take(&mut self.c2d_acks) {
+                    let _ = conn.push(&Packet::PubAck(pkid));
+                }
                 self.send_outbox(&mut conn);
             }
             conn.out.start_write();
@@ -430,16 +451,20 @@ impl Task {
 
     /// Reads the application's dispatch table after it changed.
     pub(crate) fn sync_dispatch(&mut self) {
-        let (methods, desired, generation) = {
+        let (methods, desired, generation, c2d) = {
             let d = self.shared.dispatch();
             (
                 d.handler.is_some() || d.methods.is_some(),
                 d.desired.is_some(),
                 d.desired_generation,
+                d.c2d.is_some(),
             )
         };
         if methods {
             self.sub(Feature::Methods).wanted = true;
+        }
+        if c2d {
+            self.sub(Feature::CloudToDevice).wanted = true;
         }
         if desired {
             self.sub(Feature::DesiredPatches).wanted = true;

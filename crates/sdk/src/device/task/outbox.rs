@@ -26,20 +26,25 @@ pub(super) enum Feature {
     Methods = 0,
     TwinResponses = 1,
     DesiredPatches = 2,
+    CloudToDevice = 3,
 }
 
-pub(super) const FEATURES: [Feature; 3] = [
+pub(super) const FEATURES: [Feature; 4] = [
     Feature::Methods,
     Feature::TwinResponses,
     Feature::DesiredPatches,
+    Feature::CloudToDevice,
 ];
 
 impl Feature {
-    pub fn subscription(self) -> Subscription {
+    pub fn subscription(self, device_id: &str) -> Subscription {
         match self {
             Feature::Methods => Subscription::Methods,
             Feature::TwinResponses => Subscription::TwinResponses,
             Feature::DesiredPatches => Subscription::DesiredPatches,
+            Feature::CloudToDevice => Subscription::CloudToDevice {
+                device_id: device_id.to_owned(),
+            },
         }
     }
 }
@@ -300,6 +305,12 @@ impl Task {
                     .insert(rid.clone(), TwinWait::new(Some(reply), request));
                 self.queue_twin(rid);
             }
+            Command::C2dTaken { connection, pkid } => {
+                if connection == self.connection {
+                    self.c2d_acks.push(pkid);
+                    self.dirty = true;
+                }
+            }
         }
     }
 
@@ -400,7 +411,7 @@ impl Task {
         }
         let mut filters = Vec::with_capacity(missing.len());
         for f in &missing {
-            match Topic::new(f.subscription().filter()) {
+            match Topic::new(f.subscription(&self.settings.device_id).filter()) {
                 Ok(t) => filters.push((t, QoS::AtLeastOnce)),
                 Err(e) => tracing::error!("invalid subscription filter: {e}"),
             }
@@ -419,7 +430,7 @@ impl Task {
 
     /// Sends an UNSUBSCRIBE for `feature`; returns whether it went into the next write.
     pub(super) fn unsubscribe(&mut self, conn: &mut Conn, feature: Feature) -> bool {
-        let Ok(filter) = Topic::new(feature.subscription().filter()) else {
+        let Ok(filter) = Topic::new(feature.subscription(&self.settings.device_id).filter()) else {
             return false;
         };
         let pkid = self.alloc_pkid();
@@ -541,7 +552,7 @@ impl Task {
         for (i, f) in features.iter().enumerate() {
             if matches!(ack.return_codes.get(i), Some(SubscribeReturnCode::Failure)) {
                 // IoT Hub's SDKs carry on too; the feature then simply receives nothing.
-                tracing::warn!(filter = %f.subscription().filter(), "the hub refused a subscription");
+                tracing::warn!(filter = %f.subscription(&self.settings.device_id).filter(), "the hub refused a subscription");
             }
             let sub = self.sub(*f);
             sub.requested = false;
