@@ -354,6 +354,21 @@ impl ServiceClient {
         Ok(())
     }
 
+    /// Removes every cloud-to-device message queued for the device (`Purged` feedback goes to
+    /// senders that asked for negative feedback); returns how many were removed.
+    pub async fn purge_c2d(&self, device_id: &str) -> Result<u64> {
+        #[derive(serde::Deserialize)]
+        #[serde(rename_all = "camelCase")]
+        struct Purged {
+            total_messages_purged: u64,
+        }
+        let path = format!("/devices/{}/commands", segment(device_id));
+        let purged: Purged = self
+            .call(Method::DELETE, &path, &[], &[], None, StatusCode::OK)
+            .await?;
+        Ok(purged.total_messages_purged)
+    }
+
     /// Creates, updates or deletes up to 100 devices in one call. A partly failed batch is
     /// not an error: its result lists the failures.
     pub async fn bulk(&self, ops: &[ExportImportDevice]) -> Result<BulkRegistryOperationResult> {

@@ -435,6 +435,14 @@ async fn purge_over_rest_empties_the_queue() {
     assert_eq!(body["deviceId"], "d1");
     assert_eq!(body["totalMessagesPurged"], 3);
     assert_eq!(depth(&hub).await, 0);
+    // The Rust service client's purge.
+    h.send_c2d(message("d", Ack::None)).await.unwrap();
+    assert_eq!(hub.owner().purge_c2d("d1").await.unwrap(), 1);
+    assert_eq!(hub.owner().purge_c2d("d1").await.unwrap(), 0);
+    match hub.owner().purge_c2d("nobody").await {
+        Err(twinhub_sdk::Error::Hub { status, .. }) => assert_eq!(status, 404),
+        other => panic!("expected a 404, got {other:?}"),
+    }
     wait_feedback(&hub, 3).await;
     let statuses = feedback_statuses(&hub).await;
     assert_eq!(statuses.len(), 3);
