@@ -504,6 +504,7 @@ impl Hub {
             }
         }
         result?;
+        metrics::counter!("twinhub_c2d_messages_total", "outcome" => "queued").increment(1);
         self.c2d.wake(&device_id);
         Ok(message.sequence_number)
     }
@@ -643,6 +644,7 @@ impl Hub {
                 message.encode(),
             )])
             .await?;
+        metrics::counter!("twinhub_c2d_messages_total", "outcome" => "Abandoned").increment(1);
         {
             let mut queues = self.c2d.queues();
             if let Some(e) = queues
@@ -750,6 +752,8 @@ impl Hub {
                 for seq in seqs {
                     q.entries.remove(seq);
                 }
+                metrics::counter!("twinhub_c2d_messages_total", "outcome" => status.as_str())
+                    .increment(stubs.len() as u64);
                 if q.entries.is_empty() && q.reserved == 0 {
                     queues.remove(device_id);
                 }
