@@ -36,13 +36,23 @@ pub fn routes() -> Router<AppState> {
             "/messages/serviceBound/feedback/{lock}/abandon",
             post(feedback_abandon),
         )
+        // IoT Hub's documents spell it `deviceBound`; Node's HTTP transport `devicebound`.
         .route("/devices/{id}/messages/deviceBound", get(device_receive))
+        .route("/devices/{id}/messages/devicebound", get(device_receive))
         .route(
             "/devices/{id}/messages/deviceBound/{lock}",
             delete(device_complete),
         )
         .route(
+            "/devices/{id}/messages/devicebound/{lock}",
+            delete(device_complete),
+        )
+        .route(
             "/devices/{id}/messages/deviceBound/{lock}/abandon",
+            post(device_abandon),
+        )
+        .route(
+            "/devices/{id}/messages/devicebound/{lock}/abandon",
             post(device_abandon),
         )
         .route("/devices/{id}/messages/events", post(device_send))
