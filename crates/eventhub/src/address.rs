@@ -1,7 +1,7 @@
 //! What a link's source or target address names. Clients spell addresses many ways
 //! (`amqps://host:5671/eh/ConsumerGroups/$Default/Partitions/0`, `/messages/events/...`,
-//! `$cbs`), so matching strips the scheme and host, a leading `/`, and ignores case in the
-//! fixed words (messaging-protocol 0.6).
+//! `/messages/serviceBound/feedback`, `$cbs`), so matching strips the scheme and host, a
+//! leading `/`, and ignores case in the fixed words (messaging-protocol 0.6).
 
 /// A node a link can attach to.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -23,6 +23,12 @@ pub enum Node {
         consumer_group: String,
         partition: String,
     },
+    /// `messages/devicebound`: back ends send cloud-to-device messages to it (the client's
+    /// sender link targets it; each message's `to` names the device).
+    DeviceBound,
+    /// `messages/servicebound/feedback`: back ends receive delivery feedback from it (the
+    /// client's receiver link has it as source).
+    Feedback,
     /// Anything else (refused with `amqp:not-found`).
     Other(String),
 }
@@ -53,6 +59,10 @@ pub fn parse_address(address: &str) -> Node {
     match parts.as_slice() {
         [one] if eq(one, "$cbs") => Node::Cbs,
         [one] if eq(one, "$management") => Node::Management { entity: None },
+        [m, d] if eq(m, "messages") && eq(d, "devicebound") => Node::DeviceBound,
+        [m, s, f] if eq(m, "messages") && eq(s, "servicebound") && eq(f, "feedback") => {
+            Node::Feedback
+        }
         [m, e, mgmt] if eq(m, "messages") && eq(e, "events") && eq(mgmt, "$management") => {
             Node::HubEventsManagement
         }
@@ -138,12 +148,40 @@ mod tests {
                 partition: "0".into()
             }
         );
-        assert!(matches!(
-            parse_address("/messages/devicebound"),
-            Node::Other(_)
-        ));
         assert!(matches!(parse_address(""), Node::Other(_)));
         assert!(matches!(parse_address("amqps://host-only"), Node::Other(_)));
+    }
+
+    #[test]
+    fn cloud_to_device_addresses_as_the_service_sdks_send_them() {
+        // uamqp (azure-iot-hub), Node azure-iothub, the az CLI.
+        for a in [
+            "amqps://h.example/messages/devicebound",
+            "amqps://h.example:5671/messages/devicebound",
+            "/messages/devicebound",
+            "messages/devicebound",
+            "/Messages/DeviceBound/",
+        ] {
+            assert_eq!(parse_address(a), Node::DeviceBound, "{a}");
+        }
+        for a in [
+            "/messages/serviceBound/feedback",
+            "/messages/servicebound/feedback",
+            "amqps://h.example:5671/messages/servicebound/feedback",
+            "messages/ServiceBound/Feedback",
+        ] {
+            assert_eq!(parse_address(a), Node::Feedback, "{a}");
+        }
+        // Near misses stay unknown: not-found, not a silent match.
+        for a in [
+            "/messages/devicebound/extra",
+            "/devices/d1/messages/devicebound",
+            "/messages/serviceBound/filenotifications",
+            "/messages/feedback",
+            "/messages/servicebound",
+        ] {
+            assert!(matches!(parse_address(a), Node::Other(_)), "{a}");
+        }
     }
 
     #[test]

@@ -17,6 +17,28 @@
 //! # Ok(()) }
 //! ```
 //!
+//! # Cloud-to-device messages
+//!
+//! [`ServiceClient::send_c2d`] sends a [`C2dMessage`] over AMQP (TLS on 5671, as the official
+//! service SDKs do) and returns once the hub queued it; [`ServiceClient::feedback`] reads the
+//! delivery feedback the hub batches for messages sent with an [`Ack`].
+//!
+//! ```no_run
+//! # async fn demo(service: twinhub_sdk::ServiceClient) -> Result<(), twinhub_sdk::Error> {
+//! use twinhub_sdk::{Ack, C2dMessage};
+//! let id = service
+//!     .send_c2d("thermostat-1", C2dMessage::new("reboot").ack(Ack::Full))
+//!     .await?;
+//! let mut feedback = service.feedback().await?;
+//! if let Some(batch) = feedback.next().await? {
+//!     for record in &batch.records {
+//!         println!("{}: {:?}", record.original_message_id, record.status_code);
+//!     }
+//!     feedback.complete(&batch).await?;
+//! }
+//! # let _ = id; Ok(()) }
+//! ```
+//!
 //! # Devices
 //!
 //! [`DeviceClient`] is the device face: IoT Hub's MQTT 3.1.1 protocol over TLS (port 8883) or
@@ -60,11 +82,13 @@
 //! # Ok(()) }
 //! ```
 
+pub mod c2d;
 pub mod device;
 mod error;
 pub mod events;
 pub mod service;
 
+pub use c2d::{Ack, C2dMessage, FeedbackBatch, FeedbackReceiver, FeedbackRecord, FeedbackStatus};
 pub use device::{
     C2dMessages, CloudToDeviceMessage, ConnectionState, DesiredPatch, DesiredPatches, DeviceClient,
     DeviceClientBuilder, DeviceTwin, MethodRequest, MethodRequests, MethodResponse, Transport,

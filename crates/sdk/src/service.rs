@@ -39,6 +39,7 @@ pub struct ServiceClientBuilder {
     extra_ca: Vec<Vec<u8>>,
     timeout: Duration,
     token_ttl: Duration,
+    amqp_port: Option<u16>,
 }
 
 impl ServiceClientBuilder {
@@ -58,6 +59,13 @@ impl ServiceClientBuilder {
     /// Lifetime of the SAS token signed for each request (default one hour).
     pub fn token_ttl(mut self, ttl: Duration) -> Self {
         self.token_ttl = ttl;
+        self
+    }
+
+    /// Dials this port for cloud-to-device messages and feedback (AMQP over TLS) instead of
+    /// 5671, the only port the official SDKs use.
+    pub fn amqp_port(mut self, port: u16) -> Self {
+        self.amqp_port = Some(port);
         self
     }
 
@@ -93,6 +101,18 @@ impl ServiceClientBuilder {
             .tls_certs_merge(certs)
             .build()
             .map_err(|e| Error::Setup(e.to_string()))?;
+        let c2d = crate::c2d::C2dSender::new(
+            crate::c2d::AmqpTarget {
+                host: host_without_port(&cs.host_name).to_owned(),
+                port: self.amqp_port.unwrap_or(5671),
+                sr: cs.host_name.clone(),
+                policy: policy.clone(),
+                key: key.clone(),
+                extra_ca: self.extra_ca,
+                token_ttl: self.token_ttl,
+            },
+            self.timeout,
+        );
         Ok(ServiceClient {
             http,
             base: format!("https://{}", cs.host_name),
@@ -100,6 +120,7 @@ impl ServiceClientBuilder {
             policy,
             key,
             token_ttl: self.token_ttl,
+            c2d,
         })
     }
 }
@@ -118,6 +139,19 @@ pub struct ServiceClient {
     policy: String,
     key: String,
     token_ttl: Duration,
+    /// The AMQP connection cloud-to-device sends share, opened at the first.
+    c2d: std::sync::Arc<crate::c2d::C2dSender>,
+}
+
+/// `host` without a `:port` (an IPv6 literal also loses its brackets).
+fn host_without_port(host: &str) -> &str {
+    if let Some(rest) = host.strip_prefix('[') {
+        return rest.split(']').next().unwrap_or(rest);
+    }
+    match host.rsplit_once(':') {
+        Some((h, p)) if p.parse::<u16>().is_ok() => h,
+        _ => host,
+    }
 }
 
 /// A path segment, encoded like the official SDKs do (`quote(s, safe='')`).
@@ -134,6 +168,7 @@ impl ServiceClient {
             extra_ca: Vec::new(),
             timeout: Duration::from_secs(100),
             token_ttl: Duration::from_secs(3600),
+            amqp_port: None,
         }
     }
 
@@ -367,6 +402,25 @@ impl ServiceClient {
             .call(Method::DELETE, &path, &[], &[], None, StatusCode::OK)
             .await?;
         Ok(purged.total_messages_purged)
+    }
+
+    /// Sends a cloud-to-device message to the device over AMQP and returns its message id once
+    /// the hub queued it (durably). A refusal is [`Error::Hub`] with IoT Hub's code:
+    /// `DeviceNotFound`, `DeviceMaximumQueueDepthExceeded`, `MessageTooLarge`,
+    /// `ArgumentInvalid` (e.g. an expiry in the past). Sends from all clones of the client
+    /// share one connection and are pipelined on it.
+    pub async fn send_c2d(
+        &self,
+        device_id: &str,
+        message: crate::c2d::C2dMessage,
+    ) -> Result<String> {
+        self.c2d.send(device_id, &message).await
+    }
+
+    /// A receiver of delivery feedback (`/messages/serviceBound/feedback`) on a connection of
+    /// its own.
+    pub async fn feedback(&self) -> Result<crate::c2d::FeedbackReceiver> {
+        self.c2d.feedback().await
     }
 
     /// Creates, updates or deletes up to 100 devices in one call. A partly failed batch is

@@ -1,7 +1,8 @@
 //! The links of one AMQP session: `$cbs` and `$management` request/reply pairs (the reply
 //! goes back on the link the client attached from the same node), partition receivers fed
 //! from the event log (credit-driven, woken by appends), IoT Hub's redirect on its own
-//! `messages/events` paths, and refusals with Event Hubs' error conditions.
+//! `messages/events` paths, the cloud-to-device links (handed to `c2d` once ServiceConnect is
+//! proved), and refusals with Event Hubs' error conditions.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -127,10 +128,12 @@ pub(super) async fn serve_session(
             )),
             _ => None,
         };
-        let link = match LinkAcceptor::new()
-            .accept_incoming_attach(attach, &mut session)
-            .await
-        {
+        // A back end's devicebound sender gets its own settlement rules and size limit.
+        let acceptor = match (&node, &role) {
+            (Node::DeviceBound, Role::Sender) => super::c2d::devicebound_acceptor(),
+            _ => LinkAcceptor::new(),
+        };
+        let link = match acceptor.accept_incoming_attach(attach, &mut session).await {
             Ok(link) => link,
             Err(e) => {
                 tracing::debug!(%peer, address = %Shown(&address), "AMQP attach failed: {e}");
@@ -241,6 +244,50 @@ pub(super) async fn serve_session(
                 )
                 .await;
             }
+            Node::DeviceBound | Node::Feedback if !grants.allows(Right::ServiceConnect) => {
+                tracing::debug!(%peer, address = %Shown(&address), "AMQP cloud-to-device link refused: no ServiceConnect");
+                refuse(link, unauthorized()).await;
+            }
+            Node::DeviceBound => match link {
+                LinkEndpoint::Receiver(r) => {
+                    links.spawn(super::c2d::serve_devicebound(
+                        ctx.clone(),
+                        r,
+                        done.clone(),
+                        peer.clone(),
+                    ));
+                }
+                link => {
+                    refuse(
+                        link,
+                        error(
+                            AmqpError::NotAllowed.into(),
+                            "messages/devicebound only takes messages; delivery feedback is read from messages/servicebound/feedback",
+                        ),
+                    )
+                    .await;
+                }
+            },
+            Node::Feedback => match link {
+                LinkEndpoint::Sender(s) => {
+                    links.spawn(super::c2d::serve_feedback(
+                        ctx.clone(),
+                        s,
+                        done.clone(),
+                        peer.clone(),
+                    ));
+                }
+                link => {
+                    refuse(
+                        link,
+                        error(
+                            AmqpError::NotAllowed.into(),
+                            "messages/servicebound/feedback can only be read from",
+                        ),
+                    )
+                    .await;
+                }
+            },
             Node::Other(path) => {
                 refuse(
                     link,
@@ -284,6 +331,13 @@ fn selector_of(attach: &fe2o3_amqp_types::performatives::Attach) -> Option<Strin
     None
 }
 
+fn unauthorized() -> AmqpErrorBody {
+    error(
+        AmqpError::UnauthorizedAccess.into(),
+        "Unauthorized: put a token with ServiceConnect on $cbs (or sign in with SASL PLAIN) before attaching",
+    )
+}
+
 /// Checks a receiver's rights, consumer group, partition and filter, and claims its place.
 fn open_partition(
     ctx: &AmqpContext,
@@ -295,10 +349,7 @@ fn open_partition(
     epoch: Option<i64>,
 ) -> Result<(u32, i64, Claim), AmqpErrorBody> {
     if !grants.allows(Right::ServiceConnect) {
-        return Err(error(
-            AmqpError::UnauthorizedAccess.into(),
-            "Unauthorized: put a token with ServiceConnect on $cbs (or sign in with SASL PLAIN) before attaching",
-        ));
+        return Err(unauthorized());
     }
     let not_found = |what: String| error(AmqpError::NotFound.into(), what);
     if !entity.eq_ignore_ascii_case(&ctx.entity) {

@@ -2,9 +2,11 @@
 //! WebSockets on the HTTPS port (`AMQPWSB10`), and in plaintext on loopback when asked
 //! (`--amqp-plain-port`). fe2o3-amqp's acceptor runs the protocol state machines; this module
 //! chooses SASL or not from the client's first header, offers the mechanisms the Azure clients
-//! use, and hands each link to `links` (CBS, `$management`, partition receivers, redirects).
+//! use, and hands each link to `links` (CBS, `$management`, partition receivers, redirects,
+//! and the cloud-to-device links of `c2d`).
 //! What addresses, filters and replies mean is decided in `twinhub_eventhub`.
 
+mod c2d;
 mod links;
 pub mod owners;
 mod pad;
