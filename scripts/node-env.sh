@@ -51,7 +51,7 @@ cp "$src/package.json" "$src/package-lock.json" "$env_dir/"
 
 # Catches a broken install before any test runs.
 (cd "$env_dir" && node -e '
-for (const name of ["@azure/event-hubs", "rhea", "rhea-promise", "ws"]) require(name);
+for (const name of ["@azure/event-hubs", "rhea", "rhea-promise", "ws", "azure-iothub", "azure-iot-common", "azure-iot-device", "azure-iot-device-http"]) require(name);
 ' >&2) || die "the installed packages do not load"
 
 echo "$want" > "$stamp"

@@ -564,11 +564,20 @@ class Hub:
     def credentials(self, policy: str = "iothubowner") -> ServiceCredentials:
         return ServiceCredentials.parse(self.service_cs(policy))
 
-    def registry(self, policy: str = "iothubowner", cs: str | None = None):
-        """An IoTHubRegistryManager with a StatusRecorder attached as `.recorder`."""
+    def registry(self, policy: str = "iothubowner", cs: str | None = None, transport_type: Any = None):
+        """An IoTHubRegistryManager with a StatusRecorder attached as `.recorder`.
+
+        `transport_type` (a uamqp.TransportType) is the SDK's own choice for send_c2d_message:
+        AMQP/TLS on 5671 (the default) or AMQP over WebSockets on 443.
+        """
         from azure.iot.hub import IoTHubRegistryManager
 
-        rm = IoTHubRegistryManager.from_connection_string(cs or self.service_cs(policy))
+        if transport_type is None:
+            rm = IoTHubRegistryManager.from_connection_string(cs or self.service_cs(policy))
+        else:
+            rm = IoTHubRegistryManager.from_connection_string(
+                cs or self.service_cs(policy), transport_type=transport_type
+            )
         # Explicit, so a registry manager keeps working whichever hub the env points at.
         rm.protocol.config.connection.verify = str(self.ca_bundle)
         rec = StatusRecorder()

@@ -1,10 +1,11 @@
 """Runs the Node.js interop programs of tests/interop/node against a hub.
 
-The packages (the official @azure/event-hubs, rhea, ws; exact versions in
-node/package-lock.json) are installed by scripts/node-env.sh, which scripts/test-interop.sh
-runs before pytest and exports as TWINHUB_NODE_MODULES; a pytest run started by hand calls
-the script itself. The programs trust the hub's CA through NODE_EXTRA_CA_CERTS only, and print
-one JSON object per line: {"type": "event" | "error" | "redirect" | "done" | "fatal", ...}.
+The packages (the official @azure/event-hubs, azure-iothub, azure-iot-device with
+azure-iot-device-http, rhea, ws; exact versions in node/package-lock.json) are installed by
+scripts/node-env.sh, which scripts/test-interop.sh runs before pytest and exports as
+TWINHUB_NODE_MODULES; a pytest run started by hand calls the script itself. The programs trust
+the hub's CA through NODE_EXTRA_CA_CERTS only, and print one JSON object per line, with a
+"type" ("event", "error", "redirect", "done", "fatal", and the types each program documents).
 """
 
 from __future__ import annotations
