@@ -3,6 +3,7 @@
 //! twin queries and scheduled jobs.
 
 use std::io::Write as _;
+mod c2d;
 mod demo;
 mod interrupt;
 mod monitor;
@@ -79,6 +80,8 @@ enum Command {
         #[command(flatten)]
         target: Target,
     },
+    /// Send cloud-to-device messages, read their delivery feedback, purge a device's queue
+    C2d(c2d::C2dArgs),
     /// Print device-to-cloud messages as they arrive on the built-in events endpoint (AMQP),
     /// one JSON object per line
     MonitorEvents(monitor::MonitorArgs),
@@ -439,6 +442,7 @@ async fn run(cli: Cli) -> Result<()> {
         Command::ConsumerGroup { command, target } => consumer_group(command, &target).await,
         Command::Trust(args) => trust::run(args),
         Command::MonitorEvents(args) => monitor::run(args).await,
+        Command::C2d(args) => c2d::run(args).await,
         Command::Job { command, target } => job(command, &target).await,
     }
 }

@@ -58,6 +58,8 @@ impl Hub {
                 https_port: 0,
                 mqtt_port: 0,
                 amqp_port: 0,
+                // IoT Hub batches feedback for 15 s; the C2D pair should not wait that long.
+                c2d_feedback_interval_ms: 200,
                 ..Config::default()
             }))
             .expect("the hub starts");
@@ -470,6 +472,53 @@ fn direct_method_pair_over_websockets() {
         "{}",
         device.output()
     );
+}
+
+#[test]
+fn cloud_to_device_pair_delivers_and_reports_success_feedback() {
+    let hub = Hub::start();
+    let cs = hub.add_device("c2d-dev");
+    let mut device = hub.run_device(
+        "receive_cloud_to_device_message",
+        &cs,
+        false,
+        &["--max-requests", "3", "--timeout", "60"],
+    );
+    device.wait_for("Waiting for cloud-to-device messages");
+    let amqp = hub.server().amqp_addr.port().to_string();
+    let service = hub
+        .run_service(
+            "send_cloud_to_device_message",
+            "c2d-dev",
+            &[
+                "--amqp-port",
+                &amqp,
+                "--count",
+                "3",
+                "--feedback-timeout",
+                "60",
+            ],
+        )
+        .finish();
+    service.assert_success();
+    service.assert_lines_in_order(&[
+        "Waiting for delivery feedback...",
+        "Every message has its feedback",
+    ]);
+    let out = service.output();
+    assert_eq!(out.matches("Sent message ").count(), 3, "{out}");
+    assert_eq!(out.matches(": Success (Success)").count(), 3, "{out}");
+    let device = device.finish();
+    device.assert_success();
+    device.assert_lines_in_order(&[
+        "Message received (1):",
+        r#"  data: {"command":"blink","sequence":0}"#,
+        "  content type: application/json",
+        "  ack: full",
+        "  property messageNumber: 0",
+        "Message received (3):",
+        "Received 3 messages",
+    ]);
 }
 
 #[test]

@@ -90,8 +90,9 @@ pub mod service;
 
 pub use c2d::{Ack, C2dMessage, FeedbackBatch, FeedbackReceiver, FeedbackRecord, FeedbackStatus};
 pub use device::{
-    C2dMessages, CloudToDeviceMessage, ConnectionState, DesiredPatch, DesiredPatches, DeviceClient,
-    DeviceClientBuilder, DeviceTwin, MethodRequest, MethodRequests, MethodResponse, Transport,
+    CloudToDeviceMessage, CloudToDeviceMessages, ConnectionState, DesiredPatch, DesiredPatches,
+    DeviceClient, DeviceClientBuilder, DeviceTwin, MethodRequest, MethodRequests, MethodResponse,
+    Transport,
 };
 pub use error::{Error, Result};
 pub use events::{Event, EventStream, EventsClient, EventsClientBuilder, StartPosition};

@@ -421,21 +421,22 @@ pub(crate) struct C2dDelivery {
 /// Cloud-to-device messages as a stream, in the order the hub sent them, from
 /// [`DeviceClient::c2d_messages`](super::DeviceClient::c2d_messages).
 ///
-/// Taking a message with [`recv`](C2dMessages::recv) completes it at the hub (MQTT's
+/// Taking a message with [`recv`](CloudToDeviceMessages::recv) completes it at the hub (MQTT's
 /// PUBACK, which is all MQTT allows a device: no reject, no abandon). A message the
 /// connection lost before it was taken is delivered again after the reconnect.
-pub struct C2dMessages {
+pub struct CloudToDeviceMessages {
     pub(crate) rx: mpsc::Receiver<C2dDelivery>,
     pub(crate) commands: mpsc::Sender<Command>,
 }
 
-impl fmt::Debug for C2dMessages {
+impl fmt::Debug for CloudToDeviceMessages {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("C2dMessages").finish_non_exhaustive()
+        f.debug_struct("CloudToDeviceMessages")
+            .finish_non_exhaustive()
     }
 }
 
-impl C2dMessages {
+impl CloudToDeviceMessages {
     /// The next message, or `None` once the client is closed (or a newer stream replaced
     /// this one).
     pub async fn recv(&mut self) -> Option<CloudToDeviceMessage> {

@@ -24,8 +24,8 @@ use twinhub_proto::connection_string::{ConnectionString, ConnectionStringKind};
 
 use crate::error::{Error, Result};
 pub use messages::{
-    C2dMessages, CloudToDeviceMessage, ConnectionState, DesiredPatch, DesiredPatches, DeviceTwin,
-    MethodRequest, MethodRequests, MethodResponse,
+    CloudToDeviceMessage, CloudToDeviceMessages, ConnectionState, DesiredPatch, DesiredPatches,
+    DeviceTwin, MethodRequest, MethodRequests, MethodResponse,
 };
 use settings::Settings;
 pub use settings::Transport;
@@ -372,11 +372,11 @@ impl DeviceClient {
     /// at most 8 messages out to a device, so an application that stops reading holds back
     /// its queue rather than growing a buffer here. A second call replaces (ends) the first
     /// stream.
-    pub fn c2d_messages(&self) -> C2dMessages {
+    pub fn c2d_messages(&self) -> CloudToDeviceMessages {
         // Above the hub's in-flight bound, so a delivery always finds room.
         let (tx, rx) = mpsc::channel(C2D_QUEUE);
         self.update_dispatch(|d| d.c2d = Some(tx));
-        C2dMessages {
+        CloudToDeviceMessages {
             rx,
             commands: self.inner.commands.clone(),
         }
