@@ -401,3 +401,164 @@ def test_a_sender_without_service_connect_is_refused(hub, service, device_client
     # The `service` policy (ServiceConnect) may send.
     send_c2d(service(policy="service"), device_id, "allowed", {"messageId": "authorized"})
     assert inbox.wait_for(1)[0].message_id == "authorized"
+
+
+def test_a_message_already_expired_is_never_delivered(hub, service, device_client, feedback):
+    """An expiry in the past: refused at the send, or accepted and dead-lettered as Expired;
+    either way the device never sees it."""
+    device_id = unique_id("c2dpast")
+    client, inbox = connect_receiver(device_client, hub, device_id)
+    rm = service()
+    stale = mid("past")
+    try:
+        props = {"messageId": stale, "iothub-ack": "full", "expiryTimeUtc": expiry_ms(-60)}
+        send_c2d(rm, device_id, "stale", props)
+    except SendTimeout:
+        raise
+    except Exception as e:  # noqa: BLE001 - refused on arrival
+        assert str(e) == SEND_FAILURE, repr(e)
+    else:
+        assert feedback.wait_for([stale])[stale]["statusCode"] == "Expired"
+    fresh = mid("fresh")
+    send_c2d(rm, device_id, "fresh", {"messageId": fresh})
+    [msg] = inbox.wait_for(1)
+    assert msg.message_id == fresh, "the already expired message was delivered"
+    assert inbox.quiet(1, 1.0) == []
+
+
+def test_a_message_without_to_is_refused(hub, service, device_client):
+    """The SDK always sets `to`; its own uamqp SendClient, handed a message without one, gets
+    the transfer rejected (nothing is queued anywhere)."""
+    import threading
+
+    import uamqp
+
+    device_id = unique_id("c2dnoto")
+    client, inbox = connect_receiver(device_client, hub, device_id)
+    rm = service()
+    send_c2d(rm, device_id, "opens the link")
+    inbox.wait_for(1)
+    sender = rm.amqp_svc_client.amqp_client
+    props = uamqp.message.MessageProperties(message_id="no-to")
+    results: list = []
+
+    def run() -> None:
+        sender.queue_message(uamqp.Message(b"addressed to nobody", properties=props))
+        results.extend(sender.send_all_messages(close_on_done=False))
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    t.join(30)
+    assert not t.is_alive(), "no disposition within 30 s for a message without `to`"
+    assert results == [uamqp.constants.MessageState.SendFailed], results
+    assert inbox.quiet(1, 1.0) == []
+    send_c2d(rm, device_id, "still usable")
+    assert inbox.wait_for(2)[1].data == b"still usable"
+
+
+def test_deleting_a_device_drops_its_queue(hub, service, device_client):
+    """The queue belongs to the device identity: re-created under the same id, the device
+    starts empty."""
+    device_id = unique_id("c2ddel")
+    hub.device_cs(device_id)
+    rm = service()
+    for i in range(3):
+        send_c2d(rm, device_id, f"for the old device {i}")
+    assert c2d_count(hub, device_id) == 3
+    reg = hub.registry()
+    reg.delete_device(device_id)
+    client, inbox = connect_receiver(device_client, hub, device_id)  # re-creates it
+    assert c2d_count(hub, device_id) == 0
+    assert inbox.quiet(0, 2.0) == [], "messages of the deleted device reached the new one"
+    send_c2d(rm, device_id, "for the new device")
+    assert inbox.wait_for(1)[0].data == b"for the new device"
+
+
+# ---- MQTT delivery rules, seen by a hand-built client ----------------------------------------
+
+
+def raw_subscribed(hub: Hub, device_id: str, key: str):
+    import mqtt_raw as m
+
+    conn = m.RawMqtt(hub.ip, hub.mqtt_port, str(hub.ca_pem))
+    assert m.connack_code(m.device_connect(conn, hub.hostname, device_id, key, clean_session=False)) == 0
+    conn.send(m.subscribe_packet(1, [(f"devices/{device_id}/messages/devicebound/#", 1)]))
+    suback = conn.read_packet(10)
+    assert suback.ptype == m.SUBACK and suback.body[2:] == b"\x01", suback
+    return conn
+
+
+def raw_publishes(conn, n: int, timeout: float = 10.0) -> list:
+    import mqtt_raw as m
+
+    got = []
+    deadline = time.monotonic() + timeout
+    while len(got) < n:
+        remaining = deadline - time.monotonic()
+        assert remaining > 0, f"{len(got)} of {n} PUBLISHes within {timeout}s: {got}"
+        p = conn.read_packet(remaining)
+        if p.ptype == m.PUBLISH:
+            got.append(p)
+    return got
+
+
+def bag_mid(topic: str) -> str | None:
+    import urllib.parse
+
+    for item in topic.split("/", 4)[4].split("&"):
+        k, _, v = item.partition("=")
+        if urllib.parse.unquote(k) == "$.mid":
+            return urllib.parse.unquote(v)
+    return None
+
+
+def test_unacknowledged_messages_come_again_with_dup_after_a_reconnect(hub, service):
+    import mqtt_raw as m
+
+    device_id = unique_id("c2ddup")
+    key = hub.device_key(device_id)
+    rm = service()
+    ids = [f"dup-{i}" for i in range(3)]
+    with raw_subscribed(hub, device_id, key) as conn:
+        for i in ids:
+            send_c2d(rm, device_id, i, {"messageId": i})
+        first = raw_publishes(conn, 3)
+        assert [bag_mid(p.publish_parts()[0]) for p in first] == ids
+        assert all(p.qos == 1 and not p.flags & 0x08 for p in first), first
+        topic = first[0].publish_parts()[0]
+        assert topic.startswith(f"devices/{device_id}/messages/devicebound/"), topic
+        assert "%24.to=%2Fdevices%2F" in topic, topic
+    with m.RawMqtt(hub.ip, hub.mqtt_port, str(hub.ca_pem)) as conn:
+        assert m.connack_code(m.device_connect(conn, hub.hostname, device_id, key, clean_session=False)) == 0
+        again = raw_publishes(conn, 3)
+        assert [bag_mid(p.publish_parts()[0]) for p in again] == ids
+        assert all(p.qos == 1 and p.flags & 0x08 for p in again), "redelivery without DUP"
+        assert [p.publish_parts()[2] for p in again] == [i.encode() for i in ids]
+        for p in again:
+            conn.send(m.puback_packet(p.publish_parts()[1]))
+        assert not [p for p in conn.drain(1.0) if p.ptype == m.PUBLISH]
+    wait_until(lambda: c2d_count(hub, device_id) == 0, 10, what="queue empty after the PUBACKs")
+
+
+def test_a_puback_out_of_order_closes_the_connection_and_loses_nothing(hub, service):
+    """IoT Hub requires PUBACKs in PUBLISH order (it closes the connection otherwise); the
+    messages stay queued and come again."""
+    import mqtt_raw as m
+
+    device_id = unique_id("c2dooo")
+    key = hub.device_key(device_id)
+    rm = service()
+    with raw_subscribed(hub, device_id, key) as conn:
+        for i in range(2):
+            send_c2d(rm, device_id, f"ooo-{i}", {"messageId": f"ooo-{i}"})
+        first, second = raw_publishes(conn, 2)
+        conn.send(m.puback_packet(second.publish_parts()[1]))
+        conn.expect_closed(within=10)
+    with m.RawMqtt(hub.ip, hub.mqtt_port, str(hub.ca_pem)) as conn:
+        assert m.connack_code(m.device_connect(conn, hub.hostname, device_id, key, clean_session=False)) == 0
+        again = raw_publishes(conn, 2)
+        assert [bag_mid(p.publish_parts()[0]) for p in again] == ["ooo-0", "ooo-1"]
+        for p in again:
+            conn.send(m.puback_packet(p.publish_parts()[1]))
+        assert not [p for p in conn.drain(1.0) if p.ptype == m.PUBLISH]
+    wait_until(lambda: c2d_count(hub, device_id) == 0, 10, what="queue empty after in-order PUBACKs")
