@@ -30,7 +30,8 @@ export TWINHUB_BIN
 venv="$("$repo/scripts/python-env.sh")"
 python="$venv/bin/python"
 
-# The official Node.js Event Hubs SDK and rhea, for test_telemetry_node.py.
+# The official Node.js SDKs (Event Hubs, azure-iothub, the device HTTP transport) and rhea,
+# for the *_node.py tests.
 TWINHUB_NODE_MODULES="$("$repo/scripts/node-env.sh")"
 export TWINHUB_NODE_MODULES
 

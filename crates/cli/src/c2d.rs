@@ -2,7 +2,6 @@
 //! `ServiceClient::send_c2d`), print the delivery feedback as it arrives, and purge a device's
 //! queue (REST). Works against a local hub's data dir or any hub's connection string.
 
-use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{Context, Result, anyhow, bail};
@@ -15,25 +14,8 @@ use twinhub_server::HubFile;
 pub struct C2dArgs {
     #[command(subcommand)]
     command: C2dCommand,
-    /// A service connection string with ServiceConnect (else read from --data-dir)
-    #[arg(
-        long,
-        global = true,
-        env = "TWINHUB_CONNECTION_STRING",
-        hide_env_values = true
-    )]
-    connection_string: Option<String>,
-    /// A local hub's data dir, for its connection string, CA and AMQP port
-    #[arg(
-        long,
-        global = true,
-        env = "TWINHUB_DATA_DIR",
-        default_value = "./twinhub-data"
-    )]
-    data_dir: PathBuf,
-    /// A CA certificate (PEM) to trust besides the system roots
-    #[arg(long, global = true)]
-    ca: Option<PathBuf>,
+    #[command(flatten)]
+    target: crate::Target,
     /// AMQP port of the hub [default: the data dir's, else 5671]
     #[arg(long, global = true)]
     amqp_port: Option<u16>,
@@ -77,8 +59,9 @@ enum C2dCommand {
 }
 
 fn client(args: &C2dArgs) -> Result<ServiceClient> {
-    let local = HubFile::read(&args.data_dir).ok();
-    let (cs, default_ca) = match &args.connection_string {
+    let target = &args.target;
+    let local = HubFile::read(&target.data_dir).ok();
+    let (cs, default_ca) = match &target.connection_string {
         Some(cs) => (cs.clone(), None),
         None => {
             let file = local
@@ -88,17 +71,18 @@ fn client(args: &C2dArgs) -> Result<ServiceClient> {
                 .connection_string("service")
                 .or_else(|| file.connection_string("iothubowner"))
                 .ok_or_else(|| anyhow!("the data dir has no service or iothubowner policy"))?;
-            (cs, Some(args.data_dir.join("tls").join("ca.pem")))
+            (cs, Some(target.data_dir.join("tls").join("ca.pem")))
         }
     };
     let mut builder = ServiceClient::builder(&cs).timeout(Duration::from_secs(60));
-    let ca = args.ca.clone().or(default_ca.filter(|p| p.exists()));
+    let ca = target.ca.clone().or(default_ca.filter(|p| p.exists()));
     if let Some(ca) = ca {
         let pem = std::fs::read(&ca).with_context(|| format!("reading {}", ca.display()))?;
         builder = builder.extra_ca_pem(pem);
     }
     let port = args.amqp_port.or_else(|| {
-        args.connection_string
+        target
+            .connection_string
             .is_none()
             .then(|| local.as_ref().and_then(|f| f.amqp_port))
             .flatten()

@@ -10,6 +10,7 @@ use crate::directory::{CloseReason, SessionHandle};
 use crate::error::{Error, Result};
 use crate::hub::Hub;
 use crate::keys;
+use crate::record::DeviceRecord;
 use crate::twins::SessionRef;
 
 /// Session state kept between connections of a CleanSession=0 client.
@@ -32,17 +33,9 @@ pub struct SessionStart {
 }
 
 impl Hub {
-    /// Authenticates a device's CONNECT and registers its session. A failure's code says
-    /// what the device is told: IotHubUnauthorizedAccess is "not authorized", throttling and
-    /// store faults are "server unavailable" (the device retries); the message says why, for
-    /// the log.
-    /// Authenticates a device's HTTPS request (its `Authorization` SAS token, signed with the
-    /// device's key or a policy with DeviceConnect); returns the device's generation.
-    pub async fn authenticate_device_request(
-        &self,
-        device_id: &str,
-        authorization: Option<&str>,
-    ) -> Result<String> {
+    /// The record of a device that may sign in with a SAS token: registered, enabled, of the
+    /// SAS authentication type.
+    async fn sas_device(&self, device_id: &str) -> Result<DeviceRecord> {
         let rec = self.load(device_id).await?.ok_or_else(|| {
             Error::unauthorized(format!("Device '{device_id}' is not registered"))
         })?;
@@ -57,6 +50,17 @@ impl Hub {
                 rec.auth.auth_type
             )));
         }
+        Ok(rec)
+    }
+
+    /// Authenticates a device's HTTPS request (its `Authorization` SAS token, signed with the
+    /// device's key or a policy with DeviceConnect); returns the device's generation.
+    pub async fn authenticate_device_request(
+        &self,
+        device_id: &str,
+        authorization: Option<&str>,
+    ) -> Result<String> {
+        let rec = self.sas_device(device_id).await?;
         let token = authorization
             .ok_or_else(|| Error::unauthorized("The request carries no Authorization header"))?;
         self.auth.authenticate_device(
@@ -69,6 +73,10 @@ impl Hub {
         Ok(rec.generation_id)
     }
 
+    /// Authenticates a device's CONNECT and registers its session. A failure's code says
+    /// what the device is told: IotHubUnauthorizedAccess is "not authorized", throttling and
+    /// store faults are "server unavailable" (the device retries); the message says why, for
+    /// the log.
     pub async fn connect_device(
         &self,
         device_id: &str,
@@ -76,20 +84,7 @@ impl Hub {
         clean_session: bool,
         handle: SessionHandle,
     ) -> Result<SessionStart> {
-        let rec = self.load(device_id).await?.ok_or_else(|| {
-            Error::unauthorized(format!("Device '{device_id}' is not registered"))
-        })?;
-        if rec.status != DeviceStatus::Enabled {
-            return Err(Error::unauthorized(format!(
-                "Device '{device_id}' is disabled"
-            )));
-        }
-        if rec.auth.auth_type != AuthenticationType::Sas {
-            return Err(Error::unauthorized(format!(
-                "Device '{device_id}' uses {:?} authentication, which needs a client certificate",
-                rec.auth.auth_type
-            )));
-        }
+        let rec = self.sas_device(device_id).await?;
         let password = password
             .ok_or_else(|| Error::unauthorized("CONNECT carries no password (SAS token)"))?;
         self.throttles.connect(device_id)?;
