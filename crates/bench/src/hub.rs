@@ -51,6 +51,15 @@ enum Running {
     InProcess(Box<RunningServer>),
 }
 
+/// Settings of `twinhub serve` the bench may change; `None` keeps the hub's default.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Options {
+    /// Event partitions (`--partitions`).
+    pub partitions: Option<u32>,
+    /// Cloud-to-device messages a device's queue holds (`--c2d-max-queue-depth`).
+    pub c2d_max_queue_depth: Option<usize>,
+}
+
 /// The policy the bench reads telemetry as (ServiceConnect only, as a back end would).
 pub const EVENTS_POLICY: &str = "service";
 
@@ -89,6 +98,20 @@ impl Hub {
         data_dir: &Path,
         partitions: Option<u32>,
     ) -> Result<Hub> {
+        let options = Options {
+            partitions,
+            ..Options::default()
+        };
+        Self::start_with_options(launch, data_dir, &options).await
+    }
+
+    /// [`Hub::start`] with the settings in `options`.
+    pub async fn start_with_options(
+        launch: &Launch,
+        data_dir: &Path,
+        options: &Options,
+    ) -> Result<Hub> {
+        let partitions = options.partitions;
         std::fs::create_dir_all(data_dir)
             .map_err(|e| Error::io(format!("creating {}", data_dir.display()), e))?;
         let loopback = IpAddr::from([127, 0, 0, 1]);
@@ -103,6 +126,9 @@ impl Hub {
                     mqtt_port: 0,
                     amqp_port: 0,
                     partitions: partitions.unwrap_or(defaults.partitions),
+                    c2d_max_queue_depth: options
+                        .c2d_max_queue_depth
+                        .unwrap_or(defaults.c2d_max_queue_depth),
                     ..defaults
                 })
                 .await?;
@@ -128,7 +154,7 @@ impl Hub {
                 })
             }
             Launch::Process { bin, log_filter } => {
-                Self::start_child(bin, log_filter, data_dir, loopback, partitions).await
+                Self::start_child(bin, log_filter, data_dir, loopback, options).await
             }
         }
     }
@@ -138,7 +164,7 @@ impl Hub {
         log_filter: &str,
         data_dir: &Path,
         loopback: IpAddr,
-        partitions: Option<u32>,
+        options: &Options,
     ) -> Result<Hub> {
         if !bin.is_file() {
             return Err(Error::Setup(format!(
@@ -164,8 +190,11 @@ impl Hub {
             .arg(data_dir)
             .args(["--hostname", HOSTNAME, "--bind", &loopback.to_string()])
             .args(["--https-port", "0", "--mqtt-port", "0", "--amqp-port", "0"]);
-        if let Some(p) = partitions {
+        if let Some(p) = options.partitions {
             command.args(["--partitions", &p.to_string()]);
+        }
+        if let Some(depth) = options.c2d_max_queue_depth {
+            command.args(["--c2d-max-queue-depth", &depth.to_string()]);
         }
         let mut child = ChildProcess::spawn(
             command
@@ -234,10 +263,12 @@ impl Hub {
         }
     }
 
-    /// A service client with its own connection to the hub.
+    /// A service client with its own connections to the hub (HTTPS, and AMQP for
+    /// cloud-to-device messages once it sends one).
     pub fn service(&self) -> Result<ServiceClient> {
         Ok(ServiceClient::builder(&self.connection_string)
             .extra_ca_pem(self.ca_pem.clone())
+            .amqp_port(self.amqp_addr.port())
             .timeout(Duration::from_secs(60))
             .build()?)
     }

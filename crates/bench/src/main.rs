@@ -134,6 +134,27 @@ struct RunArgs {
     /// Event partitions of the hubs (`twinhub serve --partitions`)
     #[arg(long)]
     partitions: Option<u32>,
+    /// Connected devices the cloud-to-device messages go to
+    #[arg(long)]
+    c2d_devices: Option<usize>,
+    /// C2D sends the one sender keeps in flight in the throughput phase
+    #[arg(long)]
+    c2d_inflight: Option<usize>,
+    /// Bytes of every C2D message body
+    #[arg(long)]
+    c2d_payload: Option<usize>,
+    /// Measured window of the C2D throughput phase, seconds (0 skips it)
+    #[arg(long)]
+    c2d_duration: Option<f64>,
+    /// C2D messages per second in the latency phase (0 skips it)
+    #[arg(long)]
+    c2d_rate: Option<f64>,
+    /// Measured window of the C2D latency phase, seconds
+    #[arg(long)]
+    c2d_latency_duration: Option<f64>,
+    /// `twinhub serve --c2d-max-queue-depth` for the bench's hub [default: the hub's 50]
+    #[arg(long)]
+    c2d_max_queue_depth: Option<usize>,
     /// Seconds to wait before each phase for other load on the machine to pass (0: don't)
     #[arg(long)]
     quiet_wait: Option<f64>,
@@ -194,8 +215,17 @@ fn settings(args: RunArgs) -> Result<Settings> {
         backlog_devices = args.backlog_devices,
         backlog_inflight = args.backlog_inflight,
         partitions = args.partitions,
+        c2d_devices = args.c2d_devices,
+        c2d_inflight = args.c2d_inflight,
+        c2d_payload = args.c2d_payload,
+        c2d_duration_secs = args.c2d_duration,
+        c2d_rate = args.c2d_rate,
+        c2d_latency_secs = args.c2d_latency_duration,
         quiet_wait_secs = args.quiet_wait,
     );
+    if args.c2d_max_queue_depth.is_some() {
+        s.c2d_max_queue_depth = args.c2d_max_queue_depth;
+    }
     s.mosquitto = match (args.no_mosquitto, args.mosquitto_bin) {
         (true, _) => Peer::Off,
         (false, Some(p)) => Peer::Bin(p),

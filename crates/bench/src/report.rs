@@ -8,6 +8,7 @@ use serde::Serialize;
 
 use crate::machine::Machine;
 use crate::run::{Scenario, Settings};
+use crate::scenario::c2d::{C2dRun, C2dThroughput};
 use crate::scenario::connect::ConnectResult;
 use crate::scenario::fanout::Fanout;
 use crate::scenario::telemetry::{CatchUp, EndToEnd, Ingest};
@@ -40,6 +41,58 @@ pub struct TelemetryReport {
     pub disk_floor: Option<EndToEnd>,
     /// twinhub only: Mosquitto keeps no log to replay.
     pub catch_up: Option<CatchUp>,
+}
+
+/// The c2d scenario: each target's figures and their ratios.
+#[derive(Debug, Clone, Serialize)]
+pub struct C2dReport {
+    pub twinhub: Option<C2dRun>,
+    pub mosquitto: Option<C2dRun>,
+    /// twinhub / Mosquitto, when both were measured.
+    pub ratios: C2dRatios,
+}
+
+/// twinhub / Mosquitto for the c2d figures that matter (rates: below 1 is slower; latencies:
+/// above 1 is slower).
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct C2dRatios {
+    pub deliveries_per_second: Option<f64>,
+    pub sends_accepted_per_second: Option<f64>,
+    /// Send to device, in the throughput phase.
+    pub throughput_p50: Option<f64>,
+    pub throughput_p99: Option<f64>,
+    /// Send to device, at the fixed rate.
+    pub latency_p50: Option<f64>,
+    pub latency_p99: Option<f64>,
+}
+
+impl C2dReport {
+    pub fn new(twinhub: Option<C2dRun>, mosquitto: Option<C2dRun>) -> C2dReport {
+        let ratio = |pick: &dyn Fn(&C2dRun) -> Option<f64>| {
+            let (h, p) = (pick(twinhub.as_ref()?)?, pick(mosquitto.as_ref()?)?);
+            (p > 0.0).then(|| h / p)
+        };
+        let tp = |r: &C2dRun| r.throughput.clone();
+        let lat = |r: &C2dRun| r.latency.clone();
+        let ratios = C2dRatios {
+            deliveries_per_second: ratio(&|r| Some(tp(r)?.deliveries_per_second)),
+            sends_accepted_per_second: ratio(&|r| Some(tp(r)?.sends.per_second)),
+            throughput_p50: ratio(&|r| latency_ms(&tp(r)?.delivery_latency, |l| l.p50_us)),
+            throughput_p99: ratio(&|r| latency_ms(&tp(r)?.delivery_latency, |l| l.p99_us)),
+            latency_p50: ratio(&|r| latency_ms(&lat(r)?.latency, |l| l.p50_us)),
+            latency_p99: ratio(&|r| latency_ms(&lat(r)?.latency, |l| l.p99_us)),
+        };
+        C2dReport {
+            twinhub,
+            mosquitto,
+            ratios,
+        }
+    }
+}
+
+/// A percentile in milliseconds, when anything was recorded.
+fn latency_ms(l: &Latency, pick: fn(&Latency) -> u64) -> Option<f64> {
+    (l.count > 0).then(|| ms(pick(l)))
 }
 
 /// One concurrency level of the methods scenario.
@@ -93,6 +146,8 @@ pub struct Report {
     pub connect: Option<Pair<ConnectResult>>,
     pub desired_fanout: Option<Pair<Fanout>>,
     pub telemetry: Option<TelemetryReport>,
+    /// Cloud-to-device messages: throughput and latency, twinhub beside Mosquitto.
+    pub c2d: Option<C2dReport>,
     pub targets: Vec<TargetCheck>,
     pub notes: Vec<String>,
 }
@@ -321,6 +376,10 @@ impl Report {
             telemetry_table(&mut t, &self.settings, r);
         }
 
+        if let Some(r) = &self.c2d {
+            c2d_table(&mut t, &self.settings, r);
+        }
+
         if !self.targets.is_empty() {
             t.section("targets (twinhub)");
             for c in &self.targets {
@@ -510,6 +569,106 @@ fn telemetry_table(t: &mut Table, s: &Settings, r: &TelemetryReport) {
             if c.in_order { "yes" } else { "NO" }
         ));
         one(t, "errors", Some(c.errors as f64), Unit::Count);
+    }
+}
+
+fn c2d_table(t: &mut Table, s: &Settings, r: &C2dReport) {
+    let depth = s
+        .c2d_max_queue_depth
+        .map_or_else(|| "50 (default)".to_string(), |d| d.to_string());
+    let (h, p) = (
+        r.twinhub.as_ref().and_then(|x| x.throughput.as_ref()),
+        r.mosquitto.as_ref().and_then(|x| x.throughput.as_ref()),
+    );
+    if h.is_some() || p.is_some() {
+        t.section(&format!(
+            "c2d throughput: one sender, {} sends in flight, to {} connected devices in turn \
+             (subscribed at QoS 1, each delivery PUBACKed at once), {}-byte bodies; twinhub = \
+             ServiceClient::send_c2d (one AMQP link, accepted after the durable enqueue) -> \
+             MQTT QoS 1 (the PUBACK completes it durably), device queue depth {depth}; \
+             mosquitto = QoS 1 publish to bench/c2d/{{device}} (PUBACK from memory)",
+            s.c2d_inflight,
+            thousands(s.c2d_devices as f64),
+            s.c2d_payload
+        ));
+        t.header(false);
+        t.pair("deliveries/s", h, p, Unit::Rate, |x| {
+            Some(x.deliveries_per_second)
+        });
+        t.pair("sends accepted/s", h, p, Unit::Rate, |x| {
+            Some(x.sends.per_second)
+        });
+        t.row("", "send -> device:", None, None, None, Unit::Count);
+        latency_rows(
+            t,
+            h.map(|x| &x.delivery_latency),
+            p.map(|x| &x.delivery_latency),
+            None,
+        );
+        t.pair("accept p50 ms", h, p, Unit::Ms, |x| {
+            (x.sends.latency.count > 0).then(|| ms(x.sends.latency.p50_us))
+        });
+        t.pair("accept p99 ms", h, p, Unit::Ms, |x| {
+            (x.sends.latency.count > 0).then(|| ms(x.sends.latency.p99_us))
+        });
+        t.pair("server CPU cores", h, p, Unit::Cores, |x| {
+            x.sends.cpu?.server_cores
+        });
+        t.pair("server CPU us/msg", h, p, Unit::Mib, |x: &C2dThroughput| {
+            x.sends.cpu?.server_us_per_op(x.deliveries_per_second)
+        });
+        t.pair("bench CPU cores", h, p, Unit::Load, |x| {
+            x.sends.cpu?.client_cores
+        });
+        t.pair("other+steal cores", h, p, Unit::Load, |x| {
+            let cpu = x.sends.cpu?;
+            Some(cpu.other_cores()? + cpu.steal_cores.unwrap_or(0.0))
+        });
+        t.pair("backlog at end", h, p, Unit::Count, |x| {
+            Some(x.backlog_at_end as f64)
+        });
+        t.pair("drain s", h, p, Unit::Secs, |x| x.drain_seconds);
+        t.pair("accepted in all", h, p, Unit::Count, |x| {
+            Some(x.accepted_total as f64)
+        });
+        t.pair("delivered in all", h, p, Unit::Count, |x| {
+            Some(x.delivered_total as f64)
+        });
+        t.pair("queue full", h, p, Unit::Count, |x| {
+            Some(x.queue_full as f64)
+        });
+        t.pair("errors", h, p, Unit::Count, |x| Some(x.sends.errors as f64));
+    }
+
+    let (h, p) = (
+        r.twinhub.as_ref().and_then(|x| x.latency.as_ref()),
+        r.mosquitto.as_ref().and_then(|x| x.latency.as_ref()),
+    );
+    if h.is_some() || p.is_some() {
+        t.section(&format!(
+            "c2d latency: {} msg/s from the one sender (open loop) to {} devices in turn, \
+             {}-byte bodies stamped at the send call's start, timed at the device's PUBLISH",
+            thousands(s.c2d_rate),
+            thousands(s.c2d_devices as f64),
+            s.c2d_payload
+        ));
+        t.header(false);
+        t.pair("sent/s", h, p, Unit::Rate, |x| Some(x.sent_per_second));
+        t.pair("sent", h, p, Unit::Count, |x| Some(x.sent as f64));
+        t.pair("received", h, p, Unit::Count, |x| Some(x.received as f64));
+        t.row("", "send -> device:", None, None, None, Unit::Count);
+        latency_rows(t, h.map(|x| &x.latency), p.map(|x| &x.latency), None);
+        t.pair("accept p50 ms", h, p, Unit::Ms, |x| {
+            (x.ack_latency.count > 0).then(|| ms(x.ack_latency.p50_us))
+        });
+        t.pair("accept p99 ms", h, p, Unit::Ms, |x| {
+            (x.ack_latency.count > 0).then(|| ms(x.ack_latency.p99_us))
+        });
+        t.pair("server CPU cores", h, p, Unit::Cores, |x| {
+            x.cpu?.server_cores
+        });
+        t.pair("bench CPU cores", h, p, Unit::Load, |x| x.cpu?.client_cores);
+        t.pair("errors", h, p, Unit::Count, |x| Some(x.errors as f64));
     }
 }
 
@@ -755,6 +914,7 @@ mod tests {
             }),
             desired_fanout: None,
             telemetry: None,
+            c2d: None,
             targets: Vec::new(),
             notes: vec!["a note".into()],
         }
@@ -855,6 +1015,59 @@ mod tests {
             assert!(table.contains(needle), "{needle} missing from\n{table}");
         }
         assert!(!table.contains("methods at C=256"), "{table}");
+    }
+
+    #[test]
+    fn c2d_figures_get_ratios_in_the_json_and_rows_in_the_table() {
+        let run = |deliveries: f64, p50_us: u64| {
+            let mut rec = Recorder::new();
+            rec.record(Duration::from_micros(p50_us));
+            C2dRun {
+                throughput: Some(C2dThroughput {
+                    deliveries_per_second: deliveries,
+                    sends: throughput(deliveries, p50_us),
+                    delivery_latency: rec.latency(),
+                    queue_full: 3,
+                    ..C2dThroughput::default()
+                }),
+                latency: Some(EndToEnd {
+                    sent: 10,
+                    received: 10,
+                    latency: rec.latency(),
+                    ..EndToEnd::default()
+                }),
+                ..C2dRun::default()
+            }
+        };
+        let mut r = report();
+        r.settings.scenarios = vec![Scenario::C2d];
+        r.c2d = Some(C2dReport::new(
+            Some(run(10_000.0, 2_000)),
+            Some(run(20_000.0, 1_000)),
+        ));
+        let ratios = &r.c2d.as_ref().expect("set").ratios;
+        assert_eq!(ratios.deliveries_per_second, Some(0.5));
+        assert_eq!(ratios.latency_p50, Some(2.0));
+        let json: serde_json::Value = serde_json::from_str(&r.to_json()).expect("valid JSON");
+        assert_eq!(json["c2d"]["ratios"]["deliveries_per_second"], 0.5);
+        let table = r.table();
+        for needle in [
+            "c2d throughput:",
+            "c2d latency:",
+            "deliveries/s",
+            "0.50x",
+            "2.00x",
+        ] {
+            assert!(table.contains(needle), "{needle} missing from\n{table}");
+        }
+        assert!(
+            table
+                .lines()
+                .any(|l| l.contains("queue full") && l.contains('3')),
+            "{table}"
+        );
+        let only_hub = C2dReport::new(Some(run(1.0, 1)), None);
+        assert_eq!(only_hub.ratios, C2dRatios::default());
     }
 
     #[test]

@@ -14,7 +14,7 @@ use crate::machine::{self, Machine};
 use crate::mosquitto::{self, Mosquitto};
 use crate::progress::Progress;
 use crate::report::{MethodsRow, Pair, Report, TelemetryReport, Versions};
-use crate::scenario::{self, Ctx, Flavor, Target, connect, fanout, methods, telemetry, twin};
+use crate::scenario::{self, Ctx, Flavor, Target, c2d, connect, fanout, methods, telemetry, twin};
 use crate::tls;
 
 /// Open files the bench keeps for itself besides the connection scenario's sockets.
@@ -37,15 +37,17 @@ pub enum Scenario {
     Connect,
     DesiredFanout,
     Telemetry,
+    C2d,
 }
 
 impl Scenario {
-    pub const ALL: [Scenario; 5] = [
+    pub const ALL: [Scenario; 6] = [
         Scenario::Methods,
         Scenario::Twin,
         Scenario::Connect,
         Scenario::DesiredFanout,
         Scenario::Telemetry,
+        Scenario::C2d,
     ];
 }
 
@@ -95,6 +97,20 @@ pub struct Settings {
     pub backlog_inflight: usize,
     /// Event partitions of the hubs (`twinhub serve --partitions`).
     pub partitions: u32,
+    /// Connected devices the cloud-to-device messages go to.
+    pub c2d_devices: usize,
+    /// Sends the one C2D sender keeps in flight in the throughput phase.
+    pub c2d_inflight: usize,
+    /// Bytes of every C2D message body.
+    pub c2d_payload: usize,
+    /// Measured window of the C2D throughput phase, seconds (0 skips it).
+    pub c2d_duration_secs: f64,
+    /// Messages per second in the C2D latency phase (0 skips it).
+    pub c2d_rate: f64,
+    /// Measured window of the C2D latency phase, seconds.
+    pub c2d_latency_secs: f64,
+    /// `twinhub serve --c2d-max-queue-depth` for the bench's hub (`None`: the hub's 50).
+    pub c2d_max_queue_depth: Option<usize>,
     pub floor: bool,
     /// How long to wait, before each phase, for other load on the machine to pass.
     pub quiet_wait_secs: f64,
@@ -142,6 +158,15 @@ impl Settings {
             backlog_devices: 400,
             backlog_inflight: 16,
             partitions: 4,
+            // Connecting 1,000 devices takes about a second: quick mode keeps the issue's
+            // fleet and shortens the windows only.
+            c2d_devices: 1_000,
+            c2d_inflight: 256,
+            c2d_payload: 128,
+            c2d_duration_secs: 3.0,
+            c2d_rate: 1_000.0,
+            c2d_latency_secs: 3.0,
+            c2d_max_queue_depth: None,
             floor: true,
             quiet_wait_secs: 15.0,
             hub,
@@ -171,6 +196,8 @@ impl Settings {
             telemetry_duration_secs: 15.0,
             telemetry_latency_secs: 20.0,
             backlog_events: 1_000_000,
+            c2d_duration_secs: 15.0,
+            c2d_latency_secs: 20.0,
             quiet_wait_secs: 300.0,
             ..Settings::quick(hub)
         }
@@ -188,6 +215,7 @@ impl Settings {
             (Scenario::Connect, self.connections),
             (Scenario::DesiredFanout, self.fanout_devices),
             (Scenario::Telemetry, self.telemetry_devices),
+            (Scenario::C2d, self.c2d_devices),
         ]
         .iter()
         .filter(|(s, _)| self.runs(*s))
@@ -205,6 +233,19 @@ impl Settings {
             duration: secs(self.telemetry_duration_secs),
             rate: self.telemetry_rate,
             latency_duration: secs(self.telemetry_latency_secs),
+        }
+    }
+
+    fn c2d_shape(&self) -> c2d::Shape {
+        c2d::Shape {
+            devices: self.c2d_devices.max(1),
+            inflight: self.c2d_inflight.max(1),
+            payload: self.c2d_payload,
+            warmup: secs(self.warmup_secs.max(1.0)),
+            duration: secs(self.c2d_duration_secs),
+            rate: self.c2d_rate,
+            latency_duration: secs(self.c2d_latency_secs),
+            drain_limit: Duration::from_secs(if self.mode == Mode::Full { 120 } else { 30 }),
         }
     }
 
@@ -307,6 +348,7 @@ pub async fn run(mut settings: Settings, progress: Progress) -> Result<Report> {
         connect: results.connect,
         desired_fanout: results.fanout,
         telemetry: results.telemetry,
+        c2d: results.c2d,
         registration: results.registration,
         targets: Vec::new(),
         notes,
@@ -323,6 +365,7 @@ struct Results {
     connect: Option<Pair<connect::ConnectResult>>,
     fanout: Option<Pair<fanout::Fanout>>,
     telemetry: Option<TelemetryReport>,
+    c2d: Option<crate::report::C2dReport>,
 }
 
 async fn start_targets(
@@ -332,12 +375,11 @@ async fn start_targets(
     notes: &mut Vec<String>,
 ) -> Result<(Targets, Ctx, Versions)> {
     progress.note("starting twinhub");
-    let hub = Hub::start_with(
-        &settings.hub,
-        &work_dir.join("hub"),
-        Some(settings.partitions),
-    )
-    .await?;
+    let options = hub::Options {
+        partitions: Some(settings.partitions),
+        c2d_max_queue_depth: settings.c2d_max_queue_depth,
+    };
+    let hub = Hub::start_with_options(&settings.hub, &work_dir.join("hub"), &options).await?;
     if let Some(pid) = hub.pid() {
         progress.note(&format!(
             "twinhub pid {pid} (profile with `perf record -g -p {pid}`)"
@@ -643,7 +685,73 @@ async fn scenarios(
         results.telemetry =
             Some(telemetry_phases(settings, ctx, targets, work_dir, &service, notes).await);
     }
+
+    if settings.runs(Scenario::C2d) {
+        let shape = settings.c2d_shape();
+        // A client of its own: its one AMQP connection carries the phase's sends only.
+        let sender = targets.hub.service()?;
+        settle_machine(settings, ctx, notes, "c2d").await;
+        let hub_r = keep(
+            notes,
+            "twinhub c2d",
+            c2d::run(ctx, hub_t, shape, Some(&sender)).await,
+        );
+        keep(
+            notes,
+            "waiting for the hub after c2d",
+            hub::wait_disconnected(&service, settle_wait).await,
+        );
+        if broker_t.is_some() {
+            settle_machine(settings, ctx, notes, "c2d (mosquitto)").await;
+        }
+        let broker_r = match broker_t {
+            Some(b) => keep(notes, "mosquitto c2d", c2d::run(ctx, b, shape, None).await),
+            None => None,
+        };
+        for (name, r) in [("twinhub", &hub_r), ("mosquitto", &broker_r)] {
+            if let Some(r) = r {
+                c2d_notes(notes, name, r);
+            }
+        }
+        results.c2d = Some(crate::report::C2dReport::new(hub_r, broker_r));
+    }
     Ok(results)
+}
+
+/// What a c2d run should say aloud: refusals for a full queue, messages never delivered,
+/// device connections that failed.
+fn c2d_notes(notes: &mut Vec<String>, name: &str, r: &c2d::C2dRun) {
+    if let Some(t) = &r.throughput {
+        if t.queue_full > 0 {
+            notes.push(format!(
+                "c2d {name}: {} sends were refused because the device's queue was full \
+                 (DeviceMaximumQueueDepthExceeded); deliveries fell behind accepted sends by {} \
+                 when the window closed",
+                t.queue_full, t.backlog_at_end
+            ));
+        }
+        if t.drain_seconds.is_none() {
+            notes.push(format!(
+                "c2d {name}: {} of {} accepted messages reached the devices within the drain \
+                 limit",
+                t.delivered_total, t.accepted_total
+            ));
+        }
+    }
+    if let Some(l) = &r.latency
+        && l.received < l.sent
+    {
+        notes.push(format!(
+            "c2d {name}: {} of {} messages sent at a fixed rate reached the devices",
+            l.received, l.sent
+        ));
+    }
+    if let Some(e) = &r.first_device_error {
+        notes.push(format!(
+            "c2d {name}: {} device connections failed; first: {e}",
+            r.device_errors
+        ));
+    }
 }
 
 /// The telemetry scenario: ingest and end to end on twinhub and Mosquitto, then the catch-up

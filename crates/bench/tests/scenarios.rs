@@ -1,7 +1,8 @@
 //! Runs every scenario at a tiny scale against an in-process hub, with the TLS echo floor as a
 //! child process of this package's own binary: proves the load generator speaks the hub's
 //! protocols (SAS CONNECT, method round trips, durable twin acks, desired pushes, telemetry
-//! in over MQTT and back out over AMQP) and that the report and table carry the figures.
+//! in over MQTT and back out over AMQP, cloud-to-device messages in over AMQP and out over
+//! MQTT) and that the report and table carry the figures.
 
 use std::path::PathBuf;
 
@@ -31,6 +32,11 @@ fn tiny(work: PathBuf) -> Settings {
     s.backlog_events = 500;
     s.backlog_devices = 3;
     s.backlog_inflight = 4;
+    s.c2d_devices = 5;
+    s.c2d_inflight = 4;
+    s.c2d_duration_secs = 0.5;
+    s.c2d_rate = 60.0;
+    s.c2d_latency_secs = 0.5;
     s.mosquitto = Peer::Off;
     // Other builds on a shared machine must not stall or fail the test.
     s.quiet_wait_secs = 0.0;
@@ -119,6 +125,26 @@ async fn every_scenario_runs_against_an_in_process_hub() {
     assert_eq!(catch_up.per_partition.values().sum::<u64>(), 500);
     assert!(catch_up.seconds_to_last.is_some_and(|s| s > 0.0));
 
+    let c2d = report
+        .c2d
+        .as_ref()
+        .and_then(|p| p.twinhub.as_ref())
+        .expect("c2d figures");
+    assert_eq!(c2d.device_errors, 0, "{:?}", c2d.first_device_error);
+    let tp = c2d.throughput.as_ref().expect("c2d throughput figures");
+    assert!(tp.sends.completed > 0 && tp.delivered > 0, "{tp:?}");
+    assert_eq!(tp.sends.errors, 0, "{:?}", tp.sends.first_error);
+    assert_eq!(tp.delivered_total, tp.accepted_total, "{tp:?}");
+    assert!(
+        tp.drain_seconds.is_some() && tp.delivery_latency.p50_us > 0,
+        "{tp:?}"
+    );
+    let lat = c2d.latency.as_ref().expect("c2d latency figures");
+    assert!(lat.sent > 0, "{lat:?}");
+    assert_eq!(lat.received, lat.sent, "{lat:?}");
+    assert_eq!(lat.errors, 0, "{:?}", lat.first_error);
+    assert_eq!(lat.ack_latency.count, lat.sent, "{lat:?}");
+
     // Without Mosquitto the ratio targets cannot be judged; the others can.
     assert_eq!(report.targets.len(), 7);
     assert_eq!(report.targets[0].met, None);
@@ -139,6 +165,8 @@ async fn every_scenario_runs_against_an_in_process_hub() {
         "telemetry end to end:",
         "telemetry catch-up",
         "disk floor",
+        "c2d throughput:",
+        "c2d latency:",
     ] {
         assert!(table.contains(needle), "{needle} missing from\n{table}");
     }

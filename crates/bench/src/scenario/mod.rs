@@ -3,6 +3,7 @@
 //! which gets the mirrored raw-MQTT flows), connecting a fleet of devices, and stopping the
 //! device tasks at the end of a phase.
 
+pub mod c2d;
 pub mod connect;
 pub mod fanout;
 pub mod methods;
@@ -160,12 +161,25 @@ pub struct Ctx {
 }
 
 /// Connects devices `0..count` to `target`, each subscribed to the filters `filters(i)`
-/// gives (none when empty), a bounded number at a time. The result is in device order.
+/// gives (none when empty) at QoS 0, a bounded number at a time. The result is in device
+/// order.
 pub async fn connect_fleet(
     ctx: &Ctx,
     target: &Target,
     count: usize,
     filters: impl Fn(usize) -> Vec<String>,
+    label: &str,
+) -> Result<Vec<Conn>> {
+    connect_fleet_qos(ctx, target, count, filters, QoS::AtMostOnce, label).await
+}
+
+/// [`connect_fleet`] with the subscriptions at `qos`.
+pub async fn connect_fleet_qos(
+    ctx: &Ctx,
+    target: &Target,
+    count: usize,
+    filters: impl Fn(usize) -> Vec<String>,
+    qos: QoS,
     label: &str,
 ) -> Result<Vec<Conn>> {
     let bar = ctx.progress.bar(label, count as u64);
@@ -183,8 +197,7 @@ pub async fn connect_fleet(
             pending.spawn(async move {
                 let mut conn = Conn::open(&tls, addr, None, &login, CONNECT_LIMIT).await?;
                 if !subs.is_empty() {
-                    conn.subscribe(&subs, QoS::AtMostOnce, CONNECT_LIMIT)
-                        .await?;
+                    conn.subscribe(&subs, qos, CONNECT_LIMIT).await?;
                 }
                 Ok::<_, Error>((i, conn))
             });
