@@ -69,6 +69,10 @@ pub struct HubOptions {
     pub events: Option<Arc<dyn twinhub_eventlog::EventLog>>,
     /// Cloud-to-device queue and feedback rules.
     pub c2d: crate::c2d::C2dOptions,
+    /// Routing from the operator's config file, folded into the stored configuration at open.
+    pub routing: twinhub_routing::RoutingConfig,
+    /// Opens a custom endpoint's event log; `None` keeps them in memory (tests).
+    pub endpoint_logs: Option<crate::routing::EndpointLogs>,
 }
 
 impl std::fmt::Debug for HubOptions {
@@ -94,6 +98,8 @@ impl HubOptions {
             job_retention: crate::jobs::DEFAULT_RETENTION,
             events: None,
             c2d: crate::c2d::C2dOptions::default(),
+            routing: twinhub_routing::RoutingConfig::default(),
+            endpoint_logs: None,
         }
     }
 }
@@ -117,6 +123,8 @@ pub struct Hub {
     pub(crate) events: crate::telemetry::Events,
     /// Cloud-to-device queues and delivery feedback.
     pub(crate) c2d: crate::c2d::CloudMessaging,
+    /// Routes, enrichments and the custom endpoints' logs.
+    pub(crate) routing: crate::routing::Routing,
 }
 
 impl Hub {
@@ -124,6 +132,8 @@ impl Hub {
     /// decoded to the quarantine table (with a log line each), and resumes unfinished jobs.
     pub async fn open(store: Arc<dyn Store>, options: HubOptions) -> Result<Arc<Hub>> {
         let c2d = crate::c2d::CloudMessaging::new(options.c2d.clone());
+        let routing =
+            crate::routing::Routing::new(&options.hostname, options.endpoint_logs.clone())?;
         let mut jobs = crate::jobs::JobsState::default();
         jobs.retention = options.job_retention;
         let hub = Hub {
@@ -150,9 +160,11 @@ impl Hub {
                 ),
             }),
             c2d,
+            routing,
         };
         hub.load_consumer_groups().await?;
         hub.load_c2d().await?;
+        hub.load_routing(&options.routing).await?;
         let mut after: Option<String> = None;
         let mut bad = Vec::new();
         loop {

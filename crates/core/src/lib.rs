@@ -16,6 +16,7 @@ pub mod query;
 pub mod record;
 pub mod redelivery;
 pub mod registry;
+pub mod routing;
 pub mod sessions;
 pub mod telemetry;
 pub mod throttle;

@@ -6,7 +6,7 @@
 
 use std::sync::{Arc, RwLock};
 
-use twinhub_eventlog::{Appended, EventLog, NewEvent, partition_for};
+use twinhub_eventlog::{EventLog, NewEvent, partition_for};
 use twinhub_proto::error::ErrorCode;
 use twinhub_proto::message::{
     AUTH_METHOD_DEVICE_SAS, Message, MessageError, SOURCE_TELEMETRY, Stamp,
@@ -94,7 +94,7 @@ fn message_error(e: MessageError) -> Error {
     }
 }
 
-fn log_error(e: twinhub_eventlog::Error) -> Error {
+pub(crate) fn log_error(e: twinhub_eventlog::Error) -> Error {
     match e {
         twinhub_eventlog::Error::TooLarge { .. } => {
             Error::new(ErrorCode::MessageTooLarge, e.to_string())
@@ -155,12 +155,9 @@ impl Hub {
         property_bag: &str,
         body: Vec<u8>,
         origin: Origin<'_>,
-    ) -> Result<Appended> {
+    ) -> Result<()> {
         let event = self.prepare_telemetry(session, property_bag, body, origin)?;
-        self.append_telemetry(session.device_id, vec![event])
-            .await?
-            .pop()
-            .ok_or_else(|| Error::new(ErrorCode::ServerError, "the event log appended nothing"))
+        self.append_telemetry(session.device_id, vec![event]).await
     }
 
     /// Checks and stamps one telemetry publish (property bag, IoT Hub's size limit) and encodes
@@ -216,19 +213,27 @@ impl Hub {
         })
     }
 
-    /// Appends one device's prepared messages, in order, to its partition; returns once they
-    /// are durable. All or none: a failure acknowledges nothing.
-    pub async fn append_telemetry(
-        &self,
-        device_id: &str,
-        events: Vec<NewEvent>,
-    ) -> Result<Vec<Appended>> {
+    /// Appends one device's prepared messages, in order, to its partition of the built-in
+    /// endpoint, or routes them when routes or enrichments are configured; returns once they
+    /// are durable. A failure acknowledges nothing.
+    pub async fn append_telemetry(&self, device_id: &str, events: Vec<NewEvent>) -> Result<()> {
         let count = events.len() as u64;
+        let router = self.routing.router();
+        if router.has_routes() || !router.config().enrichments.is_empty() {
+            let messages = events
+                .iter()
+                .map(|e| Message::decode(&e.data).map_err(message_error))
+                .collect::<Result<Vec<_>>>()?;
+            self.route_messages(twinhub_routing::Source::DeviceMessages, device_id, messages)
+                .await?;
+            metrics::counter!("twinhub_d2c_messages_total").increment(count);
+            return Ok(());
+        }
         let log = &self.events.log;
         let partition = partition_for(device_id, log.partition_count());
-        let appended = log.append(partition, events).await.map_err(log_error)?;
+        log.append(partition, events).await.map_err(log_error)?;
         metrics::counter!("twinhub_d2c_messages_total").increment(count);
-        Ok(appended)
+        Ok(())
     }
 
     /// Loads the consumer groups from the store (at open).

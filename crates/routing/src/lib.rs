@@ -144,7 +144,13 @@ impl Router {
                 .any(|e| e.value.starts_with("$twin."))
     }
 
-    /// Whether any route (enabled or not) takes messages from `source`.
+    /// Whether an enabled route takes messages from `source`: system events are built only
+    /// then.
+    pub fn takes(&self, source: Source) -> bool {
+        self.routes.iter().any(|r| r.source == source && r.enabled)
+    }
+
+    /// Whether any route (enabled or not) exists.
     pub fn has_routes(&self) -> bool {
         !self.routes.is_empty()
     }
