@@ -153,24 +153,28 @@ impl Routing {
     }
 }
 
-/// Folds `file` (the operator's config file) into `stored`: entries of the file replace the
-/// stored ones of the same name, the file's fallback setting wins when it has routes.
+/// Folds `file` (the operator's config file) into `stored`: an entry of the file replaces the
+/// stored one of the same name in its place, or joins at the end; the file can turn the
+/// fallback off.
 fn merge(mut stored: RoutingConfig, file: &RoutingConfig) -> RoutingConfig {
+    fn upsert<T: Clone>(list: &mut Vec<T>, item: &T, same: impl Fn(&T) -> bool) {
+        match list.iter_mut().find(|o| same(o)) {
+            Some(slot) => *slot = item.clone(),
+            None => list.push(item.clone()),
+        }
+    }
     for e in &file.endpoints {
-        stored
-            .endpoints
-            .retain(|o| !o.name.eq_ignore_ascii_case(&e.name));
-        stored.endpoints.push(e.clone());
+        upsert(&mut stored.endpoints, e, |o| {
+            o.name.eq_ignore_ascii_case(&e.name)
+        });
     }
     for r in &file.routes {
-        stored
-            .routes
-            .retain(|o| !o.name.eq_ignore_ascii_case(&r.name));
-        stored.routes.push(r.clone());
+        upsert(&mut stored.routes, r, |o| {
+            o.name.eq_ignore_ascii_case(&r.name)
+        });
     }
     for n in &file.enrichments {
-        stored.enrichments.retain(|o| o.key != n.key);
-        stored.enrichments.push(n.clone());
+        upsert(&mut stored.enrichments, n, |o| o.key == n.key);
     }
     if !file.fallback_enabled {
         stored.fallback_enabled = false;
