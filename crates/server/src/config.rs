@@ -1,5 +1,8 @@
 //! The one `Config` of `twinhub serve`: defaults, then an optional TOML file, then `TWINHUB_*`
 //! environment variables, then command-line flags (the CLI passes those in as overrides).
+//! Message routing (`[[endpoints]]`, `[[routes]]`, `[[enrichments]]`, `[fallback]`) comes from
+//! the file only: it is checked here with `twinhub_routing`'s rules, and the hub folds it into
+//! the routing configuration it keeps in its store.
 
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
@@ -8,6 +11,7 @@ use figment::Figment;
 use figment::providers::{Env, Format, Serialized, Toml};
 use serde::{Deserialize, Serialize};
 use twinhub_core::throttle::ThrottleConfig;
+use twinhub_routing::{EndpointSpec, EnrichmentSpec, RouteSpec, Router, RoutingConfig};
 
 use crate::error::ServerError;
 
@@ -67,6 +71,25 @@ pub struct Config {
     pub c2d_max_delivery_count: u32,
     /// Milliseconds between feedback messages unless 64 records wait (IoT Hub: 15000).
     pub c2d_feedback_interval_ms: u64,
+    /// Custom routing endpoints (`[[endpoints]]`: name, kind, url).
+    #[serde(default)]
+    pub endpoints: Vec<EndpointSpec>,
+    /// Routes (`[[routes]]`: name, source, condition, endpoints, enabled).
+    #[serde(default)]
+    pub routes: Vec<RouteSpec>,
+    /// Enrichments (`[[enrichments]]`: key, value, endpoints).
+    #[serde(default)]
+    pub enrichments: Vec<EnrichmentSpec>,
+    /// The fallback route (`[fallback] enabled = ...`); absent: IoT Hub's default, on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fallback: Option<Fallback>,
+}
+
+/// The `[fallback]` table of the config file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Fallback {
+    pub enabled: bool,
 }
 
 impl Default for Config {
@@ -97,6 +120,10 @@ impl Default for Config {
             c2d_default_ttl: 3600,
             c2d_max_delivery_count: 10,
             c2d_feedback_interval_ms: 15_000,
+            endpoints: Vec::new(),
+            routes: Vec::new(),
+            enrichments: Vec::new(),
+            fallback: None,
         }
     }
 }
@@ -185,6 +212,16 @@ const KEYS: [&str; 25] = [
 ];
 
 impl Config {
+    /// The routing configuration of the file, as the hub takes it.
+    pub fn routing(&self) -> RoutingConfig {
+        RoutingConfig {
+            endpoints: self.endpoints.clone(),
+            routes: self.routes.clone(),
+            enrichments: self.enrichments.clone(),
+            fallback_enabled: self.fallback.is_none_or(|f| f.enabled),
+        }
+    }
+
     /// The cloud-to-device rules these settings give.
     pub fn c2d(&self) -> twinhub_core::c2d::C2dOptions {
         twinhub_core::c2d::C2dOptions {
@@ -312,7 +349,29 @@ impl Config {
             }
         }
         self.throttles().validate().map_err(ServerError::Config)?;
-        Ok(())
+        self.validate_routing()
+    }
+
+    /// The file's routing must stand on its own: names, limits, conditions that parse, and
+    /// routes and enrichments naming `events` or an endpoint of the file. Checked before
+    /// anything is opened, so `serve` stops with the reason instead of starting half-routed.
+    fn validate_routing(&self) -> Result<(), ServerError> {
+        let routing = self.routing();
+        let entity = twinhub_eventhub::entity_name(&self.hostname);
+        if let Some(e) = routing
+            .endpoints
+            .iter()
+            .find(|e| e.name.eq_ignore_ascii_case(&entity))
+        {
+            // Readers name a stream by EntityPath, and this one is the built-in endpoint's.
+            return Err(ServerError::Config(format!(
+                "routing: endpoint name {:?} is the built-in endpoint's Event Hub name; choose another",
+                e.name
+            )));
+        }
+        Router::compile(routing, &self.hostname)
+            .map(|_| ())
+            .map_err(|e| ServerError::Config(format!("routing: {e}")))
     }
 
     /// The throttles as the hub takes them.
@@ -362,5 +421,78 @@ mod tests {
             assert!(err.to_string().contains("hostnme"), "{err}");
             Ok(())
         });
+    }
+
+    const ROUTING: &str = r#"
+[[endpoints]]
+name = "alerts"
+kind = "stream"
+
+[[routes]]
+name = "hot"
+source = "DeviceMessages"
+condition = "temperatureAlert = 'true'"
+endpoints = ["alerts"]
+
+[[enrichments]]
+key = "region"
+value = "$twin.tags.region"
+endpoints = ["alerts", "events"]
+
+[fallback]
+enabled = false
+"#;
+
+    #[test]
+    fn routing_tables_are_read_from_the_file() {
+        figment::Jail::expect_with(|jail| {
+            jail.create_file("hub.toml", ROUTING)?;
+            let c = Config::load(Some(Path::new("hub.toml")), &Overrides::default()).unwrap();
+            let r = c.routing();
+            assert_eq!(r.endpoints.len(), 1);
+            assert_eq!(r.endpoints[0].name, "alerts");
+            assert_eq!(r.routes[0].condition, "temperatureAlert = 'true'");
+            assert!(r.routes[0].enabled, "enabled defaults to true");
+            assert_eq!(r.enrichments[0].endpoints, ["alerts", "events"]);
+            assert!(!r.fallback_enabled);
+            // Without [fallback], IoT Hub's default: on.
+            let plain = Config::load(None, &Overrides::default()).unwrap();
+            assert!(plain.routing().fallback_enabled);
+            Ok(())
+        });
+    }
+
+    fn load_error(toml: &str) -> String {
+        let mut message = String::new();
+        figment::Jail::expect_with(|jail| {
+            jail.create_file("hub.toml", toml)?;
+            message = Config::load(Some(Path::new("hub.toml")), &Overrides::default())
+                .unwrap_err()
+                .to_string();
+            Ok(())
+        });
+        message
+    }
+
+    #[test]
+    fn bad_routing_stops_the_start_with_the_reason() {
+        let bad_condition = ROUTING.replace("temperatureAlert = 'true'", "temperatureAlert = ");
+        let e = load_error(&bad_condition);
+        assert!(e.contains("route hot: the condition does not parse"), "{e}");
+        let unknown = ROUTING.replace("endpoints = [\"alerts\"]", "endpoints = [\"nowhere\"]");
+        let e = load_error(&unknown);
+        assert!(e.contains("names endpoint nowhere, which does not exist"), "{e}");
+        let typo = ROUTING.replace("condition =", "conditon =");
+        let e = load_error(&typo);
+        assert!(e.contains("conditon"), "{e}");
+        let bad_source = ROUTING.replace("DeviceMessages", "Telemetry");
+        let e = load_error(&bad_source);
+        assert!(e.contains("Telemetry"), "{e}");
+        let taken = ROUTING.replace("\"alerts\"", "\"twinhub\"");
+        let e = load_error(&taken);
+        assert!(e.contains("built-in endpoint's Event Hub name"), "{e}");
+        let fallback_typo = ROUTING.replace("enabled = false", "enable = false");
+        let e = load_error(&fallback_typo);
+        assert!(e.contains("enable"), "{e}");
     }
 }

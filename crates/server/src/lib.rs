@@ -64,6 +64,7 @@ pub struct RunningServer {
     pub admission: Arc<Admission>,
     store: Arc<RedbStore>,
     events: Arc<DiskLog>,
+    endpoint_logs: EndpointLogs,
     shutdown: CancellationToken,
     tracker: TaskTracker,
 }
@@ -174,18 +175,13 @@ impl RunningServer {
         let tls = tls::prepare(&config)?;
         let store = Arc::new(RedbStore::open(&config.data_dir.join("store.redb"))?);
         let events = Arc::new(
-            DiskLog::open(
-                config.data_dir.join("events"),
-                LogOptions {
-                    partitions: config.partitions,
-                    retention: Duration::from_secs(config.retention),
-                    retention_bytes: config.retention_bytes,
-                    ..LogOptions::default()
-                },
-            )
-            .map_err(|e| ServerError::Events(e.to_string()))?,
+            DiskLog::open(config.data_dir.join("events"), log_options(&config))
+                .map_err(|e| ServerError::Events(e.to_string()))?,
         );
+        let endpoint_logs = EndpointLogs::new(config.data_dir.join("endpoints"), &config);
         let mut options = HubOptions::new(config.hostname.clone(), hub_file.policies.clone());
+        options.routing = config.routing();
+        options.endpoint_logs = Some(endpoint_logs.opener());
         options.throttles = config.throttles();
         options.max_token_lifetime = Duration::from_secs(config.max_token_lifetime);
         options.events = Some(events.clone() as Arc<dyn EventLog>);
@@ -215,6 +211,7 @@ impl RunningServer {
         });
         tracker.spawn({
             let events = events.clone();
+            let endpoint_logs = endpoint_logs.clone();
             let shutdown = shutdown.clone();
             async move {
                 loop {
@@ -225,6 +222,7 @@ impl RunningServer {
                                 Ok(n) => tracing::info!(events = n, "telemetry past its retention dropped"),
                                 Err(e) => tracing::warn!("enforcing the event log's retention failed: {e}"),
                             }
+                            endpoint_logs.enforce_retention().await;
                         }
                         _ = shutdown.cancelled() => return,
                     }
@@ -295,6 +293,7 @@ impl RunningServer {
             admission,
             store,
             events,
+            endpoint_logs,
             shutdown,
             tracker,
         })
@@ -321,8 +320,81 @@ impl RunningServer {
             tracing::warn!("some connections did not finish within {SHUTDOWN_GRACE:?}");
         }
         self.events.close().await;
+        self.endpoint_logs.close().await;
         if let Err(e) = self.store.close().await {
             tracing::error!("closing the store failed: {e}");
+        }
+    }
+}
+
+/// The layout and retention of the built-in log, which custom stream endpoints share.
+fn log_options(config: &Config) -> LogOptions {
+    LogOptions {
+        partitions: config.partitions,
+        retention: Duration::from_secs(config.retention),
+        retention_bytes: config.retention_bytes,
+        ..LogOptions::default()
+    }
+}
+
+/// The disk logs of custom endpoints, `<data-dir>/endpoints/<lower-cased name>`, opened when
+/// the hub first needs one and kept open until shutdown. Kept even after an endpoint is
+/// removed: a reader may still hold the log, and a `DiskLog` locks its directory, so adding
+/// the endpoint again must get the same log rather than a second one on the same files.
+#[derive(Clone)]
+struct EndpointLogs {
+    dir: PathBuf,
+    options: LogOptions,
+    open: Arc<std::sync::Mutex<std::collections::HashMap<String, Arc<DiskLog>>>>,
+}
+
+impl EndpointLogs {
+    fn new(dir: PathBuf, config: &Config) -> EndpointLogs {
+        EndpointLogs {
+            dir,
+            options: log_options(config),
+            open: Arc::default(),
+        }
+    }
+
+    fn opened(&self) -> Vec<(String, Arc<DiskLog>)> {
+        let open = self.open.lock().unwrap_or_else(|e| e.into_inner());
+        open.iter().map(|(k, v)| (k.clone(), v.clone())).collect()
+    }
+
+    /// What the hub calls to get an endpoint's log. Names match without case in routing, so
+    /// the directory is the lower-cased name. Opening recovers the log's files in place
+    /// (blocking, like the built-in log's open at start): fine for the rare endpoint change.
+    fn opener(&self) -> twinhub_core::routing::EndpointLogs {
+        let this = self.clone();
+        Arc::new(move |name: &str| {
+            let key = name.to_ascii_lowercase();
+            let mut open = this.open.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(log) = open.get(&key) {
+                return Ok(log.clone() as Arc<dyn EventLog>);
+            }
+            let log = Arc::new(
+                DiskLog::open(this.dir.join(&key), this.options.clone())
+                    .map_err(|e| e.to_string())?,
+            );
+            open.insert(key, log.clone());
+            Ok(log as Arc<dyn EventLog>)
+        })
+    }
+
+    async fn enforce_retention(&self) {
+        for (endpoint, log) in self.opened() {
+            match log.enforce_retention(twinhub_core::keys::now_millis()).await {
+                Ok(0) => {}
+                Ok(n) => tracing::info!(events = n, %endpoint, "endpoint messages past their retention dropped"),
+                Err(e) => tracing::warn!(%endpoint, "enforcing an endpoint log's retention failed: {e}"),
+            }
+        }
+    }
+
+    async fn close(&self) {
+        for (_, log) in self.opened() {
+            log.close().await;
         }
     }
 }
