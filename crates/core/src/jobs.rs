@@ -20,6 +20,7 @@ use twinhub_store::{Table, Write};
 
 use crate::error::{Error, Result};
 use crate::hub::Hub;
+use crate::hub_events::JobStep;
 use crate::keys;
 use crate::methods::MethodCall;
 use crate::record::DeviceRecord;
@@ -238,6 +239,8 @@ impl Hub {
             targets_resolved: false,
         })
         .await?;
+        // Before the runner starts, so `jobCreated` always precedes the job's end.
+        self.emit(self.job_event(&job, JobStep::Created)).await;
         self.spawn_job(job_id.to_string());
         Ok(job)
     }
@@ -285,6 +288,7 @@ impl Hub {
                 stored.job.status = "cancelled".into();
                 stored.job.end_time = Some(keys::now_text());
                 self.save_job(&stored).await?;
+                self.emit(self.job_event(&stored.job, JobStep::Ended)).await;
                 Ok(stored.job)
             }
         }
@@ -485,7 +489,9 @@ impl Hub {
                     stored.job.status = "failed".into();
                     stored.job.failure_reason = Some(e.message().to_string());
                     stored.job.end_time = Some(keys::now_text());
-                    let _ = hub.save_job(&stored).await;
+                    if hub.save_job(&stored).await.is_ok() {
+                        hub.emit(hub.job_event(&stored.job, JobStep::Ended)).await;
+                    }
                 }
             }
         });
@@ -785,6 +791,7 @@ impl Hub {
         stored.job.failure_reason = reason;
         stored.job.device_job_statistics = Some(statistics(&records));
         self.save_job(&stored).await?;
+        self.emit(self.job_event(&stored.job, JobStep::Ended)).await;
         tracing::info!(job_id = %stored.job.job_id, status, "job finished");
         Ok(())
     }

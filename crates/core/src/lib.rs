@@ -8,6 +8,7 @@ pub mod check;
 pub mod directory;
 pub mod error;
 pub mod hub;
+pub mod hub_events;
 pub mod jobs;
 pub mod keys;
 pub mod logsafe;

@@ -18,6 +18,7 @@ use twinhub_store::{Table, Write};
 use crate::directory::CloseReason;
 use crate::error::{Error, Result};
 use crate::hub::Hub;
+use crate::hub_events::Lifecycle;
 use crate::keys;
 use crate::record::{DeviceRecord, StoredAuth, TwinState, if_match_value};
 use crate::twin_doc::{self, Section, SectionKind};
@@ -260,13 +261,15 @@ impl Hub {
         }
         let spec = DeviceSpec::from(body);
         let now = keys::now_text();
-        let _guard = self.locks.lock(device_id).await;
+        let guard = self.locks.lock(device_id).await;
         let existing = self.load(device_id).await?;
+        let mut event = None;
         let record = match (existing, if_match.is_some()) {
             (None, false) => {
                 let rec = new_record(device_id, &spec, &now)?;
                 self.save(&rec).await?;
                 self.counts.add(rec.status);
+                event = self.lifecycle_event(&rec, &now, Lifecycle::Created);
                 rec
             }
             (None, true) => return Err(Error::device_not_found(device_id)),
@@ -288,7 +291,10 @@ impl Hub {
                 rec
             }
         };
-        Ok(self.render_device(&record))
+        let device = self.render_device(&record);
+        drop(guard);
+        self.emit(event).await;
+        Ok(device)
     }
 
     /// The Device document, with the live connection state and queue depth.
@@ -317,7 +323,7 @@ impl Hub {
 
     /// `DELETE /devices/{id}`.
     pub async fn delete_device(&self, device_id: &str, if_match: Option<&str>) -> Result<()> {
-        let _guard = self.locks.lock(device_id).await;
+        let guard = self.locks.lock(device_id).await;
         let rec = self.load_existing(device_id).await?;
         check_etag(if_match, &rec.device_etag(), "device")?;
         let mut writes = vec![
@@ -330,6 +336,9 @@ impl Hub {
         self.counts.remove(rec.status);
         self.close_device_session(device_id, CloseReason::DeviceDisabled);
         self.redelivery.forget(device_id);
+        let event = self.lifecycle_event(&rec, &keys::now_text(), Lifecycle::Deleted);
+        drop(guard);
+        self.emit(event).await;
         Ok(())
     }
 
@@ -400,12 +409,19 @@ impl Hub {
         let mut writes = Vec::new();
         let mut errors = Vec::new();
         let mut effects: Vec<Effect> = Vec::new();
+        let lifecycle = self.wants_lifecycle_events();
+        let mut events = Vec::new();
         for op in ops {
             let existing = self.load(&op.id).await?;
             let before = existing.as_ref().map(|r| r.status);
             let auth_before = existing.as_ref().map(|r| r.auth.clone());
+            // A deleted device's event shows the twin as it was.
+            let deleted = if lifecycle { existing.clone() } else { None };
             match apply_import(op, existing, &now) {
                 Ok(Some(rec)) => {
+                    if lifecycle && before.is_none() {
+                        events.extend(self.lifecycle_event(&rec, &now, Lifecycle::Created));
+                    }
                     writes.push(Write::put(
                         Table::Devices,
                         rec.device_id.clone(),
@@ -419,6 +435,9 @@ impl Hub {
                     });
                 }
                 Ok(None) => {
+                    if let Some(rec) = &deleted {
+                        events.extend(self.lifecycle_event(rec, &now, Lifecycle::Deleted));
+                    }
                     writes.push(Write::delete(Table::Devices, op.id.clone()));
                     writes.push(Write::delete(Table::Sessions, op.id.clone()));
                     writes.extend(self.c2d_deletion_writes(&op.id));
@@ -459,6 +478,7 @@ impl Hub {
             }
         }
         drop(guards);
+        self.emit_concurrently(events).await;
         Ok(BulkRegistryOperationResult {
             is_successful: errors.is_empty(),
             errors,

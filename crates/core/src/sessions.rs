@@ -97,7 +97,7 @@ impl Hub {
             keys::now_unix(),
         )?;
 
-        let _guard = self.locks.lock(device_id).await;
+        let guard = self.locks.lock(device_id).await;
         // Reload under the lock: the device may have changed since the check above.
         let mut rec = self.load(device_id).await?.ok_or_else(|| {
             Error::unauthorized(format!("Device '{device_id}' is not registered"))
@@ -118,7 +118,7 @@ impl Hub {
         };
         let now = keys::now_text();
         rec.connection_state_updated_time = now.clone();
-        rec.last_activity_time = now;
+        rec.last_activity_time = now.clone();
         let mut writes = vec![Write::put(Table::Devices, device_id, rec.encode())];
         if clean_session && previous.is_some() {
             writes.push(Write::delete(Table::Sessions, device_id));
@@ -127,6 +127,10 @@ impl Hub {
         if let Some(old) = self.directory.register(device_id, handle) {
             old.close.close(CloseReason::ReplacedByNewConnection);
         }
+        // Numbered under the lock, so the device's events number in the order of its changes.
+        let event = self.connection_event(device_id, &now, true).await;
+        drop(guard);
+        self.emit(event).await;
         let resumed = if clean_session { None } else { previous };
         Ok(SessionStart {
             session_present: resumed.is_some(),
@@ -167,16 +171,31 @@ impl Hub {
         connection_id: u64,
         clean_session: bool,
     ) -> Result<()> {
-        let _guard = self.locks.lock(device_id).await;
+        let guard = self.locks.lock(device_id).await;
         if !self.directory.unregister(device_id, connection_id) {
             return Ok(());
         }
+        let now = keys::now_text();
+        let result = self.record_disconnect(device_id, &now, clean_session).await;
+        // The device is disconnected once the directory says so, whether or not its
+        // presence times could be written (and a deleted device has none): report it.
+        let event = self.connection_event(device_id, &now, false).await;
+        drop(guard);
+        self.emit(event).await;
+        result
+    }
+
+    async fn record_disconnect(
+        &self,
+        device_id: &str,
+        now: &str,
+        clean_session: bool,
+    ) -> Result<()> {
         let Some(mut rec) = self.load(device_id).await? else {
             return Ok(());
         };
-        let now = keys::now_text();
-        rec.connection_state_updated_time = now.clone();
-        rec.last_activity_time = now;
+        rec.connection_state_updated_time = now.to_owned();
+        rec.last_activity_time = now.to_owned();
         let mut writes = vec![Write::put(Table::Devices, device_id, rec.encode())];
         if clean_session {
             writes.push(Write::delete(Table::Sessions, device_id));

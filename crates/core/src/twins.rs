@@ -12,6 +12,7 @@ use twinhub_proto::model::DeviceStatus;
 use crate::directory::{CloseReason, SessionCommand, SessionHandle, subs};
 use crate::error::{Error, Result};
 use crate::hub::Hub;
+use crate::hub_events::HubEvent;
 use crate::keys;
 use crate::record::if_match_value;
 use crate::redelivery::{Redelivered, TwinAnswer};
@@ -75,7 +76,7 @@ impl Hub {
             return self.get_twin(device_id).await;
         }
         let now = keys::now_text();
-        let _guard = self.locks.lock(device_id).await;
+        let guard = self.locks.lock(device_id).await;
         let mut rec = self.load_existing(device_id).await?;
         if let Some(expected) = if_match_value(if_match)
             && expected != rec.twin_etag()
@@ -83,6 +84,7 @@ impl Hub {
             return Err(Error::precondition_failed("twin"));
         }
         let mut desired_patch = None;
+        let mut tags_patch = None;
         if replace {
             let mut tags = input.tags.unwrap_or_default();
             twin_doc::strip_nulls(&mut tags);
@@ -93,9 +95,10 @@ impl Hub {
             rec.twin.tags = tags;
             desired_patch = Some(rec.twin.desired.replace(desired, &now, true));
         } else {
-            if let Some(patch) = &input.tags {
-                merge_tags(&mut rec.twin.tags, patch);
+            if let Some(patch) = input.tags {
+                merge_tags(&mut rec.twin.tags, &patch);
                 twin_doc::check_size(SectionKind::Tags, &rec.twin.tags)?;
+                tags_patch = Some(patch);
             }
             if let Some(patch) = input.desired {
                 rec.twin.desired.apply_patch(&patch, &now, true);
@@ -105,10 +108,24 @@ impl Hub {
         }
         rec.twin.version += 1;
         self.save(&rec).await?;
+        let event = if replace {
+            self.twin_replaced_event(&rec, &now)
+        } else {
+            self.twin_updated_event(
+                &rec,
+                &now,
+                tags_patch.as_ref(),
+                desired_patch.as_ref(),
+                None,
+            )
+        };
         if let Some(patch) = desired_patch {
             self.push_desired(device_id, rec.twin.desired.version, patch);
         }
-        Ok(self.render_twin(&rec))
+        let twin = self.render_twin(&rec);
+        drop(guard);
+        self.emit(event).await;
+        Ok(twin)
     }
 
     /// Sends a committed desired patch to the device's session if it listens for them. Called
@@ -164,7 +181,7 @@ impl Hub {
         let prepared = serde_json::from_slice::<Value>(request.payload)
             .map_err(|e| Error::invalid(format!("The reported patch is not valid JSON: {e}")))
             .and_then(|value| twin_doc::validate_section(SectionKind::Reported, &value));
-        let _guard = self.locks.lock(device_id).await;
+        let guard = self.locks.lock(device_id).await;
         if !self.is_current(session) {
             return PatchOutcome::SessionEnded;
         }
@@ -184,12 +201,16 @@ impl Hub {
             Ok(patch) => self.apply_reported(session, &patch).await,
             Err(e) => Err(e),
         };
+        let mut event = None;
         let answer = match result {
-            Ok(Some(version)) => TwinAnswer {
-                status: 204,
-                version: Some(version),
-                body: Bytes::new(),
-            },
+            Ok(Some((version, change))) => {
+                event = change;
+                TwinAnswer {
+                    status: 204,
+                    version: Some(version),
+                    body: Bytes::new(),
+                }
+            }
             Ok(None) => return PatchOutcome::SessionEnded,
             Err(e) => TwinAnswer::from_error(&e),
         };
@@ -200,15 +221,19 @@ impl Hub {
             request.payload,
             &answer,
         );
+        drop(guard);
+        self.emit(event).await;
         PatchOutcome::Answer(answer)
     }
 
     /// Applies a validated reported patch; `None` when the record shows the session stale.
+    /// Returns the new reported version and the twin change event to emit once the device
+    /// lock is released.
     async fn apply_reported(
         &self,
         session: &SessionRef<'_>,
         patch: &Map<String, Value>,
-    ) -> Result<Option<u64>> {
+    ) -> Result<Option<(u64, Option<HubEvent>)>> {
         let Some(mut rec) = self.load(session.device_id).await? else {
             return Ok(None);
         };
@@ -220,9 +245,10 @@ impl Hub {
         let version = rec.twin.reported.apply_patch(patch, &now, false);
         twin_doc::check_size(SectionKind::Reported, &rec.twin.reported.props)?;
         rec.twin.version += 1;
-        rec.last_activity_time = now;
+        rec.last_activity_time = now.clone();
         self.save(&rec).await?;
-        Ok(Some(version))
+        let event = self.twin_updated_event(&rec, &now, None, None, Some(patch));
+        Ok(Some((version, event)))
     }
 
     /// Whether `session` is still the one the directory routes its device to.
