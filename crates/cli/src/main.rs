@@ -1,12 +1,13 @@
 //! The `twinhub` binary: `serve` runs the hub; the other commands manage a hub through its
 //! REST API with the SDK's `ServiceClient` (the same client Rust programs use): devices, twins,
-//! twin queries and scheduled jobs.
+//! twin queries, scheduled jobs and message routing.
 
 use std::io::Write as _;
 mod c2d;
 mod demo;
 mod interrupt;
 mod monitor;
+mod routing;
 mod trust;
 
 use std::path::{Path, PathBuf};
@@ -45,7 +46,8 @@ enum Command {
         data_dir: PathBuf,
     },
     /// Print a service connection string read from the data dir; with --events, the built-in
-    /// endpoint's Event Hub-compatible one (for the Event Hubs SDKs)
+    /// endpoint's Event Hub-compatible one (for the Event Hubs SDKs), or with --entity a custom
+    /// stream endpoint's
     ConnectionString {
         /// Shared access policy to use [default: iothubowner; service with --events]
         #[arg(long)]
@@ -56,6 +58,9 @@ enum Command {
         /// With --events: the emulator form for the plaintext AMQP port (--amqp-plain-port)
         #[arg(long, requires = "events")]
         plain: bool,
+        /// With --events: a custom stream endpoint's (EntityPath=NAME) instead of the built-in one
+        #[arg(long, requires = "events", value_name = "NAME")]
+        entity: Option<String>,
         #[arg(long, env = "TWINHUB_DATA_DIR", default_value = "./twinhub-data")]
         data_dir: PathBuf,
     },
@@ -70,6 +75,27 @@ enum Command {
     Twin {
         #[command(subcommand)]
         command: TwinCommand,
+        #[command(flatten)]
+        target: Target,
+    },
+    /// Manage custom routing endpoints (streams hosted by twinhub, webhooks)
+    Endpoint {
+        #[command(subcommand)]
+        command: routing::EndpointCommand,
+        #[command(flatten)]
+        target: Target,
+    },
+    /// Manage message routes, test them, and switch the fallback route
+    Route {
+        #[command(subcommand)]
+        command: routing::RouteCommand,
+        #[command(flatten)]
+        target: Target,
+    },
+    /// Manage message enrichments (application properties added per endpoint)
+    Enrichment {
+        #[command(subcommand)]
+        command: routing::EnrichmentCommand,
         #[command(flatten)]
         target: Target,
     },
@@ -411,6 +437,7 @@ async fn run(cli: Cli) -> Result<()> {
             policy,
             events,
             plain,
+            entity,
             data_dir,
         } => {
             let file = HubFile::read(&data_dir)?;
@@ -419,19 +446,22 @@ async fn run(cli: Cli) -> Result<()> {
             if !file.policies.iter().any(|p| p.name == policy) {
                 bail!("no policy named '{policy}' in {}", data_dir.display());
             }
-            let cs =
-                if events {
-                    file.events_connection_string(&policy, plain).ok_or_else(|| {
+            let cs = if events {
+                let found = match &entity {
+                    Some(name) => file.entity_connection_string(&policy, plain, name),
+                    None => file.events_connection_string(&policy, plain),
+                };
+                found.ok_or_else(|| {
                     if plain {
                         anyhow!("the hub last ran without --amqp-plain-port; start it with one")
                     } else {
                         anyhow!("the hub has not run with the events endpoint yet; start it once")
                     }
                 })?
-                } else {
-                    file.connection_string(&policy)
-                        .ok_or_else(|| anyhow!("no policy named '{policy}'"))?
-                };
+            } else {
+                file.connection_string(&policy)
+                    .ok_or_else(|| anyhow!("no policy named '{policy}'"))?
+            };
             println!("{cs}");
             Ok(())
         }
@@ -440,6 +470,9 @@ async fn run(cli: Cli) -> Result<()> {
         Command::Twin { command, target } => twin(command, &target).await,
         Command::Query { args, target } => query(args, &target).await,
         Command::ConsumerGroup { command, target } => consumer_group(command, &target).await,
+        Command::Endpoint { command, target } => routing::endpoint(command, &target).await,
+        Command::Route { command, target } => routing::route(command, &target).await,
+        Command::Enrichment { command, target } => routing::enrichment(command, &target).await,
         Command::Trust(args) => trust::run(args),
         Command::MonitorEvents(args) => monitor::run(args).await,
         Command::C2d(args) => c2d::run(args).await,

@@ -86,6 +86,7 @@ pub mod c2d;
 pub mod device;
 mod error;
 pub mod events;
+pub mod routing;
 pub mod service;
 
 pub use c2d::{Ack, C2dMessage, FeedbackBatch, FeedbackReceiver, FeedbackRecord, FeedbackStatus};

@@ -155,7 +155,7 @@ fn host_without_port(host: &str) -> &str {
 }
 
 /// A path segment, encoded like the official SDKs do (`quote(s, safe='')`).
-fn segment(s: &str) -> String {
+pub(crate) fn segment(s: &str) -> String {
     quote(s).into_owned()
 }
 
@@ -192,7 +192,7 @@ impl ServiceClient {
             .map_err(|e| Error::ConnectionString(format!("cannot sign with the key: {e}")))
     }
 
-    async fn send(
+    pub(crate) async fn send(
         &self,
         method: Method,
         path: &str,
@@ -241,7 +241,7 @@ impl ServiceClient {
         })
     }
 
-    async fn call<T: DeserializeOwned>(
+    pub(crate) async fn call<T: DeserializeOwned>(
         &self,
         method: Method,
         path: &str,
@@ -264,7 +264,7 @@ impl ServiceClient {
         serde_json::from_slice(&bytes).map_err(|e| Error::Protocol(format!("unreadable body: {e}")))
     }
 
-    fn json<T: Serialize>(value: &T) -> Option<Vec<u8>> {
+    pub(crate) fn json<T: Serialize>(value: &T) -> Option<Vec<u8>> {
         Some(serde_json::to_vec(value).unwrap_or_default())
     }
 

@@ -481,7 +481,10 @@ enabled = false
         assert!(e.contains("route hot: the condition does not parse"), "{e}");
         let unknown = ROUTING.replace("endpoints = [\"alerts\"]", "endpoints = [\"nowhere\"]");
         let e = load_error(&unknown);
-        assert!(e.contains("names endpoint nowhere, which does not exist"), "{e}");
+        assert!(
+            e.contains("names endpoint nowhere, which does not exist"),
+            "{e}"
+        );
         let typo = ROUTING.replace("condition =", "conditon =");
         let e = load_error(&typo);
         assert!(e.contains("conditon"), "{e}");

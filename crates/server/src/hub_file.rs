@@ -186,8 +186,20 @@ impl HubFile {
     /// ignored), so it is written only when it is not 5671, for tools that honour it. With
     /// `plain`, the emulator form for the plaintext port (`UseDevelopmentEmulator=true`).
     pub fn events_connection_string(&self, policy: &str, plain: bool) -> Option<String> {
-        let p = self.policies.iter().find(|p| p.name == policy)?;
         let name = self.event_hub_name.clone()?;
+        self.entity_connection_string(policy, plain, &name)
+    }
+
+    /// The same for the Event Hub-compatible entity `name`: a custom stream endpoint of the
+    /// routing configuration (read with `EntityPath=<endpoint name>`). Whether the endpoint
+    /// exists is the running hub's to say; this file does not know the routing configuration.
+    pub fn entity_connection_string(
+        &self,
+        policy: &str,
+        plain: bool,
+        name: &str,
+    ) -> Option<String> {
+        let p = self.policies.iter().find(|p| p.name == policy)?;
         if plain {
             let port = self.amqp_plain_port?;
             return Some(format!(

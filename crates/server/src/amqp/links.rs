@@ -1,6 +1,7 @@
 //! The links of one AMQP session: `$cbs` and `$management` request/reply pairs (the reply
 //! goes back on the link the client attached from the same node), partition receivers fed
-//! from the event log (credit-driven, woken by appends), IoT Hub's redirect on its own
+//! from the event log of their entity (the built-in endpoint or a custom stream, see `entity`;
+//! credit-driven, woken by appends), IoT Hub's redirect on its own
 //! `messages/events` paths, the cloud-to-device links (handed to `c2d` once ServiceConnect is
 //! proved), and refusals with Event Hubs' error conditions.
 
@@ -25,9 +26,10 @@ use twinhub_eventhub::filter::{
 };
 use twinhub_eventhub::management::{self, PartitionState, Request};
 use twinhub_eventhub::{EventMeta, RuntimeInfo, event_message};
-use twinhub_eventlog::Position;
+use twinhub_eventlog::{EventLog, Position};
 use twinhub_proto::message::Message as D2cMessage;
 
+use super::entity::Entity;
 use super::owners::{Claim, Refusal};
 use super::{AmqpContext, Grants};
 
@@ -150,7 +152,7 @@ pub(super) async fn serve_session(
                 if let Node::Management {
                     entity: Some(entity),
                 } = &node
-                    && !entity.eq_ignore_ascii_case(&ctx.entity)
+                    && Entity::resolve(&ctx, entity).is_none()
                 {
                     refuse(
                         link,
@@ -183,9 +185,9 @@ pub(super) async fn serve_session(
                 }
             }
             Node::Partition { .. } => match (link, opened) {
-                (LinkEndpoint::Sender(sender), Some(Ok((partition, cursor, claim)))) => {
+                (LinkEndpoint::Sender(sender), Some(Ok((log, partition, cursor, claim)))) => {
                     links.spawn(serve_partition(
-                        ctx.clone(),
+                        log,
                         sender,
                         partition,
                         cursor,
@@ -338,7 +340,12 @@ fn unauthorized() -> AmqpErrorBody {
     )
 }
 
-/// Checks a receiver's rights, consumer group, partition and filter, and claims its place.
+/// What a partition receiver reads: the entity's log, the partition, the first sequence
+/// number to send, and its place among the partition's readers.
+type OpenedPartition = (Arc<dyn EventLog>, u32, i64, Claim);
+
+/// Checks a receiver's rights, entity, consumer group, partition and filter, and claims its
+/// place.
 fn open_partition(
     ctx: &AmqpContext,
     grants: &Grants,
@@ -347,25 +354,24 @@ fn open_partition(
     partition: &str,
     filter: Option<&str>,
     epoch: Option<i64>,
-) -> Result<(u32, i64, Claim), AmqpErrorBody> {
+) -> Result<OpenedPartition, AmqpErrorBody> {
     if !grants.allows(Right::ServiceConnect) {
         return Err(unauthorized());
     }
     let not_found = |what: String| error(AmqpError::NotFound.into(), what);
-    if !entity.eq_ignore_ascii_case(&ctx.entity) {
+    let Some(entity) = Entity::resolve(ctx, entity) else {
         return Err(not_found(format!(
             "The messaging entity {} could not be found",
             Shown(entity)
         )));
-    }
-    let events = ctx.hub.events();
-    let Some(group) = events.consumer_group(consumer_group) else {
+    };
+    let Some(group) = entity.consumer_group(ctx, consumer_group) else {
         return Err(not_found(format!(
             "The consumer group {} does not exist",
             Shown(consumer_group)
         )));
     };
-    let count = events.log().partition_count();
+    let count = entity.log.partition_count();
     let p = partition
         .parse::<u32>()
         .ok()
@@ -382,7 +388,10 @@ fn open_partition(
         Some(text) => parse_selector(text)
             .map_err(|e| error(AmqpError::InvalidField.into(), e.to_string()))?,
     };
-    let claim = ctx.owners.claim(&group, p, epoch).map_err(|r| match r {
+    let claim = ctx
+        .owners
+        .claim(&entity.owners_key(&group), p, epoch)
+        .map_err(|r| match r {
         Refusal::Outranked(why) => error(ErrorCondition::LinkError(LinkError::Stolen), why),
         Refusal::Full => error(
             AmqpError::ResourceLimitExceeded.into(),
@@ -392,11 +401,11 @@ fn open_partition(
             ),
         ),
     })?;
-    let cursor = events
-        .log()
+    let cursor = entity
+        .log
         .resolve(p, &position_of(position))
         .map_err(|e| error(AmqpError::InternalError.into(), e.to_string()))?;
-    Ok((p, cursor, claim))
+    Ok((entity.log, p, cursor, claim))
 }
 
 fn position_of(start: StartPosition) -> Position {
@@ -426,7 +435,7 @@ enum Step {
 /// and costs nothing but its task.
 #[allow(clippy::too_many_arguments)]
 async fn serve_partition(
-    ctx: AmqpContext,
+    log: Arc<dyn EventLog>,
     mut sender: Sender,
     partition: u32,
     cursor: i64,
@@ -435,7 +444,6 @@ async fn serve_partition(
     done: CancellationToken,
     peer: String,
 ) {
-    let log = ctx.hub.events().log().clone();
     let stolen = claim.stolen.clone();
     let stolen_error = || {
         error(
@@ -648,25 +656,24 @@ fn read_metadata(ctx: &AmqpContext, grants: &Grants, request: &Request) -> Reply
             Value::Null,
         );
     }
-    if let Some(name) = &request.name
-        && !name.eq_ignore_ascii_case(&ctx.entity)
-    {
+    // A READ without a name is about the built-in endpoint, as before streams existed.
+    let name = request.name.as_deref().unwrap_or(&ctx.entity);
+    let Some(entity) = Entity::resolve(ctx, name) else {
         return management::reply(
             request,
             404,
             &format!("The messaging entity {} could not be found", Shown(name)),
             Value::Null,
         );
-    }
-    let events = ctx.hub.events();
-    let log = events.log();
+    };
+    let log = &entity.log;
     let ids = twinhub_eventhub::partition_ids(log.partition_count());
     match request.kind.as_deref() {
         Some(management::TYPE_EVENTHUB) => management::reply(
             request,
             200,
             "OK",
-            management::eventhub_info(&ctx.entity, events.created_ms(), &ids),
+            management::eventhub_info(&entity.name, entity.created_ms, &ids),
         ),
         Some(management::TYPE_PARTITION) => {
             let Some(p) = request
@@ -687,7 +694,7 @@ fn read_metadata(ctx: &AmqpContext, grants: &Grants, request: &Request) -> Reply
                     200,
                     "OK",
                     management::partition_info(
-                        &ctx.entity,
+                        &entity.name,
                         &ids[p],
                         PartitionState {
                             begin_sequence: info.begin_sequence,

@@ -3,10 +3,12 @@
 //! (`--amqp-plain-port`). fe2o3-amqp's acceptor runs the protocol state machines; this module
 //! chooses SASL or not from the client's first header, offers the mechanisms the Azure clients
 //! use, and hands each link to `links` (CBS, `$management`, partition receivers, redirects,
-//! and the cloud-to-device links of `c2d`).
+//! and the cloud-to-device links of `c2d`); `entity` says which log an Event Hub name reads
+//! (the built-in endpoint, or a custom stream endpoint of the routing configuration).
 //! What addresses, filters and replies mean is decided in `twinhub_eventhub`.
 
 mod c2d;
+mod entity;
 mod links;
 pub mod owners;
 mod pad;

@@ -10,6 +10,7 @@ mod devices;
 mod events;
 mod fleet;
 mod messages;
+mod routing;
 mod twins;
 
 pub use auth::{Authorized, Read, ServiceConnect, Write};
@@ -275,6 +276,7 @@ pub fn router(state: AppState) -> Router {
         .merge(fleet::routes())
         .merge(events::routes())
         .merge(messages::routes())
+        .merge(routing::routes())
         .route("/$iothub/websocket", get(websocket))
         .route("/$servicebus/websocket", get(amqp_websocket))
         .route("/$servicebus/websocket/", get(amqp_websocket))
