@@ -187,6 +187,11 @@ impl RunningServer {
         options.events = Some(events.clone() as Arc<dyn EventLog>);
         options.c2d = config.c2d();
         let hub = Hub::open(store.clone() as Arc<dyn Store>, options).await?;
+        // The hub folds in only a file's `enabled = false` (its configuration cannot tell an
+        // absent [fallback] from `true`); an explicit `true` is the operator's word as well.
+        if config.fallback.is_some_and(|f| f.enabled) && !hub.routing().config().fallback_enabled {
+            hub.set_fallback(true).await?;
+        }
 
         let shutdown = CancellationToken::new();
         let tracker = TaskTracker::new();
@@ -384,10 +389,17 @@ impl EndpointLogs {
 
     async fn enforce_retention(&self) {
         for (endpoint, log) in self.opened() {
-            match log.enforce_retention(twinhub_core::keys::now_millis()).await {
+            match log
+                .enforce_retention(twinhub_core::keys::now_millis())
+                .await
+            {
                 Ok(0) => {}
-                Ok(n) => tracing::info!(events = n, %endpoint, "endpoint messages past their retention dropped"),
-                Err(e) => tracing::warn!(%endpoint, "enforcing an endpoint log's retention failed: {e}"),
+                Ok(n) => {
+                    tracing::info!(events = n, %endpoint, "endpoint messages past their retention dropped")
+                }
+                Err(e) => {
+                    tracing::warn!(%endpoint, "enforcing an endpoint log's retention failed: {e}")
+                }
             }
         }
     }
