@@ -151,6 +151,23 @@ impl Routing {
         self.changed.send_modify(|n| *n += 1);
         Ok(())
     }
+
+    /// The log of stream `name` that the server keeps beside the endpoints (a webhook's
+    /// dead-letter stream), opened the way endpoint logs are; a configured endpoint of that
+    /// name gives its own log. Whether two calls share one log is the opener's to say (the
+    /// server's keeps one per name; the in-memory default makes a new one each time), so the
+    /// caller keeps what it got. Blocking: a disk log opens and checks its files.
+    pub fn auxiliary_log(&self, name: &str) -> Result<Arc<dyn EventLog>> {
+        if let Some(endpoint) = self.endpoint(name) {
+            return Ok(endpoint.log);
+        }
+        (self.open_log)(name).map_err(|e| {
+            Error::new(
+                ErrorCode::ServiceUnavailable,
+                format!("the log of {name} cannot be opened: {e}"),
+            )
+        })
+    }
 }
 
 /// Folds `file` (the operator's config file) into `stored`: an entry of the file replaces the
@@ -182,12 +199,15 @@ fn merge(mut stored: RoutingConfig, file: &RoutingConfig) -> RoutingConfig {
     stored
 }
 
+/// A message's application properties (a value may be null).
+pub type Properties = Vec<(String, Option<String>)>;
+
 /// A message the routing test evaluated, as each endpoint would get it.
 #[derive(Debug, Clone)]
 pub struct RouteTest {
     pub decision: Decision,
     /// Per endpoint, the application properties after enrichment.
-    pub properties: Vec<(String, Vec<(String, Option<String>)>)>,
+    pub properties: Vec<(String, Properties)>,
 }
 
 impl Hub {
@@ -208,8 +228,11 @@ impl Hub {
             None => RoutingConfig::default(),
         };
         let config = merge(stored.clone(), from_file);
-        let router =
-            Router::compile(config.clone(), self.auth.hostname()).map_err(routing_error)?;
+        let router = Router::compile(
+            config.clone(),
+            &crate::hub_events::hub_name(self.auth.hostname()),
+        )
+        .map_err(routing_error)?;
         if config != stored {
             self.save_routing(&config).await?;
         }
@@ -236,8 +259,11 @@ impl Hub {
         let _guard = self.routing.changing.lock().await;
         let mut config = self.routing.config();
         change(&mut config)?;
-        let router =
-            Router::compile(config.clone(), self.auth.hostname()).map_err(routing_error)?;
+        let router = Router::compile(
+            config.clone(),
+            &crate::hub_events::hub_name(self.auth.hostname()),
+        )
+        .map_err(routing_error)?;
         self.save_routing(&config).await?;
         self.routing.install(router)?;
         Ok(config)

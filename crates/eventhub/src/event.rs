@@ -44,21 +44,29 @@ pub fn event_message(
     let mut put = |name: &str, value: Value| {
         annotations.insert(key(name), value);
     };
-    put(
-        "iothub-connection-device-id",
-        Value::String(stamp.device_id.clone()),
-    );
+    // Hub events carry no connection: IoT Hub leaves out what they do not have (job events
+    // have no device either).
+    if !stamp.device_id.is_empty() {
+        put(
+            "iothub-connection-device-id",
+            Value::String(stamp.device_id.clone()),
+        );
+    }
     if let Some(module) = &stamp.module_id {
         put("iothub-connection-module-id", Value::String(module.clone()));
     }
-    put(
-        "iothub-connection-auth-method",
-        Value::String(stamp.auth_method.clone()),
-    );
-    put(
-        "iothub-connection-auth-generation-id",
-        Value::String(stamp.generation_id.clone()),
-    );
+    if !stamp.auth_method.is_empty() {
+        put(
+            "iothub-connection-auth-method",
+            Value::String(stamp.auth_method.clone()),
+        );
+    }
+    if !stamp.generation_id.is_empty() {
+        put(
+            "iothub-connection-auth-generation-id",
+            Value::String(stamp.generation_id.clone()),
+        );
+    }
     put(
         "iothub-enqueuedtime",
         Value::Timestamp(Timestamp::from_milliseconds(meta.enqueued_ms)),
