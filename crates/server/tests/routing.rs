@@ -241,6 +241,18 @@ async fn file_routing_is_in_force_at_start_and_routed_telemetry_reads_over_amqp(
         "numbering goes on after the restart"
     );
     nothing_within(&mut events, Duration::from_secs(1)).await;
+    drop((alerts, events, _alerts_reader, _events_reader, d));
+
+    // The file's entries come back at every start, and an explicit `[fallback] enabled =
+    // true` turns the switch back on.
+    svc.routing_remove_route("hot").await.unwrap();
+    let toml = format!("{HUB_TOML}\n[fallback]\nenabled = true\n");
+    std::fs::write(hub.dir.path().join("hub.toml"), toml).unwrap();
+    hub.restart().await;
+    let config = hub.owner().routing_config().await.unwrap();
+    let names: Vec<&str> = config.routes.iter().map(|r| r.name.as_str()).collect();
+    assert_eq!(names, ["cold", "hot"]);
+    assert!(config.fallback.enabled);
 }
 
 /// Connects an existing device again (its key from the registry).
