@@ -14,6 +14,7 @@ pub mod hub_file;
 pub mod mqtt;
 pub mod rest;
 pub mod tls;
+pub mod webhook;
 mod ws;
 
 use std::net::SocketAddr;
@@ -195,6 +196,7 @@ impl RunningServer {
 
         let shutdown = CancellationToken::new();
         let tracker = TaskTracker::new();
+        webhook::start(hub.clone(), tls.ca_pem.as_deref(), &shutdown, &tracker);
         let sessions = SessionContext {
             hub: hub.clone(),
             connect_timeout: Duration::from_secs(config.mqtt_connect_timeout),
