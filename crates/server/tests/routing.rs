@@ -502,6 +502,10 @@ async fn amqp_readers_find_streams_only_under_their_own_names() {
         },
     };
     assert!(refused.contains("consumer group"), "{refused}");
+    // A webhook's dead-letter stream is read like a stream.
+    let dead_letters = reader(&hub, Some("hook-deadletter")).await.unwrap();
+    assert_eq!(dead_letters.event_hub_name(), "hook-deadletter");
+    assert_eq!(dead_letters.partition_ids().len(), 4);
     // The entity name is matched without case, as Event Hubs does.
     let upper = reader(&hub, Some("ALERTS")).await.unwrap();
     assert_eq!(upper.partition_ids().len(), 4);

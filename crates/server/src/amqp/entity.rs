@@ -1,9 +1,10 @@
 //! Which event log an Event Hub entity name (a connection string's `EntityPath`, the first
 //! segment of a receiver's address, the `name` of a `$management` READ) reads. The hub's own
 //! entity is the built-in endpoint, with the consumer groups the hub keeps; the name of a custom
-//! `stream` endpoint is that endpoint's log, with the one consumer group `$Default`. A webhook
-//! endpoint's log is its delivery buffer, not a stream, so its name is not found. `links` asks
-//! here for receivers and `$management`; the logs come from `twinhub_core`'s routing.
+//! `stream` endpoint is that endpoint's log, with the one consumer group `$Default`, and so is
+//! a webhook's dead-letter stream (`<webhook>-deadletter`, see `crate::webhook`). A webhook
+//! endpoint's own log is its delivery buffer, not a stream, so its name is not found. `links`
+//! asks here for receivers and `$management`; the logs come from `twinhub_core`'s routing.
 
 use std::sync::Arc;
 
@@ -36,13 +37,32 @@ impl Entity {
                 builtin: true,
             });
         }
-        let endpoint = ctx.hub.routing().endpoint(name)?;
-        if endpoint.spec.kind != EndpointKind::Stream {
-            return None;
-        }
+        let routing = ctx.hub.routing();
+        let (name, log) = match routing.endpoint(name) {
+            Some(endpoint) if endpoint.spec.kind == EndpointKind::Stream => {
+                (endpoint.spec.name, endpoint.log)
+            }
+            Some(_) => return None,
+            None => {
+                let webhook = routing.endpoints().into_iter().find(|e| {
+                    e.spec.kind == EndpointKind::Webhook
+                        && crate::webhook::dead_letter_name(&e.spec.name).eq_ignore_ascii_case(name)
+                })?;
+                let dead_letters = crate::webhook::dead_letter_name(&webhook.spec.name);
+                // Opened at most once (the server's opener keeps each log), usually already
+                // by the deliverer; the first open recovers a directory, which is brief.
+                match routing.auxiliary_log(&dead_letters) {
+                    Ok(log) => (dead_letters, log),
+                    Err(e) => {
+                        tracing::warn!(entity = %dead_letters, "a dead-letter stream cannot be opened: {}", e.message());
+                        return None;
+                    }
+                }
+            }
+        };
         Some(Entity {
-            name: endpoint.spec.name,
-            log: endpoint.log,
+            name,
+            log,
             // A stream has no creation time of its own that survives restarts; the hub's
             // endpoint time is what clients see for every entity.
             created_ms: events.created_ms(),
