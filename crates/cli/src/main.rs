@@ -517,6 +517,8 @@ async fn serve(args: ServeArgs) -> Result<()> {
         c2d_default_ttl: args.c2d_default_ttl,
         c2d_max_delivery_count: args.c2d_max_delivery_count,
         c2d_feedback_interval_ms: args.c2d_feedback_interval_ms,
+        // The webhook retry schedule is set in the config file or the environment only.
+        ..Default::default()
     };
     let config = Config::load(args.config.as_deref(), &overrides)?;
     // Before the banner, so a signal sent as soon as it shows still shuts down gracefully.

@@ -71,6 +71,14 @@ pub struct Config {
     pub c2d_max_delivery_count: u32,
     /// Milliseconds between feedback messages unless 64 records wait (IoT Hub: 15000).
     pub c2d_feedback_interval_ms: u64,
+    /// Attempts per message before a webhook gives up and dead-letters it.
+    pub webhook_max_attempts: u32,
+    /// Milliseconds before a webhook's first retry; doubled for each further one.
+    pub webhook_initial_backoff_ms: u64,
+    /// The longest wait in milliseconds between two attempts.
+    pub webhook_max_backoff_ms: u64,
+    /// Seconds after a message's first attempt past which no retry starts.
+    pub webhook_max_retry_secs: u64,
     /// Custom routing endpoints (`[[endpoints]]`: name, kind, url).
     #[serde(default)]
     pub endpoints: Vec<EndpointSpec>,
@@ -120,6 +128,10 @@ impl Default for Config {
             c2d_default_ttl: 3600,
             c2d_max_delivery_count: 10,
             c2d_feedback_interval_ms: 15_000,
+            webhook_max_attempts: 8,
+            webhook_initial_backoff_ms: 1_000,
+            webhook_max_backoff_ms: 60_000,
+            webhook_max_retry_secs: 600,
             endpoints: Vec::new(),
             routes: Vec::new(),
             enrichments: Vec::new(),
@@ -181,9 +193,17 @@ pub struct Overrides {
     pub c2d_max_delivery_count: Option<u32>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub c2d_feedback_interval_ms: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub webhook_max_attempts: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub webhook_initial_backoff_ms: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub webhook_max_backoff_ms: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub webhook_max_retry_secs: Option<u64>,
 }
 
-const KEYS: [&str; 25] = [
+const KEYS: [&str; 29] = [
     "data_dir",
     "hostname",
     "bind",
@@ -209,9 +229,24 @@ const KEYS: [&str; 25] = [
     "c2d_default_ttl",
     "c2d_max_delivery_count",
     "c2d_feedback_interval_ms",
+    "webhook_max_attempts",
+    "webhook_initial_backoff_ms",
+    "webhook_max_backoff_ms",
+    "webhook_max_retry_secs",
 ];
 
 impl Config {
+    /// The webhook delivery these settings give (retry schedule; the rest as built in).
+    pub fn webhook(&self) -> crate::webhook::WebhookOptions {
+        crate::webhook::WebhookOptions {
+            max_attempts: self.webhook_max_attempts,
+            initial_backoff: std::time::Duration::from_millis(self.webhook_initial_backoff_ms),
+            max_backoff: std::time::Duration::from_millis(self.webhook_max_backoff_ms),
+            max_retry_time: std::time::Duration::from_secs(self.webhook_max_retry_secs),
+            ..Default::default()
+        }
+    }
+
     /// The routing configuration of the file, as the hub takes it.
     pub fn routing(&self) -> RoutingConfig {
         RoutingConfig {
@@ -317,6 +352,14 @@ impl Config {
         if !(1..=100).contains(&self.c2d_max_delivery_count) {
             return Err(ServerError::Config(
                 "c2d_max_delivery_count must be between 1 and 100 (IoT Hub's range)".into(),
+            ));
+        }
+        if self.webhook_max_attempts == 0
+            || self.webhook_initial_backoff_ms == 0
+            || self.webhook_max_backoff_ms < self.webhook_initial_backoff_ms
+        {
+            return Err(ServerError::Config(
+                "webhook_max_attempts and webhook_initial_backoff_ms must be at least 1, and webhook_max_backoff_ms at least webhook_initial_backoff_ms".into(),
             ));
         }
         if self.c2d_feedback_interval_ms == 0 {

@@ -196,7 +196,13 @@ impl RunningServer {
 
         let shutdown = CancellationToken::new();
         let tracker = TaskTracker::new();
-        webhook::start(hub.clone(), tls.ca_pem.as_deref(), &shutdown, &tracker);
+        webhook::start(
+            hub.clone(),
+            config.webhook(),
+            tls.ca_pem.as_deref(),
+            &shutdown,
+            &tracker,
+        );
         let sessions = SessionContext {
             hub: hub.clone(),
             connect_timeout: Duration::from_secs(config.mqtt_connect_timeout),

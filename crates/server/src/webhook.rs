@@ -155,16 +155,22 @@ pub async fn dead_letter_log(hub: &Arc<Hub>, endpoint: &str) -> Result<Arc<dyn E
         .map_err(|e| e.message().to_owned())
 }
 
-/// Starts delivering the webhook endpoints of `hub` with the process's options
-/// ([`WebhookOptions::process_default`]), trusting `dev_ca` (the hub's dev CA, PEM) besides
-/// the system's roots. Stops when `shutdown` is cancelled, after saving every cursor.
+/// Starts delivering the webhook endpoints of `hub` with `configured` (from the hub's
+/// settings) unless the process set its own ([`WebhookOptions::set_process_default`], for
+/// tests), trusting `dev_ca` (the hub's dev CA, PEM) besides the system's roots. Stops when
+/// `shutdown` is cancelled, after saving every cursor.
 pub fn start(
     hub: Arc<Hub>,
+    configured: WebhookOptions,
     dev_ca: Option<&Path>,
     shutdown: &CancellationToken,
     tracker: &TaskTracker,
 ) {
-    let mut options = WebhookOptions::process_default();
+    let mut options = PROCESS_DEFAULT
+        .read()
+        .unwrap_or_else(|e| e.into_inner())
+        .clone()
+        .unwrap_or(configured);
     if let Some(path) = dev_ca {
         match std::fs::read(path) {
             Ok(pem) => options.extra_ca_pem.push(pem),
