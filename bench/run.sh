@@ -8,6 +8,7 @@
 #   bench/run.sh full          full mode
 #   bench/run.sh quick --scenarios methods --concurrency 1,16   (extra flags go to the bench)
 #   bench/run.sh full --scenarios telemetry                      (one scenario)
+#   bench/run.sh quick --scenarios routing                       (routing cost, webhooks)
 #
 # The JSON goes to bench/results/latest-MODE.json, or latest-MODE-SCENARIOS.json when
 # --scenarios picks some, so a partial run does not overwrite the last complete one.

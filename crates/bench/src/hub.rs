@@ -13,7 +13,9 @@ use tokio::task::JoinSet;
 use twinhub_proto::model::{
     AuthenticationMechanism, AuthenticationType, ExportImportDevice, ImportMode, SymmetricKey,
 };
+use twinhub_routing::RoutingConfig;
 use twinhub_sdk::ServiceClient;
+use twinhub_server::config::Fallback;
 use twinhub_server::{Config, HubFile, RunningServer};
 
 use crate::child::ChildProcess;
@@ -58,6 +60,9 @@ pub struct Options {
     pub partitions: Option<u32>,
     /// Cloud-to-device messages a device's queue holds (`--c2d-max-queue-depth`).
     pub c2d_max_queue_depth: Option<usize>,
+    /// Routing endpoints, routes, enrichments and the fallback switch: written to a TOML file
+    /// beside the data dir and passed as `--config` (in-process: set on the `Config`).
+    pub routing: Option<RoutingConfig>,
 }
 
 /// The policy the bench reads telemetry as (ServiceConnect only, as a back end would).
@@ -129,6 +134,24 @@ impl Hub {
                     c2d_max_queue_depth: options
                         .c2d_max_queue_depth
                         .unwrap_or(defaults.c2d_max_queue_depth),
+                    endpoints: options
+                        .routing
+                        .as_ref()
+                        .map(|r| r.endpoints.clone())
+                        .unwrap_or_default(),
+                    routes: options
+                        .routing
+                        .as_ref()
+                        .map(|r| r.routes.clone())
+                        .unwrap_or_default(),
+                    enrichments: options
+                        .routing
+                        .as_ref()
+                        .map(|r| r.enrichments.clone())
+                        .unwrap_or_default(),
+                    fallback: options.routing.as_ref().map(|r| Fallback {
+                        enabled: r.fallback_enabled,
+                    }),
                     ..defaults
                 })
                 .await?;
@@ -195,6 +218,12 @@ impl Hub {
         }
         if let Some(depth) = options.c2d_max_queue_depth {
             command.args(["--c2d-max-queue-depth", &depth.to_string()]);
+        }
+        if let Some(routing) = &options.routing {
+            let path = data_dir.with_extension("toml");
+            std::fs::write(&path, routing_toml(routing))
+                .map_err(|e| Error::io(format!("writing {}", path.display()), e))?;
+            command.arg("--config").arg(&path);
         }
         let mut child = ChildProcess::spawn(
             command
@@ -281,6 +310,77 @@ impl Hub {
             Running::Child(child) => child.terminate(Duration::from_secs(30)).await,
         }
     }
+}
+
+/// A TOML string (basic, escaped).
+fn toml_str(s: &str) -> String {
+    let mut out = String::with_capacity(s.len() + 2);
+    out.push('"');
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            '\t' => out.push_str("\\t"),
+            c if c.is_control() => out.push_str(&format!("\\u{:04X}", u32::from(c))),
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+    out
+}
+
+fn toml_list(items: &[String]) -> String {
+    let items: Vec<String> = items.iter().map(|s| toml_str(s)).collect();
+    format!("[{}]", items.join(", "))
+}
+
+/// `routing` as the `twinhub serve --config` file takes it: `[[endpoints]]`, `[[routes]]`,
+/// `[[enrichments]]` and `[fallback]`.
+pub fn routing_toml(routing: &RoutingConfig) -> String {
+    use std::fmt::Write as _;
+    let mut out = String::from("# Written by twinhub-bench for its routing scenario.\n");
+    for e in &routing.endpoints {
+        let kind = match e.kind {
+            twinhub_routing::EndpointKind::Stream => "stream",
+            twinhub_routing::EndpointKind::Webhook => "webhook",
+        };
+        let _ = write!(
+            out,
+            "\n[[endpoints]]\nname = {}\nkind = {}\n",
+            toml_str(&e.name),
+            toml_str(kind)
+        );
+        if let Some(url) = &e.url {
+            let _ = writeln!(out, "url = {}", toml_str(url));
+        }
+    }
+    for r in &routing.routes {
+        let _ = write!(
+            out,
+            "\n[[routes]]\nname = {}\nsource = {}\ncondition = {}\nendpoints = {}\nenabled = {}\n",
+            toml_str(&r.name),
+            toml_str(r.source.as_str()),
+            toml_str(&r.condition),
+            toml_list(&r.endpoints),
+            r.enabled
+        );
+    }
+    for e in &routing.enrichments {
+        let _ = write!(
+            out,
+            "\n[[enrichments]]\nkey = {}\nvalue = {}\nendpoints = {}\n",
+            toml_str(&e.key),
+            toml_str(&e.value),
+            toml_list(&e.endpoints)
+        );
+    }
+    let _ = write!(
+        out,
+        "\n[fallback]\nenabled = {}\n",
+        routing.fallback_enabled
+    );
+    out
 }
 
 /// A [`Hub`] without its process, as found by [`Hub::probe`].
@@ -426,5 +526,43 @@ mod tests {
             twinhub_proto::generate_sas_token("localhost/devices/dev-000003", DEVICE_KEY, None, 1)
                 .is_ok()
         );
+    }
+
+    #[test]
+    fn the_routing_file_reads_back_as_the_hub_reads_it() {
+        use twinhub_routing::{EndpointKind, EndpointSpec, EnrichmentSpec, RouteSpec, Source};
+        let routing = RoutingConfig {
+            endpoints: vec![
+                EndpointSpec {
+                    name: "alerts".into(),
+                    kind: EndpointKind::Stream,
+                    url: None,
+                },
+                EndpointSpec {
+                    name: "hook".into(),
+                    kind: EndpointKind::Webhook,
+                    url: Some("http://127.0.0.1:9/x".into()),
+                },
+            ],
+            routes: vec![RouteSpec {
+                name: "hot".into(),
+                source: Source::DeviceMessages,
+                condition: "level = 'critical' AND $body.note = \"a\\\\b\"".into(),
+                endpoints: vec!["alerts".into(), "events".into()],
+                enabled: false,
+            }],
+            enrichments: vec![EnrichmentSpec {
+                key: "region".into(),
+                value: "$twin.tags.region".into(),
+                endpoints: vec!["alerts".into()],
+            }],
+            fallback_enabled: false,
+        };
+        let dir = tempfile::tempdir().expect("a temp dir");
+        let path = dir.path().join("hub.toml");
+        std::fs::write(&path, routing_toml(&routing)).expect("written");
+        let config = Config::load(Some(&path), &twinhub_server::Overrides::default())
+            .unwrap_or_else(|e| panic!("{e}\n{}", routing_toml(&routing)));
+        assert_eq!(config.routing(), routing);
     }
 }

@@ -9,6 +9,7 @@
 pub mod child;
 pub mod echo;
 pub mod error;
+pub mod hook;
 pub mod hub;
 pub mod machine;
 pub mod mosquitto;

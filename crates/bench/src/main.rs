@@ -155,6 +155,34 @@ struct RunArgs {
     /// `twinhub serve --c2d-max-queue-depth` for the bench's hub [default: the hub's 50]
     #[arg(long)]
     c2d_max_queue_depth: Option<usize>,
+    /// Devices publishing in the routing scenario
+    #[arg(long)]
+    routing_devices: Option<usize>,
+    /// QoS 1 publishes each routing device keeps unacknowledged
+    #[arg(long)]
+    routing_inflight: Option<usize>,
+    /// Bytes of every routed message's body
+    #[arg(long)]
+    routing_payload: Option<usize>,
+    /// Measured window of each routing-cost round on each hub, seconds (0 skips the phase)
+    #[arg(long)]
+    routing_duration: Option<f64>,
+    /// Alternating routing-cost rounds on the unrouted and the routed hub
+    #[arg(long)]
+    routing_rounds: Option<usize>,
+    /// Messages published to the webhook hub as fast as it takes them (0 skips the phase)
+    #[arg(long)]
+    webhook_backlog: Option<usize>,
+    /// Messages per second in the webhook lag phase (0 skips it)
+    #[arg(long)]
+    webhook_rate: Option<f64>,
+    /// Measured window of the webhook lag phase, seconds
+    #[arg(long)]
+    webhook_latency_duration: Option<f64>,
+    /// A `twinhub serve --config` file whose routing the routed hub gets instead of the
+    /// bench's 10 routes and 3 enrichments
+    #[arg(long)]
+    routing_config: Option<PathBuf>,
     /// Seconds to wait before each phase for other load on the machine to pass (0: don't)
     #[arg(long)]
     quiet_wait: Option<f64>,
@@ -221,8 +249,19 @@ fn settings(args: RunArgs) -> Result<Settings> {
         c2d_duration_secs = args.c2d_duration,
         c2d_rate = args.c2d_rate,
         c2d_latency_secs = args.c2d_latency_duration,
+        routing_devices = args.routing_devices,
+        routing_inflight = args.routing_inflight,
+        routing_payload = args.routing_payload,
+        routing_duration_secs = args.routing_duration,
+        routing_rounds = args.routing_rounds,
+        webhook_backlog = args.webhook_backlog,
+        webhook_rate = args.webhook_rate,
+        webhook_latency_secs = args.webhook_latency_duration,
         quiet_wait_secs = args.quiet_wait,
     );
+    if args.routing_config.is_some() {
+        s.routing_config = args.routing_config;
+    }
     if args.c2d_max_queue_depth.is_some() {
         s.c2d_max_queue_depth = args.c2d_max_queue_depth;
     }

@@ -11,6 +11,7 @@ use crate::run::{Scenario, Settings};
 use crate::scenario::c2d::{C2dRun, C2dThroughput};
 use crate::scenario::connect::ConnectResult;
 use crate::scenario::fanout::Fanout;
+use crate::scenario::routing::{Copies, IngestFigures, WebhookRun};
 use crate::scenario::telemetry::{CatchUp, EndToEnd, Ingest};
 use crate::stats::{Latency, Throughput};
 
@@ -90,6 +91,101 @@ impl C2dReport {
     }
 }
 
+/// The routing scenario: the same ingest on a hub with no routes and on one with 10 routes
+/// and 3 enrichments, and webhook delivery.
+#[derive(Debug, Clone, Serialize)]
+pub struct RoutingReport {
+    pub devices: usize,
+    pub inflight: usize,
+    pub payload_bytes: usize,
+    pub rounds: usize,
+    pub round_seconds: f64,
+    pub routes: usize,
+    pub enrichments: usize,
+    /// The routed hub's endpoints: `events` and its custom ones.
+    pub endpoints: Vec<String>,
+    /// The routed hub's `--config` file.
+    pub config_toml: String,
+    /// Where the routed configuration came from, when not the bench's own.
+    pub config_file: Option<String>,
+    /// What the routed configuration does with the devices' messages (decided by
+    /// `twinhub_routing` for one message of each device).
+    pub expected: Copies,
+    /// The hub with no routing configuration.
+    pub unrouted: Option<IngestFigures>,
+    /// The hub with the routes and enrichments.
+    pub routed: Option<IngestFigures>,
+    /// routed / unrouted.
+    pub ratios: RoutingRatios,
+    pub webhook: Option<WebhookRun>,
+    /// Why the webhook phases did not run, when they did not.
+    pub webhook_skipped: Option<String>,
+}
+
+/// routed / unrouted (rates: below 1 is slower; CPU and latency: above 1 costs more).
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct RoutingRatios {
+    pub messages_per_second: Option<f64>,
+    pub server_us_per_message: Option<f64>,
+    pub ack_p50: Option<f64>,
+    pub ack_p99: Option<f64>,
+}
+
+impl RoutingReport {
+    pub fn new(
+        settings: &Settings,
+        config: &twinhub_routing::RoutingConfig,
+        expected: Copies,
+    ) -> RoutingReport {
+        RoutingReport {
+            devices: settings.routing_devices,
+            inflight: settings.routing_inflight,
+            payload_bytes: settings.routing_payload,
+            rounds: settings.routing_rounds,
+            round_seconds: settings.routing_duration_secs,
+            routes: config.routes.len(),
+            enrichments: config.enrichments.len(),
+            endpoints: std::iter::once(twinhub_routing::BUILTIN_ENDPOINT.to_string())
+                .chain(config.endpoints.iter().map(|e| e.name.clone()))
+                .collect(),
+            config_toml: crate::hub::routing_toml(config),
+            config_file: settings
+                .routing_config
+                .as_ref()
+                .map(|p| p.display().to_string()),
+            expected,
+            unrouted: None,
+            routed: None,
+            ratios: RoutingRatios::default(),
+            webhook: None,
+            webhook_skipped: None,
+        }
+    }
+
+    /// Sets both hubs' ingest figures and their ratios.
+    pub fn set_ingest(&mut self, unrouted: IngestFigures, routed: IngestFigures) {
+        let ratio = |r: Option<f64>, u: Option<f64>| {
+            let (r, u) = (r?, u?);
+            (u > 0.0).then(|| r / u)
+        };
+        let p = |f: &IngestFigures, pick: fn(&Latency) -> u64| latency_ms(&f.latency, pick);
+        self.ratios = RoutingRatios {
+            messages_per_second: ratio(
+                Some(routed.messages_per_second),
+                Some(unrouted.messages_per_second),
+            ),
+            server_us_per_message: ratio(
+                routed.server_us_per_message,
+                unrouted.server_us_per_message,
+            ),
+            ack_p50: ratio(p(&routed, |l| l.p50_us), p(&unrouted, |l| l.p50_us)),
+            ack_p99: ratio(p(&routed, |l| l.p99_us), p(&unrouted, |l| l.p99_us)),
+        };
+        self.unrouted = Some(unrouted);
+        self.routed = Some(routed);
+    }
+}
+
 /// A percentile in milliseconds, when anything was recorded.
 fn latency_ms(l: &Latency, pick: fn(&Latency) -> u64) -> Option<f64> {
     (l.count > 0).then(|| ms(pick(l)))
@@ -148,6 +244,8 @@ pub struct Report {
     pub telemetry: Option<TelemetryReport>,
     /// Cloud-to-device messages: throughput and latency, twinhub beside Mosquitto.
     pub c2d: Option<C2dReport>,
+    /// Message routing: its cost per message, and webhook delivery.
+    pub routing: Option<RoutingReport>,
     pub targets: Vec<TargetCheck>,
     pub notes: Vec<String>,
 }
@@ -378,6 +476,10 @@ impl Report {
 
         if let Some(r) = &self.c2d {
             c2d_table(&mut t, &self.settings, r);
+        }
+
+        if let Some(r) = &self.routing {
+            routing_table(&mut t, r);
         }
 
         if !self.targets.is_empty() {
@@ -672,6 +774,181 @@ fn c2d_table(t: &mut Table, s: &Settings, r: &C2dReport) {
     }
 }
 
+fn routing_table(t: &mut Table, r: &RoutingReport) {
+    let (h, p) = (r.routed.as_ref(), r.unrouted.as_ref());
+    if h.is_some() || p.is_some() {
+        let routed = match &r.config_file {
+            None => format!(
+                "{} routes (conditions on application properties and $body) to {} and {} \
+                 enrichments (static, $iothubname, $twin.tags.region) on every endpoint",
+                r.routes,
+                r.endpoints.join(", "),
+                r.enrichments
+            ),
+            Some(file) => format!(
+                "the routing of {file}: {} routes to {}, {} enrichments",
+                r.routes,
+                r.endpoints.join(", "),
+                r.enrichments
+            ),
+        };
+        t.section(&format!(
+            "routing cost: {} devices, {} QoS 1 publishes in flight each, {}-byte JSON bodies \
+             with a property bag; {} alternating round(s) of {} s on each hub; unrouted = no \
+             routing configuration; routed = {routed}: {:.2} endpoint appends per message",
+            r.devices,
+            r.inflight,
+            r.payload_bytes,
+            r.rounds,
+            r.round_seconds,
+            r.expected.per_message
+        ));
+        t.header_named("routed", "unrouted", None);
+        t.pair("msgs/s", h, p, Unit::Rate, |x| Some(x.messages_per_second));
+        t.row("", "ack latency:", None, None, None, Unit::Count);
+        latency_rows(t, h.map(|x| &x.latency), p.map(|x| &x.latency), None);
+        t.pair("server CPU cores", h, p, Unit::Cores, |x| x.server_cores);
+        t.pair("server CPU us/msg", h, p, Unit::Mib, |x| {
+            x.server_us_per_message
+        });
+        t.pair("bench CPU cores", h, p, Unit::Load, |x| x.bench_cores);
+        t.pair("other+steal cores", h, p, Unit::Load, |x| x.other_cores);
+        t.pair("msgs per fdatasync", h, p, Unit::Mib, |x| {
+            x.log.map(|l| l.messages_per_fdatasync)
+        });
+        t.pair("disk KiB per msg", h, p, Unit::Mib, |x| {
+            x.log?.disk_bytes_per_message.map(|b| b / 1024.0)
+        });
+        t.pair("copies/msg (hub)", h, p, Unit::Load, |x| {
+            x.copies_per_message
+                .or_else(|| x.counted.as_ref().map(|_| 1.0))
+        });
+        for (i, (u, ro)) in p
+            .map(|x| x.rounds.as_slice())
+            .unwrap_or_default()
+            .iter()
+            .zip(h.map(|x| x.rounds.as_slice()).unwrap_or_default())
+            .enumerate()
+        {
+            t.row(
+                "",
+                &format!("round {} msgs/s", i + 1),
+                Some(ro.per_second),
+                Some(u.per_second),
+                None,
+                Unit::Rate,
+            );
+            t.row(
+                "",
+                &format!("round {} us/msg", i + 1),
+                ro.cpu.and_then(|c| c.server_us_per_op(ro.per_second)),
+                u.cpu.and_then(|c| c.server_us_per_op(u.per_second)),
+                None,
+                Unit::Mib,
+            );
+        }
+        t.pair("errors", h, p, Unit::Count, |x| Some(x.errors as f64));
+    }
+
+    if let Some(w) = &r.webhook {
+        t.section(&format!(
+            "webhook delivery: every device message routed to one webhook endpoint with the \
+             hub's default webhook settings, POSTed to {}",
+            w.receiver
+        ));
+        let one = |t: &mut Table, metric: &str, v: Option<f64>, unit: Unit| {
+            t.row("", metric, v, None, None, unit);
+        };
+        t.header_named("twinhub", "", None);
+        if let Some(b) = &w.backlog {
+            t.line(&format!(
+                "  backlog: {} messages from {} devices, {} QoS 1 publishes in flight each, \
+                 {}-byte bodies, published as fast as the hub acknowledged them",
+                thousands(b.backlog as f64),
+                r.devices,
+                r.inflight,
+                r.payload_bytes
+            ));
+            one(t, "fill s", Some(b.fill_seconds), Unit::Secs);
+            one(t, "fill msgs/s", Some(b.fill_per_second), Unit::Rate);
+            one(
+                t,
+                "delivered/s filling",
+                Some(b.per_second_during_fill),
+                Unit::Rate,
+            );
+            one(t, "delivered/s after", b.per_second_draining, Unit::Rate);
+            one(t, "delivered/s overall", b.per_second_overall, Unit::Rate);
+            one(t, "drain s", b.drain_seconds, Unit::Secs);
+            one(t, "server CPU cores", b.server_cores_draining, Unit::Cores);
+            one(t, "server CPU us/POST", b.server_us_per_delivery, Unit::Mib);
+            one(t, "bench CPU cores", b.bench_cores_draining, Unit::Cores);
+            one(t, "received", Some(b.delivered as f64), Unit::Count);
+            one(
+                t,
+                "hub: delivered",
+                b.hub_delivered.map(|v| v as f64),
+                Unit::Count,
+            );
+            one(
+                t,
+                "hub: retried",
+                b.hub_retried.map(|v| v as f64),
+                Unit::Count,
+            );
+            one(
+                t,
+                "hub: dead-lettered",
+                b.hub_dead_lettered.map(|v| v as f64),
+                Unit::Count,
+            );
+            one(t, "errors", Some(b.errors as f64), Unit::Count);
+        }
+        if let Some(l) = &w.lag {
+            t.line(&format!(
+                "  lag: {} msg/s over {} devices (open loop), bodies stamped at the publish",
+                thousands(l.target_per_second),
+                r.devices
+            ));
+            one(t, "sent/s", Some(l.sent_per_second), Unit::Rate);
+            one(t, "sent", Some(l.sent as f64), Unit::Count);
+            one(t, "received", Some(l.received as f64), Unit::Count);
+            one(t, "duplicates", Some(l.duplicates as f64), Unit::Count);
+            t.row("", "enqueued -> received:", None, None, None, Unit::Count);
+            latency_rows(t, Some(&l.enqueued_to_received), None, None);
+            t.row("", "publish -> received:", None, None, None, Unit::Count);
+            latency_rows(t, Some(&l.publish_to_received), None, None);
+            one(
+                t,
+                "ack p50 ms",
+                latency_ms(&l.ack_latency, |x| x.p50_us),
+                Unit::Ms,
+            );
+            one(
+                t,
+                "ack p99 ms",
+                latency_ms(&l.ack_latency, |x| x.p99_us),
+                Unit::Ms,
+            );
+            one(
+                t,
+                "server CPU cores",
+                l.cpu.and_then(|c| c.server_cores),
+                Unit::Cores,
+            );
+            one(
+                t,
+                "bench CPU cores",
+                l.cpu.and_then(|c| c.client_cores),
+                Unit::Cores,
+            );
+            one(t, "errors", Some(l.errors as f64), Unit::Count);
+        }
+    } else if let Some(why) = &r.webhook_skipped {
+        t.section(&format!("webhook delivery: skipped: {why}"));
+    }
+}
+
 fn unmeasured(goal: String) -> TargetCheck {
     TargetCheck {
         goal,
@@ -799,9 +1076,15 @@ impl Table {
 
     /// The column heads, with a floor column named `floor` if any.
     fn header_with(&mut self, floor: Option<&str>) {
+        self.header_named("twinhub", "mosquitto", floor);
+    }
+
+    /// The column heads `first`, `second` and their ratio, and a floor column if any.
+    fn header_named(&mut self, first: &str, second: &str, floor: Option<&str>) {
+        let ratio = if second.is_empty() { "" } else { "ratio" };
         let mut s = format!(
             "  {:<7} {:<20} {:>12} {:>12} {:>9}",
-            "", "", "twinhub", "mosquitto", "ratio"
+            "", "", first, second, ratio
         );
         if let Some(name) = floor {
             let _ = write!(s, " {name:>12}");
@@ -915,6 +1198,7 @@ mod tests {
             desired_fanout: None,
             telemetry: None,
             c2d: None,
+            routing: None,
             targets: Vec::new(),
             notes: vec!["a note".into()],
         }
@@ -1068,6 +1352,64 @@ mod tests {
         );
         let only_hub = C2dReport::new(Some(run(1.0, 1)), None);
         assert_eq!(only_hub.ratios, C2dRatios::default());
+    }
+
+    #[test]
+    fn routing_figures_get_ratios_and_rows() {
+        use crate::scenario::routing::{self, IngestFigures, WebhookBacklog, WebhookRun};
+        let figures = |rate: f64, us: f64, p50_us: u64| IngestFigures {
+            messages_per_second: rate,
+            server_us_per_message: Some(us),
+            latency: throughput(rate, p50_us).latency,
+            completed: 10,
+            ..IngestFigures::default()
+        };
+        let mut r = report();
+        r.settings.scenarios = vec![Scenario::Routing];
+        let config = routing::routed_config();
+        let copies = routing::expected_copies(&config, 8, 256).expect("decided");
+        let mut routing = RoutingReport::new(&r.settings, &config, copies);
+        routing.set_ingest(
+            figures(100_000.0, 10.0, 1_000),
+            figures(20_000.0, 80.0, 4_000),
+        );
+        routing.webhook = Some(WebhookRun {
+            backlog: Some(WebhookBacklog {
+                backlog: 1_000,
+                per_second_draining: Some(12_345.0),
+                ..WebhookBacklog::default()
+            }),
+            ..WebhookRun::default()
+        });
+        assert_eq!(routing.ratios.messages_per_second, Some(0.2));
+        assert_eq!(routing.ratios.server_us_per_message, Some(8.0));
+        assert!(
+            routing
+                .ratios
+                .ack_p50
+                .is_some_and(|r| (r - 4.0).abs() < 0.01),
+            "{:?}",
+            routing.ratios
+        );
+        assert_eq!(
+            routing.endpoints,
+            ["events", "alerts", "analytics", "archive"]
+        );
+        assert!(routing.config_toml.contains("[[routes]]"));
+        r.routing = Some(routing);
+        let json: serde_json::Value = serde_json::from_str(&r.to_json()).expect("valid JSON");
+        assert_eq!(json["routing"]["ratios"]["server_us_per_message"], 8.0);
+        let table = r.table();
+        for needle in [
+            "routing cost:",
+            "routed     unrouted",
+            "0.20x",
+            "8.00x",
+            "webhook delivery:",
+            "12,345",
+        ] {
+            assert!(table.contains(needle), "{needle} missing from\n{table}");
+        }
     }
 
     #[test]

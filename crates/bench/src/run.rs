@@ -13,8 +13,10 @@ use crate::hub::{self, Hub, Launch};
 use crate::machine::{self, Machine};
 use crate::mosquitto::{self, Mosquitto};
 use crate::progress::Progress;
-use crate::report::{MethodsRow, Pair, Report, TelemetryReport, Versions};
-use crate::scenario::{self, Ctx, Flavor, Target, c2d, connect, fanout, methods, telemetry, twin};
+use crate::report::{MethodsRow, Pair, Report, RoutingReport, TelemetryReport, Versions};
+use crate::scenario::{
+    self, Ctx, Flavor, Target, c2d, connect, fanout, methods, routing, telemetry, twin,
+};
 use crate::tls;
 
 /// Open files the bench keeps for itself besides the connection scenario's sockets.
@@ -38,16 +40,18 @@ pub enum Scenario {
     DesiredFanout,
     Telemetry,
     C2d,
+    Routing,
 }
 
 impl Scenario {
-    pub const ALL: [Scenario; 6] = [
+    pub const ALL: [Scenario; 7] = [
         Scenario::Methods,
         Scenario::Twin,
         Scenario::Connect,
         Scenario::DesiredFanout,
         Scenario::Telemetry,
         Scenario::C2d,
+        Scenario::Routing,
     ];
 }
 
@@ -111,6 +115,25 @@ pub struct Settings {
     pub c2d_latency_secs: f64,
     /// `twinhub serve --c2d-max-queue-depth` for the bench's hub (`None`: the hub's 50).
     pub c2d_max_queue_depth: Option<usize>,
+    /// Devices publishing in the routing scenario (routing cost and webhook).
+    pub routing_devices: usize,
+    /// QoS 1 publishes each of them keeps unacknowledged (routing cost, webhook backlog).
+    pub routing_inflight: usize,
+    /// Bytes of every routed message's body.
+    pub routing_payload: usize,
+    /// Measured window of each routing-cost round on each hub, seconds (0 skips the phase).
+    pub routing_duration_secs: f64,
+    /// Alternating rounds on the unrouted and the routed hub.
+    pub routing_rounds: usize,
+    /// Messages published to the webhook hub as fast as it takes them (0 skips the phase).
+    pub webhook_backlog: usize,
+    /// Messages per second in the webhook lag phase (0 skips it).
+    pub webhook_rate: f64,
+    /// Measured window of the webhook lag phase, seconds.
+    pub webhook_latency_secs: f64,
+    /// A `twinhub serve --config` file whose routing replaces the routed hub's built-in
+    /// configuration (10 routes, 3 enrichments).
+    pub routing_config: Option<PathBuf>,
     pub floor: bool,
     /// How long to wait, before each phase, for other load on the machine to pass.
     pub quiet_wait_secs: f64,
@@ -167,6 +190,15 @@ impl Settings {
             c2d_rate: 1_000.0,
             c2d_latency_secs: 3.0,
             c2d_max_queue_depth: None,
+            routing_devices: 100,
+            routing_inflight: 16,
+            routing_payload: 1024,
+            routing_duration_secs: 3.0,
+            routing_rounds: 2,
+            webhook_backlog: 50_000,
+            webhook_rate: 1_000.0,
+            webhook_latency_secs: 3.0,
+            routing_config: None,
             floor: true,
             quiet_wait_secs: 15.0,
             hub,
@@ -198,6 +230,10 @@ impl Settings {
             backlog_events: 1_000_000,
             c2d_duration_secs: 15.0,
             c2d_latency_secs: 20.0,
+            routing_duration_secs: 10.0,
+            routing_rounds: 3,
+            webhook_backlog: 300_000,
+            webhook_latency_secs: 15.0,
             quiet_wait_secs: 300.0,
             ..Settings::quick(hub)
         }
@@ -246,6 +282,29 @@ impl Settings {
             rate: self.c2d_rate,
             latency_duration: secs(self.c2d_latency_secs),
             drain_limit: Duration::from_secs(if self.mode == Mode::Full { 120 } else { 30 }),
+        }
+    }
+
+    fn routing_shape(&self) -> routing::Shape {
+        routing::Shape {
+            devices: self.routing_devices.max(1),
+            inflight: self.routing_inflight.max(1),
+            payload: self.routing_payload,
+            warmup: secs(self.warmup_secs.max(1.0)),
+            duration: secs(self.routing_duration_secs),
+        }
+    }
+
+    fn webhook_shape(&self) -> routing::WebhookShape {
+        routing::WebhookShape {
+            devices: self.routing_devices.max(1),
+            inflight: self.routing_inflight.max(1),
+            payload: self.routing_payload,
+            backlog: self.webhook_backlog,
+            rate: self.webhook_rate,
+            warmup: secs(self.warmup_secs.max(1.0)),
+            latency_duration: secs(self.webhook_latency_secs),
+            drain_limit: Duration::from_secs(if self.mode == Mode::Full { 600 } else { 120 }),
         }
     }
 
@@ -349,6 +408,7 @@ pub async fn run(mut settings: Settings, progress: Progress) -> Result<Report> {
         desired_fanout: results.fanout,
         telemetry: results.telemetry,
         c2d: results.c2d,
+        routing: results.routing,
         registration: results.registration,
         targets: Vec::new(),
         notes,
@@ -366,6 +426,7 @@ struct Results {
     fanout: Option<Pair<fanout::Fanout>>,
     telemetry: Option<TelemetryReport>,
     c2d: Option<crate::report::C2dReport>,
+    routing: Option<RoutingReport>,
 }
 
 async fn start_targets(
@@ -378,6 +439,7 @@ async fn start_targets(
     let options = hub::Options {
         partitions: Some(settings.partitions),
         c2d_max_queue_depth: settings.c2d_max_queue_depth,
+        routing: None,
     };
     let hub = Hub::start_with_options(&settings.hub, &work_dir.join("hub"), &options).await?;
     if let Some(pid) = hub.pid() {
@@ -715,7 +777,197 @@ async fn scenarios(
         }
         results.c2d = Some(crate::report::C2dReport::new(hub_r, broker_r));
     }
+
+    if settings.runs(Scenario::Routing) {
+        results.routing = Some(routing_phases(settings, ctx, work_dir, notes).await);
+    }
     Ok(results)
+}
+
+/// The routing scenario: the routing cost on two hubs of its own (no routes; 10 routes and 3
+/// enrichments), in alternating rounds, then webhook delivery on a third.
+async fn routing_phases(
+    settings: &Settings,
+    ctx: &Ctx,
+    work_dir: &std::path::Path,
+    notes: &mut Vec<String>,
+) -> RoutingReport {
+    let config = match &settings.routing_config {
+        None => routing::routed_config(),
+        Some(path) => {
+            match twinhub_server::Config::load(Some(path), &twinhub_server::Overrides::default()) {
+                Ok(c) => c.routing(),
+                Err(e) => {
+                    notes.push(format!("routing: {}: {e}", path.display()));
+                    return RoutingReport::new(
+                        settings,
+                        &routing::routed_config(),
+                        routing::Copies::default(),
+                    );
+                }
+            }
+        }
+    };
+    let copies = match routing::expected_copies(
+        &config,
+        settings.routing_devices.max(1),
+        settings.routing_payload,
+    ) {
+        Ok(c) => c,
+        Err(e) => {
+            notes.push(format!("routing: {e}"));
+            routing::Copies::default()
+        }
+    };
+    let mut report = RoutingReport::new(settings, &config, copies);
+    if settings.routing_duration_secs > 0.0 && settings.routing_rounds > 0 {
+        let outcome = routing_cost(settings, ctx, work_dir, &config, notes).await;
+        if let Some((unrouted, routed)) = keep(notes, "routing cost", outcome) {
+            report.set_ingest(unrouted, routed);
+        }
+    }
+    if settings.webhook_backlog > 0 || settings.webhook_rate > 0.0 {
+        match webhook_phases(settings, ctx, work_dir, notes).await {
+            Ok(Ok(run)) => report.webhook = Some(run),
+            Ok(Err(skipped)) => {
+                notes.push(format!("routing webhook: skipped: {skipped}"));
+                report.webhook_skipped = Some(skipped);
+            }
+            Err(e) => notes.push(format!("routing webhook failed: {e}")),
+        }
+    }
+    report
+}
+
+/// Starts the unrouted and the routed hub side by side and runs the ingest rounds on them in
+/// turn.
+async fn routing_cost(
+    settings: &Settings,
+    ctx: &Ctx,
+    work_dir: &std::path::Path,
+    config: &twinhub_routing::RoutingConfig,
+    notes: &mut Vec<String>,
+) -> Result<(routing::IngestFigures, routing::IngestFigures)> {
+    let shape = settings.routing_shape();
+    let devices = shape.devices;
+    let unrouted = routing::ScenarioHub::start(
+        &settings.hub,
+        &work_dir.join("hub-unrouted"),
+        "twinhub-unrouted",
+        settings.partitions,
+        None,
+        devices,
+        ctx,
+    )
+    .await?;
+    let routed = match routing::ScenarioHub::start(
+        &settings.hub,
+        &work_dir.join("hub-routed"),
+        "twinhub-routed",
+        settings.partitions,
+        Some(config.clone()),
+        devices,
+        ctx,
+    )
+    .await
+    {
+        Ok(h) => h,
+        Err(e) => {
+            unrouted.stop().await;
+            return Err(e);
+        }
+    };
+    let mut rounds: [Vec<routing::Round>; 2] = [Vec::new(), Vec::new()];
+    let mut failed = None;
+    'rounds: for round in 1..=settings.routing_rounds {
+        for (k, hub) in [&unrouted, &routed].into_iter().enumerate() {
+            let label = format!("{} ingest, round {round}", hub.target.name);
+            settle_machine(settings, ctx, notes, &label).await;
+            match routing::ingest_round(hub, shape, &label).await {
+                Ok(r) => rounds[k].push(r),
+                Err(e) => {
+                    failed = Some(Error::Setup(format!("{label}: {e}")));
+                    break 'rounds;
+                }
+            }
+        }
+    }
+    unrouted.stop().await;
+    routed.stop().await;
+    if let Some(e) = failed {
+        return Err(e);
+    }
+    let [u, r] = rounds;
+    Ok((
+        routing::IngestFigures::from_rounds(u),
+        routing::IngestFigures::from_rounds(r),
+    ))
+}
+
+/// The webhook phases on a hub of their own; `Ok(Err(why))` when the hub delivers nothing to
+/// webhooks (a build without webhook delivery).
+async fn webhook_phases(
+    settings: &Settings,
+    ctx: &Ctx,
+    work_dir: &std::path::Path,
+    notes: &mut Vec<String>,
+) -> Result<std::result::Result<routing::WebhookRun, String>> {
+    let shape = settings.webhook_shape();
+    let hook = crate::hook::HookServer::start().await?;
+    let hub = routing::ScenarioHub::start(
+        &settings.hub,
+        &work_dir.join("hub-webhook"),
+        "twinhub-webhook",
+        settings.partitions,
+        Some(routing::webhook_config(&hook.url())),
+        shape.devices,
+        ctx,
+    )
+    .await?;
+    let outcome = async {
+        let probe = Duration::from_secs(15);
+        if !routing::webhook_probe(&hub, &hook, probe).await? {
+            return Ok(Err(format!(
+                "the hub delivered no message to the webhook within {probe:?} (does this \
+                 build deliver webhook endpoints?)"
+            )));
+        }
+        let mut run = routing::WebhookRun {
+            receiver: format!(
+                "{}, a raw tokio HTTP/1.1 server in the bench answering 200 with no body",
+                hook.url()
+            ),
+            ..routing::WebhookRun::default()
+        };
+        if shape.backlog > 0 {
+            settle_machine(settings, ctx, notes, "webhook backlog").await;
+            let b = routing::webhook_backlog(&hub, &hook, shape).await?;
+            if !b.complete {
+                notes.push(format!(
+                    "routing webhook: {} of {} messages reached the receiver within {:?}",
+                    b.delivered, b.backlog, shape.drain_limit
+                ));
+            }
+            run.backlog = Some(b);
+        }
+        if shape.rate > 0.0 {
+            settle_machine(settings, ctx, notes, "webhook lag").await;
+            let l = routing::webhook_lag(&hub, &hook, shape).await?;
+            if l.received < l.sent {
+                notes.push(format!(
+                    "routing webhook: {} of {} messages sent at a fixed rate reached the \
+                     receiver",
+                    l.received, l.sent
+                ));
+            }
+            run.lag = Some(l);
+        }
+        run.untimed = hook.untimed();
+        Ok(Ok(run))
+    }
+    .await;
+    hub.stop().await;
+    outcome
 }
 
 /// What a c2d run should say aloud: refusals for a full queue, messages never delivered,
@@ -938,5 +1190,12 @@ mod tests {
             ..quick
         };
         assert_eq!(only_methods.devices_needed(), 16);
+        // The routing scenario registers its devices on hubs of its own.
+        let only_routing = Settings {
+            scenarios: vec![Scenario::Routing],
+            ..Settings::quick(Launch::InProcess)
+        };
+        assert_eq!(only_routing.devices_needed(), 0);
+        assert!(full.routing_rounds >= quick.routing_rounds);
     }
 }

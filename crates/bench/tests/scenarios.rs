@@ -2,7 +2,8 @@
 //! child process of this package's own binary: proves the load generator speaks the hub's
 //! protocols (SAS CONNECT, method round trips, durable twin acks, desired pushes, telemetry
 //! in over MQTT and back out over AMQP, cloud-to-device messages in over AMQP and out over
-//! MQTT) and that the report and table carry the figures.
+//! MQTT, routed telemetry to stream endpoints and to a webhook) and that the report and table
+//! carry the figures.
 
 use std::path::PathBuf;
 
@@ -37,6 +38,13 @@ fn tiny(work: PathBuf) -> Settings {
     s.c2d_duration_secs = 0.5;
     s.c2d_rate = 60.0;
     s.c2d_latency_secs = 0.5;
+    s.routing_devices = 4;
+    s.routing_inflight = 2;
+    s.routing_duration_secs = 0.5;
+    s.routing_rounds = 1;
+    s.webhook_backlog = 200;
+    s.webhook_rate = 40.0;
+    s.webhook_latency_secs = 0.5;
     s.mosquitto = Peer::Off;
     // Other builds on a shared machine must not stall or fail the test.
     s.quiet_wait_secs = 0.0;
@@ -145,6 +153,43 @@ async fn every_scenario_runs_against_an_in_process_hub() {
     assert_eq!(lat.errors, 0, "{:?}", lat.first_error);
     assert_eq!(lat.ack_latency.count, lat.sent, "{lat:?}");
 
+    let routing = report.routing.as_ref().expect("routing figures");
+    assert_eq!((routing.routes, routing.enrichments), (10, 3));
+    let (unrouted, routed) = (
+        routing.unrouted.as_ref().expect("unrouted figures"),
+        routing.routed.as_ref().expect("routed figures"),
+    );
+    for f in [unrouted, routed] {
+        assert!(f.completed > 0, "{f:?}");
+        assert_eq!(f.errors, 0, "{:?}", f.first_error);
+        assert_eq!(f.rounds.len(), 1);
+    }
+    assert!(routing.ratios.messages_per_second.is_some());
+    // The hub's own count of copies matches the configuration's decision for these devices.
+    let counted = routed
+        .copies_per_message
+        .expect("copies counted by the hub");
+    let expected = twinhub_bench::scenario::routing::expected_copies(
+        &twinhub_bench::scenario::routing::routed_config(),
+        4,
+        1024,
+    )
+    .expect("decided")
+    .per_message;
+    assert!(
+        (counted - expected).abs() < 0.3,
+        "{counted} vs {expected}: {:?}",
+        routed.counted
+    );
+    let webhook = routing.webhook.as_ref().expect("webhook figures");
+    let backlog = webhook.backlog.as_ref().expect("webhook backlog figures");
+    assert!(backlog.complete && backlog.delivered >= 200, "{backlog:?}");
+    assert!(backlog.per_second_overall.is_some(), "{backlog:?}");
+    let lag = webhook.lag.as_ref().expect("webhook lag figures");
+    assert!(lag.sent > 0 && lag.received == lag.sent, "{lag:?}");
+    assert_eq!(lag.enqueued_to_received.count, lag.sent, "{lag:?}");
+    assert_eq!(webhook.untimed, 0);
+
     // Without Mosquitto the ratio targets cannot be judged; the others can.
     assert_eq!(report.targets.len(), 7);
     assert_eq!(report.targets[0].met, None);
@@ -167,6 +212,8 @@ async fn every_scenario_runs_against_an_in_process_hub() {
         "disk floor",
         "c2d throughput:",
         "c2d latency:",
+        "routing cost:",
+        "webhook delivery:",
     ] {
         assert!(table.contains(needle), "{needle} missing from\n{table}");
     }

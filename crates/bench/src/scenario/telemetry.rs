@@ -98,8 +98,15 @@ const STAMP_HEAD: &str = "{\"t\":\"";
 /// `t_ns` (nanoseconds after the phase's base instant), the device and a sequence number in
 /// fixed-width fields so the consumer reads them back without a JSON parser.
 pub fn stamped_payload(len: usize, t_ns: u64, device: usize, seq: u64) -> Bytes {
-    let head =
-        format!("{STAMP_HEAD}{t_ns:020}\",\"d\":\"{device:07}\",\"s\":\"{seq:012}\",\"p\":\"");
+    stamped_payload_with(len, t_ns, device, seq, "")
+}
+
+/// A [`stamped_payload`] with further JSON members `fields` (`"name":value,` each, with the
+/// trailing comma) between the stamp and the padding, for routes that read `$body`.
+pub fn stamped_payload_with(len: usize, t_ns: u64, device: usize, seq: u64, fields: &str) -> Bytes {
+    let head = format!(
+        "{STAMP_HEAD}{t_ns:020}\",\"d\":\"{device:07}\",\"s\":\"{seq:012}\",{fields}\"p\":\""
+    );
     let mut out = Vec::with_capacity(len.max(head.len() + 2));
     out.extend_from_slice(head.as_bytes());
     let pad = len.saturating_sub(head.len() + 2);
@@ -217,8 +224,33 @@ pub struct CatchUp {
     pub first_error: Option<String>,
 }
 
+/// What each device publishes: the topic (the IoT Hub telemetry topic, with any property
+/// bag) and the JSON members its [`stamped_payload_with`] carries besides the stamp.
+#[derive(Clone, Copy)]
+pub struct Messages {
+    pub topic: fn(usize) -> String,
+    pub fields: fn(usize) -> String,
+}
+
+impl Messages {
+    /// `devices/{id}/messages/events/` and the bare stamped payload.
+    pub const PLAIN: Messages = Messages {
+        topic: telemetry_topic,
+        fields: no_fields,
+    };
+
+    /// Device `index`'s payload of `len` bytes stamped with `t_ns` and `seq`.
+    pub fn payload(&self, len: usize, t_ns: u64, index: usize, seq: u64) -> Bytes {
+        stamped_payload_with(len, t_ns, index, seq, &(self.fields)(index))
+    }
+}
+
+fn no_fields(_: usize) -> String {
+    String::new()
+}
+
 /// `n` device connections that only publish (no subscriptions).
-async fn publishers(ctx: &Ctx, target: &Target, n: usize) -> Result<Vec<Conn>> {
+pub(crate) async fn publishers(ctx: &Ctx, target: &Target, n: usize) -> Result<Vec<Conn>> {
     connect_fleet(
         ctx,
         target,
@@ -236,21 +268,12 @@ async fn publishers(ctx: &Ctx, target: &Target, n: usize) -> Result<Vec<Conn>> {
 pub async fn ingest(ctx: &Ctx, target: &Target, shape: Shape) -> Result<Ingest> {
     let conns = publishers(ctx, target, shape.devices).await?;
     let window = Window::starting_now(shape.warmup, shape.duration);
-    let cpu = cpu_probe(target.pid, window);
     let log = target.pid.map(|pid| log_probe(pid, window));
-    let bar = window_bar(ctx, &format!("{} telemetry ingest", target.name), window);
-    let mut set = JoinSet::new();
-    for (i, conn) in conns.into_iter().enumerate() {
-        let slots = shape.inflight.max(1);
-        let payload = stamped_payload(shape.payload, 0, i, 0);
-        set.spawn(
-            async move { Recorder::or_failure(publisher(conn, i, payload, slots, window).await) },
-        );
-    }
-    let total = Recorder::join_all(set, "a device task").await;
-    bar.abort();
+    let label = format!("{} telemetry ingest", target.name);
+    let (total, cpu) =
+        closed_loops(ctx, target, conns, shape, Messages::PLAIN, window, &label).await;
     let acks = Throughput {
-        cpu: cpu_of(cpu).await,
+        cpu,
         ..total.throughput(window.measured())
     };
     let log = match log {
@@ -267,15 +290,42 @@ pub async fn ingest(ctx: &Ctx, target: &Target, shape: Shape) -> Result<Ingest> 
     })
 }
 
-/// One device's closed loop of QoS 1 telemetry, keyed by packet id.
+/// Every connection in `conns` (device `i` at index `i`) keeps `shape.inflight` QoS 1
+/// publishes of `messages` unacknowledged over `window`; returns the merged acknowledgement
+/// latencies and the CPU of the window.
+pub(crate) async fn closed_loops(
+    ctx: &Ctx,
+    target: &Target,
+    conns: Vec<Conn>,
+    shape: Shape,
+    messages: Messages,
+    window: Window,
+    label: &str,
+) -> (Recorder, Option<CpuUse>) {
+    let cpu = cpu_probe(target.pid, window);
+    let bar = window_bar(ctx, label, window);
+    let mut set = JoinSet::new();
+    for (i, conn) in conns.into_iter().enumerate() {
+        let slots = shape.inflight.max(1);
+        let payload = messages.payload(shape.payload, 0, i, 0);
+        let topic = Bytes::from((messages.topic)(i));
+        set.spawn(async move {
+            Recorder::or_failure(publisher(conn, topic, payload, slots, window).await)
+        });
+    }
+    let total = Recorder::join_all(set, "a device task").await;
+    bar.abort();
+    (total, cpu_of(cpu).await)
+}
+
+/// One device's closed loop of QoS 1 telemetry on `topic`, keyed by packet id.
 async fn publisher(
     conn: Conn,
-    index: usize,
+    topic: Bytes,
     payload: Bytes,
     slots: usize,
     window: Window,
 ) -> Result<Recorder> {
-    let topic = Bytes::from(telemetry_topic(index));
     let issue = |conn: &mut Conn| -> Result<u64> {
         Ok(u64::from(conn.publish(
             topic.clone(),
@@ -292,14 +342,14 @@ async fn publisher(
 
 /// What `perf stat` and `/proc/<pid>/io` counted over a window.
 #[derive(Debug, Clone, Copy, Default)]
-struct RawLogCounters {
+pub(crate) struct RawLogCounters {
     seconds: f64,
     fdatasyncs: Option<u64>,
     write_bytes: Option<u64>,
 }
 
 impl RawLogCounters {
-    fn counters(self, messages: u64) -> Option<LogCounters> {
+    pub(crate) fn counters(self, messages: u64) -> Option<LogCounters> {
         let fdatasyncs = self.fdatasyncs?;
         let seconds = self.seconds.max(1e-9);
         Some(LogCounters {
@@ -343,7 +393,7 @@ const FDATASYNC_EVENT: &str = "syscalls:sys_enter_fdatasync";
 
 /// Counts fdatasyncs over the measured window with `perf stat` (absent when perf or the
 /// syscall tracepoints are not available), and the bytes the hub wrote to storage.
-fn log_probe(pid: u32, window: Window) -> tokio::task::JoinHandle<RawLogCounters> {
+pub(crate) fn log_probe(pid: u32, window: Window) -> tokio::task::JoinHandle<RawLogCounters> {
     tokio::spawn(async move {
         tokio::time::sleep_until(tokio::time::Instant::from_std(window.warm_end)).await;
         let secs = window.measured().as_secs_f64();
@@ -446,31 +496,7 @@ pub async fn end_to_end(
         &format!("{} telemetry end to end", target.name),
         window,
     );
-    let devices = conns.len().max(1);
-    let period = Duration::from_secs_f64(devices as f64 / shape.rate.max(1e-3));
-    let start = Instant::now();
-    let mut set = JoinSet::new();
-    for (i, conn) in conns.into_iter().enumerate() {
-        // Spread the devices' sends evenly over one period.
-        let first = start + period.mul_f64(i as f64 / devices as f64);
-        let payload = shape.payload;
-        set.spawn(async move {
-            paced_publisher(conn, i, payload, period, first, window, base)
-                .await
-                .unwrap_or_else(|e| {
-                    let mut p = Paced::default();
-                    p.acks.error(e);
-                    p
-                })
-        });
-    }
-    let mut paced = Paced::default();
-    while let Some(joined) = set.join_next().await {
-        match joined {
-            Ok(p) => paced.merge(p),
-            Err(e) => paced.acks.error(format!("a device task failed: {e}")),
-        }
-    }
+    let mut paced = paced_all(conns, shape, Messages::PLAIN, window, base).await;
     bar.abort();
     // Let the consumer catch up with what was sent, then stop it.
     let deadline = Instant::now() + DRAIN_LIMIT;
@@ -512,13 +538,13 @@ pub async fn end_to_end(
     })
 }
 
-/// What one paced publisher did.
+/// What the paced publishers did.
 #[derive(Default)]
-struct Paced {
+pub(crate) struct Paced {
     /// Publish-to-PUBACK latencies of the messages sent in the window.
-    acks: Recorder,
+    pub(crate) acks: Recorder,
     /// Messages sent in the window.
-    sent: u64,
+    pub(crate) sent: u64,
 }
 
 impl Paced {
@@ -528,18 +554,58 @@ impl Paced {
     }
 }
 
+/// The connections in `conns` (device `i` at index `i`) publish `messages` at `shape.rate`
+/// in all, open loop, their sends spread evenly over the period, each payload stamped with
+/// its send time after `base`, until `window` ends; then they wait for their last acks.
+pub(crate) async fn paced_all(
+    conns: Vec<Conn>,
+    shape: Shape,
+    messages: Messages,
+    window: Window,
+    base: Instant,
+) -> Paced {
+    let devices = conns.len().max(1);
+    let period = Duration::from_secs_f64(devices as f64 / shape.rate.max(1e-3));
+    let start = Instant::now();
+    let mut set = JoinSet::new();
+    for (i, conn) in conns.into_iter().enumerate() {
+        // Spread the devices' sends evenly over one period.
+        let first = start + period.mul_f64(i as f64 / devices as f64);
+        let payload = shape.payload;
+        set.spawn(async move {
+            paced_publisher(conn, i, messages, payload, period, first, window, base)
+                .await
+                .unwrap_or_else(|e| {
+                    let mut p = Paced::default();
+                    p.acks.error(e);
+                    p
+                })
+        });
+    }
+    let mut paced = Paced::default();
+    while let Some(joined) = set.join_next().await {
+        match joined {
+            Ok(p) => paced.merge(p),
+            Err(e) => paced.acks.error(format!("a device task failed: {e}")),
+        }
+    }
+    paced
+}
+
 /// One device publishing every `period` from `first` until the window ends (open loop: a
 /// late PUBACK does not hold the next send back), then waiting for its last acks.
+#[allow(clippy::too_many_arguments)]
 async fn paced_publisher(
     mut conn: Conn,
     index: usize,
+    messages: Messages,
     payload_len: usize,
     period: Duration,
     first: Instant,
     window: Window,
     base: Instant,
 ) -> Result<Paced> {
-    let topic = Bytes::from(telemetry_topic(index));
+    let topic = Bytes::from((messages.topic)(index));
     let mut out = Paced::default();
     let mut unacked: HashMap<u16, Instant> = HashMap::new();
     let mut next = first;
@@ -554,7 +620,7 @@ async fn paced_publisher(
             _ = tokio::time::sleep_until(tokio::time::Instant::from_std(next)), if sending => {
                 let now = Instant::now();
                 let t_ns = u64::try_from(now.duration_since(base).as_nanos()).unwrap_or(u64::MAX);
-                let payload = stamped_payload(payload_len, t_ns, index, seq);
+                let payload = messages.payload(payload_len, t_ns, index, seq);
                 seq += 1;
                 let pkid = conn.publish(topic.clone(), QoS::AtLeastOnce, payload)?;
                 conn.flush().await?;
@@ -777,7 +843,8 @@ pub async fn fill_backlog(ctx: &Ctx, target: &Target, shape: BacklogShape) -> Re
         let count = shape.events / devices + usize::from(i < shape.events % devices);
         let payload = stamped_payload(shape.payload, 0, i, 0);
         let inflight = shape.inflight.max(1);
-        set.spawn(fill(conn, i, payload, count, inflight, deadline));
+        let topic = Bytes::from(telemetry_topic(i));
+        set.spawn(fill(conn, i, topic, payload, count, inflight, deadline));
     }
     let mut filled = 0u64;
     while let Some(joined) = set.join_next().await {
@@ -902,17 +969,17 @@ pub async fn read_backlog(
     Ok(out)
 }
 
-/// One device publishing `count` QoS 1 messages with `inflight` unacknowledged; returns how
-/// many were acknowledged.
-async fn fill(
+/// One device publishing `count` QoS 1 messages on `topic` with `inflight` unacknowledged;
+/// returns how many were acknowledged.
+pub(crate) async fn fill(
     mut conn: Conn,
     index: usize,
+    topic: Bytes,
     payload: Bytes,
     count: usize,
     inflight: usize,
     deadline: Instant,
 ) -> Result<u64> {
-    let topic = Bytes::from(telemetry_topic(index));
     let deadline = tokio::time::Instant::from_std(deadline);
     let (mut sent, mut acked, mut outstanding) = (0usize, 0u64, 0usize);
     while (acked as usize) < count {
