@@ -166,7 +166,13 @@ impl Router {
             }
             return decision;
         }
-        let doc = condition_document(message, twin);
+        // The twin goes into the document only when a condition reads it (enrichments read
+        // it from `twin` directly): copying it per message is most of a document's cost.
+        let conditions_twin = self
+            .routes
+            .iter()
+            .any(|r| r.source == source && r.enabled && r.needs_twin);
+        let doc = condition_document(message, twin.filter(|_| conditions_twin));
         let mut hit = vec![false; self.endpoints.len()];
         for r in &self.routes {
             if r.source != source || !r.enabled {
