@@ -806,13 +806,17 @@ impl Hub {
     /// out at least [`C2dOptions::feedback_interval`] ago.
     pub async fn c2d_feedback_next(&self) -> FeedbackBatch {
         loop {
+            // Registered before looking, so a record published between the look and the wait
+            // still wakes this waiter (`notify_waiters` wakes only registered ones).
             let notified = self.c2d.feedback_ready.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
             let wait = match self.c2d_feedback_take(false) {
                 Ok(batch) => return batch,
                 Err(wait) => wait,
             };
             tokio::select! {
-                _ = notified => {}
+                _ = &mut notified => {}
                 _ = tokio::time::sleep(wait) => {}
             }
         }

@@ -427,6 +427,14 @@ impl Task {
 
     /// Says DISCONNECT after whatever is queued, then ends the connection with `end`.
     async fn goodbye(&mut self, conn: &mut Conn, end: End) -> End {
+        // Messages the application took just before closing are acknowledged on the way
+        // out; otherwise the hub would deliver them again to the next connection.
+        while let Ok(command) = self.commands.try_recv() {
+            self.accept(command);
+        }
+        for pkid in std::mem::take(&mut self.c2d_acks) {
+            let _ = conn.push(&Packet::PubAck(pkid));
+        }
         let _ = conn.push(&Packet::Disconnect);
         match tokio::time::timeout(GOODBYE_TIMEOUT, conn.out.finish()).await {
             Ok(Ok(())) => {}
