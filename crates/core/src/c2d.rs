@@ -18,6 +18,7 @@ use twinhub_store::{Table, Write};
 
 use crate::error::{Error, Result};
 use crate::hub::Hub;
+use crate::sequence::Reserved;
 
 /// IoT Hub's cloud-to-device settings.
 #[derive(Debug, Clone)]
@@ -175,12 +176,6 @@ struct FeedbackState {
     last_sent: Option<Instant>,
 }
 
-/// Hands out increasing sequence numbers that survive restarts: a block is reserved in the
-/// store's meta table before its numbers are used, so one write covers many messages.
-struct Sequence {
-    state: tokio::sync::Mutex<(u64, u64)>,
-}
-
 const SEQUENCE_KEY: &str = "c2d_sequence";
 const SEQUENCE_BLOCK: u64 = 4096;
 /// How often expired messages, lapsed locks and old feedback are swept.
@@ -193,7 +188,8 @@ pub struct CloudMessaging {
     watchers: Mutex<HashMap<String, Weak<Notify>>>,
     feedback: Mutex<FeedbackState>,
     feedback_ready: Notify,
-    sequence: Sequence,
+    /// Message and feedback record numbers, hub-wide.
+    sequence: Reserved,
 }
 
 impl std::fmt::Debug for CloudMessaging {
@@ -233,9 +229,7 @@ impl CloudMessaging {
             watchers: Mutex::new(HashMap::new()),
             feedback: Mutex::new(FeedbackState::default()),
             feedback_ready: Notify::new(),
-            sequence: Sequence {
-                state: tokio::sync::Mutex::new((1, 0)),
-            },
+            sequence: Reserved::new(SEQUENCE_KEY, SEQUENCE_BLOCK),
         }
     }
 
@@ -285,21 +279,7 @@ impl CloudMessaging {
     }
 
     async fn next_sequence(&self, hub: &Hub) -> Result<u64> {
-        let mut state = self.sequence.state.lock().await;
-        if state.0 >= state.1 {
-            let limit = state.0 + SEQUENCE_BLOCK;
-            hub.store
-                .commit(vec![Write::put(
-                    Table::Meta,
-                    SEQUENCE_KEY,
-                    limit.to_string().into_bytes(),
-                )])
-                .await?;
-            state.1 = limit;
-        }
-        let n = state.0;
-        state.0 += 1;
-        Ok(n)
+        self.sequence.next(hub.store.as_ref(), 1).await
     }
 
     /// Writes for feedback records of messages that left with `status`, if their senders
@@ -409,15 +389,7 @@ impl Hub {
         }
         self.quarantine(Table::Feedback, bad).await?;
         self.c2d.publish_feedback(records);
-        let stored = match self.store.get(Table::Meta, SEQUENCE_KEY).await? {
-            Some(b) => String::from_utf8_lossy(&b)
-                .trim()
-                .parse::<u64>()
-                .unwrap_or(0),
-            None => 0,
-        };
-        let mut state = self.c2d.sequence.state.lock().await;
-        *state = (stored.max(highest + 1).max(1), 0);
+        self.c2d.sequence.observe(highest).await;
         Ok(())
     }
 

@@ -125,6 +125,8 @@ pub struct Hub {
     pub(crate) c2d: crate::c2d::CloudMessaging,
     /// Routes, enrichments and the custom endpoints' logs.
     pub(crate) routing: crate::routing::Routing,
+    /// The `sequenceNumber` of connection state events.
+    pub(crate) connection_sequence: crate::sequence::Reserved,
 }
 
 impl Hub {
@@ -161,6 +163,10 @@ impl Hub {
             }),
             c2d,
             routing,
+            connection_sequence: crate::sequence::Reserved::new(
+                crate::hub_events::SEQUENCE_FLOOR_KEY,
+                crate::hub_events::FLOOR_RESERVE,
+            ),
         };
         hub.load_consumer_groups().await?;
         hub.load_c2d().await?;

@@ -41,15 +41,12 @@
 //! a reopened hub starts above the stored floor. So one commit per ten minutes of events at
 //! most, and a restart never goes backwards, whatever the clock did.
 
-use std::sync::{Arc, Mutex, Weak};
-
 use serde_json::{Map, Value, json};
 use twinhub_proto::message::{Message, Stamp, SystemProperties};
 use twinhub_proto::model::JobResponse;
 use twinhub_routing::Source;
-use twinhub_store::{Store, Table, Write};
 
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::hub::Hub;
 use crate::keys;
 use crate::record::DeviceRecord;
@@ -100,7 +97,7 @@ const JOB_LIFECYCLE: Category = Category {
 pub const SEQUENCE_FLOOR_KEY: &str = "connection_sequence_floor";
 
 /// How far above the value that reached it a new floor is set: ten minutes of ticks.
-const FLOOR_RESERVE: u64 = 10 * 60 * 10_000_000;
+pub(crate) const FLOOR_RESERVE: u64 = 10 * 60 * 10_000_000;
 /// 100 ns ticks from 1601-01-01 to 1970-01-01.
 const FILETIME_UNIX_EPOCH: u64 = 116_444_736_000_000_000;
 
@@ -211,72 +208,13 @@ fn now_ticks() -> u64 {
         .unwrap_or(0)
 }
 
-/// The connection sequence clock of one store.
-#[derive(Debug, Default)]
-struct Clock {
-    /// The last value issued (0 before the first).
-    last: u64,
-    /// The floor committed in the store; `None` until read.
-    floor: Option<u64>,
-}
-
-type SharedClock = Arc<tokio::sync::Mutex<Clock>>;
-
-/// The clocks by store. Keyed by the store the floor lives in (held weakly: the clock goes with
-/// the store, and the store's allocation, which is the key, cannot be reused meanwhile), so
-/// every hub over one store shares one clock.
-static CLOCKS: Mutex<Vec<(Weak<dyn Store>, SharedClock)>> = Mutex::new(Vec::new());
-
-fn clock_of(store: &Arc<dyn Store>) -> SharedClock {
-    let mut clocks = CLOCKS.lock().unwrap_or_else(|e| e.into_inner());
-    clocks.retain(|(s, _)| s.strong_count() > 0);
-    let key = Arc::as_ptr(store).cast::<()>();
-    if let Some((_, clock)) = clocks.iter().find(|(s, _)| s.as_ptr().cast::<()>() == key) {
-        return clock.clone();
-    }
-    let clock = SharedClock::default();
-    clocks.push((Arc::downgrade(store), clock.clone()));
-    clock
-}
-
 impl Hub {
     /// The next connection state sequence number (see the module doc).
     pub(crate) async fn next_connection_sequence(&self) -> Result<String> {
-        let clock = clock_of(&self.store);
-        let mut clock = clock.lock().await;
-        let floor = match clock.floor {
-            Some(floor) => floor,
-            None => {
-                let stored = match self.store.get(Table::Meta, SEQUENCE_FLOOR_KEY).await? {
-                    Some(bytes) => std::str::from_utf8(&bytes)
-                        .ok()
-                        .and_then(|t| t.trim().parse::<u64>().ok())
-                        .ok_or_else(|| {
-                            Error::new(
-                                twinhub_proto::error::ErrorCode::ServerError,
-                                "the stored connection sequence floor cannot be read",
-                            )
-                        })?,
-                    None => 0,
-                };
-                clock.last = clock.last.max(stored.saturating_sub(1));
-                clock.floor = Some(stored);
-                stored
-            }
-        };
-        let value = now_ticks().max(clock.last.saturating_add(1));
-        if value >= floor {
-            let next = value.saturating_add(FLOOR_RESERVE);
-            self.store
-                .commit(vec![Write::put(
-                    Table::Meta,
-                    SEQUENCE_FLOOR_KEY,
-                    next.to_string().into_bytes(),
-                )])
-                .await?;
-            clock.floor = Some(next);
-        }
-        clock.last = value;
+        let value = self
+            .connection_sequence
+            .next(self.store.as_ref(), now_ticks())
+            .await?;
         Ok(sequence_text(value))
     }
 

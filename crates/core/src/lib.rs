@@ -18,6 +18,7 @@ pub mod record;
 pub mod redelivery;
 pub mod registry;
 pub mod routing;
+mod sequence;
 pub mod sessions;
 pub mod telemetry;
 pub mod throttle;
