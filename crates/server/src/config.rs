@@ -79,6 +79,10 @@ pub struct Config {
     pub webhook_max_backoff_ms: u64,
     /// Seconds after a message's first attempt past which no retry starts.
     pub webhook_max_retry_secs: u64,
+    /// Every webhook option at once, for programs that embed the hub (tests): when set, it
+    /// replaces the `webhook_*` settings. Not a file or environment setting.
+    #[serde(skip)]
+    pub webhook_tuning: Option<crate::webhook::WebhookOptions>,
     /// Custom routing endpoints (`[[endpoints]]`: name, kind, url).
     #[serde(default)]
     pub endpoints: Vec<EndpointSpec>,
@@ -132,6 +136,7 @@ impl Default for Config {
             webhook_initial_backoff_ms: 1_000,
             webhook_max_backoff_ms: 60_000,
             webhook_max_retry_secs: 600,
+            webhook_tuning: None,
             endpoints: Vec::new(),
             routes: Vec::new(),
             enrichments: Vec::new(),
@@ -238,6 +243,9 @@ const KEYS: [&str; 29] = [
 impl Config {
     /// The webhook delivery these settings give (retry schedule; the rest as built in).
     pub fn webhook(&self) -> crate::webhook::WebhookOptions {
+        if let Some(tuning) = &self.webhook_tuning {
+            return tuning.clone();
+        }
         crate::webhook::WebhookOptions {
             max_attempts: self.webhook_max_attempts,
             initial_backoff: std::time::Duration::from_millis(self.webhook_initial_backoff_ms),

@@ -65,7 +65,7 @@
 
 use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 use std::path::Path;
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -82,7 +82,7 @@ use twinhub_proto::message::{Message, SOURCE_TELEMETRY};
 use twinhub_store::{Table, Write};
 
 /// How webhook endpoints are delivered. The same for every endpoint of a hub.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct WebhookOptions {
     /// Attempts per message before it is dead-lettered (the first one included).
     pub max_attempts: u32,
@@ -117,25 +117,6 @@ impl Default for WebhookOptions {
     }
 }
 
-/// What [`start`] uses: [`WebhookOptions::default`] unless a program (a test, a benchmark)
-/// set other values with [`WebhookOptions::set_process_default`] before starting the hub.
-static PROCESS_DEFAULT: RwLock<Option<WebhookOptions>> = RwLock::new(None);
-
-impl WebhookOptions {
-    /// The options [`start`] gives hubs started after this call in this process.
-    pub fn set_process_default(options: WebhookOptions) {
-        *PROCESS_DEFAULT.write().unwrap_or_else(|e| e.into_inner()) = Some(options);
-    }
-
-    pub fn process_default() -> WebhookOptions {
-        PROCESS_DEFAULT
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
-            .unwrap_or_default()
-    }
-}
-
 /// The name of the stream an endpoint's undeliverable messages go to.
 pub fn dead_letter_name(endpoint: &str) -> String {
     format!("{endpoint}-deadletter")
@@ -155,22 +136,16 @@ pub async fn dead_letter_log(hub: &Arc<Hub>, endpoint: &str) -> Result<Arc<dyn E
         .map_err(|e| e.message().to_owned())
 }
 
-/// Starts delivering the webhook endpoints of `hub` with `configured` (from the hub's
-/// settings) unless the process set its own ([`WebhookOptions::set_process_default`], for
-/// tests), trusting `dev_ca` (the hub's dev CA, PEM) besides the system's roots. Stops when
+/// Starts delivering the webhook endpoints of `hub` with `options` (from the hub's settings),
+/// trusting `dev_ca` (the hub's dev CA, PEM) besides the system's roots. Stops when
 /// `shutdown` is cancelled, after saving every cursor.
 pub fn start(
     hub: Arc<Hub>,
-    configured: WebhookOptions,
+    mut options: WebhookOptions,
     dev_ca: Option<&Path>,
     shutdown: &CancellationToken,
     tracker: &TaskTracker,
 ) {
-    let mut options = PROCESS_DEFAULT
-        .read()
-        .unwrap_or_else(|e| e.into_inner())
-        .clone()
-        .unwrap_or(configured);
     if let Some(path) = dev_ca {
         match std::fs::read(path) {
             Ok(pem) => options.extra_ca_pem.push(pem),

@@ -28,8 +28,8 @@ const WAIT: Duration = Duration::from_secs(20);
 const ATTEMPTS: u32 = 4;
 
 /// Retries within a second, so that dead-lettering takes well under one.
-fn fast_retries() {
-    WebhookOptions::set_process_default(WebhookOptions {
+fn fast_retries() -> WebhookOptions {
+    WebhookOptions {
         max_attempts: ATTEMPTS,
         max_retry_time: Duration::from_secs(30),
         initial_backoff: Duration::from_millis(50),
@@ -38,7 +38,12 @@ fn fast_retries() {
         max_in_flight: 16,
         cursor_interval: Duration::from_millis(100),
         extra_ca_pem: Vec::new(),
-    });
+    }
+}
+
+/// A hub whose webhooks retry fast.
+async fn fast_hub() -> TestHub {
+    TestHub::start_with(|c| c.webhook_tuning = Some(fast_retries())).await
 }
 
 /// One request a test server got.
@@ -258,8 +263,7 @@ fn header<'a>(r: &'a Received, name: &str) -> &'a str {
 
 #[tokio::test]
 async fn telemetry_reaches_the_webhook_as_a_cloudevent_with_its_properties() {
-    fast_retries();
-    let hub = TestHub::start().await;
+    let hub = fast_hub().await;
     let hook = Hook::start(200).await;
     webhook(&hub, "wh", &hook.url()).await;
     route(&hub, "all", &["wh"]).await;
@@ -319,8 +323,7 @@ async fn telemetry_reaches_the_webhook_as_a_cloudevent_with_its_properties() {
 
 #[tokio::test]
 async fn a_webhook_that_fails_for_a_while_gets_every_message_after_it_recovers() {
-    fast_retries();
-    let hub = TestHub::start().await;
+    let hub = fast_hub().await;
     let hook = Hook::start(503).await;
     webhook(&hub, "flaky", &hook.url()).await;
     route(&hub, "all", &["flaky"]).await;
@@ -344,8 +347,7 @@ async fn a_webhook_that_fails_for_a_while_gets_every_message_after_it_recovers()
 
 #[tokio::test]
 async fn dead_webhooks_fill_their_dead_letter_streams_while_other_endpoints_keep_flowing() {
-    fast_retries();
-    let hub = TestHub::start().await;
+    let hub = fast_hub().await;
     // Slow refusals: dead-lettering 10 messages takes seconds, the others must not wait.
     let dead = Hook::start(503).await;
     dead.delay_ms.store(1000, Ordering::SeqCst);
@@ -412,8 +414,7 @@ async fn dead_webhooks_fill_their_dead_letter_streams_while_other_endpoints_keep
 
 #[tokio::test]
 async fn a_restart_resumes_from_the_saved_cursor() {
-    fast_retries();
-    let mut hub = TestHub::start().await;
+    let mut hub = fast_hub().await;
     let hook = Hook::start(200).await;
     webhook(&hub, "wh", &hook.url()).await;
     route(&hub, "all", &["wh"]).await;
@@ -469,11 +470,13 @@ async fn measure_throughput(in_flight: usize) {
     const N: usize = 20_000;
     const BATCH: usize = 100;
     const DEVICES: usize = 16;
-    fast_retries();
-    let mut options = WebhookOptions::process_default();
-    options.max_in_flight = in_flight;
-    WebhookOptions::set_process_default(options);
-    let mut hub = TestHub::start().await;
+    let mut hub = TestHub::start_with(move |c| {
+        c.webhook_tuning = Some(WebhookOptions {
+            max_in_flight: in_flight,
+            ..fast_retries()
+        })
+    })
+    .await;
     let hook = Hook::start(200).await;
     webhook(&hub, "tp", &hook.url()).await;
     let log = hub.server().hub.endpoint_log("tp").unwrap();
@@ -509,8 +512,7 @@ async fn measure_throughput(in_flight: usize) {
 
 #[tokio::test]
 async fn system_events_carry_their_source_as_the_event_type() {
-    fast_retries();
-    let hub = TestHub::start().await;
+    let hub = fast_hub().await;
     let hook = Hook::start(200).await;
     webhook(&hub, "wh", &hook.url()).await;
     hub.server()

@@ -20,13 +20,16 @@ use twinhub_mqtt::{Connect, ConnectReturnCode, Packet, QoS, decode, encode};
 use twinhub_sdk::ServiceClient;
 use twinhub_server::{Config, RunningServer};
 
+/// Adjusts a test hub's configuration, at every start.
+type Tweak = Arc<dyn Fn(&mut Config) + Send + Sync>;
+
 pub struct TestHub {
     pub server: Option<RunningServer>,
     pub dir: tempfile::TempDir,
     pub https: SocketAddr,
     pub mqtt: SocketAddr,
     /// Applied to the configuration of every start and restart.
-    tweak: fn(&mut Config),
+    tweak: Tweak,
 }
 
 pub fn config(dir: &std::path::Path, https_port: u16, mqtt_port: u16) -> Config {
@@ -48,13 +51,17 @@ impl TestHub {
     }
 
     /// A hub whose configuration `tweak` adjusts (on every start).
-    pub async fn start_with(tweak: fn(&mut Config)) -> TestHub {
+    pub async fn start_with(tweak: impl Fn(&mut Config) + Send + Sync + 'static) -> TestHub {
         let dir = tempfile::tempdir().unwrap();
         Self::start_in(dir, tweak).await
     }
 
     /// A hub on the data dir `dir` (a test may mount something there first).
-    pub async fn start_in(dir: tempfile::TempDir, tweak: fn(&mut Config)) -> TestHub {
+    pub async fn start_in(
+        dir: tempfile::TempDir,
+        tweak: impl Fn(&mut Config) + Send + Sync + 'static,
+    ) -> TestHub {
+        let tweak: Tweak = Arc::new(tweak);
         let mut cfg = config(dir.path(), 0, 0);
         tweak(&mut cfg);
         let server = RunningServer::start(cfg).await.expect("hub starts");
