@@ -9,7 +9,6 @@ mod support;
 use std::time::{Duration, Instant, SystemTime};
 
 use fe2o3_amqp::link::{Receiver, ReceiverAttachError, Sender, SenderAttachError};
-use fe2o3_amqp::sasl_profile::SaslProfile;
 use fe2o3_amqp::types::definitions::{
     AmqpError, ErrorCondition, LinkError, ReceiverSettleMode, SenderSettleMode,
 };
@@ -18,7 +17,6 @@ use fe2o3_amqp::types::messaging::{
     ApplicationProperties, Body, Data, Message, MessageId, Outcome, Properties,
 };
 use fe2o3_amqp::types::primitives::{Binary, SimpleValue, Symbol, Timestamp, Value};
-use fe2o3_amqp::{Connection, Session};
 use futures_util::StreamExt;
 use support::*;
 use twinhub_core::c2d::Holder;
@@ -48,52 +46,6 @@ fn service(hub: &TestHub, policy: &str) -> ServiceClient {
         .timeout(Duration::from_secs(30))
         .build()
         .unwrap()
-}
-
-fn key_of(hub: &TestHub, policy: &str) -> String {
-    hub.service_cs(policy)
-        .split(';')
-        .find_map(|p| p.strip_prefix("SharedAccessKey="))
-        .unwrap()
-        .to_owned()
-}
-
-/// A raw AMQP session over TLS: SASL PLAIN as `policy` (the policy's key as the password), or
-/// ANONYMOUS with no token at all.
-async fn raw_session(
-    hub: &TestHub,
-    policy: Option<&str>,
-) -> (
-    fe2o3_amqp::connection::ConnectionHandle<()>,
-    fe2o3_amqp::session::SessionHandle<()>,
-) {
-    let tls = client_tls(&hub.ca_pem()).unwrap();
-    let tcp = tokio::net::TcpStream::connect(hub.server().amqp_addr)
-        .await
-        .unwrap();
-    let stream = tokio_rustls::TlsConnector::from(tls)
-        .connect(
-            rustls_pki_types::ServerName::try_from("localhost").unwrap(),
-            tcp,
-        )
-        .await
-        .unwrap();
-    let profile = match policy {
-        Some(p) => SaslProfile::Plain {
-            username: p.into(),
-            password: key_of(hub, p),
-        },
-        None => SaslProfile::Anonymous,
-    };
-    let mut connection = Connection::builder()
-        .container_id("raw-c2d")
-        .scheme("amqp")
-        .sasl_profile(profile)
-        .open_with_stream(stream)
-        .await
-        .unwrap();
-    let session = Session::begin(&mut connection).await.unwrap();
-    (connection, session)
 }
 
 async fn raw_sender(session: &mut fe2o3_amqp::session::SessionHandle<()>, name: &str) -> Sender {
@@ -273,7 +225,7 @@ async fn refusals_carry_the_iot_hub_code_in_the_sdk() {
 async fn refusals_use_the_conditions_the_service_sdks_map() {
     let hub = TestHub::start_with(small_queues).await;
     hub.device("c2d-w").await;
-    let (_c, mut s) = raw_session(&hub, Some("service")).await;
+    let (_c, mut s) = raw_amqp_session(&hub, Some("service")).await;
     let mut tx = raw_sender(&mut s, "raw-refusals").await;
     let props = |to: Option<String>| Properties {
         message_id: Some(MessageId::String("m".into())),
@@ -357,7 +309,7 @@ async fn refusals_use_the_conditions_the_service_sdks_map() {
 async fn any_message_id_type_is_kept_as_text_and_values_as_strings() {
     let hub = TestHub::start().await;
     hub.device("c2d-t").await;
-    let (_c, mut s) = raw_session(&hub, Some("service")).await;
+    let (_c, mut s) = raw_amqp_session(&hub, Some("service")).await;
     // A sender asking for rcv-settle-mode second, as uamqp does: the hub answers with first
     // and settles each delivery with its outcome.
     let mut tx = Sender::builder()
@@ -477,11 +429,11 @@ async fn links_without_service_connect_are_refused() {
     hub.device("c2d-u").await;
     let unauthorized = ErrorCondition::AmqpError(AmqpError::UnauthorizedAccess);
     // A policy without ServiceConnect, signed in with SASL PLAIN.
-    let (_c, mut s) = raw_session(&hub, Some("registryRead")).await;
+    let (_c, mut s) = raw_amqp_session(&hub, Some("registryRead")).await;
     assert_eq!(sender_refused(&mut s, "tx-ro").await, unauthorized);
     assert_eq!(receiver_refused(&mut s).await, unauthorized);
     // No token at all.
-    let (_c2, mut s2) = raw_session(&hub, None).await;
+    let (_c2, mut s2) = raw_amqp_session(&hub, None).await;
     assert_eq!(sender_refused(&mut s2, "tx-anon").await, unauthorized);
     // The SDK, whose CBS put-token succeeds but grants no ServiceConnect.
     match service(&hub, "registryReadWrite")
@@ -625,7 +577,7 @@ async fn a_pre_settled_receiver_gets_iot_hubs_feedback_message_and_completes_it(
         .await
         .unwrap();
     device_completes(&hub, "c2d-p").await;
-    let (_c, mut s) = raw_session(&hub, Some("service")).await;
+    let (_c, mut s) = raw_amqp_session(&hub, Some("service")).await;
     let mut rx = Receiver::builder()
         .name("fb-settled")
         .source("amqps://localhost:5671/messages/servicebound/feedback")

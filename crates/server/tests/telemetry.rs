@@ -10,11 +10,9 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use fe2o3_amqp::link::{Receiver, ReceiverAttachError, RecvError};
-use fe2o3_amqp::sasl_profile::SaslProfile;
 use fe2o3_amqp::types::definitions::{ErrorCondition, Fields, LinkError};
 use fe2o3_amqp::types::messaging::{Body, Source};
 use fe2o3_amqp::types::primitives::{Symbol, Value};
-use fe2o3_amqp::{Connection, Session};
 use serde_amqp::described::Described;
 use serde_amqp::descriptor::Descriptor;
 use support::*;
@@ -479,43 +477,6 @@ async fn consumer_groups_are_managed_over_rest() {
     );
 }
 
-/// A raw AMQP session signed in with the service policy's key over SASL PLAIN.
-async fn raw_session(
-    hub: &TestHub,
-) -> (
-    fe2o3_amqp::connection::ConnectionHandle<()>,
-    fe2o3_amqp::session::SessionHandle<()>,
-) {
-    let tls = client_tls(&hub.ca_pem()).unwrap();
-    let tcp = tokio::net::TcpStream::connect(hub.server().amqp_addr)
-        .await
-        .unwrap();
-    let stream = tokio_rustls::TlsConnector::from(tls)
-        .connect(
-            rustls_pki_types::ServerName::try_from("localhost").unwrap(),
-            tcp,
-        )
-        .await
-        .unwrap();
-    let cs = events_cs(hub);
-    let key = cs
-        .split(';')
-        .find_map(|p| p.strip_prefix("SharedAccessKey="))
-        .unwrap();
-    let mut connection = Connection::builder()
-        .container_id("raw")
-        .scheme("amqp")
-        .sasl_profile(SaslProfile::Plain {
-            username: "service".into(),
-            password: key.into(),
-        })
-        .open_with_stream(stream)
-        .await
-        .unwrap();
-    let session = Session::begin(&mut connection).await.unwrap();
-    (connection, session)
-}
-
 async fn raw_receiver(
     session: &mut fe2o3_amqp::session::SessionHandle<()>,
     name: &str,
@@ -558,8 +519,8 @@ fn is_stolen(e: &RecvError) -> bool {
 #[tokio::test]
 async fn a_higher_epoch_takes_the_partition() {
     let hub = TestHub::start().await;
-    let (_c1, mut s1) = raw_session(&hub).await;
-    let (_c2, mut s2) = raw_session(&hub).await;
+    let (_c1, mut s1) = raw_amqp_session(&hub, Some("service")).await;
+    let (_c2, mut s2) = raw_amqp_session(&hub, Some("service")).await;
     let mut first = raw_receiver(&mut s1, "epoch-1", Some(1), None)
         .await
         .unwrap();
@@ -608,7 +569,7 @@ async fn a_receiver_that_grants_no_credit_gets_nothing_until_it_does() {
         .await;
         puback(&mut d, i).await;
     }
-    let (_c, mut s) = raw_session(&hub).await;
+    let (_c, mut s) = raw_amqp_session(&hub, Some("service")).await;
     let mut r = raw_receiver(&mut s, "stingy", None, Some(0)).await.unwrap();
     assert!(
         tokio::time::timeout(Duration::from_millis(700), r.recv::<Body<Value>>())
@@ -636,7 +597,7 @@ async fn links_closed_by_the_client_free_their_handles_for_new_ones() {
     // on one session: the hub answers the client's detaches and never sends a late one of its
     // own that would land on the new link's handle.
     let hub = TestHub::start().await;
-    let (_c, mut s) = raw_session(&hub).await;
+    let (_c, mut s) = raw_amqp_session(&hub, Some("service")).await;
     for round in 0..5 {
         let rx = Receiver::attach(&mut s, format!("m-rx-{round}"), "$management")
             .await

@@ -491,3 +491,50 @@ impl RawMqtt {
         }
     }
 }
+
+/// The key of shared access policy `policy`.
+pub fn policy_key(hub: &TestHub, policy: &str) -> String {
+    hub.service_cs(policy)
+        .split(';')
+        .find_map(|p| p.strip_prefix("SharedAccessKey="))
+        .unwrap()
+        .to_owned()
+}
+
+/// A raw AMQP session over TLS to the hub's AMQP port: SASL PLAIN as `policy` (the policy's
+/// key as the password), or ANONYMOUS with no token at all.
+pub async fn raw_amqp_session(
+    hub: &TestHub,
+    policy: Option<&str>,
+) -> (
+    fe2o3_amqp::connection::ConnectionHandle<()>,
+    fe2o3_amqp::session::SessionHandle<()>,
+) {
+    let tls = client_tls(&hub.ca_pem()).unwrap();
+    let tcp = tokio::net::TcpStream::connect(hub.server().amqp_addr)
+        .await
+        .unwrap();
+    let stream = tokio_rustls::TlsConnector::from(tls)
+        .connect(
+            rustls_pki_types::ServerName::try_from("localhost").unwrap(),
+            tcp,
+        )
+        .await
+        .unwrap();
+    let profile = match policy {
+        Some(p) => fe2o3_amqp::sasl_profile::SaslProfile::Plain {
+            username: p.into(),
+            password: policy_key(hub, p),
+        },
+        None => fe2o3_amqp::sasl_profile::SaslProfile::Anonymous,
+    };
+    let mut connection = fe2o3_amqp::Connection::builder()
+        .container_id("raw")
+        .scheme("amqp")
+        .sasl_profile(profile)
+        .open_with_stream(stream)
+        .await
+        .unwrap();
+    let session = fe2o3_amqp::Session::begin(&mut connection).await.unwrap();
+    (connection, session)
+}
