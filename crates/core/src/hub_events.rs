@@ -123,27 +123,6 @@ pub(crate) struct HubEvent {
     message: Message,
 }
 
-/// The hub's name as IoT Hub writes it in `hubName` and `user-id`: the first DNS label of the
-/// host name; an IP address or `localhost` gives `twinhub`, the name the Event Hub-compatible
-/// endpoint is given for such hosts too.
-pub fn hub_name(hostname: &str) -> String {
-    let bare_ip = hostname.starts_with('[') || hostname.parse::<std::net::IpAddr>().is_ok();
-    let host = if bare_ip {
-        ""
-    } else {
-        hostname.split(':').next().unwrap_or("")
-    };
-    let first = host.split('.').next().unwrap_or("");
-    if host.parse::<std::net::IpAddr>().is_ok()
-        || first.is_empty()
-        || first.eq_ignore_ascii_case("localhost")
-    {
-        "twinhub".to_owned()
-    } else {
-        first.to_ascii_lowercase()
-    }
-}
-
 /// A section's change as a twin change event shows it: the patch as applied (nulls for
 /// removals), the metadata of what it touched, and the section's new version.
 fn section_change(section: &Section, patch: &Map<String, Value>) -> Value {
@@ -229,7 +208,7 @@ impl Hub {
         operation_time: &str,
         body: &Value,
     ) -> HubEvent {
-        let hub = hub_name(self.auth.hostname());
+        let hub = twinhub_proto::connection_string::hub_name(self.auth.hostname());
         let mut application = Vec::with_capacity(5 + extra.len());
         application.push(("hubName".to_owned(), Some(hub.clone())));
         if !device_id.is_empty() {
@@ -452,17 +431,6 @@ mod tests {
             Value::Object(m) => m,
             _ => unreachable!("test input is an object"),
         }
-    }
-
-    #[test]
-    fn hub_names() {
-        assert_eq!(hub_name("myhub.azure-devices.net"), "myhub");
-        assert_eq!(hub_name("Hub1.example:8443"), "hub1");
-        assert_eq!(hub_name("localhost"), "twinhub");
-        assert_eq!(hub_name("127.0.0.1"), "twinhub");
-        assert_eq!(hub_name("127.0.0.1:443"), "twinhub");
-        assert_eq!(hub_name("[::1]:443"), "twinhub");
-        assert_eq!(hub_name("::1"), "twinhub");
     }
 
     #[test]

@@ -230,7 +230,7 @@ impl Hub {
         let config = merge(stored.clone(), from_file);
         let router = Router::compile(
             config.clone(),
-            &crate::hub_events::hub_name(self.auth.hostname()),
+            &twinhub_proto::connection_string::hub_name(self.auth.hostname()),
         )
         .map_err(routing_error)?;
         if config != stored {
@@ -261,7 +261,7 @@ impl Hub {
         change(&mut config)?;
         let router = Router::compile(
             config.clone(),
-            &crate::hub_events::hub_name(self.auth.hostname()),
+            &twinhub_proto::connection_string::hub_name(self.auth.hostname()),
         )
         .map_err(routing_error)?;
         self.save_routing(&config).await?;

@@ -287,10 +287,45 @@ impl fmt::Debug for ConnectionString {
     }
 }
 
+/// The hub's name for a host name, as IoT Hub uses it in `hubName`, `user-id` and the name of
+/// its Event Hub-compatible endpoint: the first DNS label, lower-cased. An IP address (with or
+/// without a port) or `localhost` has none, and gives `twinhub`.
+pub fn hub_name(host_name: &str) -> String {
+    let is_ip = host_name.parse::<std::net::IpAddr>().is_ok()
+        || host_name.starts_with('[')
+        || host_name
+            .rsplit_once(':')
+            .is_some_and(|(h, _)| h.parse::<std::net::IpAddr>().is_ok());
+    let host = host_name.split(':').next().unwrap_or(host_name);
+    let first = host.split('.').next().unwrap_or("");
+    if is_ip || first.is_empty() || first.eq_ignore_ascii_case("localhost") {
+        "twinhub".to_owned()
+    } else {
+        first.to_ascii_lowercase()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
     use crate::sas::SasToken;
+
+    #[test]
+    fn hub_names() {
+        assert_eq!(hub_name("myhub.azure-devices.net"), "myhub");
+        assert_eq!(hub_name("Hub1.example:8443"), "hub1");
+        for ip in [
+            "localhost",
+            "127.0.0.1",
+            "127.0.0.1:443",
+            "[::1]",
+            "[::1]:443",
+            "::1",
+        ] {
+            assert_eq!(hub_name(ip), "twinhub", "{ip}");
+        }
+    }
 
     const KEY: &str = "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=";
 

@@ -408,7 +408,7 @@ impl Config {
     /// anything is opened, so `serve` stops with the reason instead of starting half-routed.
     fn validate_routing(&self) -> Result<(), ServerError> {
         let routing = self.routing();
-        let entity = twinhub_eventhub::entity_name(&self.hostname);
+        let entity = twinhub_proto::connection_string::hub_name(&self.hostname);
         if let Some(e) = routing
             .endpoints
             .iter()

@@ -153,7 +153,7 @@ impl HubFile {
             mqtt_port: ports.mqtt,
             amqp_port: Some(ports.amqp),
             amqp_plain_port: ports.amqp_plain,
-            event_hub_name: Some(twinhub_eventhub::entity_name(&config.hostname)),
+            event_hub_name: Some(twinhub_proto::connection_string::hub_name(&config.hostname)),
             policies,
         };
         file.write(dir)?;

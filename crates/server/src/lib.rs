@@ -244,7 +244,7 @@ impl RunningServer {
         });
         let amqp_ctx = amqp::AmqpContext {
             hub: hub.clone(),
-            entity: twinhub_eventhub::entity_name(&config.hostname),
+            entity: twinhub_proto::connection_string::hub_name(&config.hostname),
             redirect_host: config.hostname.clone(),
             redirect_port: amqp_addr.port(),
             owners: Arc::new(amqp::Owners::default()),

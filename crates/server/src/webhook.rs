@@ -186,7 +186,7 @@ pub fn spawn(
         .build()
         .map_err(|e| format!("the webhook HTTP client cannot be built: {e}"))?;
     let shared = Arc::new(Shared {
-        hub_name: twinhub_core::hub_events::hub_name(hub.authorizer().hostname()),
+        hub_name: twinhub_proto::connection_string::hub_name(hub.authorizer().hostname()),
         hub,
         client,
         options,

@@ -123,7 +123,10 @@ fn feedback_response(batch: FeedbackBatch, hub_name: &str) -> Response {
 /// does not wait for the batching interval the AMQP receiver observes.
 async fn feedback_receive(State(s): State<AppState>, _: Authorized<ServiceConnect>) -> Response {
     match s.hub.c2d_feedback_poll() {
-        Some(batch) => feedback_response(batch, s.hub.authorizer().hostname()),
+        Some(batch) => feedback_response(
+            batch,
+            &twinhub_proto::connection_string::hub_name(s.hub.authorizer().hostname()),
+        ),
         None => no_content(),
     }
 }
