@@ -25,9 +25,6 @@ use fe2o3_amqp::types::messaging::{
     ApplicationProperties, Body, Data, Message, MessageId, Modified, Outcome, Properties,
 };
 use fe2o3_amqp::types::primitives::{Binary, SimpleValue, Symbol, Timestamp, Value};
-use fe2o3_amqp::{Connection, Session};
-use tokio::net::TcpStream;
-use tokio_rustls::TlsConnector;
 use twinhub_proto::encoding::quote;
 use twinhub_proto::error::ErrorCode;
 
@@ -255,27 +252,9 @@ impl AmqpTarget {
     async fn open(&self) -> Result<Signed> {
         let work = async {
             let tls = crate::device::settings::tls_config(&self.extra_ca)?;
-            let tcp = TcpStream::connect((self.host.as_str(), self.port))
-                .await
-                .map_err(|e| Error::Unreachable(format!("{}:{}: {e}", self.host, self.port)))?;
-            let _ = tcp.set_nodelay(true);
-            let server_name = crate::device::settings::server_name(&self.host)?;
-            let stream = TlsConnector::from(tls)
-                .connect(server_name, tcp)
-                .await
-                .map_err(|e| Error::Unreachable(format!("TLS with {}: {e}", self.host)))?;
+            let (connection, mut session) =
+                crate::amqp::connect(&self.host, self.port, tls, SaslProfile::Anonymous).await?;
             let suffix = crate::device::backoff::random_u64();
-            let mut connection = Connection::builder()
-                .container_id(format!("twinhub-sdk-{suffix:016x}"))
-                .hostname(self.host.as_str())
-                .scheme("amqp")
-                .sasl_profile(SaslProfile::Anonymous)
-                .open_with_stream(stream)
-                .await
-                .map_err(|e| Error::Unreachable(format!("AMQP open: {e}")))?;
-            let mut session = Session::begin(&mut connection)
-                .await
-                .map_err(|e| Error::Unreachable(format!("AMQP begin: {e}")))?;
             let cbs_tx = Sender::attach(&mut session, format!("cbs-tx-{suffix:016x}"), "$cbs")
                 .await
                 .map_err(|e| Error::Protocol(format!("attaching to $cbs: {e}")))?;

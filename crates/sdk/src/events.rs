@@ -18,12 +18,9 @@ use fe2o3_amqp::types::messaging::{
     ApplicationProperties, Body, Message, MessageId, Properties, Source,
 };
 use fe2o3_amqp::types::primitives::{SimpleValue, Symbol, Value};
-use fe2o3_amqp::{Connection, Session};
 use serde_amqp::described::Described;
 use serde_amqp::descriptor::Descriptor;
-use tokio::net::TcpStream;
 use tokio::sync::mpsc;
-use tokio_rustls::TlsConnector;
 use twinhub_proto::connection_string::ConnectionString;
 
 use crate::error::{Error, Result};
@@ -231,34 +228,7 @@ async fn open(
     target: &Target,
     tls: &Arc<rustls::ClientConfig>,
 ) -> Result<(ConnectionHandle<()>, SessionHandle<()>)> {
-    let work = async {
-        let tcp = TcpStream::connect((target.host.as_str(), target.port))
-            .await
-            .map_err(|e| Error::Unreachable(format!("{}:{}: {e}", target.host, target.port)))?;
-        let _ = tcp.set_nodelay(true);
-        let server_name = crate::device::settings::server_name(&target.host)?;
-        let stream = TlsConnector::from(tls.clone())
-            .connect(server_name, tcp)
-            .await
-            .map_err(|e| Error::Unreachable(format!("TLS with {}: {e}", target.host)))?;
-        let mut connection = Connection::builder()
-            .container_id(format!("twinhub-sdk-{}", random_suffix()))
-            .hostname(target.host.as_str())
-            .scheme("amqp")
-            .sasl_profile(target.plain()?)
-            .open_with_stream(stream)
-            .await
-            .map_err(|e| match e {
-                fe2o3_amqp::connection::OpenError::SaslError { .. } => {
-                    Error::NotAuthorized(format!("the hub refused the sign-in: {e}"))
-                }
-                e => Error::Unreachable(format!("AMQP open: {e}")),
-            })?;
-        let session = Session::begin(&mut connection)
-            .await
-            .map_err(|e| Error::Unreachable(format!("AMQP begin: {e}")))?;
-        Ok((connection, session))
-    };
+    let work = crate::amqp::connect(&target.host, target.port, tls.clone(), target.plain()?);
     tokio::time::timeout(CONNECT_TIMEOUT, work)
         .await
         .map_err(|_| Error::TimedOut)?

@@ -82,6 +82,7 @@
 //! # Ok(()) }
 //! ```
 
+mod amqp;
 pub mod c2d;
 pub mod device;
 mod error;
