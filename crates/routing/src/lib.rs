@@ -134,14 +134,19 @@ impl Router {
     /// Whether deciding a message from `source` needs the device's twin (a condition or an
     /// enrichment reads `$twin`), so callers load it only then.
     pub fn needs_twin(&self, source: Source) -> bool {
-        self.routes
-            .iter()
-            .any(|r| r.source == source && r.needs_twin && r.enabled)
+        self.conditions_read_twin(source)
             || self
                 .config
                 .enrichments
                 .iter()
                 .any(|e| e.value.starts_with("$twin."))
+    }
+
+    /// Whether a condition of an enabled route of `source` reads `$twin`.
+    fn conditions_read_twin(&self, source: Source) -> bool {
+        self.routes
+            .iter()
+            .any(|r| r.source == source && r.enabled && r.needs_twin)
     }
 
     /// Whether an enabled route takes messages from `source`: system events are built only
@@ -168,11 +173,7 @@ impl Router {
         }
         // The twin goes into the document only when a condition reads it (enrichments read
         // it from `twin` directly): copying it per message is most of a document's cost.
-        let conditions_twin = self
-            .routes
-            .iter()
-            .any(|r| r.source == source && r.enabled && r.needs_twin);
-        let doc = condition_document(message, twin.filter(|_| conditions_twin));
+        let doc = condition_document(message, twin.filter(|_| self.conditions_read_twin(source)));
         let mut hit = vec![false; self.endpoints.len()];
         for r in &self.routes {
             if r.source != source || !r.enabled {
