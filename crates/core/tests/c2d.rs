@@ -430,3 +430,24 @@ async fn feedback_goes_out_in_batches_by_count_or_interval() {
         .expect("a full batch is due at once");
     assert_eq!(full.records.len(), 4);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_waiting_feedback_receiver_is_woken_by_the_first_record() {
+    let hub = hub_with(|_| {}).await;
+    // Nothing waits yet: the receiver parks with no deadline worth speaking of.
+    let waiter = tokio::spawn({
+        let hub = hub.clone();
+        async move { hub.c2d_feedback_next().await }
+    });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    hub.send_c2d(message("d1", "late", Ack::Full))
+        .await
+        .unwrap();
+    let got = hub.c2d_receive("d1", Holder::Poll).await.unwrap().unwrap();
+    hub.c2d_complete("d1", &got.lock_token).await.unwrap();
+    let batch = tokio::time::timeout(Duration::from_secs(5), waiter)
+        .await
+        .expect("the record wakes the parked receiver")
+        .unwrap();
+    assert_eq!(batch.records[0].original_message_id, "late");
+}

@@ -512,3 +512,47 @@ async fn the_rust_device_client_streams_messages_and_taking_one_completes_it() {
     assert_eq!(depth(&hub).await, 0);
     device.close().await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_message_taken_just_before_close_is_completed_not_redelivered() {
+    let hub = TestHub::start().await;
+    let key = hub.device("d1").await;
+    for round in 0..3 {
+        let device = twinhub_sdk::DeviceClient::builder(&format!(
+            "HostName=localhost;DeviceId=d1;SharedAccessKey={key}"
+        ))
+        .extra_ca_pem(std::fs::read(hub.ca_pem()).unwrap())
+        .port(hub.mqtt.port())
+        .build()
+        .unwrap();
+        let mut messages = device.c2d_messages();
+        device.connect().await.unwrap();
+        hub.server()
+            .hub
+            .send_c2d(message(&format!("m{round}"), Ack::None))
+            .await
+            .unwrap();
+        let got = tokio::time::timeout(Duration::from_secs(10), messages.recv())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(got.message_id, Some(format!("m{round}")));
+        assert!(
+            !got.redelivered,
+            "round {round}: the previous message came again"
+        );
+        // Close at once: the PUBACK must leave before DISCONNECT.
+        device.close().await;
+        for _ in 0..100 {
+            if depth(&hub).await == 0 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(
+            depth(&hub).await,
+            0,
+            "round {round}: the taken message is still queued"
+        );
+    }
+}
