@@ -156,11 +156,14 @@ impl Authorizer {
         host_matches(host, &self.hostname)
     }
 
-    /// Authenticates a device's CONNECT password against its keys (or a policy with
-    /// DeviceConnect). Returns the token's expiry (unix seconds).
+    /// Authenticates an identity's CONNECT password against its keys (or a policy with
+    /// DeviceConnect). `key` is a device id or `deviceId/moduleId`: the token's resource must
+    /// name exactly that identity (`{host}/devices/{d}` or `{host}/devices/{d}/modules/{m}`),
+    /// so a device's token never stands for its modules nor a module's for its device.
+    /// Returns the token's expiry (unix seconds).
     pub fn authenticate_device(
         &self,
-        device_id: &str,
+        key: &str,
         primary_key: Option<&str>,
         secondary_key: Option<&str>,
         password: &str,
@@ -171,11 +174,13 @@ impl Authorizer {
         let Some((host, path)) = token.resource.split_once('/') else {
             return Err(Error::unauthorized("The token's resource names no device"));
         };
-        if !host_matches(host, &self.hostname)
-            || path.trim_end_matches('/') != format!("devices/{device_id}")
-        {
+        let expected = match crate::record::split_identity(key) {
+            (device, Some(module)) => format!("devices/{device}/modules/{module}"),
+            (device, None) => format!("devices/{device}"),
+        };
+        if !host_matches(host, &self.hostname) || path.trim_end_matches('/') != expected {
             return Err(Error::unauthorized(format!(
-                "The token's resource {} does not name device '{device_id}' on this hub",
+                "The token's resource {} does not name '{expected}' on this hub",
                 crate::logsafe::Shown(&token.resource)
             )));
         }

@@ -36,7 +36,7 @@ impl StoreCheck {
 
 fn decodes(table: Table, bytes: &[u8]) -> bool {
     match table {
-        Table::Devices => serde_json::from_slice::<DeviceRecord>(bytes).is_ok(),
+        Table::Devices | Table::Modules => serde_json::from_slice::<DeviceRecord>(bytes).is_ok(),
         Table::Sessions => serde_json::from_slice::<PersistedSession>(bytes).is_ok(),
         Table::Jobs => is_valid_job(bytes),
         Table::DeviceJobs => serde_json::from_slice::<DeviceJob>(bytes).is_ok(),

@@ -44,6 +44,13 @@ impl Error {
         )
     }
 
+    pub fn module_not_found(device_id: &str, module_id: &str) -> Self {
+        Self::new(
+            ErrorCode::ModuleNotFound,
+            format!("Module {module_id} on device {device_id} not registered"),
+        )
+    }
+
     pub fn precondition_failed(what: &str) -> Self {
         Self::new(
             ErrorCode::PreconditionFailed,

@@ -243,28 +243,26 @@ impl Hub {
         &self.throttles
     }
 
-    pub(crate) async fn load(&self, device_id: &str) -> Result<Option<DeviceRecord>> {
-        match self.store.get(Table::Devices, device_id).await? {
+    /// The record of an identity (a device id, or `deviceId/moduleId` for a module).
+    pub(crate) async fn load(&self, key: &str) -> Result<Option<DeviceRecord>> {
+        match self.store.get(crate::record::table_of(key), key).await? {
             Some(bytes) => Ok(Some(DeviceRecord::decode(&bytes)?)),
             None => Ok(None),
         }
     }
 
     /// The device's record, or DeviceNotFound.
-    pub(crate) async fn load_existing(&self, device_id: &str) -> Result<DeviceRecord> {
-        self.load(device_id)
+    pub(crate) async fn load_existing(&self, key: &str) -> Result<DeviceRecord> {
+        self.load(key)
             .await?
-            .ok_or_else(|| crate::error::Error::device_not_found(device_id))
+            .ok_or_else(|| match crate::record::split_identity(key) {
+                (device, Some(module)) => crate::error::Error::module_not_found(device, module),
+                (device, None) => crate::error::Error::device_not_found(device),
+            })
     }
 
     pub(crate) async fn save(&self, record: &DeviceRecord) -> Result<()> {
-        self.store
-            .commit(vec![Write::put(
-                Table::Devices,
-                record.device_id.clone(),
-                record.encode(),
-            )])
-            .await?;
+        self.store.commit(vec![record.write()]).await?;
         Ok(())
     }
 

@@ -161,6 +161,9 @@ fn patch_metadata(meta: &Map<String, Value>, patch: &Map<String, Value>) -> Map<
 fn twin_body(rec: &DeviceRecord) -> Value {
     let mut body = Map::new();
     body.insert("deviceId".into(), Value::from(rec.device_id.clone()));
+    if let Some(module) = &rec.module_id {
+        body.insert("moduleId".into(), Value::from(module.clone()));
+    }
     body.insert("etag".into(), Value::from(rec.twin_etag()));
     body.insert("version".into(), Value::from(rec.twin.version));
     if !rec.twin.tags.is_empty() {
@@ -197,13 +200,14 @@ impl Hub {
         Ok(sequence_text(value))
     }
 
-    /// An event with IoT Hub's common properties; `device_id` empty for hub-level events
-    /// (jobs), whose `extra` properties say what they are about.
+    /// An event with IoT Hub's common properties; `key` names the identity (`deviceId` or
+    /// `deviceId/moduleId`), empty for hub-level events (jobs), whose `extra` properties say
+    /// what they are about.
     fn event(
         &self,
         category: Category,
         op_type: &str,
-        device_id: &str,
+        key: &str,
         extra: Vec<(String, Option<String>)>,
         operation_time: &str,
         body: &Value,
@@ -211,8 +215,12 @@ impl Hub {
         let hub = twinhub_proto::connection_string::hub_name(self.auth.hostname());
         let mut application = Vec::with_capacity(5 + extra.len());
         application.push(("hubName".to_owned(), Some(hub.clone())));
+        let (device_id, module_id) = crate::record::split_identity(key);
         if !device_id.is_empty() {
             application.push(("deviceId".to_owned(), Some(device_id.to_owned())));
+        }
+        if let Some(module) = module_id {
+            application.push(("moduleId".to_owned(), Some(module.to_owned())));
         }
         application.extend(extra);
         application.push((
@@ -235,6 +243,7 @@ impl Hub {
             application,
             stamp: Stamp {
                 device_id: device_id.to_owned(),
+                module_id: module_id.map(str::to_owned),
                 source: category.name.to_owned(),
                 ..Stamp::default()
             },
@@ -317,9 +326,11 @@ impl Hub {
         if !self.wants_lifecycle_events() {
             return None;
         }
-        let op_type = match op {
-            Lifecycle::Created => "createDeviceIdentity",
-            Lifecycle::Deleted => "deleteDeviceIdentity",
+        let op_type = match (op, rec.is_module()) {
+            (Lifecycle::Created, false) => "createDeviceIdentity",
+            (Lifecycle::Deleted, false) => "deleteDeviceIdentity",
+            (Lifecycle::Created, true) => "createModuleIdentity",
+            (Lifecycle::Deleted, true) => "deleteModuleIdentity",
         };
         Some(self.device_event(LIFECYCLE, op_type, rec, operation_time, &twin_body(rec)))
     }
@@ -335,7 +346,7 @@ impl Hub {
         self.event(
             category,
             op_type,
-            &rec.device_id,
+            &rec.key(),
             Vec::new(),
             operation_time,
             body,

@@ -4,6 +4,7 @@
 
 pub mod auth;
 pub mod c2d;
+pub mod certificates;
 pub mod check;
 pub mod directory;
 pub mod error;
@@ -13,6 +14,7 @@ pub mod jobs;
 pub mod keys;
 pub mod logsafe;
 pub mod methods;
+pub mod modules;
 pub mod query;
 pub mod record;
 pub mod redelivery;

@@ -93,23 +93,15 @@ impl Hub {
             .transpose()?
             .unwrap_or_default();
         let table = match query.from {
-            From::Devices => Some(Table::Devices),
-            From::DevicesJobs => Some(Table::DeviceJobs),
-            // Module identities are not served yet: the collection is empty.
-            From::DevicesModules => None,
+            From::Devices => Table::Devices,
+            From::DevicesJobs => Table::DeviceJobs,
+            From::DevicesModules => Table::Modules,
         };
         let item_type = match (&query.from, &query.select) {
             _ if query.is_aggregate() => "raw",
             (From::Devices, Select::All) | (From::DevicesModules, Select::All) => "twin",
             (From::DevicesJobs, Select::All) => "deviceJob",
             _ => "raw",
-        };
-        let Some(table) = table else {
-            return Ok(QueryPage {
-                items: Vec::new(),
-                continuation: None,
-                item_type,
-            });
         };
         if let Some(mut aggregation) = query.aggregation() {
             // Aggregates see every document, one at a time; their rows are few and fit one
@@ -182,7 +174,7 @@ impl Hub {
             let full = batch.len() == SCAN_BATCH;
             for (key, bytes) in &batch {
                 let doc = match table {
-                    Table::Devices => match DeviceRecord::decode(bytes) {
+                    Table::Devices | Table::Modules => match DeviceRecord::decode(bytes) {
                         Ok(rec) => {
                             serde_json::to_value(self.render_twin(&rec)).unwrap_or(Value::Null)
                         }

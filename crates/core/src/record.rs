@@ -32,10 +32,17 @@ pub struct TwinState {
     pub reported: Section,
 }
 
-/// One device: identity, credentials, presence times and twin.
+/// One device or module identity: identity, credentials, presence times and twin. A module's
+/// record names its device in `device_id` and itself in `module_id`, and lives in the store's
+/// `modules` table under its [`identity key`](DeviceRecord::key).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct DeviceRecord {
     pub device_id: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub module_id: Option<String>,
+    /// A module's `managedBy` (IoT Edge sets it); never set on a device.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub managed_by: Option<String>,
     pub generation_id: String,
     /// Bumped on every identity change; the device etag is derived from it.
     pub identity_version: u64,
@@ -52,7 +59,65 @@ pub struct DeviceRecord {
     pub twin: TwinState,
 }
 
+/// The key naming an identity throughout the hub (store, sessions, locks, throttles):
+/// `deviceId` for a device, `deviceId/moduleId` for a module. Ids never contain '/'.
+pub fn identity_key(device_id: &str, module_id: Option<&str>) -> String {
+    match module_id {
+        Some(m) => format!("{device_id}/{m}"),
+        None => device_id.to_string(),
+    }
+}
+
+/// Splits an identity key into device and module ids.
+pub fn split_identity(key: &str) -> (&str, Option<&str>) {
+    match key.split_once('/') {
+        Some((d, m)) => (d, Some(m)),
+        None => (key, None),
+    }
+}
+
+/// The table an identity's record lives in.
+pub fn table_of(key: &str) -> twinhub_store::Table {
+    if key.contains('/') {
+        twinhub_store::Table::Modules
+    } else {
+        twinhub_store::Table::Devices
+    }
+}
+
 impl DeviceRecord {
+    /// This identity's key (see [`identity_key`]).
+    pub fn key(&self) -> String {
+        identity_key(&self.device_id, self.module_id.as_deref())
+    }
+
+    /// The store write that saves this record.
+    pub fn write(&self) -> twinhub_store::Write {
+        let key = self.key();
+        twinhub_store::Write::put(table_of(&key), key, self.encode())
+    }
+
+    /// Whether this is a module identity.
+    pub fn is_module(&self) -> bool {
+        self.module_id.is_some()
+    }
+
+    /// The Module document of the registry API.
+    pub fn to_module(&self, connected: bool) -> twinhub_proto::model::Module {
+        twinhub_proto::model::Module {
+            module_id: self.module_id.clone().unwrap_or_default(),
+            managed_by: self.managed_by.clone(),
+            device_id: self.device_id.clone(),
+            generation_id: Some(self.generation_id.clone()),
+            etag: Some(self.device_etag()),
+            connection_state: Some(connection_state(connected)),
+            connection_state_updated_time: Some(self.connection_state_updated_time.clone()),
+            last_activity_time: Some(self.last_activity_time.clone()),
+            cloud_to_device_message_count: Some(self.cloud_to_device_message_count),
+            authentication: Some(self.authentication(true)),
+        }
+    }
+
     pub fn encode(&self) -> Vec<u8> {
         // Serializing plain data into a Vec cannot fail.
         serde_json::to_vec(self).unwrap_or_default()
@@ -134,7 +199,7 @@ impl DeviceRecord {
         };
         Twin {
             device_id: self.device_id.clone(),
-            module_id: None,
+            module_id: self.module_id.clone(),
             etag: Some(self.twin_etag()),
             device_etag: Some(self.device_etag()),
             status: Some(self.status),

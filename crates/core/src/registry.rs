@@ -20,6 +20,7 @@ use crate::error::{Error, Result};
 use crate::hub::Hub;
 use crate::hub_events::Lifecycle;
 use crate::keys;
+use crate::modules::module_deletion_writes;
 use crate::record::{DeviceRecord, StoredAuth, TwinState, if_match_value};
 use crate::twin_doc::{self, Section, SectionKind};
 
@@ -188,10 +189,12 @@ fn resolve_auth(
     }
 }
 
-fn new_record(device_id: &str, spec: &DeviceSpec, now: &str) -> Result<DeviceRecord> {
+pub(crate) fn new_record(device_id: &str, spec: &DeviceSpec, now: &str) -> Result<DeviceRecord> {
     validate_spec(spec)?;
     Ok(DeviceRecord {
         device_id: device_id.to_string(),
+        module_id: None,
+        managed_by: None,
         generation_id: keys::generation_id(),
         // Not 1: a device deleted and re-created under the same id must not repeat its
         // predecessor's etags, or an If-Match taken from the old one would match the new.
@@ -218,7 +221,7 @@ fn new_record(device_id: &str, spec: &DeviceSpec, now: &str) -> Result<DeviceRec
 /// Applies an identity update; returns whether a live session must end: the device is now
 /// disabled, or its credentials changed (a session signed in with the old ones must not
 /// outlive a key rotation).
-fn update_record(rec: &mut DeviceRecord, spec: &DeviceSpec, now: &str) -> Result<bool> {
+pub(crate) fn update_record(rec: &mut DeviceRecord, spec: &DeviceSpec, now: &str) -> Result<bool> {
     validate_spec(spec)?;
     let auth = resolve_auth(spec.authentication.as_ref(), Some(&rec.auth))?;
     let credentials_changed = auth != rec.auth;
@@ -236,7 +239,7 @@ fn update_record(rec: &mut DeviceRecord, spec: &DeviceSpec, now: &str) -> Result
     Ok(rec.status == DeviceStatus::Disabled || credentials_changed)
 }
 
-fn check_etag(if_match: Option<&str>, actual: &str, what: &str) -> Result<()> {
+pub(crate) fn check_etag(if_match: Option<&str>, actual: &str, what: &str) -> Result<()> {
     match if_match_value(if_match) {
         Some(expected) if expected != actual => Err(Error::precondition_failed(what)),
         _ => Ok(()),
@@ -299,19 +302,25 @@ impl Hub {
 
     /// The Device document, with the live connection state and queue depth.
     pub(crate) fn render_device(&self, rec: &DeviceRecord) -> Device {
-        let mut device = rec.to_device(self.directory.is_connected(&rec.device_id));
+        let mut device = rec.to_device(self.directory.is_connected(&rec.key()));
         device.cloud_to_device_message_count = Some(self.c2d.depth(&rec.device_id));
         device
     }
 
     /// The Twin document, with the live connection state and queue depth.
     pub(crate) fn render_twin(&self, rec: &DeviceRecord) -> twinhub_proto::model::Twin {
-        let mut twin = rec.to_twin(self.directory.is_connected(&rec.device_id));
-        twin.cloud_to_device_message_count = Some(self.c2d.depth(&rec.device_id));
+        let mut twin = rec.to_twin(self.directory.is_connected(&rec.key()));
+        // Cloud-to-device queues are a device's; a module has none.
+        twin.cloud_to_device_message_count = Some(if rec.is_module() {
+            0
+        } else {
+            self.c2d.depth(&rec.device_id)
+        });
         twin
     }
 
     pub async fn get_device(&self, device_id: &str) -> Result<Device> {
+        validate_device_id(device_id)?;
         let rec = self.load_existing(device_id).await?;
         Ok(self.render_device(&rec))
     }
@@ -323,6 +332,7 @@ impl Hub {
 
     /// `DELETE /devices/{id}`.
     pub async fn delete_device(&self, device_id: &str, if_match: Option<&str>) -> Result<()> {
+        validate_device_id(device_id)?;
         let guard = self.locks.lock(device_id).await;
         let rec = self.load_existing(device_id).await?;
         check_etag(if_match, &rec.device_etag(), "device")?;
@@ -331,14 +341,26 @@ impl Hub {
             Write::delete(Table::Sessions, device_id),
         ];
         writes.extend(self.c2d_deletion_writes(device_id));
+        let modules = self.module_records(device_id).await?;
+        let mut module_guards = Vec::with_capacity(modules.len());
+        for m in &modules {
+            module_guards.push(self.locks.lock(&m.key()).await);
+        }
+        writes.extend(modules.iter().flat_map(module_deletion_writes));
         self.store.commit(writes).await?;
         self.c2d_forget(device_id);
         self.counts.remove(rec.status);
         self.close_device_session(device_id, CloseReason::DeviceDisabled);
         self.redelivery.forget(device_id);
-        let event = self.lifecycle_event(&rec, &keys::now_text(), Lifecycle::Deleted);
+        let now = keys::now_text();
+        let mut events: Vec<_> = modules
+            .iter()
+            .filter_map(|m| self.forget_module(m, &now))
+            .collect();
+        events.extend(self.lifecycle_event(&rec, &now, Lifecycle::Deleted));
+        drop(module_guards);
         drop(guard);
-        self.emit(event).await;
+        self.emit_concurrently(events).await;
         Ok(())
     }
 
@@ -411,6 +433,7 @@ impl Hub {
         let mut effects: Vec<Effect> = Vec::new();
         let lifecycle = self.wants_lifecycle_events();
         let mut events = Vec::new();
+        let mut deleted_modules = Vec::new();
         for op in ops {
             let existing = self.load(&op.id).await?;
             let before = existing.as_ref().map(|r| r.status);
@@ -441,6 +464,12 @@ impl Hub {
                     writes.push(Write::delete(Table::Devices, op.id.clone()));
                     writes.push(Write::delete(Table::Sessions, op.id.clone()));
                     writes.extend(self.c2d_deletion_writes(&op.id));
+                    let modules = self.module_records(&op.id).await?;
+                    for m in &modules {
+                        guards.push(self.locks.lock(&m.key()).await);
+                    }
+                    writes.extend(modules.iter().flat_map(module_deletion_writes));
+                    deleted_modules.extend(modules);
                     effects.push(Effect {
                         id: op.id.clone(),
                         before,
@@ -460,6 +489,11 @@ impl Hub {
         if !writes.is_empty() {
             self.store.commit(writes).await?;
         }
+        events.extend(
+            deleted_modules
+                .iter()
+                .filter_map(|m| self.forget_module(m, &now)),
+        );
         for e in effects {
             match (e.before, e.after) {
                 (None, Some(s)) => self.counts.add(s),

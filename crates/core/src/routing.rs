@@ -376,7 +376,7 @@ impl Hub {
     pub async fn test_route(&self, source: Source, message: &Message) -> Result<RouteTest> {
         let router = self.routing.router();
         let twin = if router.needs_twin(source) {
-            self.routing_twin(&message.stamp.device_id).await?
+            self.routing_twin(&message.stamp.identity_key()).await?
         } else {
             None
         };
@@ -404,24 +404,26 @@ impl Hub {
     /// Routes one system event (built by `hub_events`) after the operation it reports has
     /// committed. A failure to keep it is logged, not returned: the operation stands.
     pub(crate) async fn emit_event(&self, source: Source, message: Message) {
-        let device_id = message.stamp.device_id.clone();
+        let device_id = message.stamp.identity_key();
         if let Err(e) = self.route_messages(source, &device_id, vec![message]).await {
             tracing::warn!(source = source.as_str(), %device_id, "a system event was not kept: {}", e.message());
         }
     }
 
-    /// Routes `messages` of one device from `source` and appends each to every endpoint its
-    /// decision names, in order per endpoint; returns once every append is durable. Messages
-    /// no route takes are dropped and counted, as IoT Hub drops them.
+    /// Routes `messages` of one identity (`key`: a device id or `deviceId/moduleId`) from
+    /// `source` and appends each to every endpoint its decision names, in order per endpoint;
+    /// returns once every append is durable. Messages no route takes are dropped and counted,
+    /// as IoT Hub drops them.
     pub(crate) async fn route_messages(
         &self,
         source: Source,
-        device_id: &str,
+        key: &str,
         messages: Vec<Message>,
     ) -> Result<()> {
         let router = self.routing.router();
+        let (device_id, _) = crate::record::split_identity(key);
         let twin = if router.needs_twin(source) {
-            self.routing_twin(device_id).await?
+            self.routing_twin(key).await?
         } else {
             None
         };

@@ -32,25 +32,96 @@ pub struct SessionStart {
     pub generation_id: String,
 }
 
+/// What a connecting identity presents: a SAS token as the CONNECT password, a client
+/// certificate chain from the TLS handshake, or both (the identity's authentication type picks
+/// which one counts).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Credentials<'a> {
+    pub password: Option<&'a str>,
+    /// DER certificates, leaf first; empty when the client presented none.
+    pub certificates: &'a [Vec<u8>],
+}
+
+/// Names an identity key in messages: `device 'd'` or `module 'm' of device 'd'`.
+pub(crate) fn describe(key: &str) -> String {
+    match crate::record::split_identity(key) {
+        (d, Some(m)) => format!("Module '{m}' of device '{d}'"),
+        (d, None) => format!("Device '{d}'"),
+    }
+}
+
 impl Hub {
-    /// The record of a device that may sign in with a SAS token: registered, enabled, of the
-    /// SAS authentication type.
-    async fn sas_device(&self, device_id: &str) -> Result<DeviceRecord> {
-        let rec = self.load(device_id).await?.ok_or_else(|| {
-            Error::unauthorized(format!("Device '{device_id}' is not registered"))
-        })?;
+    /// The record of an identity that may sign in: registered and enabled. A module is
+    /// refused when its device is disabled, as IoT Hub does.
+    async fn enabled_identity(&self, key: &str) -> Result<DeviceRecord> {
+        let rec = self
+            .load(key)
+            .await?
+            .ok_or_else(|| Error::unauthorized(format!("{} is not registered", describe(key))))?;
         if rec.status != DeviceStatus::Enabled {
             return Err(Error::unauthorized(format!(
-                "Device '{device_id}' is disabled"
+                "{} is disabled",
+                describe(key)
             )));
         }
+        if rec.is_module() {
+            let device = self.load(&rec.device_id).await?;
+            if device.is_none_or(|d| d.status != DeviceStatus::Enabled) {
+                return Err(Error::unauthorized(format!(
+                    "{} belongs to a disabled or missing device",
+                    describe(key)
+                )));
+            }
+        }
+        Ok(rec)
+    }
+
+    /// The record of a device that may sign in with a SAS token: registered, enabled, of the
+    /// SAS authentication type.
+    async fn sas_device(&self, key: &str) -> Result<DeviceRecord> {
+        let rec = self.enabled_identity(key).await?;
         if rec.auth.auth_type != AuthenticationType::Sas {
             return Err(Error::unauthorized(format!(
-                "Device '{device_id}' uses {:?} authentication, which needs a client certificate",
+                "{} uses {:?} authentication, which needs a client certificate",
+                describe(key),
                 rec.auth.auth_type
             )));
         }
         Ok(rec)
+    }
+
+    /// Checks `credentials` against the identity's authentication type; returns when they
+    /// stop being valid (the token's expiry or the certificate's notAfter, unix seconds).
+    fn check_credentials(&self, rec: &DeviceRecord, credentials: Credentials<'_>) -> Result<u64> {
+        let key = rec.key();
+        match rec.auth.auth_type {
+            AuthenticationType::Sas => {
+                let password = credentials.password.ok_or_else(|| {
+                    Error::unauthorized("CONNECT carries no password (SAS token)")
+                })?;
+                self.auth.authenticate_device(
+                    &key,
+                    rec.auth.primary_key.as_deref(),
+                    rec.auth.secondary_key.as_deref(),
+                    password,
+                    keys::now_unix(),
+                )
+            }
+            AuthenticationType::SelfSigned | AuthenticationType::CertificateAuthority => {
+                if credentials.certificates.is_empty() {
+                    return Err(Error::unauthorized(format!(
+                        "{} uses {:?} authentication and the client presented no certificate",
+                        describe(&key),
+                        rec.auth.auth_type
+                    )));
+                }
+                self.verify_client_certificate(rec, credentials.certificates)
+            }
+            AuthenticationType::None => Err(Error::unauthorized(format!(
+                "{} has no credentials (authentication type none)",
+                describe(&key)
+            ))),
+        }
     }
 
     /// Authenticates a device's HTTPS request (its `Authorization` SAS token, signed with the
@@ -60,6 +131,8 @@ impl Hub {
         device_id: &str,
         authorization: Option<&str>,
     ) -> Result<String> {
+        crate::registry::validate_device_id(device_id)
+            .map_err(|e| Error::unauthorized(e.message().to_owned()))?;
         let rec = self.sas_device(device_id).await?;
         let token = authorization
             .ok_or_else(|| Error::unauthorized("The request carries no Authorization header"))?;
@@ -73,43 +146,30 @@ impl Hub {
         Ok(rec.generation_id)
     }
 
-    /// Authenticates a device's CONNECT and registers its session. A failure's code says
-    /// what the device is told: IotHubUnauthorizedAccess is "not authorized", throttling and
-    /// store faults are "server unavailable" (the device retries); the message says why, for
-    /// the log.
+    /// Authenticates an identity's CONNECT and registers its session. `device_id` is the
+    /// identity key (`deviceId` or `deviceId/moduleId`). A failure's code says what the
+    /// device is told: IotHubUnauthorizedAccess is "not authorized", throttling and store
+    /// faults are "server unavailable" (the device retries); the message says why, for the
+    /// log.
     pub async fn connect_device(
         &self,
         device_id: &str,
-        password: Option<&str>,
+        credentials: Credentials<'_>,
         clean_session: bool,
         handle: SessionHandle,
     ) -> Result<SessionStart> {
-        let rec = self.sas_device(device_id).await?;
-        let password = password
-            .ok_or_else(|| Error::unauthorized("CONNECT carries no password (SAS token)"))?;
+        let rec = self.enabled_identity(device_id).await?;
         self.throttles.connect(device_id)?;
         let auth_checked = rec.auth.clone();
-        let token_expiry = self.auth.authenticate_device(
-            device_id,
-            rec.auth.primary_key.as_deref(),
-            rec.auth.secondary_key.as_deref(),
-            password,
-            keys::now_unix(),
-        )?;
+        let token_expiry = self.check_credentials(&rec, credentials)?;
 
         let guard = self.locks.lock(device_id).await;
         // Reload under the lock: the device may have changed since the check above.
-        let mut rec = self.load(device_id).await?.ok_or_else(|| {
-            Error::unauthorized(format!("Device '{device_id}' is not registered"))
-        })?;
-        if rec.status != DeviceStatus::Enabled {
-            return Err(Error::unauthorized(format!(
-                "Device '{device_id}' is disabled"
-            )));
-        }
+        let mut rec = self.enabled_identity(device_id).await?;
         if rec.auth != auth_checked {
             return Err(Error::unauthorized(format!(
-                "Device '{device_id}' changed its credentials while connecting"
+                "{} changed its credentials while connecting",
+                describe(device_id)
             )));
         }
         let previous = match self.store.get(Table::Sessions, device_id).await? {
@@ -119,7 +179,7 @@ impl Hub {
         let now = keys::now_text();
         rec.connection_state_updated_time = now.clone();
         rec.last_activity_time = now.clone();
-        let mut writes = vec![Write::put(Table::Devices, device_id, rec.encode())];
+        let mut writes = vec![rec.write()];
         if clean_session && previous.is_some() {
             writes.push(Write::delete(Table::Sessions, device_id));
         }
@@ -196,7 +256,7 @@ impl Hub {
         };
         rec.connection_state_updated_time = now.to_owned();
         rec.last_activity_time = now.to_owned();
-        let mut writes = vec![Write::put(Table::Devices, device_id, rec.encode())];
+        let mut writes = vec![rec.write()];
         if clean_session {
             writes.push(Write::delete(Table::Sessions, device_id));
         }

@@ -179,11 +179,11 @@ impl Hub {
         )
     }
 
-    /// [`Hub::prepare_telemetry`] for a device known by id and generation (the HTTPS
-    /// endpoint, which has no session).
+    /// [`Hub::prepare_telemetry`] for an identity known by key (`deviceId` or
+    /// `deviceId/moduleId`) and generation (the HTTPS endpoint, which has no session).
     pub fn prepare_device_telemetry(
         &self,
-        device_id: &str,
+        key: &str,
         generation_id: &str,
         property_bag: &str,
         body: Vec<u8>,
@@ -200,9 +200,10 @@ impl Hub {
                 .application
                 .push(("iothub-MessageType".to_owned(), Some("Will".to_owned())));
         }
+        let (device_id, module_id) = crate::record::split_identity(key);
         message.stamp = Stamp {
             device_id: device_id.to_owned(),
-            module_id: None,
+            module_id: module_id.map(str::to_owned),
             auth_method: AUTH_METHOD_DEVICE_SAS.to_owned(),
             generation_id: generation_id.to_owned(),
             source: SOURCE_TELEMETRY.to_owned(),
@@ -215,8 +216,9 @@ impl Hub {
 
     /// Appends one device's prepared messages, in order, to its partition of the built-in
     /// endpoint, or routes them when routes or enrichments are configured; returns once they
-    /// are durable. A failure acknowledges nothing.
-    pub async fn append_telemetry(&self, device_id: &str, events: Vec<NewEvent>) -> Result<()> {
+    /// are durable. A failure acknowledges nothing. `key` names the sending identity; a
+    /// module's messages go to its device's partition.
+    pub async fn append_telemetry(&self, key: &str, events: Vec<NewEvent>) -> Result<()> {
         let count = events.len() as u64;
         let router = self.routing.router();
         if router.has_routes() || !router.config().enrichments.is_empty() {
@@ -224,12 +226,13 @@ impl Hub {
                 .iter()
                 .map(|e| Message::decode(&e.data).map_err(message_error))
                 .collect::<Result<Vec<_>>>()?;
-            self.route_messages(twinhub_routing::Source::DeviceMessages, device_id, messages)
+            self.route_messages(twinhub_routing::Source::DeviceMessages, key, messages)
                 .await?;
             metrics::counter!("twinhub_d2c_messages_total").increment(count);
             return Ok(());
         }
         let log = &self.events.log;
+        let (device_id, _) = crate::record::split_identity(key);
         let partition = partition_for(device_id, log.partition_count());
         log.append(partition, events).await.map_err(log_error)?;
         metrics::counter!("twinhub_d2c_messages_total").increment(count);

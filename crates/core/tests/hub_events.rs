@@ -249,7 +249,10 @@ async fn connect(hub: &Hub, device: &Device) -> (SessionHandle, String) {
     let start = hub
         .connect_device(
             &device.device_id,
-            Some(&token(device)),
+            twinhub_core::sessions::Credentials {
+                password: Some(&token(device)),
+                certificates: &[],
+            },
             true,
             handle.clone(),
         )

@@ -57,6 +57,16 @@ pub struct Stamp {
     pub data_schema: Option<String>,
 }
 
+impl Stamp {
+    /// The sender's identity key: `deviceId`, or `deviceId/moduleId` for a module.
+    pub fn identity_key(&self) -> String {
+        match &self.module_id {
+            Some(m) => format!("{}/{m}", self.device_id),
+            None => self.device_id.clone(),
+        }
+    }
+}
+
 /// One device-to-cloud message.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Message {

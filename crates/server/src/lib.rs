@@ -480,7 +480,20 @@ async fn accept_loop(
             };
             match &*kind {
                 Listener::Mqtt(ctx) => {
-                    mqtt::run_session(ctx.clone(), tls, peer.to_string(), unauthenticated).await
+                    let certificates = tls
+                        .get_ref()
+                        .1
+                        .peer_certificates()
+                        .map(|chain| chain.iter().map(|c| c.as_ref().to_vec()).collect())
+                        .unwrap_or_default();
+                    mqtt::run_session(
+                        ctx.clone(),
+                        tls,
+                        peer.to_string(),
+                        certificates,
+                        unauthenticated,
+                    )
+                    .await
                 }
                 Listener::Amqp(ctx) => {
                     amqp::serve_connection(ctx.clone(), tls, peer.to_string(), unauthenticated)

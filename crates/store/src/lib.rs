@@ -35,11 +35,14 @@ pub enum Table {
     CloudMessages,
     /// Delivery feedback records waiting for the service, keyed by `{sequence, 16 hex}`.
     Feedback,
+    /// Module identities with their twins, keyed by `{deviceId}/{moduleId}` (ids never hold
+    /// a '/'), so a device's modules sort together.
+    Modules,
 }
 
 impl Table {
     /// Every table, in a stable order.
-    pub const ALL: [Table; 8] = [
+    pub const ALL: [Table; 9] = [
         Table::Meta,
         Table::Devices,
         Table::Sessions,
@@ -48,6 +51,7 @@ impl Table {
         Table::Quarantine,
         Table::CloudMessages,
         Table::Feedback,
+        Table::Modules,
     ];
 
     /// The table's stable on-disk name.
@@ -61,6 +65,7 @@ impl Table {
             Table::Quarantine => "quarantine",
             Table::CloudMessages => "c2d",
             Table::Feedback => "c2d_feedback",
+            Table::Modules => "modules",
         }
     }
 }

@@ -35,7 +35,7 @@ pub async fn serve_websocket(
 ) {
     let tracker = ctx.tracker.clone();
     crate::ws::bridge(socket, &tracker, move |io| {
-        run_session(ctx, io, "websocket".to_string(), admission)
+        run_session(ctx, io, "websocket".to_string(), Vec::new(), admission)
     })
     .await;
 }

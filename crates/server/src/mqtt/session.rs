@@ -20,7 +20,9 @@ use twinhub_core::directory::{
 };
 use twinhub_core::logsafe::{RateLimit, Shown};
 use twinhub_core::methods::MAX_METHOD_PAYLOAD;
+use twinhub_core::record::identity_key;
 use twinhub_core::redelivery::TwinAnswer;
+use twinhub_core::sessions::Credentials;
 use twinhub_core::telemetry::Origin;
 use twinhub_core::twins::{PatchOutcome, SessionRef, TwinRequest};
 use twinhub_core::{Error, keys};
@@ -112,10 +114,13 @@ fn twin_answer_packet(rid: &str, answer: &TwinAnswer) -> (String, Bytes) {
 
 /// Runs one device connection over any byte stream until it ends. `admission` is held until
 /// the device has authenticated: it counts toward the hub's cap on unauthenticated peers.
+/// `certificates` is the client certificate chain the TLS handshake received (DER, leaf
+/// first; empty when the client sent none): what an X.509 identity signs in with.
 pub async fn run_session<S>(
     ctx: SessionContext,
     io: S,
     peer: String,
+    certificates: Vec<Vec<u8>>,
     admission: Option<OwnedSemaphorePermit>,
 ) where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
@@ -177,7 +182,10 @@ pub async fn run_session<S>(
         .hub
         .connect_device(
             &device_id,
-            password.as_deref(),
+            Credentials {
+                password: password.as_deref(),
+                certificates: &certificates,
+            },
             connect.clean_session,
             handle.clone(),
         )
@@ -309,10 +317,20 @@ fn check_connect(c: &Connect) -> Result<String, (ConnectReturnCode, String)> {
             ),
         ));
     }
-    if c.client_id.contains('/') {
+    // `deviceId` or `deviceId/moduleId`: the client id is the identity key.
+    let (device, module) = match c.client_id.split_once('/') {
+        Some((d, m)) => (d, Some(m)),
+        None => (c.client_id.as_str(), None),
+    };
+    let valid = twinhub_proto::ids::validate_device_id(device).is_ok()
+        && module.is_none_or(|m| twinhub_proto::ids::validate_module_id(m).is_ok());
+    if !valid {
         return Err((
-            ConnectReturnCode::NotAuthorized,
-            "module identities are not served yet".into(),
+            ConnectReturnCode::IdentifierRejected,
+            format!(
+                "the client id {} is not a device or module id",
+                Shown(&c.client_id)
+            ),
         ));
     }
     Ok(c.client_id.clone())
@@ -815,16 +833,20 @@ impl<W: AsyncWrite + Unpin> Session<W> {
 
     fn check_filter(&self, filter: &str) -> Result<(), End> {
         match topic::parse_subscription(filter) {
+            // A module's key holds a '/', so it never equals a device id: modules have no
+            // cloud-to-device queue.
             Ok(Subscription::CloudToDevice { device_id }) if device_id != self.device_id => {
                 Err(because(format!(
-                    "subscribe to another device's topic {}",
+                    "subscribe to another identity's topic {}",
                     Shown(filter)
                 )))
             }
-            Ok(Subscription::ModuleInputs { .. }) => Err(because(format!(
-                "subscribe to module topic {} by a device identity",
-                Shown(filter)
-            ))),
+            Ok(Subscription::ModuleInputs {
+                device_id,
+                module_id,
+            }) if identity_key(&device_id, Some(&module_id)) != self.device_id => Err(because(
+                format!("subscribe to another identity's topic {}", Shown(filter)),
+            )),
             Ok(_) => Ok(()),
             Err(_) => Err(because(format!(
                 "subscribe to a topic filter the hub does not serve: {}",
@@ -877,7 +899,7 @@ impl<W: AsyncWrite + Unpin> Session<W> {
                 module_id,
                 properties,
             } => {
-                if device_id != self.device_id || module_id.is_some() {
+                if identity_key(device_id, module_id) != self.device_id {
                     self.flush_telemetry().await?;
                     return Err(because(format!(
                         "publish to another identity's topic {}",

@@ -1,4 +1,5 @@
-//! Registry routes: `/devices`, `/devices/{id}`, bulk import, and `/statistics/*`.
+//! Registry routes: `/devices`, `/devices/{id}`, bulk import, a device's modules
+//! (`/devices/{id}/modules[/{mid}]`), and `/statistics/*`.
 
 use std::collections::HashMap;
 
@@ -8,7 +9,7 @@ use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
-use twinhub_proto::model::{Device, ExportImportDevice};
+use twinhub_proto::model::{Device, ExportImportDevice, Module};
 
 use super::{
     ApiError, ApiResult, AppState, Authorized, Read, ServiceConnect, Write, detached, if_match,
@@ -19,6 +20,11 @@ pub fn routes() -> Router<AppState> {
     Router::new()
         .route("/devices", get(list).post(bulk))
         .route("/devices/{id}", get(get_one).put(put).delete(delete))
+        .route("/devices/{id}/modules", get(list_modules))
+        .route(
+            "/devices/{id}/modules/{mid}",
+            get(get_module).put(put_module).delete(delete_module),
+        )
         .route("/statistics/devices", get(registry_statistics))
         .route("/statistics/service", get(service_statistics))
 }
@@ -95,4 +101,47 @@ async fn registry_statistics(State(s): State<AppState>, _: Authorized<Read>) -> 
 
 async fn service_statistics(State(s): State<AppState>, _: Authorized<ServiceConnect>) -> ApiResult {
     Ok(ok_json(&s.hub.service_statistics()))
+}
+
+async fn list_modules(
+    State(s): State<AppState>,
+    _: Authorized<Read>,
+    Path(id): Path<String>,
+) -> ApiResult {
+    Ok(ok_json(&s.hub.list_modules(&id).await?))
+}
+
+async fn get_module(
+    State(s): State<AppState>,
+    _: Authorized<Read>,
+    Path((id, mid)): Path<(String, String)>,
+) -> ApiResult {
+    Ok(ok_json(&s.hub.get_module(&id, &mid).await?))
+}
+
+async fn put_module(
+    State(s): State<AppState>,
+    _: Authorized<Write>,
+    headers: HeaderMap,
+    Path((id, mid)): Path<(String, String)>,
+    body: Bytes,
+) -> ApiResult {
+    let module: Module = parse_json(&body)?;
+    let etag = if_match(&headers).map(str::to_owned);
+    let hub = s.hub.clone();
+    let module =
+        detached(async move { hub.put_module(&id, &mid, &module, etag.as_deref()).await }).await?;
+    Ok(ok_json(&module))
+}
+
+async fn delete_module(
+    State(s): State<AppState>,
+    _: Authorized<Write>,
+    headers: HeaderMap,
+    Path((id, mid)): Path<(String, String)>,
+) -> ApiResult {
+    let etag = if_match(&headers).map(str::to_owned);
+    let hub = s.hub.clone();
+    detached(async move { hub.delete_module(&id, &mid, etag.as_deref()).await }).await?;
+    Ok(StatusCode::NO_CONTENT.into_response())
 }

@@ -1,4 +1,7 @@
-//! Twin and direct-method routes: `/twins/{id}` and `/twins/{id}/methods`.
+//! Twin and direct-method routes: `/twins/{id}`, `/twins/{id}/methods`, and the same for a
+//! module under `/twins/{id}/modules/{mid}`. Handlers name an identity by its key
+//! (`twinhub_core::record::identity_key`), checked here so a device route never reaches a
+//! module.
 
 use axum::Router;
 use axum::body::Bytes;
@@ -9,9 +12,11 @@ use serde_json::Value;
 use twinhub_core::methods::MethodCall;
 use twinhub_proto::model::CloudToDeviceMethod;
 
+use twinhub_core::modules::module_key;
+
 use super::{
-    ApiResult, AppState, Authorized, ServiceConnect, detached, if_match, json_response, ok_json,
-    parse_json,
+    ApiError, ApiResult, AppState, Authorized, ServiceConnect, detached, if_match, json_response,
+    ok_json, parse_json,
 };
 
 pub fn routes() -> Router<AppState> {
@@ -21,6 +26,56 @@ pub fn routes() -> Router<AppState> {
             get(get_twin).patch(patch_twin).put(replace_twin),
         )
         .route("/twins/{id}/methods", post(invoke))
+        .route(
+            "/twins/{id}/modules/{mid}",
+            get(get_module_twin)
+                .patch(patch_module_twin)
+                .put(replace_module_twin),
+        )
+        .route("/twins/{id}/modules/{mid}/methods", post(invoke_module))
+}
+
+/// A device route's identity key: the id, checked to be a device id.
+fn device_key(id: &str) -> Result<String, ApiError> {
+    twinhub_core::registry::validate_device_id(id)?;
+    Ok(id.to_owned())
+}
+
+async fn get_module_twin(
+    State(s): State<AppState>,
+    _: Authorized<ServiceConnect>,
+    Path((id, mid)): Path<(String, String)>,
+) -> ApiResult {
+    Ok(ok_json(&s.hub.get_twin(&module_key(&id, &mid)?).await?))
+}
+
+async fn patch_module_twin(
+    s: State<AppState>,
+    _: Authorized<ServiceConnect>,
+    h: HeaderMap,
+    Path((id, mid)): Path<(String, String)>,
+    body: Bytes,
+) -> ApiResult {
+    write_identity_twin(s, h, module_key(&id, &mid)?, body, false).await
+}
+
+async fn replace_module_twin(
+    s: State<AppState>,
+    _: Authorized<ServiceConnect>,
+    h: HeaderMap,
+    Path((id, mid)): Path<(String, String)>,
+    body: Bytes,
+) -> ApiResult {
+    write_identity_twin(s, h, module_key(&id, &mid)?, body, true).await
+}
+
+async fn invoke_module(
+    s: State<AppState>,
+    _: Authorized<ServiceConnect>,
+    Path((id, mid)): Path<(String, String)>,
+    body: Bytes,
+) -> ApiResult {
+    invoke_identity(s, module_key(&id, &mid)?, body).await
 }
 
 async fn get_twin(
@@ -28,7 +83,7 @@ async fn get_twin(
     _: Authorized<ServiceConnect>,
     Path(id): Path<String>,
 ) -> ApiResult {
-    Ok(ok_json(&s.hub.get_twin(&id).await?))
+    Ok(ok_json(&s.hub.get_twin(&device_key(&id)?).await?))
 }
 
 async fn patch_twin(
@@ -53,10 +108,20 @@ async fn replace_twin(
 
 /// PATCH merges, PUT replaces; both go through `Hub::write_twin`.
 async fn write_twin(
-    State(s): State<AppState>,
+    s: State<AppState>,
     _: Authorized<ServiceConnect>,
     headers: HeaderMap,
     Path(id): Path<String>,
+    body: Bytes,
+    replace: bool,
+) -> ApiResult {
+    write_identity_twin(s, headers, device_key(&id)?, body, replace).await
+}
+
+async fn write_identity_twin(
+    State(s): State<AppState>,
+    headers: HeaderMap,
+    id: String,
     body: Bytes,
     replace: bool,
 ) -> ApiResult {
@@ -69,11 +134,15 @@ async fn write_twin(
 }
 
 async fn invoke(
-    State(s): State<AppState>,
+    s: State<AppState>,
     _: Authorized<ServiceConnect>,
     Path(id): Path<String>,
     body: Bytes,
 ) -> ApiResult {
+    invoke_identity(s, device_key(&id)?, body).await
+}
+
+async fn invoke_identity(State(s): State<AppState>, id: String, body: Bytes) -> ApiResult {
     let request: CloudToDeviceMethod = parse_json(&body)?;
     let call = MethodCall::from_request(&request)?;
     let started = std::time::Instant::now();
