@@ -156,6 +156,11 @@ impl Default for Directory {
     }
 }
 
+/// Sessions are keyed by identity key; a module's holds a '/'.
+fn is_module_key(key: &str) -> bool {
+    key.contains('/')
+}
+
 impl Directory {
     fn shard(&self, device_id: &str) -> &Shard {
         &self.shards[self.shard_index(device_id)]
@@ -168,7 +173,7 @@ impl Directory {
             .write()
             .unwrap_or_else(|e| e.into_inner())
             .insert(device_id.to_string(), handle);
-        if old.is_none() {
+        if old.is_none() && !is_module_key(device_id) {
             self.connected.fetch_add(1, Ordering::Relaxed);
         }
         self.wake(device_id);
@@ -187,7 +192,9 @@ impl Directory {
             .is_some_and(|h| h.connection_id == connection_id)
         {
             shard.remove(device_id);
-            self.connected.fetch_sub(1, Ordering::Relaxed);
+            if !is_module_key(device_id) {
+                self.connected.fetch_sub(1, Ordering::Relaxed);
+            }
             true
         } else {
             false
@@ -209,6 +216,7 @@ impl Directory {
             .contains_key(device_id)
     }
 
+    /// Connected devices (IoT Hub's `connectedDeviceCount`); module sessions are not counted.
     pub fn connected_count(&self) -> usize {
         self.connected.load(Ordering::Relaxed)
     }

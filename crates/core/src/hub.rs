@@ -171,23 +171,24 @@ impl Hub {
         hub.load_consumer_groups().await?;
         hub.load_c2d().await?;
         hub.load_routing(&options.routing).await?;
-        let mut after: Option<String> = None;
-        let mut bad = Vec::new();
-        loop {
-            let page = hub
-                .store
-                .scan(Table::Devices, after.as_deref(), 1000)
-                .await?;
-            let Some((last, _)) = page.last() else { break };
-            after = Some(last.clone());
-            for (key, bytes) in &page {
-                match DeviceRecord::decode(bytes) {
-                    Ok(rec) => hub.counts.add(rec.status),
-                    Err(_) => bad.push((key.clone(), bytes.clone())),
+        for table in [Table::Devices, Table::Modules] {
+            let mut after: Option<String> = None;
+            let mut bad = Vec::new();
+            loop {
+                let page = hub.store.scan(table, after.as_deref(), 1000).await?;
+                let Some((last, _)) = page.last() else { break };
+                after = Some(last.clone());
+                for (key, bytes) in &page {
+                    match DeviceRecord::decode(bytes) {
+                        // The registry's counts are of devices; modules are not counted.
+                        Ok(rec) if table == Table::Devices => hub.counts.add(rec.status),
+                        Ok(_) => {}
+                        Err(_) => bad.push((key.clone(), bytes.clone())),
+                    }
                 }
             }
+            hub.quarantine(table, bad).await?;
         }
-        hub.quarantine(Table::Devices, bad).await?;
         let bad_jobs = crate::jobs::undecodable_jobs(&hub).await?;
         hub.quarantine(Table::Jobs, bad_jobs).await?;
         let hub = Arc::new(hub);

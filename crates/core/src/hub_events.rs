@@ -326,11 +326,10 @@ impl Hub {
         if !self.wants_lifecycle_events() {
             return None;
         }
-        let op_type = match (op, rec.is_module()) {
-            (Lifecycle::Created, false) => "createDeviceIdentity",
-            (Lifecycle::Deleted, false) => "deleteDeviceIdentity",
-            (Lifecycle::Created, true) => "createModuleIdentity",
-            (Lifecycle::Deleted, true) => "deleteModuleIdentity",
+        // Modules too: a real hub's module events carry these with a `moduleId` property.
+        let op_type = match op {
+            Lifecycle::Created => "createDeviceIdentity",
+            Lifecycle::Deleted => "deleteDeviceIdentity",
         };
         Some(self.device_event(LIFECYCLE, op_type, rec, operation_time, &twin_body(rec)))
     }
