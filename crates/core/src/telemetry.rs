@@ -9,7 +9,7 @@ use std::sync::{Arc, RwLock};
 use twinhub_eventlog::{EventLog, NewEvent, partition_for};
 use twinhub_proto::error::ErrorCode;
 use twinhub_proto::message::{
-    AUTH_METHOD_DEVICE_SAS, Message, MessageError, SOURCE_TELEMETRY, Stamp,
+    AUTH_METHOD_DEVICE_SAS, AUTH_METHOD_MODULE_SAS, Message, MessageError, SOURCE_TELEMETRY, Stamp,
 };
 use twinhub_store::{Table, Write};
 
@@ -204,7 +204,12 @@ impl Hub {
         message.stamp = Stamp {
             device_id: device_id.to_owned(),
             module_id: module_id.map(str::to_owned),
-            auth_method: AUTH_METHOD_DEVICE_SAS.to_owned(),
+            auth_method: if module_id.is_some() {
+                AUTH_METHOD_MODULE_SAS
+            } else {
+                AUTH_METHOD_DEVICE_SAS
+            }
+            .to_owned(),
             generation_id: generation_id.to_owned(),
             source: SOURCE_TELEMETRY.to_owned(),
             data_schema: origin.model_id.map(str::to_owned),

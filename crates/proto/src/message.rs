@@ -16,6 +16,10 @@ pub const SOURCE_TELEMETRY: &str = "Telemetry";
 pub const AUTH_METHOD_DEVICE_SAS: &str =
     r#"{"scope":"device","type":"sas","issuer":"iothub","acceptingIpFilterRule":null}"#;
 
+/// The auth method annotation of a module that signed in with a SAS token.
+pub const AUTH_METHOD_MODULE_SAS: &str =
+    r#"{"scope":"module","type":"sas","issuer":"iothub","acceptingIpFilterRule":null}"#;
+
 /// System properties a device may set, each from its `$.` key in the property bag.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct SystemProperties {
