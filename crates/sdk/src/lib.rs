@@ -81,23 +81,35 @@
 //! device.close().await;
 //! # Ok(()) }
 //! ```
+//!
+//! # Modules and certificates
+//!
+//! [`ModuleClient`] is the same client for a module identity (`HostName=..;DeviceId=..;
+//! ModuleId=..;SharedAccessKey=..`): methods, the module twin, desired patches and telemetry
+//! stamped with the module id; no cloud-to-device messages. The service side manages modules
+//! with [`ServiceClient::create_module`] and its siblings in [`modules`]. Either client signs in
+//! with an X.509 certificate instead of a key through
+//! [`ClientBuilder::x509_certificate`] (or [`DeviceClient::x509_builder`] and
+//! [`ModuleClient::x509_builder`]).
 
 mod amqp;
 pub mod c2d;
 pub mod device;
 mod error;
 pub mod events;
+pub mod modules;
 pub mod routing;
 pub mod service;
 
 pub use c2d::{Ack, C2dMessage, FeedbackBatch, FeedbackReceiver, FeedbackRecord, FeedbackStatus};
 pub use device::{
-    CloudToDeviceMessage, CloudToDeviceMessages, ConnectionState, DesiredPatch, DesiredPatches,
-    DeviceClient, DeviceClientBuilder, DeviceTwin, MethodRequest, MethodRequests, MethodResponse,
-    Transport,
+    ClientBuilder, CloudToDeviceMessage, CloudToDeviceMessages, ConnectionState, DesiredPatch,
+    DesiredPatches, DeviceClient, DeviceClientBuilder, DeviceTwin, MethodRequest, MethodRequests,
+    MethodResponse, ModuleClient, ModuleClientBuilder, Transport,
 };
 pub use error::{Error, Result};
 pub use events::{Event, EventStream, EventsClient, EventsClientBuilder, StartPosition};
+pub use modules::NewModule;
 pub use service::{
     METHOD_JOB, NewDevice, QueryPage, QueryPages, ServiceClient, ServiceClientBuilder, TWIN_JOB,
 };

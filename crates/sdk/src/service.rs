@@ -268,7 +268,7 @@ impl ServiceClient {
         Some(serde_json::to_vec(value).unwrap_or_default())
     }
 
-    fn if_match(etag: Option<&str>) -> Vec<(&'static str, String)> {
+    pub(crate) fn if_match(etag: Option<&str>) -> Vec<(&'static str, String)> {
         let tag = etag.unwrap_or("*");
         let quoted = if tag.starts_with('"') {
             tag.to_string()

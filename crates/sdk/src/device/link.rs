@@ -116,8 +116,8 @@ pub(crate) struct Link {
     /// Bytes read after CONNACK that belong to the next packets.
     pub inbuf: BytesMut,
     pub session_present: bool,
-    /// When the connection's token must be replaced.
-    pub renew_at: Instant,
+    /// When the connection's token must be replaced (never for a certificate).
+    pub renew_at: Option<Instant>,
 }
 
 /// Dials, upgrades, authenticates; one attempt, bounded by the connect timeout.
@@ -153,17 +153,17 @@ async fn attempt(settings: &Settings) -> Result<Link> {
     };
 
     let token = settings.sign()?;
-    let renew_at = Instant::now() + settings.renew_after();
+    let renew_at = settings.renew_after().map(|after| Instant::now() + after);
     let connect = Connect {
         protocol_name: "MQTT".into(),
         protocol_level: 4,
         // IoT Hub keeps subscriptions across connections only for persistent sessions.
         clean_session: false,
         keep_alive: u16::try_from(settings.keep_alive.as_secs()).unwrap_or(u16::MAX),
-        client_id: settings.device_id.clone(),
+        client_id: settings.client_id(),
         will: None,
         username: Some(settings.username()),
-        password: Some(Bytes::from(token)),
+        password: token.map(Bytes::from),
     };
     let mut out = BytesMut::with_capacity(512);
     twinhub_mqtt::encode(&Packet::Connect(connect), &mut out)
@@ -214,7 +214,7 @@ fn accepted(ack: ConnAck) -> Result<()> {
             "bad user name or password (CONNACK 4)".into(),
         )),
         ConnectReturnCode::NotAuthorized => Err(Error::NotAuthorized(
-            "not authorized (CONNACK 5): check the key and that the device is enabled".into(),
+            "not authorized (CONNACK 5): check the key or certificate and that the identity is enabled".into(),
         )),
         ConnectReturnCode::ServerUnavailable => Err(Error::Unreachable(
             "the hub is unavailable (CONNACK 3)".into(),

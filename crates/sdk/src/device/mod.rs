@@ -1,19 +1,22 @@
 //! The device client: IoT Hub's device-side MQTT protocol (direct methods, twins, desired
 //! property patches, telemetry) against twinhub or Azure IoT Hub, over MQTT/TLS or MQTT over
-//! WebSockets.
+//! WebSockets, signed in with a SAS key or an X.509 certificate.
 //!
 //! [`DeviceClient`] is a cheap handle; the connection belongs to one background task
 //! (`task`) that the handle feeds with commands. `settings` resolves the connection string
 //! and TLS trust once, `link` dials and authenticates one connection, `messages` holds the
-//! values the application sees, and `backoff` paces reconnects.
+//! values the application sees, and `backoff` paces reconnects. `module` is the
+//! [`ModuleClient`]: the same client for a module identity, without cloud-to-device messages.
 
 pub(crate) mod backoff;
 mod link;
 mod messages;
+mod module;
 pub(crate) mod settings;
 mod task;
 
 use std::future::Future;
+use std::marker::PhantomData;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -27,8 +30,9 @@ pub use messages::{
     CloudToDeviceMessage, CloudToDeviceMessages, ConnectionState, DesiredPatch, DesiredPatches,
     DeviceTwin, MethodRequest, MethodRequests, MethodResponse,
 };
-use settings::Settings;
+pub use module::{ModuleClient, ModuleClientBuilder};
 pub use settings::Transport;
+use settings::{ClientCertificate, Credential, Settings};
 use task::{Command, Handler, Outbound, Shared, Task, TwinReply, TwinRequest};
 
 /// Cloud-to-device messages buffered for the application at most.
@@ -46,9 +50,12 @@ const METHOD_QUEUE: usize = 64;
 /// it gets the whole document once it reads again.
 pub const DESIRED_QUEUE: usize = 1024;
 
-/// Builds a [`DeviceClient`]; start with [`DeviceClient::builder`].
+/// Builds a [`DeviceClient`] ([`DeviceClientBuilder`]) or a [`ModuleClient`]
+/// ([`ModuleClientBuilder`]); start with [`DeviceClient::builder`] or
+/// [`ModuleClient::builder`]. Both share every option: they differ only in the identity the
+/// connection string names.
 #[derive(Clone)]
-pub struct DeviceClientBuilder {
+pub struct ClientBuilder<C> {
     connection_string: String,
     extra_ca: Vec<Vec<u8>>,
     transport: Transport,
@@ -57,26 +64,85 @@ pub struct DeviceClientBuilder {
     sas_token_ttl: Duration,
     connect_timeout: Duration,
     operation_timeout: Duration,
+    certificate: Option<ClientCertificate>,
+    client: PhantomData<fn() -> C>,
 }
 
-impl std::fmt::Debug for DeviceClientBuilder {
+/// Builds a [`DeviceClient`]; start with [`DeviceClient::builder`].
+pub type DeviceClientBuilder = ClientBuilder<DeviceClient>;
+
+impl<C> std::fmt::Debug for ClientBuilder<C> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        // The connection string carries the device key.
-        f.debug_struct("DeviceClientBuilder")
+        // The connection string carries the key, and the certificate's key is a secret too.
+        f.debug_struct("ClientBuilder")
             .field("transport", &self.transport)
             .field("port", &self.port)
             .field("keep_alive", &self.keep_alive)
             .field("sas_token_ttl", &self.sas_token_ttl)
             .field("connect_timeout", &self.connect_timeout)
             .field("operation_timeout", &self.operation_timeout)
+            .field("x509", &self.certificate.is_some())
             .finish_non_exhaustive()
     }
 }
 
-impl DeviceClientBuilder {
+/// The kinds of client a [`ClientBuilder`] makes. Sealed: [`DeviceClient`] and
+/// [`ModuleClient`] only.
+pub trait BuiltClient: sealed::Sealed + Sized {
+    #[doc(hidden)]
+    const KIND: ConnectionStringKind;
+    #[doc(hidden)]
+    fn wrap(client: DeviceClient) -> Self;
+}
+
+mod sealed {
+    pub trait Sealed {}
+    impl Sealed for super::DeviceClient {}
+    impl Sealed for super::ModuleClient {}
+}
+
+impl BuiltClient for DeviceClient {
+    const KIND: ConnectionStringKind = ConnectionStringKind::Device;
+    fn wrap(client: DeviceClient) -> Self {
+        client
+    }
+}
+
+impl<C: BuiltClient> ClientBuilder<C> {
+    pub(crate) fn new(connection_string: String) -> Self {
+        ClientBuilder {
+            connection_string,
+            extra_ca: Vec::new(),
+            transport: Transport::Mqtt,
+            port: None,
+            keep_alive: Duration::from_secs(60),
+            sas_token_ttl: Duration::from_secs(3600),
+            connect_timeout: Duration::from_secs(30),
+            operation_timeout: Duration::from_secs(30),
+            certificate: None,
+            client: PhantomData,
+        }
+    }
+
     /// Trusts this CA (PEM text) in addition to the system roots, e.g. twinhub's dev CA.
     pub fn extra_ca_pem(mut self, pem: impl Into<Vec<u8>>) -> Self {
         self.extra_ca.push(pem.into());
+        self
+    }
+
+    /// Signs in with an X.509 client certificate instead of a SAS key: `chain_pem` holds the
+    /// identity's certificate first, then any intermediates; `key_pem` its private key (PKCS#8,
+    /// PKCS#1 or SEC1). The connection string then carries `x509=true` and no key; the MQTT
+    /// user name stays the same and CONNECT carries no password.
+    pub fn x509_certificate(
+        mut self,
+        chain_pem: impl Into<Vec<u8>>,
+        key_pem: impl Into<Vec<u8>>,
+    ) -> Self {
+        self.certificate = Some(ClientCertificate {
+            chain_pem: chain_pem.into(),
+            key_pem: key_pem.into(),
+        });
         self
     }
 
@@ -122,33 +188,55 @@ impl DeviceClientBuilder {
         self
     }
 
-    /// Checks the settings and loads the TLS roots. Does not connect: see
-    /// [`DeviceClient::connect`].
-    pub fn build(self) -> Result<DeviceClient> {
+    /// Checks the settings and loads the TLS roots (and the client certificate). Does not
+    /// connect: see [`DeviceClient::connect`] and [`ModuleClient::connect`].
+    pub fn build(self) -> Result<C> {
         let cs: ConnectionString = self.connection_string.parse().map_err(
             |e: twinhub_proto::connection_string::ConnectionStringError| {
                 Error::ConnectionString(e.to_string())
             },
         )?;
-        match cs.kind() {
-            ConnectionStringKind::Device => {}
-            ConnectionStringKind::Module => {
+        match (cs.kind(), C::KIND) {
+            (ConnectionStringKind::Device, ConnectionStringKind::Device)
+            | (ConnectionStringKind::Module, ConnectionStringKind::Module) => {}
+            (ConnectionStringKind::Module, _) => {
                 return Err(Error::ConnectionString(
-                    "module identities are not supported by DeviceClient yet".into(),
+                    "a module connection string (with ModuleId) is for ModuleClient".into(),
                 ));
             }
-            ConnectionStringKind::Service => {
+            (ConnectionStringKind::Device, _) => {
+                return Err(Error::ConnectionString(
+                    "a module connection string (HostName, DeviceId, ModuleId, SharedAccessKey) is needed".into(),
+                ));
+            }
+            (ConnectionStringKind::Service, _) => {
                 return Err(Error::ConnectionString(
                     "a device connection string (HostName, DeviceId, SharedAccessKey) is needed"
                         .into(),
                 ));
             }
         }
-        let (Some(device_id), Some(key)) = (cs.device_id.clone(), cs.shared_access_key.clone())
-        else {
-            return Err(Error::ConnectionString(
-                "DeviceClient signs its own tokens: SharedAccessKey is required".into(),
-            ));
+        let Some(device_id) = cs.device_id.clone() else {
+            return Err(Error::ConnectionString("DeviceId is required".into()));
+        };
+        let credential = match (cs.shared_access_key.clone(), cs.x509, &self.certificate) {
+            (Some(key), _, None) => Credential::Key(key),
+            (None, true, Some(_)) => Credential::Certificate,
+            (None, true, None) => {
+                return Err(Error::ConnectionString(
+                    "x509=true: give the certificate and key with x509_certificate()".into(),
+                ));
+            }
+            (Some(_), _, Some(_)) => {
+                return Err(Error::InvalidArgument(
+                    "both a SharedAccessKey and a certificate were given: use one".into(),
+                ));
+            }
+            (None, false, _) => {
+                return Err(Error::ConnectionString(
+                    "the client signs its own tokens: SharedAccessKey (or x509=true with a certificate) is required".into(),
+                ));
+            }
         };
         let dial_host = cs.dial_host().to_string();
         if dial_host.parse::<std::net::IpAddr>().is_err() && dial_host.contains(':') {
@@ -170,29 +258,36 @@ impl DeviceClientBuilder {
         if self.connect_timeout.is_zero() || self.operation_timeout.is_zero() {
             return Err(Error::InvalidArgument("timeouts must not be zero".into()));
         }
+        let tls = match credential {
+            Credential::Certificate => {
+                settings::tls_config_with(&self.extra_ca, self.certificate.as_ref())?
+            }
+            Credential::Key(_) => settings::tls_config(&self.extra_ca)?,
+        };
         let settings = Settings {
             server_name: settings::server_name(&dial_host)?,
             host_name: cs.host_name,
             dial_host,
             device_id,
-            key,
+            module_id: cs.module_id,
+            credential,
             transport: self.transport,
             port: self.port.unwrap_or(self.transport.default_port()),
             keep_alive: Duration::from_secs(keep_alive),
             token_ttl: self.sas_token_ttl,
             connect_timeout: self.connect_timeout,
             operation_timeout: self.operation_timeout,
-            tls: settings::tls_config(&self.extra_ca)?,
+            tls,
         };
         let (commands, pending) = mpsc::channel(COMMAND_QUEUE);
-        Ok(DeviceClient {
+        Ok(C::wrap(DeviceClient {
             inner: Arc::new(Inner {
                 settings: Arc::new(settings),
                 shared: Arc::new(Shared::new()),
                 commands,
                 pending: tokio::sync::Mutex::new(Some(pending)),
             }),
-        })
+        }))
     }
 }
 
@@ -243,16 +338,26 @@ impl DeviceClient {
     /// `GatewayHostName` the client dials the gateway and still names `HostName` in its
     /// credentials.
     pub fn builder(connection_string: &str) -> DeviceClientBuilder {
-        DeviceClientBuilder {
-            connection_string: connection_string.to_string(),
-            extra_ca: Vec::new(),
-            transport: Transport::Mqtt,
-            port: None,
-            keep_alive: Duration::from_secs(60),
-            sas_token_ttl: Duration::from_secs(3600),
-            connect_timeout: Duration::from_secs(30),
-            operation_timeout: Duration::from_secs(30),
-        }
+        ClientBuilder::new(connection_string.to_string())
+    }
+
+    /// Starts building a client that signs in as `device_id` with an X.509 certificate
+    /// (`chain_pem`, leaf first) and its private key (`key_pem`) instead of a SAS key; the
+    /// same as [`builder`](Self::builder) with `HostName={host_name};DeviceId={device_id};x509=true`
+    /// and [`x509_certificate`](ClientBuilder::x509_certificate).
+    pub fn x509_builder(
+        host_name: &str,
+        device_id: &str,
+        chain_pem: impl Into<Vec<u8>>,
+        key_pem: impl Into<Vec<u8>>,
+    ) -> DeviceClientBuilder {
+        let cs = ConnectionString {
+            host_name: host_name.to_owned(),
+            device_id: Some(device_id.to_owned()),
+            x509: true,
+            ..ConnectionString::default()
+        };
+        ClientBuilder::new(cs.to_string()).x509_certificate(chain_pem, key_pem)
     }
 
     /// The device id from the connection string.
@@ -433,8 +538,12 @@ impl DeviceClient {
                 payload.len()
             )));
         }
-        let topic =
-            twinhub_proto::topic::telemetry_topic(&self.inner.settings.device_id, None, properties);
+        let settings = &self.inner.settings;
+        let topic = twinhub_proto::topic::telemetry_topic(
+            &settings.device_id,
+            settings.module_id.as_deref(),
+            properties,
+        );
         let (done, acked) = oneshot::channel();
         let command = Command::Publish(Outbound {
             topic,

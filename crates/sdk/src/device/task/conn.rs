@@ -94,7 +94,8 @@ pub(super) struct Conn {
     pub out: Out,
     pub last_read: Instant,
     pub ping_sent: Option<Instant>,
-    pub renew_at: Instant,
+    /// `None` when the credential never needs renewing (a client certificate).
+    pub renew_at: Option<Instant>,
     pub drain: Option<Drain>,
     /// Method calls received on this connection whose answer has no PUBACK yet.
     pub methods_outstanding: HashSet<String>,

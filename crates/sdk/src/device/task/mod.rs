@@ -245,7 +245,7 @@ impl Task {
 
     /// Runs from the first accepted connection until close or a final failure.
     pub async fn run(mut self, first: Link) {
-        let device_id = self.settings.device_id.clone();
+        let device_id = self.settings.client_id();
         let mut link = first;
         loop {
             let started = Instant::now();
@@ -376,7 +376,7 @@ impl Task {
             // from us, and silence from the hub may mean a dead link.
             let ping_at = conn.last_read.min(conn.out.last_write) + keep_alive;
             let dead_at = conn.ping_sent.map(|sent| sent + keep_alive);
-            let renew_at = conn.drain.is_none().then_some(conn.renew_at);
+            let renew_at = conn.renew_at.filter(|_| conn.drain.is_none());
             let drain_at = self.drain_wake(&conn);
             tokio::select! {
                 _ = closed(&mut self.close) => return self.goodbye(&mut conn, End::Closed).await,
