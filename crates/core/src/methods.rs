@@ -93,9 +93,8 @@ impl Hub {
         let handle = match listening {
             Some(h) => h,
             None => {
-                if self.load(device_id).await?.is_none() {
-                    return Err(Error::device_not_found(device_id));
-                }
+                // DeviceNotFound for a device, ModuleNotFound for a `deviceId/moduleId` key.
+                self.load_existing(device_id).await?;
                 self.wait_for_method_listener(device_id, call.connect_timeout)
                     .await?
             }

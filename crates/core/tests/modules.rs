@@ -206,3 +206,22 @@ async fn deleting_a_device_deletes_its_modules_only() {
     assert!(reopened.get_module("d1-x", "m").await.is_ok());
     assert_eq!(reopened.registry_statistics().total_device_count, 2);
 }
+
+#[tokio::test]
+async fn a_method_on_a_missing_module_is_module_not_found() {
+    let hub = hub_over(Arc::new(MemoryStore::new())).await;
+    device(&hub, "d1").await;
+    let call = || twinhub_core::methods::MethodCall {
+        method_name: "ping".into(),
+        payload: bytes::Bytes::from_static(b"null"),
+        response_timeout: std::time::Duration::from_secs(5),
+        connect_timeout: std::time::Duration::ZERO,
+    };
+    let missing = hub.invoke_method("d1/nosuch", call()).await.unwrap_err();
+    assert_eq!(missing.code(), ErrorCode::ModuleNotFound);
+    module(&hub, "d1", "m1").await;
+    let offline = hub.invoke_method("d1/m1", call()).await.unwrap_err();
+    assert_eq!(offline.code(), ErrorCode::DeviceNotOnline);
+    let no_device = hub.invoke_method("d2", call()).await.unwrap_err();
+    assert_eq!(no_device.code(), ErrorCode::DeviceNotFound);
+}
