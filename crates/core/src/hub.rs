@@ -127,6 +127,8 @@ pub struct Hub {
     pub(crate) routing: crate::routing::Routing,
     /// The `sequenceNumber` of connection state events.
     pub(crate) connection_sequence: crate::sequence::Reserved,
+    /// The CA certificates of `certificateAuthority` identities.
+    pub(crate) certificates: crate::certificates::CertificateAuthorities,
 }
 
 impl Hub {
@@ -167,10 +169,12 @@ impl Hub {
                 crate::hub_events::SEQUENCE_FLOOR_KEY,
                 crate::hub_events::FLOOR_RESERVE,
             ),
+            certificates: Default::default(),
         };
         hub.load_consumer_groups().await?;
         hub.load_c2d().await?;
         hub.load_routing(&options.routing).await?;
+        hub.load_certificates().await?;
         for table in [Table::Devices, Table::Modules] {
             let mut after: Option<String> = None;
             let mut bad = Vec::new();

@@ -9,10 +9,12 @@
 //! * [`topic`]: the device-facing MQTT topic grammar and property bags.
 //! * [`message`]: a device-to-cloud message, its property bag and its stored form.
 //! * [`c2d`]: a cloud-to-device message, its queue form and MQTT bag, delivery feedback.
+//! * [`certificate`]: the CA certificates of `certificateAuthority` devices.
 //! * [`ids`]: device id, module id and method name rules.
 //! * [`encoding`]: the percent-encoding IoT Hub's SDKs use in paths, topics and tokens.
 
 pub mod c2d;
+pub mod certificate;
 pub mod connection_string;
 pub mod encoding;
 pub mod error;

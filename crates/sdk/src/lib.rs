@@ -94,6 +94,7 @@
 
 mod amqp;
 pub mod c2d;
+pub mod certificates;
 pub mod device;
 mod error;
 pub mod events;

@@ -18,6 +18,12 @@ use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+/// The client certificate chain (DER, leaf first) of the HTTPS connection a request came on,
+/// as a request extension: an MQTT-over-WebSocket upgrade hands it to the device session, which
+/// signs X.509 devices in with it. Absent when the client presented none.
+#[derive(Debug, Clone)]
+pub struct ClientCertificates(pub Arc<Vec<Vec<u8>>>);
+
 /// Time from the TLS handshake to the first request bytes.
 pub const FIRST_BYTE_TIMEOUT: Duration = Duration::from_secs(10);
 /// HTTP/2 streams one connection may have open.

@@ -277,7 +277,7 @@ impl RunningServer {
         ));
         tracker.spawn(accept_loop(
             amqp,
-            Some(TlsAcceptor::from(tls.mqtt)),
+            Some(TlsAcceptor::from(tls.amqp)),
             Listener::Amqp(amqp_ctx.clone()),
             admission.clone(),
             shutdown.clone(),
@@ -500,7 +500,19 @@ async fn accept_loop(
                         .await
                 }
                 Listener::Https(router, idle) => {
-                    http_conn::serve(tls, router.clone(), *idle, shutdown, unauthenticated).await
+                    // The connection's client certificates go with each of its requests, for
+                    // the X.509 devices that upgrade to MQTT over WebSockets.
+                    let router =
+                        match tls.get_ref().1.peer_certificates() {
+                            Some(chain) if !chain.is_empty() => {
+                                let chain = chain.iter().map(|c| c.as_ref().to_vec()).collect();
+                                router.clone().layer(axum::Extension(
+                                    http_conn::ClientCertificates(Arc::new(chain)),
+                                ))
+                            }
+                            _ => router.clone(),
+                        };
+                    http_conn::serve(tls, router, *idle, shutdown, unauthenticated).await
                 }
             }
             drop(admitted);

@@ -33,6 +33,8 @@ pub struct TlsSetup {
     pub https: Arc<ServerConfig>,
     /// For the MQTT port (no ALPN).
     pub mqtt: Arc<ServerConfig>,
+    /// For the AMQP port (no ALPN, no client certificates: only services connect there).
+    pub amqp: Arc<ServerConfig>,
     /// The dev CA alone (None with an operator certificate).
     pub ca_pem: Option<PathBuf>,
     /// System roots plus the dev CA, for `REQUESTS_CA_BUNDLE` / `SSL_CERT_FILE`.
@@ -236,23 +238,89 @@ fn write_bundle(dir: &Path, ca_pem: &str) -> Result<PathBuf, ServerError> {
     Ok(path)
 }
 
+/// Asks every client for a certificate without requiring one, and takes any chain that parses:
+/// which certificates admit which device is the registry's business, decided at MQTT CONNECT
+/// against thumbprints and verified CAs (`twinhub_core::certificates`), where a refusal can
+/// say why in the log and as CONNACK 5 instead of a bare TLS alert. What the handshake still
+/// checks is that the client holds the certificate's key (its signature, with the ring
+/// provider's algorithms). No CA names are hinted, so clients offer whatever they have.
+#[derive(Debug)]
+struct OptionalClientCert {
+    algorithms: rustls::crypto::WebPkiSupportedAlgorithms,
+}
+
+impl rustls::server::danger::ClientCertVerifier for OptionalClientCert {
+    fn client_auth_mandatory(&self) -> bool {
+        false
+    }
+
+    fn root_hint_subjects(&self) -> &[rustls::DistinguishedName] {
+        &[]
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        _now: rustls_pki_types::UnixTime,
+    ) -> Result<rustls::server::danger::ClientCertVerified, rustls::Error> {
+        for cert in std::iter::once(end_entity).chain(intermediates) {
+            if x509_parser::parse_x509_certificate(cert.as_ref()).is_err() {
+                return Err(rustls::Error::InvalidCertificate(
+                    rustls::CertificateError::BadEncoding,
+                ));
+            }
+        }
+        Ok(rustls::server::danger::ClientCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.algorithms)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algorithms)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.algorithms.supported_schemes()
+    }
+}
+
+/// A server config; `client_certs` asks clients for an optional certificate (devices' ports).
 fn server_config(
     chain: Vec<CertificateDer<'static>>,
     key: PrivateKeyDer<'static>,
     alpn: &[&[u8]],
+    client_certs: bool,
 ) -> Result<Arc<ServerConfig>, ServerError> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut cfg = ServerConfig::builder_with_provider(provider)
+    let builder = ServerConfig::builder_with_provider(provider.clone())
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
-        .map_err(|e| tls_err("protocol versions", e))?
-        .with_no_client_auth()
-        .with_single_cert(chain, key)
-        .map_err(|e| match e {
-            rustls::Error::InconsistentKeys(_) => {
-                ServerError::Tls("the certificate and the private key do not match".into())
-            }
-            other => tls_err("the certificate or key is not usable", other),
-        })?;
+        .map_err(|e| tls_err("protocol versions", e))?;
+    let builder = if client_certs {
+        builder.with_client_cert_verifier(Arc::new(OptionalClientCert {
+            algorithms: provider.signature_verification_algorithms,
+        }))
+    } else {
+        builder.with_no_client_auth()
+    };
+    let mut cfg = builder.with_single_cert(chain, key).map_err(|e| match e {
+        rustls::Error::InconsistentKeys(_) => {
+            ServerError::Tls("the certificate and the private key do not match".into())
+        }
+        other => tls_err("the certificate or key is not usable", other),
+    })?;
     cfg.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
     Ok(Arc::new(cfg))
 }
@@ -307,8 +375,9 @@ pub fn prepare(config: &Config) -> Result<TlsSetup, ServerError> {
     let chain = parse_chain(&chain_pem, "the certificate")?;
     let key = parse_key(&key_pem, "the private key")?;
     Ok(TlsSetup {
-        https: server_config(chain.clone(), key.clone_key(), &[b"h2", b"http/1.1"])?,
-        mqtt: server_config(chain, key, &[])?,
+        https: server_config(chain.clone(), key.clone_key(), &[b"h2", b"http/1.1"], true)?,
+        mqtt: server_config(chain.clone(), key.clone_key(), &[], true)?,
+        amqp: server_config(chain, key, &[], false)?,
         ca_pem,
         ca_bundle,
     })

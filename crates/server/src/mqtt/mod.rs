@@ -25,17 +25,19 @@ pub struct SessionContext {
     pub tracker: TaskTracker,
 }
 
-/// Serves one MQTT-over-WebSocket connection. `admission` (the peer's place among
-/// unauthenticated connections) goes to the session, which gives it back once the device has
-/// authenticated.
+/// Serves one MQTT-over-WebSocket connection. `certificates` is the HTTPS connection's client
+/// chain (DER, leaf first; empty without one), for X.509 devices. `admission` (the peer's place
+/// among unauthenticated connections) goes to the session, which gives it back once the device
+/// has authenticated.
 pub async fn serve_websocket(
     socket: WebSocket,
     ctx: SessionContext,
+    certificates: Vec<Vec<u8>>,
     admission: Option<tokio::sync::OwnedSemaphorePermit>,
 ) {
     let tracker = ctx.tracker.clone();
     crate::ws::bridge(socket, &tracker, move |io| {
-        run_session(ctx, io, "websocket".to_string(), Vec::new(), admission)
+        run_session(ctx, io, "websocket".to_string(), certificates, admission)
     })
     .await;
 }

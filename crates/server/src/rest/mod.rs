@@ -6,6 +6,7 @@
 //! hangs up.
 
 mod auth;
+mod certificates;
 mod devices;
 mod events;
 mod fleet;
@@ -209,16 +210,29 @@ const MAX_WS_FRAME: usize = twinhub_mqtt::DEFAULT_MAX_PACKET_SIZE + 1024;
 const AMQP_WS_PROTOCOL: &str = "AMQPWSB10";
 
 /// `/$iothub/websocket`: MQTT for devices (`mqtt`), AMQP for service clients (`AMQPWSB10`).
-async fn websocket(State(state): State<AppState>, ws: WebSocketUpgrade) -> Response {
-    upgrade(state, ws, &["mqtt", AMQP_WS_PROTOCOL])
+async fn websocket(
+    State(state): State<AppState>,
+    certificates: Option<axum::Extension<crate::http_conn::ClientCertificates>>,
+    ws: WebSocketUpgrade,
+) -> Response {
+    let chain = certificates
+        .map(|c| c.0.0.as_ref().clone())
+        .unwrap_or_default();
+    upgrade(state, ws, &["mqtt", AMQP_WS_PROTOCOL], chain)
 }
 
 /// `/$servicebus/websocket[/]`: AMQP only (the Event Hubs clients).
 async fn amqp_websocket(State(state): State<AppState>, ws: WebSocketUpgrade) -> Response {
-    upgrade(state, ws, &[AMQP_WS_PROTOCOL])
+    upgrade(state, ws, &[AMQP_WS_PROTOCOL], Vec::new())
 }
 
-fn upgrade(state: AppState, ws: WebSocketUpgrade, protocols: &[&'static str]) -> Response {
+/// `certificates`: the HTTPS connection's client chain, for an MQTT device signing in with it.
+fn upgrade(
+    state: AppState,
+    ws: WebSocketUpgrade,
+    protocols: &[&'static str],
+    certificates: Vec<Vec<u8>>,
+) -> Response {
     let Some(mut admitted) = state.admission.upgraded() else {
         return ApiError::from(twinhub_core::Error::new(
             ErrorCode::ServiceUnavailable,
@@ -254,8 +268,13 @@ fn upgrade(state: AppState, ws: WebSocketUpgrade, protocols: &[&'static str]) ->
                     })
                     .await;
                 } else {
-                    crate::mqtt::serve_websocket(socket, state.sessions.clone(), unauthenticated)
-                        .await;
+                    crate::mqtt::serve_websocket(
+                        socket,
+                        state.sessions.clone(),
+                        certificates,
+                        unauthenticated,
+                    )
+                    .await;
                 }
                 drop(admitted);
             })
@@ -277,6 +296,7 @@ pub fn router(state: AppState) -> Router {
         .merge(events::routes())
         .merge(messages::routes())
         .merge(routing::routes())
+        .merge(certificates::routes())
         .route("/$iothub/websocket", get(websocket))
         .route("/$servicebus/websocket", get(amqp_websocket))
         .route("/$servicebus/websocket/", get(amqp_websocket))
