@@ -16,8 +16,12 @@ use anyhow::{Context, Result};
 use clap::{Args, ValueEnum};
 use serde_json::{Map, Value, json};
 use tokio::task::JoinSet;
+use twinhub_sdk::device::BuiltClient;
 use twinhub_sdk::proto::model::{CloudToDeviceMethod, CloudToDeviceMethodResult};
-use twinhub_sdk::{ConnectionState, DeviceClient, MethodRequests, ServiceClient, Transport};
+use twinhub_sdk::{
+    ClientBuilder, ConnectionState, DeviceClient, MethodRequests, ModuleClient, ServiceClient,
+    Transport,
+};
 
 // One implementation of "stop on Ctrl-C or SIGTERM" for the hub and the programs alike.
 #[path = "../../crates/cli/src/interrupt.rs"]
@@ -50,6 +54,51 @@ pub struct DeviceArgs {
     pub ca: Option<PathBuf>,
     #[command(flatten)]
     pub bounds: Bounds,
+}
+
+/// How a module program reaches its hub.
+#[derive(Debug, Args)]
+pub struct ModuleArgs {
+    /// The module connection string (HostName=..;DeviceId=..;ModuleId=..;SharedAccessKey=..)
+    #[arg(long, env = "IOTHUB_MODULE_CONNECTION_STRING", hide_env_values = true)]
+    pub connection_string: String,
+    /// MQTT over TLS (port 8883) or MQTT over WebSockets (port 443)
+    #[arg(long, value_enum, env = "IOTHUB_DEVICE_TRANSPORT", default_value_t = TransportArg::Mqtt)]
+    pub transport: TransportArg,
+    /// Dial this port instead of the transport's standard one (8883 or 443)
+    #[arg(long)]
+    pub port: Option<u16>,
+    /// Trust this CA certificate (PEM) too; the system roots, or the bundle named by
+    /// SSL_CERT_FILE when it is set, are always trusted
+    #[arg(long, value_name = "FILE")]
+    pub ca: Option<PathBuf>,
+    #[command(flatten)]
+    pub bounds: Bounds,
+}
+
+impl ModuleArgs {
+    /// A module client for the hub, not yet connected.
+    pub fn client(&self) -> Result<ModuleClient> {
+        let builder = ModuleClient::builder(&self.connection_string);
+        Ok(configure(builder, self.transport, self.port, self.ca.as_deref())?.build()?)
+    }
+}
+
+/// Applies the transport, port and CA options a device or module program takes.
+fn configure<C: BuiltClient>(
+    builder: ClientBuilder<C>,
+    transport: TransportArg,
+    port: Option<u16>,
+    ca: Option<&std::path::Path>,
+) -> Result<ClientBuilder<C>> {
+    let mut builder = builder.transport(transport.transport());
+    if let Some(port) = port {
+        builder = builder.port(port);
+    }
+    if let Some(ca) = ca {
+        builder = builder.extra_ca_pem(read_ca(ca)?);
+    }
+    Ok(builder)
 }
 
 /// The two transports, as a command-line value.
@@ -183,15 +232,8 @@ fn read_ca(path: &std::path::Path) -> Result<Vec<u8>> {
 impl DeviceArgs {
     /// A device client for the hub, not yet connected.
     pub fn client(&self) -> Result<DeviceClient> {
-        let mut builder =
-            DeviceClient::builder(&self.connection_string).transport(self.transport.transport());
-        if let Some(port) = self.port {
-            builder = builder.port(port);
-        }
-        if let Some(ca) = &self.ca {
-            builder = builder.extra_ca_pem(read_ca(ca)?);
-        }
-        Ok(builder.build()?)
+        let builder = DeviceClient::builder(&self.connection_string);
+        Ok(configure(builder, self.transport, self.port, self.ca.as_deref())?.build()?)
     }
 }
 

@@ -1,11 +1,12 @@
 //! The `twinhub` binary: `serve` runs the hub; the other commands manage a hub through its
-//! REST API with the SDK's `ServiceClient` (the same client Rust programs use): devices, twins,
-//! twin queries, scheduled jobs and message routing.
+//! REST API with the SDK's `ServiceClient` (the same client Rust programs use): devices, modules,
+//! twins, direct methods, twin queries, scheduled jobs and message routing.
 
 use std::io::Write as _;
 mod c2d;
 mod demo;
 mod interrupt;
+mod module;
 mod monitor;
 mod routing;
 mod trust;
@@ -75,6 +76,20 @@ enum Command {
     Twin {
         #[command(subcommand)]
         command: TwinCommand,
+        #[command(flatten)]
+        target: Target,
+    },
+    /// Manage module identities (identities under a device with their own keys and twin)
+    Module {
+        #[command(subcommand)]
+        command: module::ModuleCommand,
+        #[command(flatten)]
+        target: Target,
+    },
+    /// Invoke direct methods on devices and modules
+    Method {
+        #[command(subcommand)]
+        command: module::MethodCommand,
         #[command(flatten)]
         target: Target,
     },
@@ -383,10 +398,18 @@ enum DeviceCommand {
 #[derive(Subcommand)]
 enum TwinCommand {
     /// Show a device twin as JSON
-    Show { id: String },
+    Show {
+        id: String,
+        /// The twin of this module of the device instead
+        #[arg(long)]
+        module: Option<String>,
+    },
     /// Patch tags and/or desired properties (null deletes a key)
     Update {
         id: String,
+        /// Patch the twin of this module of the device instead
+        #[arg(long)]
+        module: Option<String>,
         /// Desired properties patch, a JSON object
         #[arg(long)]
         desired: Option<String>,
@@ -468,6 +491,8 @@ async fn run(cli: Cli) -> Result<()> {
         Command::Device { command, target } => device(command, &target).await,
         Command::Demo(args) => demo::run(args).await,
         Command::Twin { command, target } => twin(command, &target).await,
+        Command::Module { command, target } => module::module(command, &target).await,
+        Command::Method { command, target } => module::method(command, &target).await,
         Command::Query { args, target } => query(args, &target).await,
         Command::ConsumerGroup { command, target } => consumer_group(command, &target).await,
         Command::Endpoint { command, target } => routing::endpoint(command, &target).await,
@@ -614,6 +639,11 @@ fn print_banner(server: &RunningServer) {
 
 /// A client for the target hub, and its host name for device connection strings.
 fn client(target: &Target) -> Result<(ServiceClient, String)> {
+    client_with_timeout(target, Duration::from_secs(100))
+}
+
+/// [`client`] with a request timeout other than the SDK's 100 s (a method call waits inside it).
+fn client_with_timeout(target: &Target, timeout: Duration) -> Result<(ServiceClient, String)> {
     let (cs, default_ca) = match &target.connection_string {
         Some(cs) => (cs.clone(), None),
         None => {
@@ -628,7 +658,7 @@ fn client(target: &Target) -> Result<(ServiceClient, String)> {
     let parsed: ConnectionString = cs
         .parse()
         .map_err(|e| anyhow!("invalid connection string: {e}"))?;
-    let mut builder = ServiceClient::builder(&cs);
+    let mut builder = ServiceClient::builder(&cs).timeout(timeout);
     let ca = target.ca.clone().or(default_ca.filter(|p| p.exists()));
     if let Some(ca) = ca {
         let pem = std::fs::read(&ca).with_context(|| format!("reading {}", ca.display()))?;
@@ -728,10 +758,22 @@ async fn device(command: DeviceCommand, target: &Target) -> Result<()> {
 async fn twin(command: TwinCommand, target: &Target) -> Result<()> {
     let (svc, _) = client(target)?;
     match command {
-        TwinCommand::Show { id } => print_json(&svc.get_twin(&id).await?),
-        TwinCommand::Update { id, desired, tags } => {
+        TwinCommand::Show {
+            id,
+            module: Some(m),
+        } => module::show_twin(&svc, &id, &m).await,
+        TwinCommand::Show { id, module: None } => print_json(&svc.get_twin(&id).await?),
+        TwinCommand::Update {
+            id,
+            module,
+            desired,
+            tags,
+        } => {
             let patch = twin_patch(desired.as_deref(), tags.as_deref())?;
-            print_json(&svc.update_twin(&id, &patch, None).await?)
+            match module {
+                Some(m) => module::update_twin(&svc, &id, &m, &patch).await,
+                None => print_json(&svc.update_twin(&id, &patch, None).await?),
+            }
         }
     }
 }
