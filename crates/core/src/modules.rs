@@ -72,6 +72,24 @@ impl Hub {
         Ok(out)
     }
 
+    /// Ends the sessions of a device's modules: a module of a disabled device may not stay
+    /// connected, as it may not connect (`Hub::connect_device`). Runs after the device's
+    /// commit, so a failed read of the module list is logged, not returned.
+    pub(crate) async fn close_module_sessions(&self, device_id: &str) {
+        match self.module_records(device_id).await {
+            Ok(records) => {
+                for rec in records {
+                    self.close_device_session(&rec.key(), CloseReason::DeviceDisabled);
+                }
+            }
+            Err(e) => tracing::warn!(
+                device_id = %crate::logsafe::Shown(device_id),
+                error = %e.message(),
+                "could not list a disabled device's modules to close their sessions"
+            ),
+        }
+    }
+
     /// After a module's record is gone: its session ends and its memory goes; the lifecycle
     /// event to emit, if routes want one.
     pub(crate) fn forget_module(&self, rec: &DeviceRecord, now: &str) -> Option<HubEvent> {

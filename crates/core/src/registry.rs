@@ -291,6 +291,9 @@ impl Hub {
                 if close {
                     self.close_device_session(device_id, CloseReason::DeviceDisabled);
                 }
+                if rec.status == DeviceStatus::Disabled {
+                    self.close_module_sessions(device_id).await;
+                }
                 rec
             }
         };
@@ -505,6 +508,9 @@ impl Hub {
                 && (e.after != Some(DeviceStatus::Enabled) || e.credentials_changed)
             {
                 self.close_device_session(&e.id, CloseReason::DeviceDisabled);
+            }
+            if e.after == Some(DeviceStatus::Disabled) {
+                self.close_module_sessions(&e.id).await;
             }
             if e.after.is_none() {
                 self.redelivery.forget(&e.id);

@@ -225,3 +225,76 @@ async fn a_method_on_a_missing_module_is_module_not_found() {
     let no_device = hub.invoke_method("d2", call()).await.unwrap_err();
     assert_eq!(no_device.code(), ErrorCode::DeviceNotFound);
 }
+
+/// Connects module `d/m` with a session handle of its own, signed with the module's key.
+async fn connect_module(hub: &Hub, module: &Module) -> twinhub_core::directory::SessionHandle {
+    let key = module
+        .authentication
+        .as_ref()
+        .and_then(|a| a.symmetric_key.as_ref())
+        .and_then(|k| k.primary_key.clone())
+        .expect("a SAS module has a key");
+    let token = twinhub_proto::sas::generate_sas_token(
+        &twinhub_proto::sas::device_resource_uri(HOST, &module.device_id, Some(&module.module_id)),
+        &key,
+        None,
+        twinhub_core::keys::now_unix() + 3600,
+    )
+    .unwrap();
+    let (tx, rx) = tokio::sync::mpsc::channel(8);
+    std::mem::forget(rx);
+    let handle = twinhub_core::directory::SessionHandle::new(tx);
+    hub.connect_device(
+        &format!("{}/{}", module.device_id, module.module_id),
+        twinhub_core::sessions::Credentials {
+            password: Some(&token),
+            certificates: &[],
+        },
+        true,
+        handle.clone(),
+    )
+    .await
+    .expect("module connects");
+    handle
+}
+
+#[tokio::test]
+async fn disabling_a_device_closes_its_modules_sessions() {
+    let hub = hub_over(Arc::new(MemoryStore::new())).await;
+    for d in ["d1", "d1-x", "d2"] {
+        device(&hub, d).await;
+    }
+    let m1 = connect_module(&hub, &module(&hub, "d1", "m1").await).await;
+    let neighbour = connect_module(&hub, &module(&hub, "d1-x", "m1").await).await;
+    let other = connect_module(&hub, &module(&hub, "d2", "m1").await).await;
+
+    let disabled = |id: &str| Device {
+        device_id: id.into(),
+        status: twinhub_proto::model::DeviceStatus::Disabled,
+        ..Device::default()
+    };
+    hub.put_device("d1", &disabled("d1"), Some("*"))
+        .await
+        .unwrap();
+    assert!(
+        m1.close.is_closed(),
+        "a module of a disabled device stays connected"
+    );
+    assert!(!neighbour.close.is_closed() && !other.close.is_closed());
+
+    let bulk = hub
+        .bulk_devices(&[ExportImportDevice {
+            id: "d2".into(),
+            import_mode: ImportMode::Update,
+            status: Some(twinhub_proto::model::DeviceStatus::Disabled),
+            ..ExportImportDevice::default()
+        }])
+        .await
+        .unwrap();
+    assert!(bulk.is_successful, "{bulk:?}");
+    assert!(
+        other.close.is_closed(),
+        "bulk: a module of a disabled device stays connected"
+    );
+    assert!(!neighbour.close.is_closed());
+}
