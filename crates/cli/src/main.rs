@@ -4,6 +4,7 @@
 
 use std::io::Write as _;
 mod c2d;
+mod ca;
 mod demo;
 mod interrupt;
 mod module;
@@ -71,6 +72,18 @@ enum Command {
         command: DeviceCommand,
         #[command(flatten)]
         target: Target,
+    },
+    /// Manage the hub's X.509 CA certificates and their proof of possession
+    Ca {
+        #[command(subcommand)]
+        command: ca::CaCommand,
+        #[command(flatten)]
+        target: Target,
+    },
+    /// Issue development certificates (device, proof of possession) from a CA key you hold
+    Cert {
+        #[command(subcommand)]
+        command: ca::CertCommand,
     },
     /// Read and update device twins
     Twin {
@@ -365,7 +378,7 @@ async fn consumer_group(command: ConsumerGroupCommand, target: &Target) -> Resul
 
 #[derive(Subcommand)]
 enum DeviceCommand {
-    /// Register a device with generated SAS keys
+    /// Register a device with generated SAS keys, or an X.509 one (--auth selfSigned|ca)
     Create {
         id: String,
         #[arg(long)]
@@ -373,6 +386,15 @@ enum DeviceCommand {
         /// Mark it as an IoT Edge device
         #[arg(long)]
         edge: bool,
+        /// How it signs in: SAS keys, a certificate by thumbprint, or one from a verified CA
+        #[arg(long, default_value = "sas", value_parser = ["sas", "selfSigned", "ca"])]
+        auth: String,
+        /// With --auth selfSigned: the certificate (PEM) whose thumbprint to register
+        #[arg(long)]
+        cert: Option<PathBuf>,
+        /// With --auth selfSigned: a second certificate (the secondary thumbprint)
+        #[arg(long, requires = "cert")]
+        secondary_cert: Option<PathBuf>,
     },
     /// Show a device identity as JSON
     Show { id: String },
@@ -489,6 +511,8 @@ async fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Device { command, target } => device(command, &target).await,
+        Command::Ca { command, target } => ca::ca(command, &target).await,
+        Command::Cert { command } => ca::cert(command).await,
         Command::Demo(args) => demo::run(args).await,
         Command::Twin { command, target } => twin(command, &target).await,
         Command::Module { command, target } => module::module(command, &target).await,
@@ -708,7 +732,27 @@ fn parse_object(flag: &str, text: &str) -> Result<Value> {
 async fn device(command: DeviceCommand, target: &Target) -> Result<()> {
     let (svc, host) = client(target)?;
     match command {
-        DeviceCommand::Create { id, disabled, edge } => {
+        DeviceCommand::Create {
+            id,
+            disabled,
+            edge,
+            auth,
+            cert,
+            secondary_cert,
+        } => {
+            if auth != "sas" {
+                if disabled || edge {
+                    bail!("--disabled and --edge are for SAS devices here");
+                }
+                return ca::create_device(
+                    &svc,
+                    &id,
+                    &auth,
+                    cert.as_deref(),
+                    secondary_cert.as_deref(),
+                )
+                .await;
+            }
             let new = NewDevice {
                 status: Some(if disabled {
                     DeviceStatus::Disabled
