@@ -412,3 +412,181 @@ fn certificate_and_key_that_do_not_match() {
     ]);
     assert!(line.contains("do not match"), "{line}");
 }
+
+/// `module ...`, `twin show|update --module` and `method invoke [--module]` against a served
+/// hub; the method reaches a `ModuleClient` connected with the string `module
+/// connection-string` printed.
+#[test]
+fn module_twin_and_method_commands() {
+    let dir = tempfile::tempdir().unwrap();
+    let served = Served::start(dir.path());
+    let mqtt_port: u16 = served
+        .banner
+        .iter()
+        .find_map(|l| l.split("mqtts://127.0.0.1:").nth(1))
+        .and_then(|p| p.trim().parse().ok())
+        .expect("the banner names the MQTT port");
+    let d = dir.path();
+    let json = |out: &Output| -> serde_json::Value {
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        serde_json::from_slice(&out.stdout).unwrap()
+    };
+    let refusal = |out: &Output| -> String {
+        assert!(!out.status.success(), "{}", text(&out.stdout));
+        text(&out.stderr)
+    };
+    json(&run(&["device", "create", "gw"], d));
+
+    let created = json(&run(
+        &[
+            "module",
+            "create",
+            "gw",
+            "filter",
+            "--managed-by",
+            "IotEdge",
+        ],
+        d,
+    ));
+    assert_eq!(created["moduleId"], "filter");
+    assert_eq!(created["deviceId"], "gw");
+    assert_eq!(created["managedBy"], "IotEdge");
+    let (primary, secondary) = ("cHJpbWFyeS1tb2R1bGUta2V5", "c2Vjb25kYXJ5LW1vZHVsZS1rZXk=");
+    let given = json(&run(
+        &[
+            "module",
+            "create",
+            "gw",
+            "given",
+            "--primary-key",
+            primary,
+            "--secondary-key",
+            secondary,
+        ],
+        d,
+    ));
+    assert_eq!(
+        given["authentication"]["symmetricKey"]["primaryKey"],
+        primary
+    );
+    let err = refusal(&run(&["module", "create", "gw", "filter"], d));
+    assert!(
+        err.contains("409301") && err.contains("ModuleAlreadyExistsOnDevice"),
+        "{err}"
+    );
+    let listed = json(&run(&["module", "list", "gw"], d));
+    let ids: Vec<&str> = listed
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["moduleId"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, ["filter", "given"]);
+    assert_eq!(
+        json(&run(&["module", "show", "gw", "given"], d))["moduleId"],
+        "given"
+    );
+    let cs = run(
+        &[
+            "module",
+            "connection-string",
+            "gw",
+            "given",
+            "--key",
+            "secondary",
+        ],
+        d,
+    );
+    assert_eq!(
+        text(&cs.stdout).trim(),
+        format!("HostName=localhost;DeviceId=gw;ModuleId=given;SharedAccessKey={secondary}")
+    );
+
+    // The module twin, not the device's.
+    json(&run(
+        &[
+            "twin",
+            "update",
+            "gw",
+            "--module",
+            "filter",
+            "--desired",
+            r#"{"threshold":30}"#,
+            "--tags",
+            r#"{"site":"lab"}"#,
+        ],
+        d,
+    ));
+    let twin = json(&run(&["twin", "show", "gw", "--module", "filter"], d));
+    assert_eq!(twin["moduleId"], "filter");
+    assert_eq!(twin["properties"]["desired"]["threshold"], 30);
+    assert_eq!(twin["tags"]["site"], "lab");
+    let device_twin = json(&run(&["twin", "show", "gw"], d));
+    assert!(
+        device_twin["properties"]["desired"]
+            .get("threshold")
+            .is_none()
+    );
+
+    // Methods: an offline module, a missing one, then a connected one.
+    let err = refusal(&run(
+        &["method", "invoke", "gw", "echo", "--module", "filter"],
+        d,
+    ));
+    assert!(err.contains("404103"), "{err}");
+    let err = refusal(&run(
+        &["method", "invoke", "gw", "echo", "--module", "nope"],
+        d,
+    ));
+    assert!(
+        err.contains("404010") && err.contains("ModuleNotFound"),
+        "{err}"
+    );
+    let module_cs = text(&run(&["module", "connection-string", "gw", "filter"], d).stdout);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let module = rt.block_on(async {
+        let module = twinhub_sdk::ModuleClient::builder(module_cs.trim())
+            .extra_ca_pem(std::fs::read(d.join("tls").join("ca.pem")).unwrap())
+            .port(mqtt_port)
+            .build()
+            .unwrap();
+        module.set_method_handler(|request| async move {
+            twinhub_sdk::MethodResponse::new(200, request.payload)
+        });
+        module.connect().await.unwrap();
+        module
+    });
+    let answer = json(&run(
+        &[
+            "method",
+            "invoke",
+            "gw",
+            "echo",
+            "--module",
+            "filter",
+            "--payload",
+            r#"{"x":1}"#,
+            "--timeout",
+            "10",
+            "--connect-timeout",
+            "5",
+        ],
+        d,
+    ));
+    assert_eq!(
+        answer,
+        serde_json::json!({"status": 200, "payload": {"x": 1}})
+    );
+    rt.block_on(module.close());
+    let err = refusal(&run(
+        &["method", "invoke", "gw", "echo", "--timeout", "1"],
+        d,
+    ));
+    assert!(err.contains("--timeout"), "{err}");
+
+    let deleted = run(&["module", "delete", "gw", "given"], d);
+    assert!(deleted.status.success(), "{}", text(&deleted.stderr));
+    let err = refusal(&run(&["module", "show", "gw", "given"], d));
+    assert!(err.contains("404010"), "{err}");
+    assert!(served.stop().success());
+}
