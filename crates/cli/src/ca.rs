@@ -70,6 +70,9 @@ pub enum CertCommand {
         /// A self-signed certificate (for selfSigned devices) instead of a CA-signed one
         #[arg(long, conflicts_with_all = ["ca_cert", "ca_key"])]
         self_signed: bool,
+        /// A certificate that expired yesterday, to see a hub refuse it
+        #[arg(long)]
+        expired: bool,
         #[command(flatten)]
         ca: SigningCa,
         /// A local hub's data dir, for its dev CA
@@ -162,7 +165,9 @@ impl SigningCa {
             .with_context(|| format!("loading the CA certificate {}", cert.display()))
     }
 
-    fn params(&self, cn: &str, client_auth: bool) -> Result<CertificateParams> {
+    /// A leaf's parameters: CN, a random serial, valid from an hour ago for `--days` (or, when
+    /// `expired`, for `--days` up to yesterday).
+    fn params(&self, cn: &str, client_auth: bool, expired: bool) -> Result<CertificateParams> {
         let mut p = CertificateParams::new(Vec::<String>::new())?;
         p.distinguished_name.push(DnType::CommonName, cn);
         if client_auth {
@@ -175,8 +180,14 @@ impl SigningCa {
         p.serial_number = Some(rcgen::SerialNumber::from_slice(&serial));
         let now = time::OffsetDateTime::now_utc();
         // A little slack before now: a device whose clock runs behind still accepts it.
-        p.not_before = now - time::Duration::hours(1);
-        p.not_after = now + time::Duration::days(i64::from(self.days));
+        let days = time::Duration::days(i64::from(self.days));
+        if expired {
+            p.not_after = now - time::Duration::days(1);
+            p.not_before = p.not_after - days;
+        } else {
+            p.not_before = now - time::Duration::hours(1);
+            p.not_after = now + days;
+        }
         Ok(p)
     }
 
@@ -218,11 +229,12 @@ pub async fn cert(command: CertCommand) -> Result<()> {
         CertCommand::Device {
             id,
             self_signed,
+            expired,
             ca,
             data_dir,
         } => {
             let key = KeyPair::generate()?;
-            let params = ca.params(&id, true)?;
+            let params = ca.params(&id, true, expired)?;
             let cert = if self_signed {
                 params.self_signed(&key)?
             } else {
@@ -255,7 +267,7 @@ pub async fn cert(command: CertCommand) -> Result<()> {
             };
             let key = KeyPair::generate()?;
             let cert = ca
-                .params(&code, false)?
+                .params(&code, false, false)?
                 .signed_by(&key, &ca.issuer(&target.data_dir)?)?;
             let (cert_path, _) = ca.write(&format!("verification-{code}"), &cert.pem(), &key)?;
             println!("{}", cert_path.display());
