@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use serde_json::{Value, json};
 use tempfile::TempDir;
 use tokio::runtime::Runtime;
-use twinhub_sdk::{DeviceClient, NewDevice, ServiceClient};
+use twinhub_sdk::{DeviceClient, NewDevice, NewModule, ServiceClient};
 use twinhub_server::{Config, RunningServer};
 
 /// Bound on any single wait for a program.
@@ -25,10 +25,12 @@ const WAIT: Duration = Duration::from_secs(60);
 /// What every seed device answers.
 const DEVICE_RESPONSE: &str = r#"{"Response":"This is the response from the device"}"#;
 /// Variables the examples read; cleared so a developer's own settings cannot leak in.
-const EXAMPLE_ENV: [&str; 4] = [
+const EXAMPLE_ENV: [&str; 6] = [
     "IOTHUB_DEVICE_CONNECTION_STRING",
+    "IOTHUB_MODULE_CONNECTION_STRING",
     "IOTHUB_CONNECTION_STRING",
     "IOTHUB_DEVICE_ID",
+    "IOTHUB_MODULE_ID",
     "IOTHUB_DEVICE_TRANSPORT",
 ];
 
@@ -885,4 +887,79 @@ fn programs_explain_what_went_wrong() {
         "{}",
         unconfigured.output()
     );
+}
+
+#[test]
+fn module_pair_configures_the_module_twin_and_calls_its_method() {
+    let hub = Hub::start();
+    hub.add_device("edge-dev");
+    let module = hub
+        .rt
+        .block_on(
+            hub.service
+                .create_module("edge-dev", "filter", NewModule::default()),
+        )
+        .unwrap();
+    let key = module
+        .authentication
+        .and_then(|a| a.symmetric_key)
+        .and_then(|k| k.primary_key)
+        .unwrap();
+    let cs = format!("HostName=localhost;DeviceId=edge-dev;ModuleId=filter;SharedAccessKey={key}");
+    let args: Vec<String> = [
+        "--port",
+        &hub.server().mqtt_addr.port().to_string(),
+        "--ca",
+        &hub.ca.display().to_string(),
+        "--max-requests",
+        "2",
+        "--timeout",
+        "60",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let mut module = Example::start(
+        "simulated_module",
+        &args,
+        &[("IOTHUB_MODULE_CONNECTION_STRING", &cs)],
+    );
+    module.wait_for("waiting for direct methods and desired properties");
+
+    // 27 passes the default threshold (25) but not the one the twin sets first.
+    let flags = [
+        "--module-id",
+        "filter",
+        "--threshold",
+        "30",
+        "--temperature",
+        "27",
+    ];
+    let first = hub
+        .run_service("call_method_on_module", "edge-dev", &flags)
+        .finish();
+    first.assert_success();
+    first.assert_lines_in_order(&[
+        "Response status  : 200",
+        r#"Response payload : {"forwarded":false,"threshold":30.0}"#,
+    ]);
+    let flags = ["--module-id", "filter", "--temperature", "31.5"];
+    let second = hub
+        .run_service("call_method_on_module", "edge-dev", &flags)
+        .finish();
+    second.assert_success();
+    second.assert_lines_in_order(&[
+        r#"Response payload : {"forwarded":true,"threshold":30.0}"#,
+        "Reported threshold: 30.0",
+    ]);
+
+    let module = module.finish();
+    module.assert_success();
+    module.assert_lines_in_order(&[
+        "Module filter of device edge-dev connected; waiting for direct methods and desired properties",
+        "filter 27 against 30: forwarded = false",
+        "filter 31.5 against 30: forwarded = true",
+    ]);
+    // The device's own twin is untouched.
+    assert_eq!(hub.reported("edge-dev").get("threshold"), None);
 }
