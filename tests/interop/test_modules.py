@@ -352,12 +352,17 @@ def test_module_of_a_missing_device_is_404001(rm):
     assert info.value.response.status_code == 404
 
 
-def test_deleting_the_device_deletes_its_modules(rm):
+def test_deleting_the_device_deletes_its_modules(hub: Hub, rm, module_client):
     did = new_device(rm)
     mods = [new_module(rm, did) for _ in range(2)]
     sdk_call(rm.update_module_twin, did, mods[0].module_id, Twin(tags={"t": 1}))
+    connected = module_client(
+        module_cs(hub, did, mods[1].module_id, module_key(mods[1])), connection_retry=False
+    )
+    connected.connect()
     rm.delete_device(did)
     assert _status(rm) == 204
+    wait_until(lambda: not connected.connected, timeout=10, what="the deleted device's module dropped")
     for mod in mods:
         with pytest.raises(HttpOperationError) as info:
             rm.get_module(did, mod.module_id)
@@ -561,7 +566,9 @@ def test_module_client_methods_and_twin(hub: Hub, rm, module_client, transport):
     mid = mod.module_id
     client = module_client(module_cs(hub, did, mid, module_key(mod)), websockets=transport == "websockets")
     client.connect()
-    assert rm.get_module(did, mid).connection_state == "Connected"
+    live = rm.get_module(did, mid)
+    assert live.connection_state == "Connected"
+    assert live.connection_state_updated_time.year >= 2024, live.as_dict()
     assert rm.get_device(did).connection_state == "Disconnected", "the device itself is not connected"
 
     # A direct method to the module.
@@ -1025,6 +1032,32 @@ def test_raw_tokens_stand_only_for_their_own_identity(hub: Hub, rm, raw):
     ):
         conn = raw()
         assert _raw_connect(conn, host, client_id, token) == 0, f"{client_id} with its own token"
+
+
+def test_raw_policy_tokens_name_one_identity_too(hub: Hub, rm, raw):
+    """A token signed with a shared access policy that grants DeviceConnect (skn=device) may
+    sign in any identity, but only the one its `sr` names."""
+    did = new_device(rm)
+    new_module(rm, did, "m1")
+    policy = hub.credentials("device")
+    host, se = hub.hostname, int(time.time()) + 3600
+
+    def policy_token(resource: str) -> str:
+        sr = urllib.parse.quote(f"{host}/{resource}", safe="")
+        sig = urllib.parse.quote(sign(policy.key, f"{sr}\n{se}"), safe="")
+        return f"SharedAccessSignature sr={sr}&sig={sig}&se={se}&skn={policy.policy}"
+
+    module_token = policy_token(f"devices/{did}/modules/m1")
+    device_token_ = policy_token(f"devices/{did}")
+    for client_id, token, want in (
+        (f"{did}/m1", module_token, 0),
+        (did, module_token, 5),
+        (f"{did}/m1", device_token_, 5),
+        (did, device_token_, 0),
+    ):
+        conn = raw()
+        code = _raw_connect(conn, host, client_id, token)
+        assert code == want, f"{client_id} with a policy token: CONNACK {code}, expected {want}"
 
 
 @pytest.mark.parametrize(
