@@ -1,15 +1,16 @@
 //! Module identities end to end through the Rust SDK against a real hub on loopback: the
 //! registry's module calls (etags, 404010 and 409301), a `ModuleClient` beside its device's
 //! `DeviceClient` (each gets only its own methods, twin and desired patches), module telemetry
-//! stamped with the module id (read back over AMQP), `FROM devices.modules`, deleting a device
-//! deleting its modules and ending their sessions, tokens that do not cross identities, and
-//! both clients signing in with an X.509 certificate instead of a key.
+//! and output messages stamped with the module id (read back over AMQP),
+//! `FROM devices.modules`, deleting a device deleting its modules and ending their sessions,
+//! tokens that do not cross identities, and both clients signing in with an X.509 certificate
+//! instead of a key (self-signed by thumbprint, or issued by a CA verified with the hub).
 
 mod support;
 
 use std::time::Duration;
 
-use rcgen::{CertificateParams, DnType, KeyPair};
+use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair, KeyUsagePurpose};
 use serde_json::{Value, json};
 use support::{RawMqtt, TestHub, connect_packet, now_unix};
 use tokio::time::timeout;
@@ -385,15 +386,23 @@ async fn module_telemetry_is_stamped_with_the_module_id() {
         )
         .await
         .unwrap();
+    module
+        .send_output_event(
+            "alerts",
+            "to an output",
+            &[("$.on".into(), "ignored".into())],
+        )
+        .await
+        .unwrap();
     let device = device_client(&hub, "tel-gw", &device_key);
     device.connect().await.unwrap();
     device.send_event("from the device", &[]).await.unwrap();
 
     let mut got = Vec::new();
-    while got.len() < 2 {
+    while got.len() < 3 {
         match timeout(WAIT, stream.next()).await {
             Ok(Some(Ok(e))) => got.push(e),
-            other => panic!("expected two events, got {} then {other:?}", got.len()),
+            other => panic!("expected three events, got {} then {other:?}", got.len()),
         }
     }
     let from_module = got
@@ -409,6 +418,16 @@ async fn module_telemetry_is_stamped_with_the_module_id() {
     assert_eq!(
         from_module.properties.get("kind"),
         Some(&Some("count".to_owned()))
+    );
+    assert_eq!(from_module.annotations.get("iothub-outputname"), None);
+    let output = got
+        .iter()
+        .find(|e| e.body == b"to an output")
+        .expect("the module's output message");
+    assert_eq!(output.module_id.as_deref(), Some("counter"));
+    assert_eq!(
+        output.annotations.get("iothub-outputname"),
+        Some(&json!("alerts"))
     );
     let from_device = got
         .iter()
@@ -740,4 +759,117 @@ async fn device_and_module_clients_sign_in_with_certificates() {
         matches!(refused, Err(Error::NotAuthorized(_))),
         "an expired certificate: {refused:?}"
     );
+}
+
+/// Parameters for a certificate for `cn` valid from yesterday for a month.
+fn cert_params(cn: &str) -> CertificateParams {
+    let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    params.distinguished_name.push(DnType::CommonName, cn);
+    let now = time::OffsetDateTime::now_utc();
+    params.not_before = now - time::Duration::days(1);
+    params.not_after = now + time::Duration::days(30);
+    params
+}
+
+/// A leaf for `cn` signed by `issuer`: its PEM and its key's PEM.
+fn issued(cn: &str, issuer: &Issuer<'static, KeyPair>) -> (String, String) {
+    let key = KeyPair::generate().unwrap();
+    let cert = cert_params(cn).signed_by(&key, issuer).unwrap();
+    (cert.pem(), key.serialize_pem())
+}
+
+#[tokio::test]
+async fn a_module_signs_in_with_a_certificate_from_a_verified_ca() {
+    let hub = TestHub::start().await;
+    let svc = hub.owner();
+    // A CA registered with the hub and verified by proof of possession.
+    let ca_key = KeyPair::generate().unwrap();
+    let mut params = cert_params("Modules Root");
+    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    params.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
+    let ca_cert = params.self_signed(&ca_key).unwrap();
+    let issuer = Issuer::new(params, ca_key);
+    let added = svc
+        .add_certificate("modules-root", &ca_cert.pem())
+        .await
+        .unwrap();
+    let with_code = svc
+        .generate_verification_code("modules-root", Some(&added.etag))
+        .await
+        .unwrap();
+    let code_text = with_code.properties.verification_code.unwrap();
+    let (proof, _) = issued(&code_text, &issuer);
+    svc.verify_certificate("modules-root", &proof, None)
+        .await
+        .unwrap();
+
+    svc.create_ca_device("ca-gw").await.unwrap();
+    let ca_auth = AuthenticationMechanism {
+        symmetric_key: None,
+        x509_thumbprint: None,
+        auth_type: AuthenticationType::CertificateAuthority,
+    };
+    svc.create_module(
+        "ca-gw",
+        "ca-mod",
+        NewModule {
+            authentication: Some(ca_auth),
+            ..NewModule::default()
+        },
+    )
+    .await
+    .unwrap();
+    let module_client = |cert: String, key: String| {
+        ModuleClient::x509_builder("localhost", "ca-gw", "ca-mod", cert, key)
+            .extra_ca_pem(ca(&hub))
+            .port(hub.mqtt.port())
+            .operation_timeout(WAIT)
+            .build()
+            .unwrap()
+    };
+
+    // The module's own CN (its id; `deviceId/moduleId` works too) signs it in; methods flow.
+    for cn in ["ca-mod", "ca-gw/ca-mod"] {
+        let (cert, key) = issued(cn, &issuer);
+        let module = module_client(cert, key);
+        module.set_method_handler(|_| async { MethodResponse::new(200, json!("ca")) });
+        module.connect().await.unwrap();
+        let answer = svc
+            .invoke_module_method("ca-gw", "ca-mod", &call("who", json!(null)))
+            .await
+            .unwrap();
+        assert_eq!(
+            (answer.status, answer.payload),
+            (200, json!("ca")),
+            "CN {cn}"
+        );
+        module.close().await;
+    }
+    // The device's certificate (CN = device id) does not sign in as the module, nor the
+    // module's as the device.
+    let (cert, key) = issued("ca-gw", &issuer);
+    assert!(matches!(
+        module_client(cert.clone(), key.clone()).connect().await,
+        Err(Error::NotAuthorized(_))
+    ));
+    let device = DeviceClient::x509_builder("localhost", "ca-gw", cert, key)
+        .extra_ca_pem(ca(&hub))
+        .port(hub.mqtt.port())
+        .build()
+        .unwrap();
+    device.connect().await.unwrap();
+    device.close().await;
+    let (cert, key) = issued("ca-mod", &issuer);
+    let device = DeviceClient::x509_builder("localhost", "ca-gw", cert, key)
+        .extra_ca_pem(ca(&hub))
+        .port(hub.mqtt.port())
+        .build()
+        .unwrap();
+    assert!(matches!(
+        device.connect().await,
+        Err(Error::NotAuthorized(_))
+    ));
 }

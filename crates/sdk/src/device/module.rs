@@ -1,8 +1,9 @@
 //! The module client: a module identity (`deviceId/moduleId`, IoT Edge style) on the same
 //! connection code as the device client. The identity flows into the MQTT client id, the
 //! user name, the SAS resource and the telemetry topic (all in `settings`); methods, twins and
-//! desired patches use the device topics, as IoT Hub's do. Cloud-to-device messages are for
-//! devices only, so a module client has no `c2d_messages`.
+//! desired patches use the device topics, as IoT Hub's do; output messages are telemetry with
+//! `$.on`. Cloud-to-device messages are for devices only, so a module client has no
+//! `c2d_messages`.
 
 use std::future::Future;
 
@@ -15,7 +16,10 @@ use super::{
     BuiltClient, ClientBuilder, ConnectionState, DesiredPatches, DeviceClient, DeviceTwin,
     MethodRequest, MethodRequests, MethodResponse,
 };
-use crate::error::Result;
+use crate::error::{Error, Result};
+
+/// The property-bag key of an output name.
+const OUTPUT_NAME: &str = "$.on";
 
 /// Builds a [`ModuleClient`]; start with [`ModuleClient::builder`]. It has every option of
 /// [`DeviceClientBuilder`](super::DeviceClientBuilder).
@@ -153,6 +157,27 @@ impl ModuleClient {
         self.client.send_event(payload, properties).await
     }
 
+    /// Sends a message to the module's output `output` (IoT Edge's
+    /// `send_message_to_output`): the same telemetry topic with `$.on` set, which the hub
+    /// hands on as `iothub-outputname`. Any `$.on` in `properties` is replaced.
+    pub async fn send_output_event(
+        &self,
+        output: &str,
+        payload: impl Into<Bytes>,
+        properties: &[(String, String)],
+    ) -> Result<()> {
+        if output.is_empty() {
+            return Err(Error::InvalidArgument("the output name is empty".into()));
+        }
+        let mut properties: Vec<(String, String)> = properties
+            .iter()
+            .filter(|(k, _)| k != OUTPUT_NAME)
+            .cloned()
+            .collect();
+        properties.push((OUTPUT_NAME.to_owned(), output.to_owned()));
+        self.client.send_event(payload, &properties).await
+    }
+
     /// Sends what is queued, says DISCONNECT, and ends the background task.
     pub async fn close(&self) {
         self.client.close().await
@@ -162,7 +187,6 @@ impl ModuleClient {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::error::Error;
 
     const KEY: &str = "c2VjcmV0LWtleS1mb3ItdGVzdHM=";
 
