@@ -383,6 +383,23 @@ def test_deleting_the_device_deletes_its_modules(hub: Hub, rm, module_client):
     assert rm.get_module_twin(did, mods[0].module_id).tags in (None, {}), "an old twin came back"
 
 
+def test_a_bulk_entry_naming_a_module_never_touches_its_device(rm):
+    """ExportImportDevice has a module_id; twinhub's bulk registry call serves devices only, so
+    such an entry fails on its own (before, a module "delete" deleted the whole device)."""
+    from azure.iot.hub.models import ExportImportDevice
+
+    did = new_device(rm)
+    mod = new_module(rm, did)
+    res = rm.bulk_create_or_update_devices(
+        [ExportImportDevice(id=did, module_id=mod.module_id, import_mode="delete")]
+    )
+    assert _status(rm) == 400
+    assert res.is_successful is False, res.as_dict()
+    assert [(e.device_id, e.module_id) for e in res.errors] == [(did, mod.module_id)], res.as_dict()
+    assert rm.get_device(did).device_id == did
+    assert rm.get_module(did, mod.module_id).etag == mod.etag
+
+
 def test_module_ids_are_validated(rm, hub: Hub):
     """A space is not allowed in a module id, nor more than 128 characters, and the body may
     not name another module than the path (all 400)."""

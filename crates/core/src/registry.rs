@@ -484,7 +484,7 @@ impl Hub {
                     device_id: op.id.clone(),
                     error_code: e.code().name().to_string(),
                     error_status: e.message().to_string(),
-                    module_id: None,
+                    module_id: op.module_id.clone().filter(|m| !m.is_empty()),
                     operation: Some(format!("{:?}", op.import_mode)),
                 }),
             }
@@ -542,6 +542,16 @@ fn apply_import(
     now: &str,
 ) -> Result<Option<DeviceRecord>> {
     use ImportMode::*;
+    // An entry naming a module must never act on its device (a module delete would delete
+    // the device with all its modules); modules are managed through their own routes.
+    if let Some(module_id) = op.module_id.as_deref().filter(|m| !m.is_empty()) {
+        return Err(Error::invalid(format!(
+            "Bulk registry operations apply to devices; this one names module '{}' (use PUT or DELETE /devices/{}/modules/{})",
+            crate::logsafe::Shown(module_id),
+            op.id,
+            crate::logsafe::Shown(module_id)
+        )));
+    }
     let spec = DeviceSpec::from(op);
     let not_found = || Error::device_not_found(&op.id);
     match op.import_mode {

@@ -298,3 +298,37 @@ async fn disabling_a_device_closes_its_modules_sessions() {
     );
     assert!(!neighbour.close.is_closed());
 }
+
+#[tokio::test]
+async fn a_bulk_entry_naming_a_module_never_acts_on_its_device() {
+    let hub = hub_over(Arc::new(MemoryStore::new())).await;
+    device(&hub, "d1").await;
+    module(&hub, "d1", "m1").await;
+    device(&hub, "d2").await;
+    let entry = |id: &str, mode| ExportImportDevice {
+        id: id.into(),
+        module_id: Some("m1".into()),
+        import_mode: mode,
+        ..ExportImportDevice::default()
+    };
+    let res = hub
+        .bulk_devices(&[
+            entry("d1", ImportMode::Delete),
+            entry("d2", ImportMode::Update),
+        ])
+        .await
+        .unwrap();
+    assert!(!res.is_successful);
+    let failed: Vec<_> = res.errors.iter().map(|e| e.device_id.as_str()).collect();
+    assert_eq!(failed, ["d1", "d2"]);
+    assert!(
+        res.errors.iter().all(|e| e.error_code == "ArgumentInvalid"),
+        "{res:?}"
+    );
+    assert!(
+        hub.get_device("d1").await.is_ok(),
+        "a module entry deleted its device"
+    );
+    assert!(hub.get_module("d1", "m1").await.is_ok());
+    assert!(hub.get_device("d2").await.is_ok());
+}
