@@ -174,6 +174,20 @@ impl CertificateAuthorities {
             .insert(key.to_owned(), ca.to_ascii_lowercase());
     }
 
+    fn forget_session(&self, key: &str) {
+        self.sessions
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(key);
+    }
+
+    fn has_session(&self, key: &str) -> bool {
+        self.sessions
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains_key(key)
+    }
+
     /// Forgets the sessions of CA `name`; returns their identity keys.
     fn take_sessions(&self, name: &str) -> Vec<String> {
         let name = name.to_ascii_lowercase();
@@ -427,6 +441,19 @@ impl Hub {
             other => Err(Error::unauthorized(format!(
                 "{who} uses {other:?} authentication, not a client certificate"
             ))),
+        }
+    }
+
+    /// Called once a session of `rec` is registered: whether it may stay. A
+    /// `certificateAuthority` session whose CA was removed (or replaced) since its check may
+    /// not; any other session drops a stale note of a CA, so that CA's removal never closes it.
+    pub(crate) fn certificate_session_admitted(&self, rec: &DeviceRecord) -> bool {
+        let key = rec.key();
+        if rec.auth.auth_type == AuthenticationType::CertificateAuthority {
+            self.certificates.has_session(&key)
+        } else {
+            self.certificates.forget_session(&key);
+            true
         }
     }
 
@@ -694,6 +721,46 @@ impl Hub {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn record(device: &str, module: Option<&str>) -> DeviceRecord {
+        let spec = crate::registry::DeviceSpec {
+            authentication: Some(twinhub_proto::model::AuthenticationMechanism {
+                symmetric_key: None,
+                x509_thumbprint: None,
+                auth_type: AuthenticationType::CertificateAuthority,
+            }),
+            ..Default::default()
+        };
+        let mut rec = crate::registry::new_record(device, &spec, "").unwrap();
+        rec.module_id = module.map(str::to_owned);
+        rec
+    }
+
+    #[test]
+    fn a_ca_signed_leaf_names_its_identity_in_the_cn() {
+        let device = record("d1", None);
+        assert!(common_name_matches(&device, "d1"));
+        assert!(!common_name_matches(&device, "D1"));
+        assert!(!common_name_matches(&device, "d2"));
+        let module = record("d1", Some("m1"));
+        assert!(common_name_matches(&module, "m1"));
+        assert!(common_name_matches(&module, "d1/m1"));
+        assert!(!common_name_matches(&module, "d1"));
+        assert!(!common_name_matches(&module, "d2/m1"));
+    }
+
+    #[test]
+    fn sessions_are_noted_per_identity_and_taken_per_ca() {
+        let cas = CertificateAuthorities::default();
+        cas.note_session("d1", "Root");
+        cas.note_session("d2", "other");
+        cas.note_session("d3", "root");
+        let mut taken = cas.take_sessions("ROOT");
+        taken.sort();
+        assert_eq!(taken, ["d1", "d3"]);
+        assert!(cas.has_session("d2"));
+        assert!(!cas.has_session("d1"));
+    }
 
     #[test]
     fn thumbprints_are_upper_hex() {

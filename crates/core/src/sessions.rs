@@ -187,6 +187,11 @@ impl Hub {
         if let Some(old) = self.directory.register(device_id, handle) {
             old.close.close(CloseReason::ReplacedByNewConnection);
         }
+        // A CA removed between the certificate check and this registration found nothing to
+        // close: close it now (the sessions' note of their CA is gone).
+        if !self.certificate_session_admitted(&rec) {
+            self.close_device_session(device_id, CloseReason::DeviceDisabled);
+        }
         // Numbered under the lock, so the device's events number in the order of its changes.
         let event = self.connection_event(device_id, &now, true).await;
         drop(guard);
