@@ -26,6 +26,7 @@ import urllib.parse
 from typing import Any, Callable, Iterator
 
 import pytest
+import requests
 from azure.iot.hub.models import CloudToDeviceMethod, QuerySpecification, Twin, TwinProperties
 from msrest.exceptions import HttpOperationError
 
@@ -1003,6 +1004,40 @@ def test_sdk_keys_do_not_cross_identities(hub: Hub, rm, module_client, device_cl
     ok = module_client(module_cs(hub, did, "m2", module_key(m2)), websockets=ws)
     ok.connect()
     assert ok.connected
+
+
+def test_a_module_token_cannot_use_its_devices_https_endpoints(hub: Hub, rm):
+    """The device-facing HTTPS endpoints (telemetry, cloud-to-device receive) authenticate the
+    device named in the path: a module's token, though signed with a valid key, is refused."""
+    did = new_device(rm)
+    mod = new_module(rm, did)
+    se = int(time.time()) + 3600
+    token = module_sas(hub.hostname, did, mod.module_id, module_key(mod), se)
+    params = {"api-version": "2021-04-12"}
+    for method, path in (
+        ("POST", f"/devices/{did}/messages/events"),
+        ("GET", f"/devices/{did}/messages/devicebound"),
+    ):
+        r = requests.request(
+            method,
+            hub.base_url + path,
+            params=params,
+            headers={"Authorization": token, "Content-Type": "application/json"},
+            data=b"{}" if method == "POST" else None,
+            verify=str(hub.ca_bundle),
+            timeout=30,
+        )
+        assert r.status_code == 401, f"{method} {path} with a module token -> {r.status_code} {r.text[:300]}"
+    # Control: the device's own token is accepted.
+    r = requests.post(
+        f"{hub.base_url}/devices/{did}/messages/events",
+        params=params,
+        headers={"Authorization": device_token(hub.hostname, did, hub.device_key(did), se)},
+        data=b"{}",
+        verify=str(hub.ca_bundle),
+        timeout=30,
+    )
+    assert r.status_code == 204, r.text
 
 
 @pytest.fixture
