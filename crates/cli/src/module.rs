@@ -2,18 +2,25 @@
 //! `twinhub twin show|update --module`, and `twinhub method invoke` for a device or one of its
 //! modules. Output follows the device commands: JSON on stdout, confirmations on stderr.
 
-use anyhow::{Result, anyhow};
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, anyhow, bail};
 use clap::{Subcommand, ValueEnum};
+use rustls_pki_types::CertificateDer;
+use rustls_pki_types::pem::PemObject;
 use serde_json::Value;
 use twinhub_sdk::proto::connection_string::ConnectionString;
-use twinhub_sdk::proto::model::{CloudToDeviceMethod, Module};
+use twinhub_sdk::proto::model::{
+    AuthenticationMechanism, AuthenticationType, CloudToDeviceMethod, Module, X509Thumbprint,
+};
 use twinhub_sdk::{NewModule, ServiceClient};
 
 use crate::{Target, client, print_json};
 
 #[derive(Subcommand)]
 pub enum ModuleCommand {
-    /// Register a module on a device, with generated SAS keys unless given
+    /// Register a module on a device, with generated SAS keys unless given, or an X.509 one
+    /// (--auth selfSigned|ca)
     Create {
         device: String,
         module: String,
@@ -21,11 +28,21 @@ pub enum ModuleCommand {
         #[arg(long)]
         managed_by: Option<String>,
         /// The primary key (base64) instead of a generated one
-        #[arg(long)]
+        #[arg(long, conflicts_with = "cert")]
         primary_key: Option<String>,
         /// The secondary key (base64) instead of a generated one
-        #[arg(long)]
+        #[arg(long, conflicts_with = "cert")]
         secondary_key: Option<String>,
+        /// How it signs in: SAS keys, a certificate by thumbprint, or one from a verified CA
+        /// (CN moduleId or deviceId/moduleId)
+        #[arg(long, default_value = "sas", value_parser = ["sas", "selfSigned", "ca"])]
+        auth: String,
+        /// With --auth selfSigned: the certificate (PEM) whose thumbprint to register
+        #[arg(long)]
+        cert: Option<PathBuf>,
+        /// With --auth selfSigned: a second certificate (the secondary thumbprint)
+        #[arg(long, requires = "cert")]
+        secondary_cert: Option<PathBuf>,
     },
     /// Show a module identity as JSON
     Show { device: String, module: String },
@@ -58,12 +75,15 @@ pub async fn module(command: ModuleCommand, target: &Target) -> Result<()> {
             managed_by,
             primary_key,
             secondary_key,
+            auth,
+            cert,
+            secondary_cert,
         } => {
             let new = NewModule {
                 primary_key,
                 secondary_key,
                 managed_by,
-                authentication: None,
+                authentication: authentication(&auth, cert.as_deref(), secondary_cert.as_deref())?,
             };
             print_json(&svc.create_module(&device, &module, new).await?)
         }
@@ -86,6 +106,47 @@ pub async fn module(command: ModuleCommand, target: &Target) -> Result<()> {
             Ok(())
         }
     }
+}
+
+/// The authentication `--auth` asks for; `None` for SAS (keys generated or given).
+fn authentication(
+    auth: &str,
+    cert: Option<&Path>,
+    secondary: Option<&Path>,
+) -> Result<Option<AuthenticationMechanism>> {
+    let (auth_type, thumbprints) = match auth {
+        "sas" if cert.is_some() => bail!("--cert is for --auth selfSigned"),
+        "sas" => return Ok(None),
+        "selfSigned" => {
+            let cert = cert.ok_or_else(|| anyhow!("--auth selfSigned needs --cert FILE"))?;
+            let thumbprints = X509Thumbprint {
+                primary_thumbprint: Some(sha1_thumbprint(cert)?),
+                secondary_thumbprint: secondary.map(sha1_thumbprint).transpose()?,
+            };
+            (AuthenticationType::SelfSigned, Some(thumbprints))
+        }
+        "ca" if cert.is_some() => {
+            bail!("--auth ca takes no --cert: the module's certificate must chain to a verified CA")
+        }
+        "ca" => (AuthenticationType::CertificateAuthority, None),
+        other => bail!("unknown --auth {other}"),
+    };
+    Ok(Some(AuthenticationMechanism {
+        symmetric_key: None,
+        x509_thumbprint: thumbprints,
+        auth_type,
+    }))
+}
+
+/// The SHA-1 thumbprint (upper-case hex, as IoT Hub shows it) of the first certificate in the
+/// PEM file at `path`.
+fn sha1_thumbprint(path: &Path) -> Result<String> {
+    let pem = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+    let der = CertificateDer::pem_slice_iter(&pem)
+        .next()
+        .ok_or_else(|| anyhow!("{} holds no PEM certificate", path.display()))?
+        .with_context(|| format!("parsing {}", path.display()))?;
+    Ok(crate::ca::thumbprints(der.as_ref()).0)
 }
 
 /// The module's connection string with the chosen key; an X.509 module has no key to print.
@@ -179,7 +240,7 @@ pub async fn method(command: MethodCommand, target: &Target) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use twinhub_sdk::proto::model::{AuthenticationMechanism, SymmetricKey};
+    use twinhub_sdk::proto::model::SymmetricKey;
 
     #[test]
     fn connection_strings_carry_the_chosen_key() {
@@ -204,5 +265,15 @@ mod tests {
             ..module
         };
         assert!(connection_string("localhost", &x509, KeyChoice::Primary).is_err());
+    }
+
+    #[test]
+    fn auth_flags_pick_the_authentication() {
+        assert_eq!(authentication("sas", None, None).unwrap(), None);
+        let ca = authentication("ca", None, None).unwrap().unwrap();
+        assert_eq!(ca.auth_type, AuthenticationType::CertificateAuthority);
+        assert!(authentication("selfSigned", None, None).is_err());
+        assert!(authentication("ca", Some(Path::new("x.pem")), None).is_err());
+        assert!(authentication("sas", Some(Path::new("x.pem")), None).is_err());
     }
 }

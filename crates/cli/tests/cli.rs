@@ -584,6 +584,62 @@ fn module_twin_and_method_commands() {
     ));
     assert!(err.contains("--timeout"), "{err}");
 
+    // A self-signed module from `cert device`, registered by thumbprint, signs in with it.
+    let certs = tempfile::tempdir().unwrap();
+    let issued = run(
+        &[
+            "cert",
+            "device",
+            "gw/xmod",
+            "--self-signed",
+            "--out",
+            certs.path().to_str().unwrap(),
+        ],
+        d,
+    );
+    assert!(issued.status.success(), "{}", text(&issued.stderr));
+    let (cert, key) = (
+        certs.path().join("gw-xmod.pem"),
+        certs.path().join("gw-xmod-key.pem"),
+    );
+    let x509 = json(&run(
+        &[
+            "module",
+            "create",
+            "gw",
+            "xmod",
+            "--auth",
+            "selfSigned",
+            "--cert",
+            cert.to_str().unwrap(),
+        ],
+        d,
+    ));
+    assert_eq!(x509["authentication"]["type"], "selfSigned");
+    let err = refusal(&run(&["module", "connection-string", "gw", "xmod"], d));
+    assert!(err.contains("does not use SAS keys"), "{err}");
+    rt.block_on(async {
+        let module = twinhub_sdk::ModuleClient::x509_builder(
+            "localhost",
+            "gw",
+            "xmod",
+            std::fs::read(&cert).unwrap(),
+            std::fs::read(&key).unwrap(),
+        )
+        .extra_ca_pem(std::fs::read(d.join("tls").join("ca.pem")).unwrap())
+        .port(mqtt_port)
+        .build()
+        .unwrap();
+        module.connect().await.unwrap();
+        module
+            .patch_reported(&serde_json::json!({"x509": true}))
+            .await
+            .unwrap();
+        module.close().await;
+    });
+    let twin = json(&run(&["twin", "show", "gw", "--module", "xmod"], d));
+    assert_eq!(twin["properties"]["reported"]["x509"], true);
+
     let deleted = run(&["module", "delete", "gw", "given"], d);
     assert!(deleted.status.success(), "{}", text(&deleted.stderr));
     let err = refusal(&run(&["module", "show", "gw", "given"], d));
