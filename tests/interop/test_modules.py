@@ -441,7 +441,12 @@ def test_module_twin_get_update_replace(rm, hub: Hub):
 
     r = hub.rest("GET", f"/twins/{did}/modules/{mid}")
     assert r.status_code == 200, r.text
-    assert r.json()["moduleId"] == mid and r.json()["deviceId"] == did
+    body = r.json()
+    assert body["moduleId"] == mid and body["deviceId"] == did
+    for key in ("etag", "deviceEtag", "status", "connectionState", "authenticationType", "version"):
+        assert key in body, f"module twin JSON lacks {key}: {body}"
+    # Device-only fields: IoT Hub's module twins carry no capabilities or scopes.
+    assert "capabilities" not in body and "parentScopes" not in body, body
 
     t1 = rm.update_module_twin(
         did, mid, Twin(tags={"site": "a"}, properties=TwinProperties(desired={"rate": 5})), twin.etag

@@ -217,11 +217,16 @@ impl DeviceRecord {
             version: Some(self.twin.version),
             tags: Some(self.twin.tags.clone()),
             properties: Some(TwinProperties { desired, reported }),
-            capabilities: Some(DeviceCapabilities {
+            // A module twin has no capabilities or scopes: they belong to the device.
+            capabilities: self.module_id.is_none().then_some(DeviceCapabilities {
                 iot_edge: self.iot_edge,
             }),
-            device_scope: self.device_scope.clone(),
-            parent_scopes: Some(self.parent_scopes.clone()),
+            device_scope: self
+                .module_id
+                .is_none()
+                .then(|| self.device_scope.clone())
+                .flatten(),
+            parent_scopes: self.module_id.is_none().then(|| self.parent_scopes.clone()),
         }
     }
 

@@ -103,9 +103,12 @@ async fn modules_have_their_own_keys_etags_and_twins() {
     .unwrap();
     let mt = hub.get_twin("d1/m1").await.unwrap();
     assert_eq!(mt.module_id.as_deref(), Some("m1"));
+    // Capabilities and scopes are the device's: a module twin has none (as in IoT Hub).
+    assert!(mt.capabilities.is_none() && mt.parent_scopes.is_none());
     assert_eq!(mt.properties.unwrap().desired["speed"], 3);
     let dt = hub.get_twin("d1").await.unwrap();
     assert!(dt.module_id.is_none());
+    assert!(dt.capabilities.is_some() && dt.parent_scopes.is_some());
     assert!(dt.properties.unwrap().desired.get("speed").is_none());
 
     // A device route never names a module.
