@@ -378,14 +378,11 @@ fn check_validity(info: &CertInfo, now: i64, who: &str) -> Result<()> {
     Ok(())
 }
 
-/// Whether a CA-signed leaf's CN names the identity: the device id for a device; for a module
-/// the module id or `deviceId/moduleId` (IoT Hub documents neither form for modules, so both
-/// are accepted; see the X.509 notes in ARCHITECTURE.md).
+/// Whether a CA-signed leaf's CN names the identity, as IoT Hub's documents say: the device id
+/// for a device, `deviceId/moduleId` for a module (a bare module id would let one certificate
+/// sign in as that module on every device).
 fn common_name_matches(rec: &DeviceRecord, cn: &str) -> bool {
-    match &rec.module_id {
-        None => cn == rec.device_id,
-        Some(m) => cn == m || cn == rec.key(),
-    }
+    cn == rec.key()
 }
 
 impl Hub {
@@ -543,12 +540,15 @@ impl Hub {
     }
 
     /// Adds CA `name` (`if_match` absent) or replaces its certificate (`if_match` its etag or
-    /// `*`). The PEM's first certificate must be a CA certificate that has not expired. A
-    /// replaced certificate is unverified again and closes the sessions the old one admitted.
+    /// `*`). The PEM's first certificate must be a CA certificate that has not expired.
+    /// `verified` marks it verified without proof of possession (Resource Manager's
+    /// `isVerified: true` on upload); otherwise a new or replaced certificate is unverified. A
+    /// replaced certificate closes the sessions the old one admitted.
     pub async fn put_certificate(
         &self,
         name: &str,
         pem: &str,
+        verified: bool,
         if_match: Option<&str>,
     ) -> Result<CertificateDescription> {
         validate_certificate_name(name).map_err(Error::invalid)?;
@@ -602,7 +602,7 @@ impl Hub {
                 .map_or_else(|| name.to_owned(), |c| c.stored.name.clone()),
             certificate: pem.trim().to_owned() + "\n",
             etag: new_etag(),
-            is_verified: false,
+            is_verified: verified,
             created: replaced.clone().unwrap_or_else(|| now.clone()),
             updated: now,
             verification_code: None,
@@ -743,7 +743,7 @@ mod tests {
         assert!(!common_name_matches(&device, "D1"));
         assert!(!common_name_matches(&device, "d2"));
         let module = record("d1", Some("m1"));
-        assert!(common_name_matches(&module, "m1"));
+        assert!(!common_name_matches(&module, "m1"));
         assert!(common_name_matches(&module, "d1/m1"));
         assert!(!common_name_matches(&module, "d1"));
         assert!(!common_name_matches(&module, "d2/m1"));

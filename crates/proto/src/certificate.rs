@@ -36,10 +36,49 @@ pub struct CertificateProperties {
     pub verification_code: Option<String>,
 }
 
-/// The body of a certificate PUT and of `verify`: a PEM certificate.
+/// The body of `verify`, and the short form of a certificate PUT: a PEM certificate.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CertificateBody {
     pub certificate: String,
+}
+
+/// A certificate PUT as Resource Manager takes it: `{"properties": {"certificate": PEM,
+/// "isVerified": bool}}` (`isVerified: true` skips proof of possession), or the short form
+/// `{"certificate": PEM}`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum CertificatePut {
+    Properties {
+        properties: CertificateBodyProperties,
+    },
+    Short(CertificateBody),
+}
+
+/// The writable properties of a certificate.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct CertificateBodyProperties {
+    pub certificate: String,
+    #[serde(default)]
+    pub is_verified: bool,
+}
+
+impl CertificatePut {
+    /// The PEM and whether the certificate is to be taken as verified.
+    pub fn into_parts(self) -> (String, bool) {
+        match self {
+            CertificatePut::Properties { properties } => {
+                (properties.certificate, properties.is_verified)
+            }
+            CertificatePut::Short(b) => (b.certificate, false),
+        }
+    }
+}
+
+/// The certificate list, as Resource Manager answers it: `{"value": [...]}`.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct CertificateList {
+    pub value: Vec<CertificateDescription>,
 }
 
 /// Certificate names: 1 to 64 of letters, digits, `-`, `.` and `_` (Resource Manager's rule).
@@ -69,6 +108,17 @@ mod tests {
         assert!(validate_certificate_name("").is_err());
         assert!(validate_certificate_name("a/b").is_err());
         assert!(validate_certificate_name(&"x".repeat(65)).is_err());
+    }
+
+    #[test]
+    fn a_put_body_takes_both_forms() {
+        let short: CertificatePut = serde_json::from_str(r#"{"certificate":"P"}"#).unwrap();
+        assert_eq!(short.into_parts(), ("P".to_owned(), false));
+        let arm: CertificatePut =
+            serde_json::from_str(r#"{"properties":{"certificate":"P","isVerified":true}}"#)
+                .unwrap();
+        assert_eq!(arm.into_parts(), ("P".to_owned(), true));
+        assert!(serde_json::from_str::<CertificatePut>(r#"{"cert":"P"}"#).is_err());
     }
 
     #[test]

@@ -7,7 +7,7 @@
 //! CLI's `ca` commands are built on them.
 
 use reqwest::{Method, StatusCode};
-use twinhub_proto::certificate::{CertificateBody, CertificateDescription};
+use twinhub_proto::certificate::{CertificateBody, CertificateDescription, CertificateList};
 use twinhub_proto::model::{
     AuthenticationMechanism, AuthenticationType, Device, DeviceStatus, X509Thumbprint,
 };
@@ -30,8 +30,10 @@ fn if_match(etag: Option<&str>) -> Vec<(&'static str, String)> {
 impl ServiceClient {
     /// Every registered CA certificate.
     pub async fn list_certificates(&self) -> Result<Vec<CertificateDescription>> {
-        self.call(Method::GET, BASE, &[], &[], None, StatusCode::OK)
-            .await
+        let list: CertificateList = self
+            .call(Method::GET, BASE, &[], &[], None, StatusCode::OK)
+            .await?;
+        Ok(list.value)
     }
 
     pub async fn get_certificate(&self, name: &str) -> Result<CertificateDescription> {

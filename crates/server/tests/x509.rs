@@ -385,3 +385,89 @@ async fn the_certificate_api_refuses_bad_input_with_iot_hub_errors() {
         .unwrap();
     assert!(svc.list_certificates().await.unwrap().is_empty());
 }
+
+fn http(hub: &TestHub) -> reqwest::Client {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let ca = reqwest::Certificate::from_pem(&std::fs::read(hub.ca_pem()).unwrap()).unwrap();
+    reqwest::Client::builder()
+        .tls_certs_only([ca])
+        .build()
+        .unwrap()
+}
+
+fn owner_token(hub: &TestHub) -> String {
+    twinhub_proto::sas::generate_sas_token(
+        "localhost",
+        &hub.server().hub_file.policies[0].primary_key,
+        Some("iothubowner"),
+        support::now_unix() + 600,
+    )
+    .unwrap()
+}
+
+#[tokio::test]
+async fn resource_manager_shapes_and_module_common_names() {
+    let hub = TestHub::start().await;
+    let svc = hub.owner();
+    let (root, issuer) = ca("ARM Root");
+    let url = format!(
+        "https://localhost:{}/twinhub/certificates",
+        hub.https.port()
+    );
+    // Resource Manager's PUT body, isVerified on upload (no proof of possession).
+    let put = http(&hub)
+        .put(format!("{url}/arm?api-version=2021-04-12"))
+        .header("Authorization", owner_token(&hub))
+        .json(&serde_json::json!({"properties": {"certificate": root.pem, "isVerified": true}}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(put.status(), 200);
+    let list: serde_json::Value = http(&hub)
+        .get(format!("{url}?api-version=2021-04-12"))
+        .header("Authorization", owner_token(&hub))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let value = list["value"].as_array().expect("{\"value\": [...]}");
+    assert_eq!(value.len(), 1);
+    assert_eq!(value[0]["properties"]["isVerified"], true);
+    assert_eq!(value[0]["name"], "arm");
+
+    // A module's CA-signed certificate names deviceId/moduleId; a bare module id is not enough
+    // (it would admit that module name on every device).
+    svc.create_device("md", Default::default()).await.unwrap();
+    let module = twinhub_proto::model::Module {
+        module_id: "m1".into(),
+        device_id: "md".into(),
+        authentication: Some(twinhub_proto::model::AuthenticationMechanism {
+            symmetric_key: None,
+            x509_thumbprint: None,
+            auth_type: twinhub_proto::model::AuthenticationType::CertificateAuthority,
+        }),
+        ..Default::default()
+    };
+    let put = http(&hub)
+        .put(format!(
+            "https://localhost:{}/devices/md/modules/m1?api-version=2021-04-12",
+            hub.https.port()
+        ))
+        .header("Authorization", owner_token(&hub))
+        .json(&module)
+        .send()
+        .await
+        .unwrap();
+    assert!(put.status().is_success(), "{}", put.text().await.unwrap());
+    let full = signed("md/m1", &issuer);
+    let (_, code) = cert_connect(&hub, "md/m1", &full, &[]).await;
+    assert_eq!(code, ConnectReturnCode::Accepted);
+    let bare = signed("m1", &issuer);
+    let (_, code) = cert_connect(&hub, "md/m1", &bare, &[]).await;
+    assert_eq!(code, ConnectReturnCode::NotAuthorized);
+    // The module's certificate does not sign its device in.
+    let (_, code) = cert_connect(&hub, "md", &full, &[]).await;
+    assert_eq!(code, ConnectReturnCode::NotAuthorized);
+}

@@ -11,7 +11,7 @@ use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use twinhub_proto::certificate::CertificateBody;
+use twinhub_proto::certificate::{CertificateBody, CertificateList, CertificatePut};
 
 use super::{
     ApiResult, AppState, Authorized, Read, Write, detached, if_match, ok_json, parse_json,
@@ -31,8 +31,11 @@ pub fn routes() -> Router<AppState> {
         .route("/twinhub/certificates/{name}/verify", post(verify))
 }
 
+/// `{"value": [...]}`, as Resource Manager lists certificates.
 async fn list(State(s): State<AppState>, _: Authorized<Read>) -> Response {
-    ok_json(&s.hub.list_certificates())
+    ok_json(&CertificateList {
+        value: s.hub.list_certificates(),
+    })
 }
 
 async fn show(
@@ -43,7 +46,9 @@ async fn show(
     Ok(ok_json(&s.hub.get_certificate(&name)?))
 }
 
-/// Adds a CA (no `If-Match`) or replaces its certificate (`If-Match`).
+/// Adds a CA (no `If-Match`) or replaces its certificate (`If-Match`). The body is
+/// `{"certificate": PEM}` or Resource Manager's `{"properties": {"certificate": PEM,
+/// "isVerified": bool}}`.
 async fn put(
     State(s): State<AppState>,
     _: Authorized<Write>,
@@ -51,11 +56,11 @@ async fn put(
     headers: HeaderMap,
     body: Bytes,
 ) -> ApiResult {
-    let body: CertificateBody = parse_json(&body)?;
+    let (pem, verified) = parse_json::<CertificatePut>(&body)?.into_parts();
     let etag = if_match(&headers).map(str::to_owned);
     let hub = s.hub.clone();
     let done = detached(async move {
-        hub.put_certificate(&name, &body.certificate, etag.as_deref())
+        hub.put_certificate(&name, &pem, verified, etag.as_deref())
             .await
     })
     .await?;
