@@ -9,9 +9,12 @@ Device side: azure-iot-device 2.14.0's IoTHubModuleClient from a module connecti
 WebSockets: methods, twin reported and desired, telemetry and output messages read back from
 the Event Hub-compatible endpoint with azure-eventhub. Token boundaries: a module's token never
 signs in as its device or another module, a device's never as its module (through the SDK and
-with hand-built CONNECTs, which can pair any token with any client id).
+with hand-built CONNECTs, which can pair any token with any client id), and the topic ACL
+keeps each session to its own identity's topics. The Node.js service SDK (azure-iothub 1.16.6,
+node/modules_service.mjs) does the registry calls and invokeDeviceMethod(device, module, ..).
 
-One hub serves the whole file; every test works on devices of its own.
+One hub serves the whole file (the restart test has its own); every test works on devices of
+its own.
 """
 
 from __future__ import annotations
@@ -31,7 +34,16 @@ from azure.iot.hub.models import CloudToDeviceMethod, QuerySpecification, Twin, 
 from msrest.exceptions import HttpOperationError
 
 import mqtt_raw as m
-from harness import Hub, assert_iothub_error, random_key, sdk_call, sign, unique_id, wait_until
+from harness import (
+    Hub,
+    assert_iothub_error,
+    device_sas,
+    random_key,
+    sdk_call,
+    sign,
+    unique_id,
+    wait_until,
+)
 from routelib import StreamReader, props, sysprops, text
 
 pytestmark = pytest.mark.device
@@ -75,14 +87,8 @@ def module_key(module) -> str:
 
 
 def module_sas(host: str, did: str, mid: str, key_b64: str, se: int) -> str:
-    """A module token as azure-iot-device builds it: sr = quote(host/devices/d/modules/m, safe='')."""
+    """A module token as azure-iot-device builds it (harness.device_sas for a device)."""
     sr = urllib.parse.quote(f"{host}/devices/{did}/modules/{mid}", safe="")
-    sig = urllib.parse.quote(sign(key_b64, f"{sr}\n{se}"), safe="")
-    return f"SharedAccessSignature sr={sr}&sig={sig}&se={se}"
-
-
-def device_token(host: str, did: str, key_b64: str, se: int) -> str:
-    sr = urllib.parse.quote(f"{host}/devices/{did}", safe="")
     sig = urllib.parse.quote(sign(key_b64, f"{sr}\n{se}"), safe="")
     return f"SharedAccessSignature sr={sr}&sig={sig}&se={se}"
 
@@ -1037,7 +1043,7 @@ def test_a_module_token_cannot_use_its_devices_https_endpoints(hub: Hub, rm):
     r = requests.post(
         f"{hub.base_url}/devices/{did}/messages/events",
         params=params,
-        headers={"Authorization": device_token(hub.hostname, did, hub.device_key(did), se)},
+        headers={"Authorization": device_sas(hub.hostname, did, hub.device_key(did), se)},
         data=b"{}",
         verify=str(hub.ca_bundle),
         timeout=30,
@@ -1074,7 +1080,7 @@ def test_raw_tokens_stand_only_for_their_own_identity(hub: Hub, rm, raw):
     k1, k2 = module_key(new_module(rm, did, "m1")), module_key(new_module(rm, did, "m2"))
     host, se = hub.hostname, int(time.time()) + 3600
     m1_token = module_sas(host, did, "m1", k1, se)
-    dev_token = device_token(host, did, dev_key, se)
+    dev_token = device_sas(host, did, dev_key, se)
 
     refused = {
         # A correctly signed module token presented by the device's client id.
@@ -1119,12 +1125,12 @@ def test_raw_policy_tokens_name_one_identity_too(hub: Hub, rm, raw):
         return f"SharedAccessSignature sr={sr}&sig={sig}&se={se}&skn={policy.policy}"
 
     module_token = policy_token(f"devices/{did}/modules/m1")
-    device_token_ = policy_token(f"devices/{did}")
+    device_policy_token = policy_token(f"devices/{did}")
     for client_id, token, want in (
         (f"{did}/m1", module_token, 0),
         (did, module_token, 5),
-        (f"{did}/m1", device_token_, 5),
-        (did, device_token_, 0),
+        (f"{did}/m1", device_policy_token, 5),
+        (did, device_policy_token, 0),
     ):
         conn = raw()
         code = _raw_connect(conn, host, client_id, token)
@@ -1152,7 +1158,7 @@ def test_sessions_keep_to_their_own_topics(hub: Hub, rm, raw, case):
     se = int(time.time()) + 3600
     conn = raw()
     if who is None:
-        token, client_id = device_token(hub.hostname, did, hub.device_key(did), se), did
+        token, client_id = device_sas(hub.hostname, did, hub.device_key(did), se), did
         own_sub, own_pub = f"devices/{did}/messages/devicebound/#", f"devices/{did}/messages/events/"
     else:
         token, client_id = module_sas(hub.hostname, did, who, k1, se), f"{did}/{who}"
