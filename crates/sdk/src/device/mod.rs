@@ -86,27 +86,30 @@ impl<C> std::fmt::Debug for ClientBuilder<C> {
     }
 }
 
-/// The kinds of client a [`ClientBuilder`] makes. Sealed: [`DeviceClient`] and
-/// [`ModuleClient`] only.
-pub trait BuiltClient: sealed::Sealed + Sized {
-    #[doc(hidden)]
-    const KIND: ConnectionStringKind;
-    #[doc(hidden)]
-    fn wrap(client: DeviceClient) -> Self;
-}
+/// The kinds of client a [`ClientBuilder`] makes: [`DeviceClient`] and [`ModuleClient`].
+/// Sealed, so nothing outside the SDK can turn one kind into the other.
+pub trait BuiltClient: sealed::Sealed {}
 
-mod sealed {
-    pub trait Sealed {}
-    impl Sealed for super::DeviceClient {}
-    impl Sealed for super::ModuleClient {}
-}
+pub(crate) mod sealed {
+    use super::{ConnectionStringKind, DeviceClient};
 
-impl BuiltClient for DeviceClient {
-    const KIND: ConnectionStringKind = ConnectionStringKind::Device;
-    fn wrap(client: DeviceClient) -> Self {
-        client
+    /// What the builder needs from a client kind, out of the applications' reach.
+    pub trait Sealed: Sized {
+        /// The connection string kind the client takes.
+        const KIND: ConnectionStringKind;
+        /// The client around the shared connection code.
+        fn wrap(client: DeviceClient) -> Self;
+    }
+
+    impl Sealed for DeviceClient {
+        const KIND: ConnectionStringKind = ConnectionStringKind::Device;
+        fn wrap(client: DeviceClient) -> Self {
+            client
+        }
     }
 }
+
+impl BuiltClient for DeviceClient {}
 
 impl<C: BuiltClient> ClientBuilder<C> {
     pub(crate) fn new(connection_string: String) -> Self {
@@ -453,7 +456,7 @@ impl DeviceClient {
     /// desired document (`full: true`); then each change as the hub sends it. After a
     /// reconnect the client reads the twin and, if changes were missed, sends the whole
     /// document again (`full: true`). An application that falls more than
-    /// [`DESIRED_QUEUE`](crate::device::DESIRED_QUEUE) changes behind is not buffered for
+    /// [`DESIRED_QUEUE`] changes behind is not buffered for
     /// without bound: once it reads again it gets the whole document (`full: true`) in place
     /// of what it missed. A second call replaces (ends) the first stream.
     pub fn desired_patches(&self) -> DesiredPatches {

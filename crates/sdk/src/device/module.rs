@@ -55,7 +55,9 @@ pub struct ModuleClient {
     client: DeviceClient,
 }
 
-impl BuiltClient for ModuleClient {
+impl BuiltClient for ModuleClient {}
+
+impl super::sealed::Sealed for ModuleClient {
     const KIND: ConnectionStringKind = ConnectionStringKind::Module;
     fn wrap(client: DeviceClient) -> Self {
         ModuleClient { client }
