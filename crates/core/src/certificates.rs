@@ -427,7 +427,7 @@ impl Hub {
                 let cn = info.common_name.as_deref().unwrap_or("");
                 if !common_name_matches(rec, cn) {
                     return Err(Error::unauthorized(format!(
-                        "{who}: CN mismatch: the client certificate's subject CN is '{}', not \
+                        "{who}: CN mismatch: the client certificate's subject CN is {}, not \
                          the identity's id",
                         Shown(cn)
                     )));

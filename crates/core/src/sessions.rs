@@ -97,7 +97,17 @@ impl Hub {
         match rec.auth.auth_type {
             AuthenticationType::Sas => {
                 let password = credentials.password.ok_or_else(|| {
-                    Error::unauthorized("CONNECT carries no password (SAS token)")
+                    // Said plainly when a certificate came instead: it is not this identity's
+                    // kind of credential.
+                    let why = if credentials.certificates.is_empty() {
+                        ""
+                    } else {
+                        "; a client certificate does not sign in an identity of type sas"
+                    };
+                    Error::unauthorized(format!(
+                        "{}: CONNECT carries no password (SAS token){why}",
+                        describe(&key)
+                    ))
                 })?;
                 self.auth.authenticate_device(
                     &key,
