@@ -34,7 +34,7 @@ pub enum ModuleCommand {
         #[arg(long, conflicts_with = "cert")]
         secondary_key: Option<String>,
         /// How it signs in: SAS keys, a certificate by thumbprint, or one from a verified CA
-        /// (CN moduleId or deviceId/moduleId)
+        /// (CN deviceId/moduleId)
         #[arg(long, default_value = "sas", value_parser = ["sas", "selfSigned", "ca"])]
         auth: String,
         /// With --auth selfSigned: the certificate (PEM) whose thumbprint to register
@@ -126,7 +126,9 @@ fn authentication(
             (AuthenticationType::SelfSigned, Some(thumbprints))
         }
         "ca" if cert.is_some() => {
-            bail!("--auth ca takes no --cert: the module's certificate must chain to a verified CA")
+            bail!(
+                "--auth ca takes no --cert: the module's certificate must chain to a verified CA and have CN=DEVICE/MODULE"
+            )
         }
         "ca" => (AuthenticationType::CertificateAuthority, None),
         other => bail!("unknown --auth {other}"),
