@@ -1200,6 +1200,51 @@ def test_module_sas_connection_string_token_from_the_sdk(hub: Hub, rm, module_cl
         shutdown_bounded(client)
 
 
+def test_routes_see_the_module_id_and_the_module_twin(hub_factory, module_client_factory, device_client):
+    """Message routing on a module's messages: `$connectionModuleId` names the sender and
+    `$twin` is the module's twin, not its device's. A hub of its own: routes are hub-wide."""
+    from routelib import cli_ok, message, read_to_end, tag_of
+
+    hub = hub_factory()
+    rm = hub.registry()
+    did = new_device(rm, "mroute")
+    sdk_call(rm.update_twin, did, Twin(tags={"site": "device-site"}))
+    mods = {mid: new_module(rm, did, mid) for mid in ("filter", "other")}
+    for mid in mods:
+        sdk_call(rm.update_module_twin, did, mid, Twin(tags={"site": "a"}))
+    cli_ok(hub, "endpoint", "add", "mods", "--kind", "stream")
+    cli_ok(
+        hub,
+        "route",
+        "add",
+        "module-route",
+        "--source",
+        "DeviceMessages",
+        "--condition",
+        "$connectionModuleId = 'filter' AND $twin.tags.site = 'a'",
+        "--endpoint",
+        "mods",
+    )
+    make = module_client_factory(hub)
+    for mid, mod in mods.items():
+        client = make(module_cs(hub, did, mid, module_key(mod)))
+        client.connect()
+        client.send_message(message(f"from-{mid}", {"n": 1}))
+    dev = device_client(hub.device_cs(did))
+    dev.connect()
+    dev.send_message(message("from-device", {"n": 1}))
+
+    def sent_by(events: list) -> list[tuple[str, str | None]]:
+        return sorted(
+            (text(sysprops(e).get("iothub-connection-module-id", "")), tag_of(e))
+            for e in events
+            if text(sysprops(e).get("iothub-connection-device-id")) == did
+        )
+
+    assert sent_by(read_to_end(hub, "mods")) == [("filter", "from-filter")]
+    assert sent_by(read_to_end(hub)) == [("", "from-device"), ("other", "from-other")]
+
+
 # --------------------------------------------------------------------------------------------
 # The Node.js service SDK (azure-iothub 1.16.6)
 # --------------------------------------------------------------------------------------------
