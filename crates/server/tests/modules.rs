@@ -2,7 +2,7 @@
 //! registry's module calls (etags, 404010 and 409301), a `ModuleClient` beside its device's
 //! `DeviceClient` (each gets only its own methods, twin and desired patches), module telemetry
 //! and output messages stamped with the module id (read back over AMQP),
-//! `FROM devices.modules`, deleting a device deleting its modules and ending their sessions,
+//! `FROM devices.modules`, disabling or deleting a device ending its modules' sessions,
 //! tokens that do not cross identities, and both clients signing in with an X.509 certificate
 //! instead of a key (self-signed by thumbprint, or issued by a CA verified with the hub).
 
@@ -216,6 +216,25 @@ async fn module_crud_with_etags_and_iot_hub_errors() {
         Some(ErrorCode::ModuleNotFound)
     );
     assert_eq!(svc.list_modules("gw").await.unwrap().len(), 1);
+
+    // Module twins have etags of their own: a stale one is 412, the current one applies.
+    let twin = svc.get_module_twin("gw", "alpha").await.unwrap();
+    let twin_etag = twin.etag.clone().expect("a module twin has an etag");
+    let patch = json!({"tags": {"zone": 1}});
+    let updated = svc
+        .update_module_twin("gw", "alpha", &patch, Some(&twin_etag))
+        .await
+        .unwrap();
+    assert_ne!(updated.etag, twin.etag);
+    let stale = svc
+        .update_module_twin("gw", "alpha", &patch, Some(&twin_etag))
+        .await
+        .unwrap_err();
+    assert_eq!(stale.status(), Some(412), "{stale}");
+    assert_eq!(
+        code(svc.get_module_twin("gw", "filter").await),
+        Some(ErrorCode::ModuleNotFound)
+    );
 }
 
 #[tokio::test]
@@ -500,6 +519,41 @@ async fn queries_over_devices_modules() {
             .iter()
             .all(|d| d.get("moduleId").is_none_or(Value::is_null))
     );
+}
+
+#[tokio::test]
+async fn disabling_the_device_ends_its_modules_sessions_and_refuses_them() {
+    let hub = TestHub::start().await;
+    let svc = hub.owner();
+    hub.device("off").await;
+    let key = add_module(&hub, "off", "m").await;
+    let module = module_client(&hub, "off", "m", &key);
+    module.connect().await.unwrap();
+    let mut state = module.connection_state();
+
+    let mut device = svc.get_device("off").await.unwrap();
+    device.status = twinhub_proto::model::DeviceStatus::Disabled;
+    svc.update_device(&device, None).await.unwrap();
+    let failed = timeout(
+        WAIT,
+        state.wait_for(|s| matches!(s, ConnectionState::Failed(_))),
+    )
+    .await
+    .expect("the module's client gives up within the wait")
+    .map(|s| s.clone())
+    .unwrap();
+    assert!(
+        matches!(failed, ConnectionState::Failed(Error::NotAuthorized(_))),
+        "{failed:?}"
+    );
+    // The module itself is still registered, and signs in again once its device is enabled.
+    svc.get_module("off", "m").await.unwrap();
+    let mut device = svc.get_device("off").await.unwrap();
+    device.status = twinhub_proto::model::DeviceStatus::Enabled;
+    svc.update_device(&device, None).await.unwrap();
+    let again = module_client(&hub, "off", "m", &key);
+    again.connect().await.unwrap();
+    again.close().await;
 }
 
 #[tokio::test]
