@@ -393,7 +393,16 @@ async fn module_telemetry_is_stamped_with_the_module_id() {
     .unwrap();
     let mut stream = events.receive(None, StartPosition::Earliest).await.unwrap();
 
-    let module = module_client(&hub, "tel-gw", "counter", &key);
+    // Over MQTT over WebSockets, where the module's identity travels the same way.
+    let module = ModuleClient::builder(&format!(
+        "HostName=localhost;DeviceId=tel-gw;ModuleId=counter;SharedAccessKey={key}"
+    ))
+    .extra_ca_pem(ca(&hub))
+    .transport(Transport::WebSocket)
+    .port(hub.https.port())
+    .operation_timeout(WAIT)
+    .build()
+    .unwrap();
     module.connect().await.unwrap();
     module
         .send_event(
