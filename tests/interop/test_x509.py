@@ -239,6 +239,22 @@ def test_ca_certificate_of_another_device_is_refused(
     assert "CN mismatch" in hub.log_tail(400)
 
 
+def test_rotating_the_thumbprint_revokes_the_old_certificate(rm, hub: Hub, x509_client):
+    """update_device_with_x509 to a new thumbprint closes the session of the old certificate,
+    which is refused from then on; the new one signs in."""
+    did = unique_id("rot")
+    old, new = issue(hub, did, "--self-signed"), issue(hub, did, "--self-signed")
+    dev = sdk_call(rm.create_device_with_x509, did, old.sha1, None, "enabled")
+    client = x509_client(did, old, connection_retry=False)
+    client.connect()
+    sdk_call(rm.update_device_with_x509, did, dev.etag, new.sha1, None, "enabled")
+    wait_until(lambda: not client.connected, 15, what="the old certificate's session to close")
+    connect_refused(x509_client(did, old, connection_retry=False))
+    fresh = x509_client(did, new)
+    fresh.connect()
+    exercise(rm, fresh, did)
+
+
 def test_sas_device_is_not_admitted_by_a_certificate(rm, hub: Hub, x509_client):
     did = unique_id("sas")
     sdk_call(rm.create_device_with_sas, did, None, None, "enabled")
