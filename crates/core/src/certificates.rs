@@ -460,9 +460,12 @@ impl Hub {
         let Some(bytes) = self.store.get(Table::Meta, META_KEY).await? else {
             return Ok(());
         };
+        // Said at start, so the operator sees which record stops the hub.
         let stored: Vec<StoredCa> = serde_json::from_slice(&bytes).map_err(|e| {
-            tracing::error!("the stored CA certificate list cannot be decoded: {e}");
-            Error::internal()
+            Error::new(
+                ErrorCode::ServerError,
+                format!("the stored CA certificate list (meta '{META_KEY}') cannot be read: {e}"),
+            )
         })?;
         let mut map = HashMap::new();
         for s in stored {
