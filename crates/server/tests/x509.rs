@@ -471,3 +471,77 @@ async fn resource_manager_shapes_and_module_common_names() {
     let (_, code) = cert_connect(&hub, "md", &full, &[]).await;
     assert_eq!(code, ConnectReturnCode::NotAuthorized);
 }
+
+/// The Rust SDK's DeviceClient with a certificate over both transports: on 443 the HTTPS
+/// connection's client chain reaches the MQTT-over-WebSocket session.
+#[tokio::test]
+async fn the_sdk_device_client_signs_in_with_a_certificate_over_both_transports() {
+    use twinhub_sdk::{DeviceClient, Transport};
+    let hub = TestHub::start().await;
+    let svc = hub.owner();
+    let (root, issuer) = ca("SDK Root");
+    let added = svc.add_certificate("sdk", &root.pem).await.unwrap();
+    let code = svc
+        .generate_verification_code("sdk", Some(&added.etag))
+        .await
+        .unwrap()
+        .properties
+        .verification_code
+        .unwrap();
+    svc.verify_certificate("sdk", &signed(&code, &issuer).pem, None)
+        .await
+        .unwrap();
+    let ca_pem = std::fs::read(hub.ca_pem()).unwrap();
+    for transport in [Transport::Mqtt, Transport::WebSocket] {
+        let port = match transport {
+            Transport::Mqtt => hub.mqtt.port(),
+            Transport::WebSocket => hub.https.port(),
+        };
+        let tag = format!("{transport:?}").to_lowercase();
+        let ss_id = format!("sdk-ss-{tag}");
+        let ss = self_signed(&ss_id, -1, 30);
+        svc.create_x509_device(&ss_id, &sha256_hex(&ss.der), None)
+            .await
+            .unwrap();
+        let ca_id = format!("sdk-ca-{tag}");
+        svc.create_ca_device(&ca_id).await.unwrap();
+        let leaf = signed(&ca_id, &issuer);
+        for (id, made) in [(&ss_id, &ss), (&ca_id, &leaf)] {
+            let client = DeviceClient::x509_builder(
+                "localhost",
+                id,
+                made.pem.clone(),
+                made.key.serialize_pem(),
+            )
+            .extra_ca_pem(ca_pem.clone())
+            .transport(transport)
+            .port(port)
+            .build()
+            .unwrap();
+            client.connect().await.unwrap();
+            client
+                .patch_reported(&serde_json::json!({"via": tag}))
+                .await
+                .unwrap();
+            let twin = svc.get_twin(id).await.unwrap();
+            assert_eq!(
+                twin.properties.unwrap().reported.get("via"),
+                Some(&serde_json::json!(tag)),
+                "{id}"
+            );
+            client.close().await;
+        }
+        // Another device's certificate over the same transport is refused.
+        let client =
+            DeviceClient::x509_builder("localhost", &ca_id, ss.pem.clone(), ss.key.serialize_pem())
+                .extra_ca_pem(ca_pem.clone())
+                .transport(transport)
+                .port(port)
+                .build()
+                .unwrap();
+        assert!(
+            matches!(client.connect().await, Err(SdkError::NotAuthorized(_))),
+            "{tag}"
+        );
+    }
+}
