@@ -202,6 +202,14 @@ impl Hub {
         if !self.certificate_session_admitted(&rec) {
             self.close_device_session(device_id, CloseReason::DeviceDisabled);
         }
+        // Likewise a module whose device was disabled or deleted after the check above: the
+        // disable closed the sessions it found, which did not include this one yet.
+        if rec.is_module() {
+            let device = self.load(&rec.device_id).await;
+            if !matches!(&device, Ok(Some(d)) if d.status == DeviceStatus::Enabled) {
+                self.close_device_session(device_id, CloseReason::DeviceDisabled);
+            }
+        }
         // Numbered under the lock, so the device's events number in the order of its changes.
         let event = self.connection_event(device_id, &now, true).await;
         drop(guard);
