@@ -8,12 +8,11 @@ harness.ProcessTrust); subprocesses get their hub's bundle through `hub.env()`.
 
 from __future__ import annotations
 
-import threading
 from typing import Any, Callable, Iterator
 
 import pytest
 
-from harness import TRUST, AddressAllocator, Hub, HubError, hub_binary, hub_for_host
+from harness import TRUST, AddressAllocator, Hub, HubError, hub_binary, hub_for_host, shutdown_bounded
 
 _ALLOCATOR = AddressAllocator(start=10)
 
@@ -94,13 +93,6 @@ def fresh_hub(hub_factory: HubFactory) -> Hub:
 def rm(hub: Hub):
     """An IoTHubRegistryManager (iothubowner) on the module hub; `.recorder` holds statuses."""
     return hub.registry()
-
-
-def shutdown_bounded(client: Any, timeout: float = 20.0) -> None:
-    """client.shutdown() can block on a dead hub; never let it hang the suite."""
-    t = threading.Thread(target=client.shutdown, daemon=True)
-    t.start()
-    t.join(timeout)
 
 
 @pytest.fixture

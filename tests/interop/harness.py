@@ -737,3 +737,30 @@ def wait_until(predicate, timeout: float, interval: float = 0.1, what: str = "co
         if time.monotonic() >= deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {what} (last: {last!r})")
         time.sleep(interval)
+
+
+def connect_refused(client, timeout_s: float) -> BaseException:
+    """client.connect() in a thread, bounded by timeout_s; returns what it raised (fails the
+    test if it connected or neither succeeded nor failed in time)."""
+    box: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            client.connect()
+            box["ok"] = True
+        except BaseException as e:  # noqa: BLE001 - handed back to the test
+            box["error"] = e
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    t.join(timeout_s)
+    assert not t.is_alive(), f"connect() neither succeeded nor failed within {timeout_s}s"
+    assert "ok" not in box, "the hub accepted the connection"
+    return box["error"]
+
+
+def shutdown_bounded(client: Any, timeout: float = 20.0) -> None:
+    """client.shutdown() can block on a dead hub; never let it hang the suite."""
+    t = threading.Thread(target=client.shutdown, daemon=True)
+    t.start()
+    t.join(timeout)

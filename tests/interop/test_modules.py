@@ -23,7 +23,6 @@ import base64
 import json
 import os
 import queue
-import threading
 import time
 import urllib.parse
 from typing import Any, Callable, Iterator
@@ -33,6 +32,7 @@ import requests
 from azure.iot.hub.models import CloudToDeviceMethod, QuerySpecification, Twin, TwinProperties
 from msrest.exceptions import HttpOperationError
 
+import harness
 import mqtt_raw as m
 from harness import (
     Hub,
@@ -40,6 +40,7 @@ from harness import (
     device_sas,
     random_key,
     sdk_call,
+    shutdown_bounded,
     sign,
     unique_id,
     wait_until,
@@ -114,30 +115,10 @@ def invoke_module(rm, did: str, mid: str, name: str = "ping", payload: Any = Non
     )
 
 
-def shutdown_bounded(client: Any, timeout: float = 20.0) -> None:
-    """client.shutdown() can block on a dead connection; never let it hang the file."""
-    t = threading.Thread(target=client.shutdown, daemon=True)
-    t.start()
-    t.join(timeout)
 
 
 def connect_refused(client) -> BaseException:
-    """client.connect() in a thread, bounded; returns what it raised (fails if it connected)."""
-    box: dict[str, Any] = {}
-
-    def run() -> None:
-        try:
-            client.connect()
-            box["ok"] = True
-        except BaseException as e:  # noqa: BLE001 - handed back to the test
-            box["error"] = e
-
-    t = threading.Thread(target=run, daemon=True)
-    t.start()
-    t.join(CONNECT_REFUSAL_TIMEOUT_S)
-    assert not t.is_alive(), f"connect() neither succeeded nor failed within {CONNECT_REFUSAL_TIMEOUT_S}s"
-    assert "ok" not in box, "the hub accepted the connection"
-    return box["error"]
+    return harness.connect_refused(client, CONNECT_REFUSAL_TIMEOUT_S)
 
 
 @pytest.fixture

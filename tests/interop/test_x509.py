@@ -15,7 +15,6 @@ One hub serves the whole file; every test works on identities of its own.
 
 from __future__ import annotations
 
-import threading
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -23,7 +22,8 @@ from typing import Any, Callable, Iterator
 import pytest
 from azure.iot.hub.models import CloudToDeviceMethod
 
-from harness import Hub, sdk_call, unique_id, wait_until
+import harness
+from harness import Hub, sdk_call, shutdown_bounded, unique_id, wait_until
 
 pytestmark = pytest.mark.device
 
@@ -67,10 +67,6 @@ def verified_ca(hub: Hub) -> str:
     return CA_NAME
 
 
-def shutdown_bounded(client: Any, timeout: float = 20.0) -> None:
-    t = threading.Thread(target=client.shutdown, daemon=True)
-    t.start()
-    t.join(timeout)
 
 
 @pytest.fixture
@@ -103,22 +99,7 @@ def x509_client(hub: Hub) -> Iterator[Callable[..., Any]]:
 
 
 def connect_refused(client) -> BaseException:
-    """client.connect() in a thread, bounded; returns what it raised (fails if it connected)."""
-    box: dict[str, Any] = {}
-
-    def run() -> None:
-        try:
-            client.connect()
-            box["ok"] = True
-        except BaseException as e:  # noqa: BLE001 - handed back to the test
-            box["error"] = e
-
-    t = threading.Thread(target=run, daemon=True)
-    t.start()
-    t.join(CONNECT_REFUSAL_TIMEOUT_S)
-    assert not t.is_alive(), f"connect() neither succeeded nor failed within {CONNECT_REFUSAL_TIMEOUT_S}s"
-    assert "ok" not in box, "the hub accepted the connection"
-    return box["error"]
+    return harness.connect_refused(client, CONNECT_REFUSAL_TIMEOUT_S)
 
 
 def answering(client, calls: list) -> None:
