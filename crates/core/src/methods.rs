@@ -72,11 +72,15 @@ impl MethodCall {
     }
 }
 
-fn not_online(device_id: &str) -> Error {
+fn not_online(key: &str) -> Error {
+    let who = match crate::record::split_identity(key) {
+        (device, Some(module)) => format!("module '{module}' of device '{device}'"),
+        (device, None) => format!("device '{device}'"),
+    };
     Error::new(
         ErrorCode::DeviceNotOnline,
         format!(
-            "The operation failed because the requested device '{device_id}' isn't online or hasn't registered the direct method callback."
+            "The operation failed because the requested {who} isn't online or hasn't registered the direct method callback."
         ),
     )
 }
