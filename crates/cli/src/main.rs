@@ -698,8 +698,18 @@ fn client_with_timeout(target: &Target, timeout: Duration) -> Result<(ServiceCli
 }
 
 fn print_json<T: serde::Serialize>(value: &T) -> Result<()> {
-    println!("{}", serde_json::to_string_pretty(value)?);
+    print_line(&serde_json::to_string_pretty(value)?)?;
     Ok(())
+}
+
+/// Prints `text` and a newline on stdout; `false` when the reader has gone away
+/// (`twinhub device list | head`), which is not an error and must not panic as `println!` does.
+pub(crate) fn print_line(text: &str) -> Result<bool> {
+    let mut out = std::io::stdout().lock();
+    match writeln!(out, "{text}").and_then(|()| out.flush()) {
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(false),
+        other => other.map(|()| true).map_err(Into::into),
+    }
 }
 
 /// The twin patch `--desired` and `--tags` describe: `{"tags": .., "properties": {"desired": ..}}`.

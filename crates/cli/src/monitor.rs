@@ -186,7 +186,10 @@ pub async fn run(args: MonitorArgs) -> Result<()> {
         {
             continue;
         }
-        println!("{}", render(&event, &show));
+        if !crate::print_line(&render(&event, &show).to_string())? {
+            // The reader went away (`| head`): stop as if interrupted.
+            break;
+        }
     }
     drop(events);
     client.close().await;

@@ -646,3 +646,39 @@ fn module_twin_and_method_commands() {
     assert!(err.contains("404010"), "{err}");
     assert!(served.stop().success());
 }
+
+/// `twinhub device list | head -1`: a reader that stops early ends the command quietly with
+/// success, not with a "failed printing to stdout" panic (the list is far larger than a pipe's
+/// buffer, so the write fails while the reader is gone).
+#[test]
+fn a_reader_that_stops_early_is_not_an_error() {
+    use std::io::Read as _;
+    let dir = tempfile::tempdir().unwrap();
+    let served = Served::start(dir.path());
+    let d = dir.path();
+    for i in 0..100 {
+        let out = run(&["device", "create", &format!("pipe-{i:03}")], d);
+        assert!(out.status.success(), "{}", text(&out.stderr));
+    }
+    let mut child = Command::new(BIN)
+        .args(["device", "list", "--data-dir"])
+        .arg(d)
+        .env_remove("TWINHUB_CONNECTION_STRING")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut first = [0u8; 1];
+    child
+        .stdout
+        .as_mut()
+        .unwrap()
+        .read_exact(&mut first)
+        .unwrap();
+    drop(child.stdout.take());
+    let out = child.wait_with_output().unwrap();
+    let stderr = text(&out.stderr);
+    assert!(out.status.success(), "exit {:?}: {stderr}", out.status);
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    served.stop();
+}
