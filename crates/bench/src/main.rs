@@ -183,6 +183,15 @@ struct RunArgs {
     /// bench's 10 routes and 3 enrichments
     #[arg(long)]
     routing_config: Option<PathBuf>,
+    /// Twins the query scenario imports on its own hub (the aims are at 100,000)
+    #[arg(long)]
+    query_twins: Option<usize>,
+    /// Timed runs of each query in the query scenario
+    #[arg(long)]
+    query_repetitions: Option<usize>,
+    /// Bulk import calls in flight while the query scenario registers its twins
+    #[arg(long)]
+    query_bulk_concurrency: Option<usize>,
     /// Seconds to wait before each phase for other load on the machine to pass (0: don't)
     #[arg(long)]
     quiet_wait: Option<f64>,
@@ -258,6 +267,9 @@ fn settings(args: RunArgs) -> Result<Settings> {
         webhook_rate = args.webhook_rate,
         webhook_latency_secs = args.webhook_latency_duration,
         quiet_wait_secs = args.quiet_wait,
+        query_twins = args.query_twins,
+        query_repetitions = args.query_repetitions,
+        query_bulk_concurrency = args.query_bulk_concurrency,
     );
     if args.routing_config.is_some() {
         s.routing_config = args.routing_config;

@@ -246,6 +246,7 @@ pub struct Report {
     pub c2d: Option<C2dReport>,
     /// Message routing: its cost per message, and webhook delivery.
     pub routing: Option<RoutingReport>,
+    pub query: Option<crate::scenario::query::QueryRun>,
     pub targets: Vec<TargetCheck>,
     pub notes: Vec<String>,
 }
@@ -352,6 +353,9 @@ impl Report {
             .collect();
         if let Some(t) = &self.telemetry {
             out.extend(telemetry_targets(t));
+        }
+        if let Some(q) = &self.query {
+            out.extend(crate::scenario::query::targets(q));
         }
         out
     }
@@ -480,6 +484,11 @@ impl Report {
 
         if let Some(r) = &self.routing {
             routing_table(&mut t, r);
+        }
+
+        if let Some(q) = &self.query {
+            t.out.push('\n');
+            t.out.push_str(&crate::scenario::query::table(q));
         }
 
         if !self.targets.is_empty() {
@@ -1199,6 +1208,7 @@ mod tests {
             telemetry: None,
             c2d: None,
             routing: None,
+            query: None,
             targets: Vec::new(),
             notes: vec!["a note".into()],
         }

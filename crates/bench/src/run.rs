@@ -15,7 +15,7 @@ use crate::mosquitto::{self, Mosquitto};
 use crate::progress::Progress;
 use crate::report::{MethodsRow, Pair, Report, RoutingReport, TelemetryReport, Versions};
 use crate::scenario::{
-    self, Ctx, Flavor, Target, c2d, connect, fanout, methods, routing, telemetry, twin,
+    self, Ctx, Flavor, Target, c2d, connect, fanout, methods, query, routing, telemetry, twin,
 };
 use crate::tls;
 
@@ -41,10 +41,11 @@ pub enum Scenario {
     Telemetry,
     C2d,
     Routing,
+    Query,
 }
 
 impl Scenario {
-    pub const ALL: [Scenario; 7] = [
+    pub const ALL: [Scenario; 8] = [
         Scenario::Methods,
         Scenario::Twin,
         Scenario::Connect,
@@ -52,6 +53,7 @@ impl Scenario {
         Scenario::Telemetry,
         Scenario::C2d,
         Scenario::Routing,
+        Scenario::Query,
     ];
 }
 
@@ -134,6 +136,12 @@ pub struct Settings {
     /// A `twinhub serve --config` file whose routing replaces the routed hub's built-in
     /// configuration (10 routes, 3 enrichments).
     pub routing_config: Option<PathBuf>,
+    /// Twins the query scenario imports on its hub (the aims are at 100,000).
+    pub query_twins: usize,
+    /// Timed runs of each query.
+    pub query_repetitions: usize,
+    /// Bulk import calls in flight while the query scenario registers its twins.
+    pub query_bulk_concurrency: usize,
     pub floor: bool,
     /// How long to wait, before each phase, for other load on the machine to pass.
     pub quiet_wait_secs: f64,
@@ -199,6 +207,9 @@ impl Settings {
             webhook_rate: 1_000.0,
             webhook_latency_secs: 3.0,
             routing_config: None,
+            query_twins: 100_000,
+            query_repetitions: 10,
+            query_bulk_concurrency: 8,
             floor: true,
             quiet_wait_secs: 15.0,
             hub,
@@ -234,6 +245,7 @@ impl Settings {
             routing_rounds: 3,
             webhook_backlog: 300_000,
             webhook_latency_secs: 15.0,
+            query_repetitions: 30,
             quiet_wait_secs: 300.0,
             ..Settings::quick(hub)
         }
@@ -409,6 +421,7 @@ pub async fn run(mut settings: Settings, progress: Progress) -> Result<Report> {
         telemetry: results.telemetry,
         c2d: results.c2d,
         routing: results.routing,
+        query: results.query,
         registration: results.registration,
         targets: Vec::new(),
         notes,
@@ -427,6 +440,7 @@ struct Results {
     telemetry: Option<TelemetryReport>,
     c2d: Option<crate::report::C2dReport>,
     routing: Option<RoutingReport>,
+    query: Option<query::QueryRun>,
 }
 
 async fn start_targets(
@@ -780,6 +794,29 @@ async fn scenarios(
 
     if settings.runs(Scenario::Routing) {
         results.routing = Some(routing_phases(settings, ctx, work_dir, notes).await);
+    }
+
+    if settings.runs(Scenario::Query) {
+        let shape = query::Shape {
+            twins: settings.query_twins,
+            repetitions: settings.query_repetitions,
+            bulk_concurrency: settings.query_bulk_concurrency,
+        };
+        settle_machine(settings, ctx, notes, "query").await;
+        let dir = work_dir.join("query-hub");
+        results.query = keep(
+            notes,
+            "query",
+            query::run(&settings.hub, &dir, ctx, shape).await,
+        );
+        if let Some(q) = &results.query
+            && q.twins < 100_000
+        {
+            notes.push(format!(
+                "query: {} twins, not the aims' 100,000 (--query-twins)",
+                q.twins
+            ));
+        }
     }
     Ok(results)
 }

@@ -7,6 +7,7 @@ pub mod c2d;
 pub mod connect;
 pub mod fanout;
 pub mod methods;
+pub mod query;
 pub mod routing;
 pub mod telemetry;
 pub mod twin;
