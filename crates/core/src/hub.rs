@@ -129,6 +129,8 @@ pub struct Hub {
     pub(crate) connection_sequence: crate::sequence::Reserved,
     /// The CA certificates of `certificateAuthority` identities.
     pub(crate) certificates: crate::certificates::CertificateAuthorities,
+    /// Every twin as queries see it, kept in step by the store wrapper (`twin_index`).
+    pub(crate) twin_index: Arc<crate::twin_index::TwinIndex>,
 }
 
 impl Hub {
@@ -140,6 +142,12 @@ impl Hub {
             crate::routing::Routing::new(&options.hostname, options.endpoint_logs.clone())?;
         let mut jobs = crate::jobs::JobsState::default();
         jobs.retention = options.job_retention;
+        // Every commit goes through the wrapper, so no write site can leave the index behind.
+        let twin_index = Arc::new(crate::twin_index::TwinIndex::default());
+        let store: Arc<dyn Store> = Arc::new(crate::twin_index::IndexedStore::new(
+            store,
+            twin_index.clone(),
+        ));
         let hub = Hub {
             store,
             auth: Authorizer::new(options.hostname, options.policies)
@@ -170,6 +178,7 @@ impl Hub {
                 crate::hub_events::FLOOR_RESERVE,
             ),
             certificates: Default::default(),
+            twin_index,
         };
         hub.load_consumer_groups().await?;
         hub.load_c2d().await?;
@@ -184,9 +193,13 @@ impl Hub {
                 after = Some(last.clone());
                 for (key, bytes) in &page {
                     match DeviceRecord::decode(bytes) {
-                        // The registry's counts are of devices; modules are not counted.
-                        Ok(rec) if table == Table::Devices => hub.counts.add(rec.status),
-                        Ok(_) => {}
+                        Ok(rec) => {
+                            // The registry's counts are of devices; modules are not counted.
+                            if table == Table::Devices {
+                                hub.counts.add(rec.status);
+                            }
+                            hub.twin_index.insert_record(table, key, &rec);
+                        }
                         Err(_) => bad.push((key.clone(), bytes.clone())),
                     }
                 }

@@ -25,6 +25,7 @@ pub mod sessions;
 pub mod telemetry;
 pub mod throttle;
 pub mod twin_doc;
+mod twin_index;
 pub mod twins;
 
 pub use error::{Error, Result};

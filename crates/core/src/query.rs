@@ -1,6 +1,8 @@
 //! Twin queries (`POST /devices/query`): runs an IoT Hub query over the committed registry
-//! (so every write acknowledged before the query is visible), one page at a time. The
-//! language itself (parsing, matching, projection, aggregation) is `twinhub-query`.
+//! (so every write acknowledged before the query is visible), one page at a time. Twins are
+//! read from the in-memory twin index (`twin_index`), which holds each one's query document;
+//! device jobs from the store. The language itself (parsing, matching, projection,
+//! aggregation) is `twinhub-query`.
 
 use std::time::Duration;
 
@@ -8,18 +10,22 @@ use base64::Engine as _;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use tokio::time::Instant;
-use twinhub_query::{From, Query, Select};
+use twinhub_proto::model::ConnectionState;
+use twinhub_query::{Expr, From, Path, Query, Segment, Select};
 use twinhub_store::Table;
 
 use crate::error::{Error, Result};
 use crate::hub::Hub;
-use crate::record::DeviceRecord;
+use crate::record::{DeviceRecord, split_identity};
 
 /// Default and maximum page sizes (`x-ms-max-item-count`).
 pub const DEFAULT_PAGE: usize = 100;
 pub const MAX_PAGE: usize = 1000;
 /// Records read from the store per scan step.
 const SCAN_BATCH: usize = 512;
+/// Twins taken from the index per scan step: the index's lock is held while their handles
+/// are copied, and the scan yields to other tasks between steps.
+const INDEX_BATCH: usize = 1024;
 /// How long one query request may scan before it is refused as throttled (its caller can
 /// page with a narrower condition or retry later).
 pub const QUERY_BUDGET: Duration = Duration::from_secs(10);
@@ -107,8 +113,8 @@ impl Hub {
             // Aggregates see every document, one at a time; their rows are few and fit one
             // page.
             let mut too_many = false;
-            self.scan_documents(table, None, deadline, |_, doc| {
-                aggregation.add(&doc);
+            self.scan_documents(table, &query, None, deadline, |_, doc, _| {
+                aggregation.add(doc);
                 too_many = aggregation.groups() > MAX_GROUPS;
                 !too_many
             })
@@ -131,13 +137,32 @@ impl Hub {
         let more = if want == 0 {
             false
         } else {
-            self.scan_documents(table, cursor.after.clone(), deadline, |key, doc| {
-                if query.matches(&doc) {
-                    items.push(query.project(&doc));
-                }
-                last_key = Some(key.to_string());
-                items.len() < want
-            })
+            let whole = matches!(query.select, Select::All);
+            let twins = indexed(table);
+            self.scan_documents(
+                table,
+                &query,
+                cursor.after.clone(),
+                deadline,
+                |key, doc, full| {
+                    if !query.matches(doc) {
+                        return true;
+                    }
+                    if whole {
+                        // A whole twin shows its live state, read now.
+                        let mut row = full.clone();
+                        if twins {
+                            self.fill_live(key, &mut row);
+                        }
+                        items.push(row);
+                    } else {
+                        items.push(query.project(doc));
+                    }
+                    // The scan stops only right after a row, so this is where the page ends.
+                    last_key = Some(key.to_string());
+                    items.len() < want
+                },
+            )
             .await?
         };
         let returned = cursor.returned.saturating_add(items.len() as u64);
@@ -158,13 +183,112 @@ impl Hub {
 
     /// Feeds every document of `table` after `after` to `visit` in key order until it
     /// returns false. Returns whether documents may remain. Past `deadline` the scan stops
-    /// with IoT Hub's throttling error; records that cannot be decoded are skipped.
+    /// with IoT Hub's throttling error. `visit` gets the document to evaluate `query` over and
+    /// the whole document (for `SELECT *` rows): the same one, except for twins when the
+    /// query reads live state (see [`LiveUse`]). Twins come from the in-memory index.
     async fn scan_documents(
+        &self,
+        table: Table,
+        query: &Query,
+        after: Option<String>,
+        deadline: Instant,
+        visit: impl FnMut(&str, &Value, &Value) -> bool,
+    ) -> Result<bool> {
+        if indexed(table) && self.twin_index.reliable() {
+            self.scan_index(table, LiveUse::of(query), after, deadline, visit)
+                .await
+        } else {
+            self.scan_store(table, after, deadline, visit).await
+        }
+    }
+
+    /// [`scan_documents`](Hub::scan_documents) over the twin index: no decoding, no
+    /// rendering, and nothing copied unless the query reads live state.
+    async fn scan_index(
+        &self,
+        table: Table,
+        live: LiveUse,
+        mut after: Option<String>,
+        deadline: Instant,
+        mut visit: impl FnMut(&str, &Value, &Value) -> bool,
+    ) -> Result<bool> {
+        loop {
+            if Instant::now() >= deadline {
+                return Err(over_budget());
+            }
+            let batch = self.twin_index.batch(table, after.as_deref(), INDEX_BATCH);
+            let full = batch.len() == INDEX_BATCH;
+            for (i, (key, slot)) in batch.iter().enumerate() {
+                // A record that cannot be decoded is skipped, as the store scan skips it.
+                let Some(doc) = slot.doc() else { continue };
+                let go_on = match &live {
+                    LiveUse::None => visit(key, doc, doc),
+                    LiveUse::Members(names) => {
+                        // Only the members the query names, so the copy stays small.
+                        let mut part = match doc {
+                            Value::Object(fields) => Value::Object(
+                                fields
+                                    .iter()
+                                    .filter(|(k, _)| {
+                                        names.iter().any(|n| n.eq_ignore_ascii_case(k))
+                                    })
+                                    .map(|(k, v)| (k.clone(), v.clone()))
+                                    .collect(),
+                            ),
+                            other => other.clone(),
+                        };
+                        self.fill_live(key, &mut part);
+                        visit(key, &part, doc)
+                    }
+                    LiveUse::Whole => {
+                        let mut whole = doc.clone();
+                        self.fill_live(key, &mut whole);
+                        visit(key, &whole, doc)
+                    }
+                };
+                if !go_on {
+                    // Stopped early: more may follow unless this was the very last key.
+                    return Ok(full || i + 1 < batch.len());
+                }
+            }
+            match batch.last() {
+                Some((k, _)) if full => after = Some(k.to_string()),
+                _ => return Ok(false),
+            }
+            // A long scan shares its worker with other tasks.
+            tokio::task::yield_now().await;
+        }
+    }
+
+    /// Sets a twin document's `connectionState` and `cloudToDeviceMessageCount` to what they
+    /// are now: the record does not hold them, the directory and the C2D queues do.
+    fn fill_live(&self, key: &str, doc: &mut Value) {
+        let Value::Object(fields) = doc else { return };
+        if let Some(state) = fields.get_mut("connectionState") {
+            let now = if self.directory.is_connected(key) {
+                ConnectionState::Connected
+            } else {
+                ConnectionState::Disconnected
+            };
+            *state = serde_json::to_value(now).unwrap_or(Value::Null);
+        }
+        if let Some(count) = fields.get_mut("cloudToDeviceMessageCount") {
+            // Cloud-to-device queues are a device's; a module has none.
+            *count = Value::from(match split_identity(key) {
+                (device, None) => self.c2d.depth(device),
+                (_, Some(_)) => 0,
+            });
+        }
+    }
+
+    /// [`scan_documents`](Hub::scan_documents) over the store: device jobs, and twins while
+    /// the index cannot be trusted. Records that cannot be decoded are skipped.
+    async fn scan_store(
         &self,
         table: Table,
         mut after: Option<String>,
         deadline: Instant,
-        mut visit: impl FnMut(&str, Value) -> bool,
+        mut visit: impl FnMut(&str, &Value, &Value) -> bool,
     ) -> Result<bool> {
         loop {
             if Instant::now() >= deadline {
@@ -185,7 +309,7 @@ impl Hub {
                         Err(_) => continue,
                     },
                 };
-                if !visit(key, doc) {
+                if !visit(key, &doc, &doc) {
                     // Stopped early: more may follow unless this was the very last key.
                     let last = batch.last().map(|(k, _)| k.as_str()) == Some(key.as_str());
                     return Ok(full || !last);
@@ -197,6 +321,92 @@ impl Hub {
             }
             // Scans read the store on this task: let other tasks on this worker run.
             tokio::task::yield_now().await;
+        }
+    }
+}
+
+/// Whether a table's documents are twins (kept in the index, with live state).
+fn indexed(table: Table) -> bool {
+    matches!(table, Table::Devices | Table::Modules)
+}
+
+/// Top-level twin members that are not in the record but live: the directory's connection
+/// state and the C2D queue depth.
+const LIVE_FIELDS: [&str; 2] = ["connectionState", "cloudToDeviceMessageCount"];
+
+/// Whether evaluating a query (WHERE, GROUP BY, the selected values) reads live state, and
+/// so needs it filled in on every twin it looks at. `SELECT *` rows get it separately, only
+/// for the rows returned.
+enum LiveUse {
+    /// No path names a live field: the stored documents serve as they are.
+    None,
+    /// The query's paths start at these top-level members (some live): each twin is
+    /// evaluated over a copy of just those members, live ones filled in.
+    Members(Vec<String>),
+    /// A path that does not start at a member: the whole twin, filled in.
+    Whole,
+}
+
+impl LiveUse {
+    fn of(query: &Query) -> LiveUse {
+        let mut names: Vec<String> = Vec::new();
+        let mut whole = false;
+        let mut look = |path: &Path| match path.segments.first() {
+            Some(Segment::Field(first)) => {
+                if !names.iter().any(|n| n == first) {
+                    names.push(first.clone());
+                }
+            }
+            _ => whole = true,
+        };
+        if let Some(filter) = &query.where_ {
+            visit_paths(filter, &mut look);
+        }
+        if let Select::Items(items) = &query.select {
+            for item in items {
+                visit_paths(&item.expr, &mut look);
+            }
+        }
+        for path in &query.group_by {
+            look(path);
+        }
+        // Names match ignoring ASCII case, as the evaluator's do.
+        let live = names
+            .iter()
+            .any(|n| LIVE_FIELDS.iter().any(|f| f.eq_ignore_ascii_case(n)));
+        match (whole, live) {
+            (true, _) => LiveUse::Whole,
+            (false, true) => LiveUse::Members(names),
+            (false, false) => LiveUse::None,
+        }
+    }
+}
+
+/// Calls `f` with every path in `expr`.
+fn visit_paths(expr: &Expr, f: &mut impl FnMut(&Path)) {
+    match expr {
+        Expr::Literal(_) => {}
+        Expr::Path(path) => f(path),
+        Expr::Array(items) | Expr::And(items) | Expr::Or(items) | Expr::Call(_, items) => {
+            for e in items {
+                visit_paths(e, f);
+            }
+        }
+        Expr::Unary(_, e) => visit_paths(e, f),
+        Expr::Binary(_, l, r) => {
+            visit_paths(l, f);
+            visit_paths(r, f);
+        }
+        Expr::In { expr, list, .. } => {
+            visit_paths(expr, f);
+            for e in list {
+                visit_paths(e, f);
+            }
+        }
+        Expr::Aggregate(_, arg) => {
+            if let Some(e) = arg {
+                visit_paths(e, f);
+            }
         }
     }
 }
