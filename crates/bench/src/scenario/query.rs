@@ -134,7 +134,7 @@ fn region(i: usize) -> String {
 fn import_op(i: usize) -> ExportImportDevice {
     let mut tags = Map::new();
     tags.insert("region".into(), Value::from(region(i)));
-    let site = if i % RARE_EVERY == 0 {
+    let site = if i.is_multiple_of(RARE_EVERY) {
         "rare"
     } else {
         "common"
@@ -236,7 +236,7 @@ async fn measure(hub: &Hub, ctx: &Ctx, shape: Shape) -> Result<QueryRun> {
     let twins = shape.twins.max(1);
     let mut run = QueryRun {
         twins,
-        rare: (0..twins).filter(|i| i % RARE_EVERY == 0).count(),
+        rare: (0..twins).filter(|i| i.is_multiple_of(RARE_EVERY)).count(),
         regions: REGIONS.min(twins),
         server_rss_before: rss(),
         ..QueryRun::default()
@@ -465,7 +465,7 @@ mod tests {
         assert_eq!(rare, 10);
         let regions: std::collections::BTreeSet<_> = ops
             .iter()
-            .map(|o| o.tags.as_ref().unwrap()["region"].clone())
+            .map(|o| o.tags.as_ref().unwrap()["region"].to_string())
             .collect();
         assert_eq!(regions.len(), REGIONS);
     }
