@@ -302,6 +302,17 @@ impl Hub {
             .build()?)
     }
 
+    /// A service client speaking HTTP/1.1 with keep-alive only, as the official Python and
+    /// Node SDKs call REST: each call in flight holds a pooled connection of its own.
+    pub fn service_http1(&self) -> Result<ServiceClient> {
+        Ok(ServiceClient::builder(&self.connection_string)
+            .extra_ca_pem(self.ca_pem.clone())
+            .amqp_port(self.amqp_addr.port())
+            .timeout(Duration::from_secs(60))
+            .http1_only()
+            .build()?)
+    }
+
     /// Stops the hub: SIGTERM and a bounded wait for its graceful shutdown, then SIGKILL.
     pub async fn stop(self) {
         match self.running {

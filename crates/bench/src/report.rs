@@ -196,6 +196,10 @@ fn latency_ms(l: &Latency, pick: fn(&Latency) -> u64) -> Option<f64> {
 pub struct MethodsRow {
     pub concurrency: usize,
     pub twinhub: Option<Throughput>,
+    /// The same calls over HTTP/1.1 with keep-alive (a connection per caller), as the
+    /// official Python and Node SDKs make them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub twinhub_http1: Option<Throughput>,
     pub mosquitto: Option<Throughput>,
     /// The raw TLS echo round trip at the same concurrency.
     pub floor: Option<Throughput>,
@@ -414,6 +418,9 @@ impl Report {
                     Some(f.map(|x| x.errors as f64)),
                     Unit::Count,
                 );
+                if let Some(h1) = r.twinhub_http1.as_ref() {
+                    http1_rows(&mut t, h1, p);
+                }
             }
         }
 
@@ -966,6 +973,34 @@ fn unmeasured(goal: String) -> TargetCheck {
     }
 }
 
+/// The HTTP/1.1 callers' figures beside the same Mosquitto column.
+fn http1_rows(t: &mut Table, h1: &Throughput, p: Option<&Throughput>) {
+    type Pick = fn(&Throughput) -> Option<f64>;
+    let rows: [(&str, Pick, Unit); 6] = [
+        ("HTTP/1.1 calls/s", |x| Some(x.per_second), Unit::Rate),
+        (
+            "HTTP/1.1 p50 ms",
+            |x| latency_ms(&x.latency, |l| l.p50_us),
+            Unit::Ms,
+        ),
+        (
+            "HTTP/1.1 p99 ms",
+            |x| latency_ms(&x.latency, |l| l.p99_us),
+            Unit::Ms,
+        ),
+        ("HTTP/1.1 CPU cores", |x| x.cpu?.server_cores, Unit::Cores),
+        (
+            "HTTP/1.1 CPU us/op",
+            |x| x.cpu?.server_us_per_op(x.per_second),
+            Unit::Mib,
+        ),
+        ("HTTP/1.1 errors", |x| Some(x.errors as f64), Unit::Count),
+    ];
+    for (metric, pick, unit) in rows {
+        t.row("", metric, pick(h1), p.and_then(pick), None, unit);
+    }
+}
+
 fn latency_rows(
     t: &mut Table,
     h: Option<&Latency>,
@@ -1180,12 +1215,14 @@ mod tests {
                 MethodsRow {
                     concurrency: 1,
                     twinhub: Some(throughput(2_000.0, 300)),
+                    twinhub_http1: Some(throughput(2_500.0, 250)),
                     mosquitto: Some(throughput(5_000.0, 150)),
                     floor: None,
                 },
                 MethodsRow {
                     concurrency: 256,
                     twinhub: Some(throughput(25_000.0, 9_000)),
+                    twinhub_http1: None,
                     mosquitto: None,
                     floor: None,
                 },

@@ -536,7 +536,8 @@ async fn start_targets(
             .into(),
         rest_client: format!(
             "twinhub-sdk ServiceClient (reqwest, HTTP/2 negotiated by ALPN): {} clients, one \
-             connection each, calls multiplexed",
+             connection each, calls multiplexed; HTTP/1.1 rows: one ServiceClient with \
+             http1_only, a keep-alive connection per caller",
             settings.caller_conns.max(1)
         ),
     };
@@ -658,6 +659,35 @@ async fn scenarios(
             "waiting for the hub after methods",
             hub::wait_disconnected(&service, settle_wait).await,
         );
+        // The official Python and Node SDKs call REST over HTTP/1.1 with keep-alive: the
+        // same calls again through one HTTP/1.1 client, a pooled connection per caller.
+        settle_machine(settings, ctx, notes, "methods (HTTP/1.1)").await;
+        let hub_h1 = match targets.hub.service_http1() {
+            Ok(client) => {
+                let h1_target = Target {
+                    name: "twinhub-http1",
+                    flavor: Flavor::Hub {
+                        services: vec![client],
+                    },
+                    ..hub_t.clone()
+                };
+                let r = keep(
+                    notes,
+                    "twinhub methods over HTTP/1.1",
+                    methods::run(ctx, &h1_target, shape, levels).await,
+                );
+                keep(
+                    notes,
+                    "waiting for the hub after methods over HTTP/1.1",
+                    hub::wait_disconnected(&service, settle_wait).await,
+                );
+                r
+            }
+            Err(e) => {
+                notes.push(format!("the HTTP/1.1 service client failed: {e}"));
+                None
+            }
+        };
         if broker_t.is_some() {
             settle_machine(settings, ctx, notes, "methods (mosquitto)").await;
         }
@@ -694,6 +724,7 @@ async fn scenarios(
             results.methods.push(MethodsRow {
                 concurrency: c,
                 twinhub: find(&hub_r),
+                twinhub_http1: find(&hub_h1),
                 mosquitto: find(&broker_r),
                 floor,
             });

@@ -40,6 +40,7 @@ pub struct ServiceClientBuilder {
     timeout: Duration,
     token_ttl: Duration,
     amqp_port: Option<u16>,
+    http1_only: bool,
 }
 
 impl ServiceClientBuilder {
@@ -66,6 +67,14 @@ impl ServiceClientBuilder {
     /// 5671, the only port the official SDKs use.
     pub fn amqp_port(mut self, port: u16) -> Self {
         self.amqp_port = Some(port);
+        self
+    }
+
+    /// Speaks HTTP/1.1 with keep-alive only (no HTTP/2 through ALPN), as the official Python
+    /// and Node SDKs do: concurrent calls then each take a connection of their own from the
+    /// pool instead of sharing one multiplexed connection.
+    pub fn http1_only(mut self) -> Self {
+        self.http1_only = true;
         self
     }
 
@@ -96,11 +105,13 @@ impl ServiceClientBuilder {
                 .map_err(|e| Error::Setup(format!("the extra CA is not valid PEM: {e}")))?;
             certs.extend(found);
         }
-        let http = reqwest::Client::builder()
+        let mut http = reqwest::Client::builder()
             .timeout(self.timeout)
-            .tls_certs_merge(certs)
-            .build()
-            .map_err(|e| Error::Setup(e.to_string()))?;
+            .tls_certs_merge(certs);
+        if self.http1_only {
+            http = http.http1_only();
+        }
+        let http = http.build().map_err(|e| Error::Setup(e.to_string()))?;
         let c2d = crate::c2d::C2dSender::new(
             crate::c2d::AmqpTarget {
                 host: host_without_port(&cs.host_name).to_owned(),
@@ -169,6 +180,7 @@ impl ServiceClient {
             timeout: Duration::from_secs(100),
             token_ttl: Duration::from_secs(3600),
             amqp_port: None,
+            http1_only: false,
         }
     }
 
