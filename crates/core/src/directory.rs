@@ -1,15 +1,16 @@
 //! The directory of connected devices: which session serves which device, what it has
 //! subscribed to, and how to reach it. A session registers a [`SessionHandle`]; the hub sends
-//! it [`SessionCommand`]s over a bounded channel. Sharded so connects and lookups on
-//! different devices never contend on one lock.
+//! it [`SessionCommand`]s over a bounded [`command_queue`]. Sharded so connects and lookups
+//! on different devices never contend on one lock.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::hash::BuildHasher;
 use std::sync::atomic::{AtomicU8, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
 use bytes::Bytes;
-use tokio::sync::{Notify, OwnedMutexGuard, mpsc, oneshot};
+use tokio::sync::mpsc::error::{TryRecvError, TrySendError};
+use tokio::sync::{Notify, OwnedMutexGuard, oneshot};
 
 const SHARDS: usize = 64;
 
@@ -52,6 +53,124 @@ pub enum SessionCommand {
     },
     /// Publish a desired-properties patch (payload already carries `$version`).
     DesiredPatch { version: u64, payload: Bytes },
+}
+
+/// A bounded queue of commands for one session: the hub's side ([`CommandSender`], in the
+/// session's handle) and the session's ([`CommandReceiver`]).
+///
+/// Not a tokio channel because of what an idle session pays for one: a bounded `mpsc`
+/// allocates its first block of 32 slots (2 KiB for `SessionCommand`) and over 600 bytes of
+/// cache-padded state up front, for every connected device, while almost every device waits
+/// for commands that rarely come. Here the slots exist only while commands wait, and the
+/// shared state is about a hundred bytes.
+pub fn command_queue(capacity: usize) -> (CommandSender, CommandReceiver) {
+    let shared = Arc::new(CommandShared {
+        state: Mutex::new(CommandState {
+            queued: VecDeque::new(),
+            closed: false,
+        }),
+        ready: Notify::new(),
+        capacity,
+    });
+    (
+        CommandSender {
+            shared: shared.clone(),
+        },
+        CommandReceiver { shared },
+    )
+}
+
+/// Commands a session keeps room for once the queue has emptied: a few, so a device taking
+/// a steady trickle of calls does not allocate for each, and no more, so a burst does not
+/// pin its peak for the connection's life.
+const KEEP_SLOTS: usize = 4;
+
+#[derive(Debug)]
+struct CommandShared {
+    state: Mutex<CommandState>,
+    /// Wakes the receiver; `notify_one` keeps a permit when it is not waiting.
+    ready: Notify,
+    capacity: usize,
+}
+
+#[derive(Debug)]
+struct CommandState {
+    queued: VecDeque<SessionCommand>,
+    /// The receiver is gone: sends fail, as a closed channel's do.
+    closed: bool,
+}
+
+impl CommandShared {
+    fn state(&self) -> std::sync::MutexGuard<'_, CommandState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// The hub's side of a session's [`command_queue`].
+#[derive(Debug, Clone)]
+pub struct CommandSender {
+    shared: Arc<CommandShared>,
+}
+
+impl CommandSender {
+    /// Queues `command` without waiting, or hands it back: `Full` when the session has
+    /// `capacity` commands waiting, `Closed` when the session has ended.
+    pub fn try_send(&self, command: SessionCommand) -> Result<(), TrySendError<SessionCommand>> {
+        let mut state = self.shared.state();
+        if state.closed {
+            return Err(TrySendError::Closed(command));
+        }
+        if state.queued.len() >= self.shared.capacity {
+            return Err(TrySendError::Full(command));
+        }
+        state.queued.push_back(command);
+        drop(state);
+        self.shared.ready.notify_one();
+        Ok(())
+    }
+}
+
+/// The session's side of its [`command_queue`]. Dropping it closes the queue and drops what
+/// waits in it (a method caller then sees its reply channel closed).
+#[derive(Debug)]
+pub struct CommandReceiver {
+    shared: Arc<CommandShared>,
+}
+
+impl CommandReceiver {
+    /// The next command, waiting for one. Cancel-safe: a command is taken only by the poll
+    /// that returns it. Always `Some` (the session holds a sender in its own handle); an
+    /// `Option` as a channel's `recv` is.
+    pub async fn recv(&mut self) -> Option<SessionCommand> {
+        loop {
+            if let Ok(command) = self.try_recv() {
+                return Some(command);
+            }
+            self.shared.ready.notified().await;
+        }
+    }
+
+    /// The next command if one is waiting (`Empty` otherwise), as a channel's `try_recv`.
+    pub fn try_recv(&mut self) -> Result<SessionCommand, TryRecvError> {
+        let mut state = self.shared.state();
+        let command = state.queued.pop_front();
+        if state.queued.is_empty() && state.queued.capacity() > KEEP_SLOTS {
+            state.queued = VecDeque::new();
+        }
+        command.ok_or(TryRecvError::Empty)
+    }
+}
+
+impl Drop for CommandReceiver {
+    fn drop(&mut self) {
+        let queued = {
+            let mut state = self.shared.state();
+            state.closed = true;
+            std::mem::take(&mut state.queued)
+        };
+        // Outside the lock: dropping a method's reply wakes its caller.
+        drop(queued);
+    }
 }
 
 /// An out-of-band request to close a session; works even when its command queue is full.
@@ -105,13 +224,13 @@ pub mod subs {
 #[derive(Debug, Clone)]
 pub struct SessionHandle {
     pub connection_id: u64,
-    pub commands: mpsc::Sender<SessionCommand>,
+    pub commands: CommandSender,
     pub close: Arc<CloseSignal>,
     subscriptions: Arc<AtomicU8>,
 }
 
 impl SessionHandle {
-    pub fn new(commands: mpsc::Sender<SessionCommand>) -> Self {
+    pub fn new(commands: CommandSender) -> Self {
         static NEXT: AtomicU64 = AtomicU64::new(1);
         SessionHandle {
             connection_id: NEXT.fetch_add(1, Ordering::Relaxed),
@@ -388,7 +507,7 @@ mod tests {
     #[tokio::test]
     async fn register_replace_unregister() {
         let d = Directory::default();
-        let (tx, _rx) = mpsc::channel(1);
+        let (tx, _rx) = command_queue(1);
         let h1 = SessionHandle::new(tx.clone());
         let h2 = SessionHandle::new(tx);
         assert!(d.register("a", h1.clone()).is_none());
@@ -401,6 +520,62 @@ mod tests {
         assert!(d.is_connected("a"));
         assert!(d.unregister("a", h2.connection_id));
         assert_eq!(d.connected_count(), 0);
+    }
+
+    #[tokio::test]
+    async fn command_queue_is_bounded_wakes_its_receiver_and_closes_with_it() {
+        let desired = |version| SessionCommand::DesiredPatch {
+            version,
+            payload: Bytes::new(),
+        };
+        let version = |c: SessionCommand| match c {
+            SessionCommand::DesiredPatch { version, .. } => version,
+            other => panic!("unexpected {other:?}"),
+        };
+        let (tx, mut rx) = command_queue(2);
+        assert!(rx.try_recv().is_err());
+        let waiting = tokio::spawn(async move {
+            let first = rx.recv().await;
+            (rx, first)
+        });
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        tx.try_send(desired(1)).unwrap();
+        let (mut rx, first) = tokio::time::timeout(Duration::from_secs(1), waiting)
+            .await
+            .expect("a send must wake the waiting receiver")
+            .unwrap();
+        assert_eq!(version(first.unwrap()), 1);
+        tx.try_send(desired(2)).unwrap();
+        tx.try_send(desired(3)).unwrap();
+        assert!(matches!(
+            tx.try_send(desired(4)),
+            Err(TrySendError::Full(_))
+        ));
+        assert_eq!(version(rx.recv().await.unwrap()), 2);
+        assert_eq!(version(rx.try_recv().unwrap()), 3);
+        assert!(rx.try_recv().is_err());
+        // A burst's room is given back once the queue is empty.
+        let (tx, mut rx) = command_queue(64);
+        for v in 0..64 {
+            tx.try_send(desired(v)).unwrap();
+        }
+        while rx.try_recv().is_ok() {}
+        assert!(tx.shared.state().queued.capacity() <= KEEP_SLOTS);
+        // What still waits is dropped with the receiver: a method caller sees its reply
+        // channel closed instead of waiting for its timeout.
+        let (reply, answer) = oneshot::channel();
+        tx.try_send(SessionCommand::InvokeMethod {
+            method_name: "m".into(),
+            payload: Bytes::new(),
+            reply,
+        })
+        .unwrap();
+        drop(rx);
+        assert!(answer.await.is_err());
+        assert!(matches!(
+            tx.try_send(desired(9)),
+            Err(TrySendError::Closed(_))
+        ));
     }
 
     #[tokio::test]
@@ -450,7 +625,7 @@ mod tests {
             let changed = w.changed();
             tokio::pin!(changed);
             changed.as_mut().enable();
-            let (tx, _rx) = mpsc::channel(1);
+            let (tx, _rx) = command_queue(1);
             // Another device's registration does not wake a's waiter.
             d.register("b", SessionHandle::new(tx.clone()));
             assert!(

@@ -8,7 +8,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use serde_json::{Value, json};
-use tokio::sync::mpsc;
 use twinhub_core::directory::SessionHandle;
 use twinhub_core::hub_events::SEQUENCE_FLOOR_KEY;
 use twinhub_core::twins::{PatchOutcome, SessionRef, TwinRequest};
@@ -242,7 +241,7 @@ fn token(device: &Device) -> String {
 
 /// Connects `device` with a fresh session handle; returns the handle and generation.
 async fn connect(hub: &Hub, device: &Device) -> (SessionHandle, String) {
-    let (tx, rx) = mpsc::channel(8);
+    let (tx, rx) = twinhub_core::directory::command_queue(8);
     // The receiver stays alive for the test's length, as a session task's would.
     std::mem::forget(rx);
     let handle = SessionHandle::new(tx);

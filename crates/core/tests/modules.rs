@@ -244,7 +244,7 @@ async fn connect_module(hub: &Hub, module: &Module) -> twinhub_core::directory::
         twinhub_core::keys::now_unix() + 3600,
     )
     .unwrap();
-    let (tx, rx) = tokio::sync::mpsc::channel(8);
+    let (tx, rx) = twinhub_core::directory::command_queue(8);
     std::mem::forget(rx);
     let handle = twinhub_core::directory::SessionHandle::new(tx);
     hub.connect_device(

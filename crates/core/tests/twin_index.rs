@@ -320,7 +320,7 @@ async fn connect(hub: &Hub, device: &Device) -> (SessionHandle, String) {
         twinhub_core::keys::now_unix() + 3600,
     )
     .unwrap();
-    let (tx, rx) = tokio::sync::mpsc::channel(8);
+    let (tx, rx) = twinhub_core::directory::command_queue(8);
     std::mem::forget(rx);
     let handle = SessionHandle::new(tx);
     let start = hub

@@ -457,17 +457,27 @@ async fn accept_loop(
         let acceptor = acceptor.clone();
         let kind = kind.clone();
         let shutdown = shutdown.clone();
+        // The task's future is as large as its largest state, and an idle device connection
+        // keeps its task for hours: the handshake and each listener's serving future are
+        // boxed, so a task holds pointers instead of room for the biggest of them (the
+        // handshake's TLS state, the AMQP and HTTPS futures) beside the one it runs.
         tracker.spawn(async move {
             let unauthenticated = admitted.unauthenticated.take();
             let Some(acceptor) = acceptor else {
                 if let Listener::Amqp(ctx) = &*kind {
-                    amqp::serve_connection(ctx.clone(), tcp, peer.to_string(), unauthenticated)
-                        .await;
+                    Box::pin(amqp::serve_connection(
+                        ctx.clone(),
+                        tcp,
+                        peer.to_string(),
+                        unauthenticated,
+                    ))
+                    .await;
                 }
                 drop(admitted);
                 return;
             };
-            let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+            let handshake = Box::pin(acceptor.accept(tcp));
+            let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake).await {
                 Ok(Ok(tls)) => tls,
                 Ok(Err(e)) => {
                     tracing::debug!(%peer, "TLS handshake failed: {e}");
@@ -486,18 +496,23 @@ async fn accept_loop(
                         .peer_certificates()
                         .map(|chain| chain.iter().map(|c| c.as_ref().to_vec()).collect())
                         .unwrap_or_default();
-                    mqtt::run_session(
+                    Box::pin(mqtt::run_session(
                         ctx.clone(),
                         tls,
                         peer.to_string(),
                         certificates,
                         unauthenticated,
-                    )
+                    ))
                     .await
                 }
                 Listener::Amqp(ctx) => {
-                    amqp::serve_connection(ctx.clone(), tls, peer.to_string(), unauthenticated)
-                        .await
+                    Box::pin(amqp::serve_connection(
+                        ctx.clone(),
+                        tls,
+                        peer.to_string(),
+                        unauthenticated,
+                    ))
+                    .await
                 }
                 Listener::Https(router, idle) => {
                     // The connection's client certificates go with each of its requests, for
@@ -512,7 +527,14 @@ async fn accept_loop(
                             }
                             _ => router.clone(),
                         };
-                    http_conn::serve(tls, router, *idle, shutdown, unauthenticated).await
+                    Box::pin(http_conn::serve(
+                        tls,
+                        router,
+                        *idle,
+                        shutdown,
+                        unauthenticated,
+                    ))
+                    .await
                 }
             }
             drop(admitted);

@@ -26,34 +26,45 @@ pub(super) enum Acked {
 }
 
 pub(super) struct Outbox {
-    watch: Arc<Notify>,
+    /// The device queue's signal, held only while subscribed: most sessions never subscribe
+    /// to cloud-to-device messages, and an idle connection should not carry the hub's watch
+    /// entry for them.
+    watch: Option<Arc<Notify>>,
     in_flight: VecDeque<(u16, String)>,
     next_pkid: u16,
-    subscribed: bool,
 }
 
 impl Outbox {
-    pub(super) fn new(watch: Arc<Notify>) -> Outbox {
+    pub(super) fn new() -> Outbox {
         Outbox {
-            watch,
+            watch: None,
             in_flight: VecDeque::new(),
             next_pkid: 1,
-            subscribed: false,
         }
     }
 
-    /// Fires when the device's queue may have something to hand out.
-    pub(super) fn watch(&self) -> Arc<Notify> {
-        self.watch.clone()
+    /// Completes when the device's queue may have something to hand out; never while not
+    /// subscribed.
+    pub(super) async fn changed(&self) {
+        match &self.watch {
+            Some(watch) => watch.notified().await,
+            None => std::future::pending().await,
+        }
     }
 
-    pub(super) fn set_subscribed(&mut self, subscribed: bool) {
-        self.subscribed = subscribed;
+    /// Follows the session's subscription; `watch` gives the device queue's signal when it
+    /// subscribes (before the session first takes from the queue, so no wake-up is lost).
+    pub(super) fn set_subscribed(&mut self, subscribed: bool, watch: impl FnOnce() -> Arc<Notify>) {
+        match (subscribed, &self.watch) {
+            (true, None) => self.watch = Some(watch()),
+            (false, Some(_)) => self.watch = None,
+            _ => {}
+        }
     }
 
     /// Whether the session should take another message from the queue.
     pub(super) fn wants_more(&self) -> bool {
-        self.subscribed && self.in_flight.len() < MAX_IN_FLIGHT
+        self.watch.is_some() && self.in_flight.len() < MAX_IN_FLIGHT
     }
 
     /// Numbers a message about to be published; returns its packet id.
@@ -89,9 +100,9 @@ mod tests {
 
     #[test]
     fn pubacks_complete_in_order_and_out_of_order_is_named() {
-        let mut o = Outbox::new(Arc::new(Notify::new()));
+        let mut o = Outbox::new();
         assert!(!o.wants_more());
-        o.set_subscribed(true);
+        o.set_subscribed(true, || Arc::new(Notify::new()));
         let a = o.track("a".into());
         let b = o.track("b".into());
         assert_ne!(a, b);
@@ -104,8 +115,8 @@ mod tests {
 
     #[test]
     fn in_flight_is_bounded_and_packet_ids_skip_zero_and_ids_in_use() {
-        let mut o = Outbox::new(Arc::new(Notify::new()));
-        o.set_subscribed(true);
+        let mut o = Outbox::new();
+        o.set_subscribed(true, || Arc::new(Notify::new()));
         o.next_pkid = u16::MAX;
         let first = o.track("x".into());
         assert_eq!(first, u16::MAX);
@@ -121,7 +132,7 @@ mod tests {
         assert!(!o.wants_more());
         o.acked(first);
         assert!(o.wants_more());
-        o.set_subscribed(false);
+        o.set_subscribed(false, || unreachable!("no signal is needed to unsubscribe"));
         assert!(!o.wants_more());
     }
 }

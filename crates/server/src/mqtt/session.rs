@@ -6,17 +6,22 @@
 //! are deduplicated there, under the device lock.
 
 use std::collections::{BTreeSet, HashMap};
+use std::future::Future;
+use std::mem::MaybeUninit;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Poll, ready};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::sync::{OwnedSemaphorePermit, mpsc, oneshot};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf, ReadHalf, WriteHalf};
+use tokio::sync::{OwnedSemaphorePermit, oneshot};
 use tokio::time::{Instant, sleep_until, timeout};
 use tokio_util::sync::CancellationToken;
 use twinhub_core::c2d::Holder;
 use twinhub_core::directory::{
-    CloseSignal, MethodFailure, MethodResponse, SessionCommand, SessionHandle, subs,
+    CloseSignal, CommandReceiver, MethodFailure, MethodResponse, SessionCommand, SessionHandle,
+    command_queue, subs,
 };
 use twinhub_core::logsafe::{RateLimit, Shown};
 use twinhub_core::methods::MAX_METHOD_PAYLOAD;
@@ -27,8 +32,8 @@ use twinhub_core::telemetry::Origin;
 use twinhub_core::twins::{PatchOutcome, SessionRef, TwinRequest};
 use twinhub_core::{Error, keys};
 use twinhub_mqtt::{
-    ConnAck, Connect, ConnectReturnCode, DEFAULT_MAX_PACKET_SIZE, Packet, Publish, QoS, SubAck,
-    SubscribeReturnCode, Topic, decode, encode,
+    ConnAck, Connect, ConnectReturnCode, DEFAULT_MAX_PACKET_SIZE, LastWill, Packet, Publish, QoS,
+    SubAck, SubscribeReturnCode, Topic, decode, encode,
 };
 use twinhub_proto::error::ErrorCode;
 use twinhub_proto::topic::{self, Inbound, Subscription};
@@ -51,11 +56,11 @@ const FINISH_TIMEOUT: Duration = Duration::from_secs(5);
 const OUT_FLUSH_BYTES: usize = 256 * 1024;
 /// Twin requests answered before a flush: a cap on requests outstanding per session.
 const MAX_OUTSTANDING_TWIN: usize = 64;
-/// A buffer that grew past this is given back once idle, so one large packet or burst does
-/// not pin memory for the connection's life. Kept low: `BytesMut` doubles a buffer whenever
-/// it must grow while a decoded payload still shares it, so without this a long-lived
-/// session's buffers ratchet up to the largest size they ever needed.
-const SHRINK_ABOVE: usize = 16 * 1024;
+/// One read from the stream takes at most this much, through a buffer on the stack: the
+/// session's own input buffer holds only what is not yet a whole packet, and nothing at all
+/// while the device is idle (an idle connection is the common case, by the thousands).
+/// One TLS record's worth, so a read never leaves plaintext behind in rustls for no reason.
+const READ_CHUNK: usize = 16 * 1024;
 /// IoT Hub's longest keepalive; 0 (no keepalive) is taken as this too, so a half-open
 /// connection is always noticed.
 const MAX_KEEPALIVE_SECS: u16 = 1177;
@@ -116,17 +121,36 @@ fn twin_answer_packet(rid: &str, answer: &TwinAnswer) -> (String, Bytes) {
 /// the device has authenticated: it counts toward the hub's cap on unauthenticated peers.
 /// `certificates` is the client certificate chain the TLS handshake received (DER, leaf
 /// first; empty when the client sent none): what an X.509 identity signs in with.
-pub async fn run_session<S>(
+///
+/// Not an `async fn`: the stream is split (moved behind the halves' shared pointer) before
+/// the future exists, because an async fn keeps room for its arguments for its whole life,
+/// and a TLS stream is over a kilobyte that every idle session would carry twice.
+pub fn run_session<S>(
     ctx: SessionContext,
     io: S,
+    peer: String,
+    certificates: Vec<Vec<u8>>,
+    admission: Option<OwnedSemaphorePermit>,
+) -> impl Future<Output = ()>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let (rd, wr) = tokio::io::split(io);
+    session(ctx, rd, wr, peer, certificates, admission)
+}
+
+async fn session<S>(
+    ctx: SessionContext,
+    mut rd: ReadHalf<S>,
+    wr: WriteHalf<S>,
     peer: String,
     certificates: Vec<Vec<u8>>,
     admission: Option<OwnedSemaphorePermit>,
 ) where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let (mut rd, wr) = tokio::io::split(io);
-    let mut inbuf = BytesMut::with_capacity(4096);
+    // Empty until bytes arrive: see `read_some`.
+    let mut inbuf = BytesMut::new();
 
     let first = timeout(ctx.connect_timeout, read_packet(&mut rd, &mut inbuf)).await;
     let connect = match first {
@@ -171,25 +195,25 @@ pub async fn run_session<S>(
         }
     };
 
-    let (tx, commands) = mpsc::channel(COMMAND_QUEUE);
+    let (tx, commands) = command_queue(COMMAND_QUEUE);
     let handle = SessionHandle::new(tx);
     out.close = Some(handle.close.clone());
     let password = connect
         .password
         .as_ref()
         .map(|p| String::from_utf8_lossy(p).into_owned());
-    let start = match ctx
-        .hub
-        .connect_device(
-            &device_id,
-            Credentials {
-                password: password.as_deref(),
-                certificates: &certificates,
-            },
-            connect.clean_session,
-            handle.clone(),
-        )
-        .await
+    // The hub's futures are boxed where the session awaits them: a session's future is as
+    // large as the largest state it can be in, and it is kept for the connection's life.
+    let start = match Box::pin(ctx.hub.connect_device(
+        &device_id,
+        Credentials {
+            password: password.as_deref(),
+            certificates: &certificates,
+        },
+        connect.clean_session,
+        handle.clone(),
+    ))
+    .await
     {
         Ok(s) => s,
         Err(e) => {
@@ -209,21 +233,43 @@ pub async fn run_session<S>(
     drop(admission);
     metrics::counter!("twinhub_mqtt_connections_total").increment(1);
     tracing::debug!(%peer, %device_id, resumed = start.session_present, "device connected");
+    // Locals live to the end of the function, and this one lasts as long as the connection:
+    // what is needed only to sign in is dropped now. CONNECT's strings and password (and the
+    // read buffer its password and will point into) go with it; the will is copied out.
+    drop(password);
+    drop(certificates);
+    let (clean_session, keep_alive, will, model_id) = {
+        let c = connect;
+        let will = c.will.and_then(|w| {
+            Some(LastWill {
+                topic: Topic::try_from(w.topic.as_str()).ok()?,
+                message: Bytes::copy_from_slice(&w.message),
+                qos: w.qos,
+                retain: w.retain,
+            })
+        });
+        (
+            c.clean_session,
+            c.keep_alive,
+            will,
+            model_id(c.username.as_deref().unwrap_or_default()),
+        )
+    };
 
     let mut session = Session {
         ctx: ctx.clone(),
         device_id: device_id.clone(),
-        generation_id: start.generation_id.clone(),
-        model_id: model_id(connect.username.as_deref().unwrap_or_default()),
+        generation_id: start.generation_id,
+        model_id,
         telemetry: Vec::new(),
         telemetry_bytes: 0,
         handle: handle.clone(),
-        clean: connect.clean_session,
+        clean: clean_session,
         filters: BTreeSet::new(),
         next_rid: 1,
         pending: HashMap::new(),
         twin_since_flush: 0,
-        c2d: Outbox::new(ctx.hub.c2d().watch(&device_id)),
+        c2d: Outbox::new(),
         out,
     };
     session.out.push(&Packet::ConnAck(ConnAck {
@@ -238,7 +284,7 @@ pub async fn run_session<S>(
     session.publish_flags();
 
     // IoT Hub takes keepalive 0, or one above its maximum, as its maximum.
-    let keepalive_secs = match connect.keep_alive {
+    let keepalive_secs = match keep_alive {
         0 => MAX_KEEPALIVE_SECS,
         k => k.min(MAX_KEEPALIVE_SECS),
     };
@@ -265,15 +311,17 @@ pub async fn run_session<S>(
     // when it names the device's own events topic. A session the hub replaced or closed
     // does not (the device did not go away).
     if !matches!(end, End::Disconnected)
-        && let Some(will) = &connect.will
+        && let Some(will) = &will
         && !session.closed_by_hub()
     {
-        session.send_will(will).await;
+        Box::pin(session.send_will(will)).await;
     }
-    if let Err(e) = ctx
-        .hub
-        .disconnect_device(&device_id, handle.connection_id, connect.clean_session)
-        .await
+    if let Err(e) = Box::pin(ctx.hub.disconnect_device(
+        &device_id,
+        handle.connection_id,
+        clean_session,
+    ))
+    .await
     {
         tracing::warn!(%device_id, "recording the disconnect failed: {}", e.message());
     }
@@ -346,13 +394,28 @@ async fn read_packet<R: AsyncRead + Unpin>(
             Ok(None) => {}
             Err(e) => return Err(format!("malformed packet: {e}")),
         }
-        buf.reserve(4096);
-        match rd.read_buf(buf).await {
+        match read_some(rd, buf).await {
             Ok(0) => return Ok(None),
             Ok(_) => {}
             Err(e) => return Err(format!("read failed: {e}")),
         }
     }
+}
+
+/// Reads what the stream has (up to [`READ_CHUNK`]) and appends it to `buf`; 0 at the end
+/// of the stream. The bytes land in a buffer on the stack of the poll first, not in the
+/// future, so `buf` is allocated only when data arrives and grows by what arrived: an idle
+/// session waits for input without holding an input buffer. Cancel-safe: nothing is kept
+/// between polls.
+async fn read_some<R: AsyncRead + Unpin>(rd: &mut R, buf: &mut BytesMut) -> std::io::Result<usize> {
+    std::future::poll_fn(|cx| {
+        let mut chunk = [MaybeUninit::<u8>::uninit(); READ_CHUNK];
+        let mut chunk = ReadBuf::uninit(&mut chunk);
+        ready!(Pin::new(&mut *rd).poll_read(cx, &mut chunk))?;
+        buf.extend_from_slice(chunk.filled());
+        Poll::Ready(Ok(chunk.filled().len()))
+    })
+    .await
 }
 
 /// The write side: packets are encoded into one buffer and flushed together.
@@ -371,7 +434,8 @@ impl<W: AsyncWrite + Unpin> Out<W> {
     fn new(wr: W, shutdown: CancellationToken) -> Self {
         Out {
             wr,
-            buf: BytesMut::with_capacity(4096),
+            // Allocated by the first packet pushed, given back after each flush.
+            buf: BytesMut::new(),
             close: None,
             shutdown,
             stalled: false,
@@ -438,10 +502,9 @@ impl<W: AsyncWrite + Unpin> Out<W> {
         };
         match result {
             Ok(()) => {
-                self.buf.clear();
-                if self.buf.capacity() > SHRINK_ABOVE {
-                    self.buf = BytesMut::with_capacity(4096);
-                }
+                // The stream took a copy (rustls encrypted it): an idle session keeps no
+                // output buffer, and one large answer pins nothing afterwards.
+                self.buf = BytesMut::new();
                 Ok(())
             }
             Err(end) => {
@@ -561,7 +624,7 @@ impl<W: AsyncWrite + Unpin> Session<W> {
         &mut self,
         rd: &mut R,
         mut inbuf: BytesMut,
-        mut commands: mpsc::Receiver<SessionCommand>,
+        mut commands: CommandReceiver,
         keepalive: Duration,
         token_expiry: Instant,
     ) -> End {
@@ -569,31 +632,35 @@ impl<W: AsyncWrite + Unpin> Session<W> {
         let shutdown = self.ctx.shutdown.clone();
         let mut last_read = Instant::now();
         // Packets that arrived together with CONNECT.
-        if let Err(end) = self.drain_input(&mut inbuf).await {
+        if let Err(end) = Box::pin(self.drain_input(&mut inbuf)).await {
             return end;
         }
         // A restored subscription gets what queued while the device was away.
-        if let Err(end) = self.fill_c2d().await {
+        if let Err(end) = Box::pin(self.fill_c2d()).await {
             return end;
         }
-        let c2d_watch = self.c2d.watch();
         loop {
             if let Err(end) = self.flush().await {
                 return end;
             }
-            if inbuf.is_empty() && inbuf.capacity() > SHRINK_ABOVE {
-                inbuf = BytesMut::with_capacity(4096);
+            // Every whole packet was handled: give the buffer back (decoded payloads that
+            // still share it keep their part alive on their own), so an idle session holds
+            // none; `read_some` allocates what the next read brings.
+            if inbuf.is_empty() {
+                inbuf = BytesMut::new();
             }
             let keepalive_deadline = last_read + keepalive;
-            inbuf.reserve(4096);
             tokio::select! {
                 reason = close.closed() => return because(format!("closed by the hub: {reason:?}")),
                 _ = shutdown.cancelled() => return because("the hub is shutting down"),
-                read = rd.read_buf(&mut inbuf) => match read {
+                read = read_some(rd, &mut inbuf) => match read {
                     Ok(0) => return End::Quiet,
                     Ok(_) => {
                         last_read = Instant::now();
-                        if let Err(end) = self.drain_input(&mut inbuf).await {
+                        // Boxed (one allocation per read): handling packets awaits the
+                        // hub's twin, method and telemetry futures, which an idle session
+                        // should not keep room for.
+                        if let Err(end) = Box::pin(self.drain_input(&mut inbuf)).await {
                             return end;
                         }
                     }
@@ -609,15 +676,19 @@ impl<W: AsyncWrite + Unpin> Session<W> {
                         }
                     }
                 }
-                _ = c2d_watch.notified(), if self.c2d.wants_more() => {
-                    if let Err(end) = self.fill_c2d().await {
+                _ = self.c2d.changed(), if self.c2d.wants_more() => {
+                    if let Err(end) = Box::pin(self.fill_c2d()).await {
                         return end;
                     }
                 }
-                _ = sleep_until(keepalive_deadline) => {
+                // One timer for both deadlines: every idle session waits on it, and each
+                // timer is over a hundred bytes of the session's future.
+                _ = sleep_until(keepalive_deadline.min(token_expiry)) => {
+                    if token_expiry <= keepalive_deadline {
+                        return because("the SAS token expired");
+                    }
                     return because("keepalive expired (nothing received for 1.5 times the keepalive)");
                 }
-                _ = sleep_until(token_expiry) => return because("the SAS token expired"),
             }
         }
     }
@@ -720,7 +791,10 @@ impl<W: AsyncWrite + Unpin> Session<W> {
             .hub
             .directory()
             .set_subscriptions(&self.device_id, &self.handle, flags);
-        self.c2d.set_subscribed(flags & subs::C2D != 0);
+        let hub = &self.ctx.hub;
+        let device_id = &self.device_id;
+        self.c2d
+            .set_subscribed(flags & subs::C2D != 0, || hub.c2d().watch(device_id));
     }
 
     /// Takes messages from the device's queue and publishes them, while the subscription
