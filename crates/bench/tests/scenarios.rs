@@ -45,6 +45,8 @@ fn tiny(work: PathBuf) -> Settings {
     s.webhook_backlog = 200;
     s.webhook_rate = 40.0;
     s.webhook_latency_secs = 0.5;
+    s.query_twins = 400;
+    s.query_repetitions = 2;
     s.mosquitto = Peer::Off;
     // Other builds on a shared machine must not stall or fail the test.
     s.quiet_wait_secs = 0.0;
@@ -60,7 +62,13 @@ async fn every_scenario_runs_against_an_in_process_hub() {
     let report = twinhub_bench::run(tiny(work.clone()), Progress::silent())
         .await
         .expect("the run completes");
-    assert!(report.notes.is_empty(), "{:?}", report.notes);
+    // The one note: the query scenario ran on fewer twins than its aims name, as set above.
+    assert_eq!(report.notes.len(), 1, "{:?}", report.notes);
+    assert!(
+        report.notes[0].starts_with("query: 400 twins"),
+        "{:?}",
+        report.notes
+    );
     assert!(!work.exists(), "the work dir is removed after the run");
 
     assert_eq!(report.methods.len(), 2);
@@ -191,7 +199,18 @@ async fn every_scenario_runs_against_an_in_process_hub() {
     assert_eq!(webhook.untimed, 0);
 
     // Without Mosquitto the ratio targets cannot be judged; the others can.
-    assert_eq!(report.targets.len(), 7);
+    let query = report.query.as_ref().expect("query figures");
+    assert_eq!(query.twins, 400);
+    assert_eq!(query.read_your_writes_misses, 0);
+
+    assert_eq!(report.targets.len(), 11);
+    // The query scenario's read-your-writes target is judged, and met.
+    assert_eq!(
+        report.targets[10].met,
+        Some(true),
+        "{:?}",
+        report.targets[10]
+    );
     assert_eq!(report.targets[0].met, None);
     assert!(report.targets[2].met.is_some());
     assert_eq!(report.targets[4].met, None, "{:?}", report.targets[4]);
