@@ -17,16 +17,6 @@ use crate::service::{ServiceClient, segment};
 
 const BASE: &str = "/twinhub/certificates";
 
-/// `If-Match` for `etag` (`*` when `None`), quoted as the hub expects.
-fn if_match(etag: Option<&str>) -> Vec<(&'static str, String)> {
-    let tag = etag.unwrap_or("*");
-    if tag.starts_with('"') {
-        vec![("If-Match", tag.to_owned())]
-    } else {
-        vec![("If-Match", format!("\"{tag}\""))]
-    }
-}
-
 impl ServiceClient {
     /// Every registered CA certificate.
     pub async fn list_certificates(&self) -> Result<Vec<CertificateDescription>> {
@@ -44,19 +34,7 @@ impl ServiceClient {
 
     /// Registers CA certificate `pem` (PEM) as `name`; it admits devices once verified.
     pub async fn add_certificate(&self, name: &str, pem: &str) -> Result<CertificateDescription> {
-        let path = format!("{BASE}/{}", segment(name));
-        let body = CertificateBody {
-            certificate: pem.to_owned(),
-        };
-        self.call(
-            Method::PUT,
-            &path,
-            &[],
-            &[],
-            Self::json(&body),
-            StatusCode::OK,
-        )
-        .await
+        self.put_certificate(name, pem, Vec::new()).await
     }
 
     /// Replaces CA `name`'s certificate (unverified again). `etag` `None` replaces whatever is
@@ -67,6 +45,16 @@ impl ServiceClient {
         pem: &str,
         etag: Option<&str>,
     ) -> Result<CertificateDescription> {
+        self.put_certificate(name, pem, Self::if_match(etag)).await
+    }
+
+    /// `PUT /twinhub/certificates/{name}`: without `If-Match` it creates, with one it replaces.
+    async fn put_certificate(
+        &self,
+        name: &str,
+        pem: &str,
+        if_match: Vec<(&'static str, String)>,
+    ) -> Result<CertificateDescription> {
         let path = format!("{BASE}/{}", segment(name));
         let body = CertificateBody {
             certificate: pem.to_owned(),
@@ -75,7 +63,7 @@ impl ServiceClient {
             Method::PUT,
             &path,
             &[],
-            &if_match(etag),
+            &if_match,
             Self::json(&body),
             StatusCode::OK,
         )
@@ -85,7 +73,7 @@ impl ServiceClient {
     /// Removes CA `name`; the sessions it admitted are closed.
     pub async fn delete_certificate(&self, name: &str, etag: Option<&str>) -> Result<()> {
         let path = format!("{BASE}/{}", segment(name));
-        self.send(Method::DELETE, &path, &[], &if_match(etag), None)
+        self.send(Method::DELETE, &path, &[], &Self::if_match(etag), None)
             .await?;
         Ok(())
     }
@@ -102,7 +90,7 @@ impl ServiceClient {
             Method::POST,
             &path,
             &[],
-            &if_match(etag),
+            &Self::if_match(etag),
             None,
             StatusCode::OK,
         )
@@ -125,7 +113,7 @@ impl ServiceClient {
             Method::POST,
             &path,
             &[],
-            &if_match(etag),
+            &Self::if_match(etag),
             Self::json(&body),
             StatusCode::OK,
         )
@@ -173,15 +161,6 @@ impl ServiceClient {
             authentication: Some(auth),
             ..Default::default()
         };
-        let path = format!("/devices/{}", segment(device_id));
-        self.call(
-            Method::PUT,
-            &path,
-            &[],
-            &[],
-            Self::json(&device),
-            StatusCode::OK,
-        )
-        .await
+        self.register_device(&device).await
     }
 }

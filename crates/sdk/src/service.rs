@@ -308,13 +308,18 @@ impl ServiceClient {
             }),
             ..Default::default()
         };
-        let path = format!("/devices/{}", segment(device_id));
+        self.register_device(&device).await
+    }
+
+    /// `PUT /devices/{id}` without `If-Match`: creates `device` (409 if it exists).
+    pub(crate) async fn register_device(&self, device: &Device) -> Result<Device> {
+        let path = format!("/devices/{}", segment(&device.device_id));
         self.call(
             Method::PUT,
             &path,
             &[],
             &[],
-            Self::json(&device),
+            Self::json(device),
             StatusCode::OK,
         )
         .await
