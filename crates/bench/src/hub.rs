@@ -437,8 +437,13 @@ impl Probed {
 
 /// The bulk entry creating bench device `i` with the shared key.
 fn create_op(i: usize) -> ExportImportDevice {
+    create_with_shared_key(device_id(i))
+}
+
+/// The bulk entry creating device `id` with the bench's shared SAS key.
+pub(crate) fn create_with_shared_key(id: String) -> ExportImportDevice {
     ExportImportDevice {
-        id: device_id(i),
+        id,
         import_mode: ImportMode::Create,
         authentication: Some(AuthenticationMechanism {
             symmetric_key: Some(SymmetricKey {

@@ -13,15 +13,12 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 use serde_json::{Map, Value, json};
 use tokio::task::JoinSet;
-use twinhub_proto::model::{
-    AuthenticationMechanism, AuthenticationType, ExportImportDevice, ImportMode, SymmetricKey,
-    TwinProperties,
-};
+use twinhub_proto::model::{ExportImportDevice, TwinProperties};
 use twinhub_sdk::ServiceClient;
 
 use super::Ctx;
 use crate::error::{Error, Result};
-use crate::hub::{self, DEVICE_KEY, Hub, Launch};
+use crate::hub::{self, Hub, Launch};
 use crate::machine::rss_bytes;
 use crate::report::TargetCheck;
 
@@ -143,22 +140,12 @@ fn import_op(i: usize) -> ExportImportDevice {
     let mut reported = Map::new();
     reported.insert("fw".into(), Value::from(format!("1.{}", i % FIRMWARES)));
     ExportImportDevice {
-        id: query_device(i),
-        import_mode: ImportMode::Create,
-        authentication: Some(AuthenticationMechanism {
-            symmetric_key: Some(SymmetricKey {
-                primary_key: Some(DEVICE_KEY.into()),
-                secondary_key: Some(DEVICE_KEY.into()),
-            }),
-            x509_thumbprint: None,
-            auth_type: AuthenticationType::Sas,
-        }),
         tags: Some(tags),
         properties: Some(TwinProperties {
             desired: Map::new(),
             reported,
         }),
-        ..Default::default()
+        ..hub::create_with_shared_key(query_device(i))
     }
 }
 
