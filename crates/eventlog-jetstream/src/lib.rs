@@ -1,0 +1,1 @@
+//! The [`twinhub_eventlog::EventLog`] trait on NATS JetStream (being built).

@@ -1,0 +1,1 @@
+//! The [`twinhub_store::Store`] trait on PostgreSQL (being built).

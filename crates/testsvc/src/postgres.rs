@@ -1,0 +1,1 @@
+//! A private PostgreSQL cluster on loopback (filled in by the PostgreSQL store work).
