@@ -24,7 +24,7 @@ use std::sync::{Arc, Mutex, OnceLock, RwLock};
 
 use async_trait::async_trait;
 use serde_json::Value;
-use twinhub_store::{Health, Store, Table, Write};
+use twinhub_store::{Expect, Health, Store, Table, Write};
 
 use crate::record::DeviceRecord;
 
@@ -167,6 +167,50 @@ fn indexed(table: Table) -> bool {
     matches!(table, Table::Devices | Table::Modules)
 }
 
+/// Copies of a batch's twin writes, taken before the batch moves into the store; most batches
+/// touch no twin and copy nothing.
+fn touched(writes: &[Write]) -> Vec<Write> {
+    writes
+        .iter()
+        .filter(|w| indexed(w.table))
+        .cloned()
+        .collect()
+}
+
+impl IndexedStore {
+    /// Brings the index in step with a commit's outcome: `Ok(true)` applied the batch,
+    /// `Ok(false)` applied nothing (a checked commit whose condition failed).
+    async fn follow(&self, touched: Vec<Write>, outcome: Result<bool, &twinhub_store::Error>) {
+        match outcome {
+            Ok(true) => {
+                for w in touched {
+                    self.index.apply(w.table, w.key, w.value);
+                }
+            }
+            Ok(false) => {}
+            Err(_) => {
+                // A failed commit may still have reached the disk (the backend reopens and
+                // probes): take each touched record as the store now has it. The caller
+                // still holds the identities' locks, so nothing else writes them meanwhile.
+                for w in touched {
+                    match self.inner.get(w.table, &w.key).await {
+                        Ok(value) => self.index.apply(w.table, w.key, value),
+                        Err(e) => {
+                            if !self.index.unreliable.swap(true, Ordering::AcqRel) {
+                                tracing::error!(
+                                    error = %e,
+                                    "a record could not be read back after a failed commit; \
+                                     queries read the store until the hub restarts"
+                                );
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
 #[async_trait]
 impl Store for IndexedStore {
     async fn get(&self, table: Table, key: &str) -> twinhub_store::Result<Option<Vec<u8>>> {
@@ -187,41 +231,20 @@ impl Store for IndexedStore {
     }
 
     async fn commit(&self, writes: Vec<Write>) -> twinhub_store::Result<()> {
-        // The copies are taken before the batch moves into the store; most batches touch no
-        // twin and copy nothing.
-        let touched: Vec<Write> = writes
-            .iter()
-            .filter(|w| indexed(w.table))
-            .cloned()
-            .collect();
+        let touched = touched(&writes);
         let result = self.inner.commit(writes).await;
-        match &result {
-            Ok(()) => {
-                for w in touched {
-                    self.index.apply(w.table, w.key, w.value);
-                }
-            }
-            Err(_) if !touched.is_empty() => {
-                // A failed commit may still have reached the disk (the backend reopens and
-                // probes): take each touched record as the store now has it. The caller
-                // still holds the identities' locks, so nothing else writes them meanwhile.
-                for w in touched {
-                    match self.inner.get(w.table, &w.key).await {
-                        Ok(value) => self.index.apply(w.table, w.key, value),
-                        Err(e) => {
-                            if !self.index.unreliable.swap(true, Ordering::AcqRel) {
-                                tracing::error!(
-                                    error = %e,
-                                    "a record could not be read back after a failed commit; \
-                                     queries read the store until the hub restarts"
-                                );
-                            }
-                        }
-                    }
-                }
-            }
-            Err(_) => {}
-        }
+        self.follow(touched, result.as_ref().map(|()| true)).await;
+        result
+    }
+
+    async fn commit_checked(
+        &self,
+        expect: Vec<Expect>,
+        writes: Vec<Write>,
+    ) -> twinhub_store::Result<bool> {
+        let touched = touched(&writes);
+        let result = self.inner.commit_checked(expect, writes).await;
+        self.follow(touched, result.as_ref().copied()).await;
         result
     }
 

@@ -19,7 +19,7 @@
 
 use std::sync::Arc;
 
-use crate::{Error, Store, Table, Write};
+use crate::{Error, Expect, Store, Table, Write};
 
 /// What a conformance case runs against: the store, and whatever must outlive it.
 pub trait Fixture: Send + 'static {
@@ -68,6 +68,8 @@ macro_rules! store_conformance_tests {
             large_values,
             commit_after_close_fails,
             close_settles_every_pending_commit,
+            checked_commit_applies_only_when_conditions_hold,
+            checked_commits_racing_on_one_key_apply_once,
         );
     };
     (@cases $make:expr; $($case:ident),+ $(,)?) => {
@@ -637,4 +639,121 @@ pub async fn close_settles_every_pending_commit<S: Store>(store: Arc<S>) {
             Err(e) => panic!("read after close failed with {e}"),
         }
     }
+}
+
+async fn must_commit_checked<S: Store>(store: &S, expect: Vec<Expect>, writes: Vec<Write>) -> bool {
+    match store.commit_checked(expect, writes).await {
+        Ok(applied) => applied,
+        Err(e) => panic!("commit_checked failed: {e}"),
+    }
+}
+
+/// A checked commit applies its writes when every condition holds (absent keys and exact
+/// values), and applies none of them when any condition fails.
+pub async fn checked_commit_applies_only_when_conditions_hold<S: Store>(store: Arc<S>) {
+    let first = must_commit_checked(
+        &*store,
+        vec![Expect::absent(Table::Meta, "identity")],
+        vec![Write::put(Table::Meta, "identity", b"one".to_vec())],
+    )
+    .await;
+    assert!(
+        first,
+        "a condition on an absent key holds on an empty store"
+    );
+    let second = must_commit_checked(
+        &*store,
+        vec![Expect::absent(Table::Meta, "identity")],
+        vec![
+            Write::put(Table::Meta, "identity", b"two".to_vec()),
+            Write::put(Table::Devices, "side-effect", b"x".to_vec()),
+        ],
+    )
+    .await;
+    assert!(!second, "the key is no longer absent");
+    assert_eq!(
+        must_get(&*store, Table::Meta, "identity").await,
+        Some(b"one".to_vec())
+    );
+    assert_eq!(
+        must_get(&*store, Table::Devices, "side-effect").await,
+        None,
+        "a failed condition applies none of the batch"
+    );
+    let wrong_value = must_commit_checked(
+        &*store,
+        vec![Expect::holds(Table::Meta, "identity", b"on".to_vec())],
+        vec![Write::put(Table::Meta, "identity", b"three".to_vec())],
+    )
+    .await;
+    assert!(!wrong_value, "a prefix of the value is not the value");
+    let swapped = must_commit_checked(
+        &*store,
+        vec![
+            Expect::holds(Table::Meta, "identity", b"one".to_vec()),
+            Expect::absent(Table::Meta, "other"),
+        ],
+        vec![
+            Write::put(Table::Meta, "identity", b"four".to_vec()),
+            Write::delete(Table::Meta, "other"),
+        ],
+    )
+    .await;
+    assert!(swapped);
+    assert_eq!(
+        must_get(&*store, Table::Meta, "identity").await,
+        Some(b"four".to_vec())
+    );
+    assert!(
+        must_commit_checked(&*store, Vec::new(), Vec::new()).await,
+        "no conditions always hold"
+    );
+}
+
+/// Many tasks each try to move one counter from the value they read to the next: every
+/// successful step moves it by exactly one, so the final value equals the number of
+/// successes (no lost update). Serialized by a lock here, as the hub's callers are, so that
+/// the default implementation is held to what it promises.
+pub async fn checked_commits_racing_on_one_key_apply_once<S: Store>(store: Arc<S>) {
+    must_commit(
+        &*store,
+        vec![Write::put(Table::Meta, "counter", b"0".to_vec())],
+    )
+    .await;
+    let lock = Arc::new(tokio::sync::Mutex::new(()));
+    let mut tasks = Vec::new();
+    for _ in 0..16 {
+        let store = Arc::clone(&store);
+        let lock = Arc::clone(&lock);
+        tasks.push(tokio::spawn(async move {
+            let mut applied = 0u32;
+            for _ in 0..10 {
+                let _held = lock.lock().await;
+                let now = must_get(&*store, Table::Meta, "counter")
+                    .await
+                    .expect("counter");
+                let n: u32 = std::str::from_utf8(&now).unwrap().parse().unwrap();
+                let next = (n + 1).to_string().into_bytes();
+                if must_commit_checked(
+                    &*store,
+                    vec![Expect::holds(Table::Meta, "counter", now)],
+                    vec![Write::put(Table::Meta, "counter", next)],
+                )
+                .await
+                {
+                    applied += 1;
+                }
+            }
+            applied
+        }));
+    }
+    let mut total = 0;
+    for task in tasks {
+        total += task.await.expect("task");
+    }
+    let last = must_get(&*store, Table::Meta, "counter")
+        .await
+        .expect("counter");
+    assert_eq!(std::str::from_utf8(&last).unwrap(), total.to_string());
+    assert_eq!(total, 160, "serialized checked commits all apply");
 }

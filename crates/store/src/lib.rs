@@ -99,6 +99,35 @@ impl Write {
     }
 }
 
+/// A condition of [`Store::commit_checked`]: `key` in `table` must hold exactly `value`
+/// (`None`: must be absent).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Expect {
+    pub table: Table,
+    pub key: String,
+    pub value: Option<Vec<u8>>,
+}
+
+impl Expect {
+    /// `key` must be absent.
+    pub fn absent(table: Table, key: impl Into<String>) -> Self {
+        Expect {
+            table,
+            key: key.into(),
+            value: None,
+        }
+    }
+
+    /// `key` must hold exactly `value`.
+    pub fn holds(table: Table, key: impl Into<String>, value: Vec<u8>) -> Self {
+        Expect {
+            table,
+            key: key.into(),
+            value: Some(value),
+        }
+    }
+}
+
 /// What can go wrong in a store.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -151,6 +180,25 @@ pub trait Store: Send + Sync + 'static {
     /// still gets its own result. Batches are applied in the order their calls started
     /// when they come from one task.
     async fn commit(&self, writes: Vec<Write>) -> Result<()>;
+
+    /// Applies `writes` like [`Store::commit`] only if every condition in `expect` holds at the
+    /// moment they are applied; returns whether they were. This is how state shared by several
+    /// hub nodes on one store (the cluster's identity, counters) is changed without a lost
+    /// update.
+    ///
+    /// The default reads the conditions and then commits: atomic only against writers of the
+    /// same process that serialize on the keys (the embedded stores are opened by one process,
+    /// and the hub holds per-key locks). A store shared between processes must override it
+    /// with a check inside its transaction.
+    async fn commit_checked(&self, expect: Vec<Expect>, writes: Vec<Write>) -> Result<bool> {
+        for condition in &expect {
+            if self.get(condition.table, &condition.key).await? != condition.value {
+                return Ok(false);
+            }
+        }
+        self.commit(writes).await?;
+        Ok(true)
+    }
 
     /// Finishes every pending commit, flushes, and refuses later commits with
     /// [`Error::Closed`]. Reads may still work or fail with `Closed`.
