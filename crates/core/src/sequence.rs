@@ -2,9 +2,11 @@
 //! many values: before a value reaches the limit recorded in the `meta` table, a new limit
 //! further on is committed, and a reopened hub starts at the recorded limit. Cloud-to-device
 //! sequence numbers (`c2d`) and connection-state sequence numbers (`hub_events`) use it.
+//! Blocks are claimed with a checked commit, so hub nodes sharing one store never issue the
+//! same value.
 
 use twinhub_proto::error::ErrorCode;
-use twinhub_store::{Store, Table, Write};
+use twinhub_store::{Expect, Store, Table, Write};
 
 use crate::error::{Error, Result};
 
@@ -46,37 +48,53 @@ impl Reserved {
         let limit = match state.limit {
             Some(limit) => limit,
             None => {
-                let stored = match store.get(Table::Meta, self.key).await? {
-                    Some(bytes) => std::str::from_utf8(&bytes)
-                        .ok()
-                        .and_then(|t| t.trim().parse::<u64>().ok())
-                        .ok_or_else(|| {
-                            Error::new(
-                                ErrorCode::ServerError,
-                                format!("the stored limit {} cannot be read", self.key),
-                            )
-                        })?,
-                    None => 0,
-                };
+                let stored = self.stored(store).await?.map_or(0, |(n, _)| n);
                 state.last = state.last.max(stored.saturating_sub(1));
                 state.limit = Some(stored);
                 stored
             }
         };
-        let value = at_least.max(state.last.saturating_add(1));
+        let mut value = at_least.max(state.last.saturating_add(1));
         if value >= limit {
-            let next = value.saturating_add(self.reserve);
-            store
-                .commit(vec![Write::put(
-                    Table::Meta,
-                    self.key,
-                    next.to_string().into_bytes(),
-                )])
-                .await?;
-            state.limit = Some(next);
+            // A block is claimed by moving the stored limit from what it holds now, so that
+            // hub nodes sharing one store never hand out the same block: one that lost the
+            // race reads the winner's limit and claims past it.
+            loop {
+                let stored = self.stored(store).await?;
+                let expect = match &stored {
+                    Some((n, bytes)) => {
+                        value = value.max(*n);
+                        Expect::holds(Table::Meta, self.key, bytes.clone())
+                    }
+                    None => Expect::absent(Table::Meta, self.key),
+                };
+                let next = value.saturating_add(self.reserve);
+                let claim = Write::put(Table::Meta, self.key, next.to_string().into_bytes());
+                if store.commit_checked(vec![expect], vec![claim]).await? {
+                    state.limit = Some(next);
+                    break;
+                }
+            }
         }
         state.last = value;
         Ok(value)
+    }
+
+    /// The limit the store holds now, with its bytes (for a checked commit).
+    async fn stored(&self, store: &dyn Store) -> Result<Option<(u64, Vec<u8>)>> {
+        let Some(bytes) = store.get(Table::Meta, self.key).await? else {
+            return Ok(None);
+        };
+        let limit = std::str::from_utf8(&bytes)
+            .ok()
+            .and_then(|t| t.trim().parse::<u64>().ok())
+            .ok_or_else(|| {
+                Error::new(
+                    ErrorCode::ServerError,
+                    format!("the stored limit {} cannot be read", self.key),
+                )
+            })?;
+        Ok(Some((limit, bytes)))
     }
 }
 
@@ -116,6 +134,21 @@ mod tests {
         );
         second.observe(limit + 1000).await;
         assert_eq!(second.next(store.as_ref(), 0).await.unwrap(), limit + 1001);
+    }
+
+    #[tokio::test]
+    async fn two_nodes_on_one_store_never_issue_the_same_value() {
+        let store = Arc::new(MemoryStore::new());
+        let a = Reserved::new("k", 10);
+        let b = Reserved::new("k", 10);
+        let mut seen = std::collections::BTreeSet::new();
+        for i in 0..100 {
+            let (first, second) = if i % 3 == 0 { (&a, &b) } else { (&b, &a) };
+            for node in [first, second] {
+                let v = node.next(store.as_ref(), 0).await.unwrap();
+                assert!(seen.insert(v), "value {v} was issued twice");
+            }
+        }
     }
 
     #[tokio::test]
