@@ -31,26 +31,24 @@ const STOP_GRACE_SECONDS: u32 = 10;
 /// as one message, so it needs room above NATS's 1 MB default for events of up to 1 MiB.
 const MAX_PAYLOAD: &str = "8MB";
 
-/// The supervisor: `$1` is the directory (config, store, log), `$2` the binary. `start` runs
-/// the server in the background (an asynchronous command in a non-interactive shell reads
-/// /dev/null, so the server never holds the command pipe), `stop` ends it (SIGTERM, then
-/// SIGKILL after a grace period); each answers on stdout once done. EOF stops the server and
-/// removes the directory.
+/// The supervisor: `$1` is the directory (config, store, log), `$2` the binary, `$3` the grace
+/// period. `start` runs the server in the background (an asynchronous command in a
+/// non-interactive shell reads /dev/null, so the server never holds the command pipe) under
+/// coreutils' `timeout`, which passes a SIGTERM on and follows it with SIGKILL after the grace
+/// period (and would end a forgotten server after a week); `stop` ends it. Each answers on
+/// stdout once done. EOF stops the server and removes the directory.
 const SUPERVISOR: &str = r#"
 dir="$1"; bin="$2"; grace="$3"; pid=""
 stop() {
   if [ -n "$pid" ]; then
     kill "$pid" 2>/dev/null
-    ( sleep "$grace"; kill -9 "$pid" 2>/dev/null ) &
-    killer=$!
     wait "$pid" 2>/dev/null
-    kill "$killer" 2>/dev/null
     pid=""
   fi
 }
 while IFS= read -r cmd; do
   case "$cmd" in
-    start) stop; "$bin" -c "$dir/nats.conf" >>"$dir/server.log" 2>&1 & pid=$!; echo started ;;
+    start) stop; timeout -k "$grace" 7d "$bin" -c "$dir/nats.conf" >>"$dir/server.log" 2>&1 & pid=$!; echo started ;;
     stop) stop; echo stopped ;;
   esac
 done
