@@ -70,10 +70,12 @@ fn deliver(shared: &Shared, message: &async_nats::jetstream::Message) {
             "event log follower: a message not written by a twinhub event log; ignored"
         ),
     }
-    shared.seen.send_if_modified(|seen| {
-        let newer = stream_seq > *seen;
-        *seen = (*seen).max(stream_seq);
-        newer
+    let replayed = info.pending == 0;
+    shared.progress.send_if_modified(|progress| {
+        let changed = stream_seq > progress.seen || (replayed && !progress.replayed);
+        progress.seen = progress.seen.max(stream_seq);
+        progress.replayed |= replayed;
+        changed
     });
 }
 

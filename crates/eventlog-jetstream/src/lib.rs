@@ -72,4 +72,4 @@ mod view;
 mod wire;
 mod writer;
 
-pub use log::{JetStreamLog, JetStreamOptions};
+pub use log::{JetStreamLog, JetStreamOptions, JetStreamStats};

@@ -3,6 +3,7 @@
 //! the partition's writer (`writer`), answer `info`/`resolve`/`wait_for` from the views
 //! (`view`) and fetch events by stream sequence for reads.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
@@ -47,6 +48,28 @@ impl Default for JetStreamOptions {
     }
 }
 
+/// What this node's log has done, for metrics and tests.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct JetStreamStats {
+    /// Messages this node stored (one per group commit: several appends share one).
+    pub messages: u64,
+    /// Events in them.
+    pub events: u64,
+    /// Publishes the server refused because another writer had appended to the partition
+    /// first; each was renumbered and published again.
+    pub conflicts: u64,
+}
+
+/// How far the follower got.
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct Progress {
+    /// The highest stream sequence delivered into the views.
+    pub seen: u64,
+    /// A message was delivered with nothing pending after it: the replay of the retained
+    /// messages at open is over.
+    pub replayed: bool,
+}
+
 /// What the log, its writers and its follower share.
 #[derive(Debug)]
 pub(crate) struct Shared {
@@ -60,10 +83,13 @@ pub(crate) struct Shared {
     pub prefix: String,
     pub views: Vec<Mutex<View>>,
     pub tails: Tails,
-    /// The highest stream sequence the follower has delivered into the views.
-    pub seen: watch::Sender<u64>,
+    /// How far the follower has delivered messages into the views.
+    pub progress: watch::Sender<Progress>,
     /// The largest payload of one message.
     pub max_payload: usize,
+    pub messages: AtomicU64,
+    pub events: AtomicU64,
+    pub conflicts: AtomicU64,
 }
 
 impl Shared {
@@ -181,7 +207,7 @@ impl JetStreamLog {
                 .map(|_| Mutex::new(View::new(options.tail_cache_bytes)))
                 .collect(),
             tails: Tails::new(options.partitions),
-            seen: watch::Sender::new(0),
+            progress: watch::Sender::new(Progress::default()),
             client: client.clone(),
             context: context.clone(),
             stream,
@@ -189,6 +215,9 @@ impl JetStreamLog {
             prefix,
             options,
             max_payload,
+            messages: AtomicU64::new(0),
+            events: AtomicU64::new(0),
+            conflicts: AtomicU64::new(0),
         });
 
         // Subscribed before the consumer starts, so no purge is missed in between.
@@ -198,11 +227,10 @@ impl JetStreamLog {
                 client.subscribe(shared.purged_subject()),
             )
             .await?;
-        let last = shared
+        let state = shared
             .bounded("stream info", shared.stream.get_info())
             .await?
-            .state
-            .last_sequence;
+            .state;
         let messages = shared
             .bounded("create the follower", async {
                 let consumer = shared
@@ -221,19 +249,23 @@ impl JetStreamLog {
             .await?;
         let follower = tokio::spawn(follower::run(Arc::clone(&shared), messages, purges));
 
-        // `info` and `resolve` answer from the views: they must hold every retained message.
-        let mut seen = shared.seen.subscribe();
-        let caught_up = tokio::time::timeout(
-            jetstream_options.open_timeout,
-            seen.wait_for(|&seen| seen >= last),
-        )
-        .await;
-        if !matches!(caught_up, Ok(Ok(_))) {
-            follower.abort();
-            return Err(Error::Unavailable(format!(
-                "replaying stream {stream_name} up to sequence {last} took more than {:?}",
-                jetstream_options.open_timeout
-            )));
+        // `info` and `resolve` answer from the views: they must hold every retained message
+        // (up to the stream's last at open, or until nothing is pending if that one is gone).
+        if state.messages > 0 {
+            let last = state.last_sequence;
+            let mut progress = shared.progress.subscribe();
+            let caught_up = tokio::time::timeout(
+                jetstream_options.open_timeout,
+                progress.wait_for(|p| p.seen >= last || p.replayed),
+            )
+            .await;
+            if !matches!(caught_up, Ok(Ok(_))) {
+                follower.abort();
+                return Err(Error::Unavailable(format!(
+                    "replaying stream {stream_name} up to sequence {last} took more than {:?}",
+                    jetstream_options.open_timeout
+                )));
+            }
         }
 
         let mut writers = Vec::new();
@@ -259,6 +291,14 @@ impl JetStreamLog {
     /// The JetStream stream holding this log.
     pub fn stream_name(&self) -> &str {
         &self.stream_name
+    }
+
+    pub fn stats(&self) -> JetStreamStats {
+        JetStreamStats {
+            messages: self.shared.messages.load(Ordering::Relaxed),
+            events: self.shared.events.load(Ordering::Relaxed),
+            conflicts: self.shared.conflicts.load(Ordering::Relaxed),
+        }
     }
 
     /// The subject partition `partition`'s events are published on.

@@ -5,6 +5,7 @@
 //! follower through [`Shared`].
 
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 
 use async_nats::HeaderMap;
 use async_nats::header::NATS_EXPECTED_LAST_SUBJECT_SEQUENCE;
@@ -149,9 +150,12 @@ async fn publish(
                     batch,
                 };
                 shared.note(partition, entry, Some(payload));
+                shared.messages.fetch_add(1, Ordering::Relaxed);
+                shared.events.fetch_add(u64::from(count), Ordering::Relaxed);
                 return Ok(entry);
             }
             Ok(Err(e)) if e.kind() == PublishErrorKind::WrongLastSequence => {
+                shared.conflicts.fetch_add(1, Ordering::Relaxed);
                 catch_up(shared, partition, &subject, deadline).await?;
             }
             Ok(Err(e)) => {
@@ -216,9 +220,9 @@ async fn catch_up(shared: &Shared, partition: u32, subject: &str, deadline: Inst
         }
     }
     // More than one message behind: the follower delivers them in order.
-    let mut seen = shared.seen.subscribe();
+    let mut progress = shared.progress.subscribe();
     let waited =
-        tokio::time::timeout_at(deadline, seen.wait_for(|&seen| seen >= message.sequence)).await;
+        tokio::time::timeout_at(deadline, progress.wait_for(|p| p.seen >= message.sequence)).await;
     match waited {
         Ok(Ok(_)) => Ok(()),
         _ => Err(Error::Unavailable(format!(
