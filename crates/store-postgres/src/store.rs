@@ -17,7 +17,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tokio::time::timeout;
 use tokio_postgres::NoTls;
-use twinhub_store::{Error, Health, Result, Store, Table, Write};
+use twinhub_store::{Error, Expect, Health, Result, Store, Table, Write};
 
 use crate::error::{ConnectError, describe, is_transient, pool_error, store_error, timed_out};
 use crate::schema::{migrate, table_id};
@@ -45,6 +45,9 @@ pub struct PostgresStats {
     /// Batches retried alone after their group's transaction failed for a reason other than
     /// the database being unreachable.
     pub retried_alone: u64,
+    /// Checked commits decided (applied or refused because a condition did not hold); each
+    /// runs in a transaction of its own.
+    pub checked: u64,
 }
 
 #[derive(Debug, Default)]
@@ -53,6 +56,7 @@ pub(crate) struct Counters {
     pub(crate) batches: AtomicU64,
     pub(crate) failed_groups: AtomicU64,
     pub(crate) retried_alone: AtomicU64,
+    pub(crate) checked: AtomicU64,
 }
 
 /// What the store, its writer and its health monitor share.
@@ -228,6 +232,7 @@ impl PostgresStore {
             batches: c.batches.load(Ordering::Relaxed),
             failed_groups: c.failed_groups.load(Ordering::Relaxed),
             retried_alone: c.retried_alone.load(Ordering::Relaxed),
+            checked: c.checked.load(Ordering::Relaxed),
         }
     }
 }
@@ -354,6 +359,28 @@ impl Store for PostgresStore {
             .await
             .is_err()
         {
+            return Err(self.writer_gone());
+        }
+        answer.await.unwrap_or_else(|_| Err(self.writer_gone()))
+    }
+
+    /// Checked inside the transaction that applies the writes, with the conditions' rows
+    /// locked (see the writer), so it holds across processes: of several nodes racing on one
+    /// key, exactly one sees its condition hold.
+    async fn commit_checked(&self, expect: Vec<Expect>, writes: Vec<Write>) -> Result<bool> {
+        if self.closing.load(Ordering::Acquire) {
+            return Err(Error::Closed);
+        }
+        if expect.is_empty() && writes.is_empty() {
+            return Ok(true);
+        }
+        let (reply, answer) = oneshot::channel();
+        let request = Request::Checked {
+            expect,
+            writes,
+            reply,
+        };
+        if self.requests.send(request).await.is_err() {
             return Err(self.writer_gone());
         }
         answer.await.unwrap_or_else(|_| Err(self.writer_gone()))

@@ -13,6 +13,17 @@
 //! blame: each batch is retried alone once, so innocent batches still commit. A failed
 //! `BEGIN` on a dead pooled connection, a deadlock or a serialization failure rolled nothing
 //! in, so the group is tried once more before anyone is answered.
+//!
+//! Checked commits ([`Store::commit_checked`](twinhub_store::Store::commit_checked)) go
+//! through the same queue, so they keep their place among a task's commits and `close` settles
+//! them too, but each runs in a transaction of its own: the group gathered before it is
+//! committed first. Inside that transaction every condition's row is read `FOR UPDATE` in
+//! (table, key) order, and a key that must be absent is claimed with a plain `INSERT` of a
+//! placeholder (removed again unless the batch writes the key): a concurrent writer of the same
+//! key, on this node or another, waits for us, and a concurrent checked commit that claimed it
+//! first makes our `INSERT` fail with a unique violation, which means the key is no longer
+//! absent. So no two nodes both see their condition hold, and a plain writer cannot slip in
+//! between check and write.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -20,7 +31,8 @@ use std::sync::atomic::Ordering;
 
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::timeout;
-use twinhub_store::{Error, Result, Write};
+use tokio_postgres::error::SqlState;
+use twinhub_store::{Error, Expect, Result, Write};
 
 use crate::error::{duplicate, store_error, timed_out};
 use crate::schema::table_id;
@@ -37,6 +49,11 @@ const MAX_GROUP_WRITES: usize = 20_000;
 const UPSERT: &str = "INSERT INTO twinhub_kv (tbl, key, value) \
                       SELECT * FROM unnest($1::int2[], $2::bytea[], $3::bytea[]) \
                       ON CONFLICT (tbl, key) DO UPDATE SET value = EXCLUDED.value";
+/// Reads a condition's row and locks it until the transaction ends.
+const LOCK_ROW: &str = "SELECT value FROM twinhub_kv WHERE tbl = $1 AND key = $2 FOR UPDATE";
+/// Claims an absent key with a placeholder no other transaction sees; a concurrent inserter of
+/// the same key waits for us, or we for it.
+const CLAIM: &str = "INSERT INTO twinhub_kv (tbl, key, value) VALUES ($1, $2, ''::bytea)";
 const DELETE: &str = "DELETE FROM twinhub_kv AS kv \
                       USING unnest($1::int2[], $2::bytea[]) AS gone(tbl, key) \
                       WHERE kv.tbl = gone.tbl AND kv.key = gone.key";
@@ -45,6 +62,11 @@ pub(crate) enum Request {
     Commit {
         writes: Vec<Write>,
         reply: oneshot::Sender<Result<()>>,
+    },
+    Checked {
+        expect: Vec<Expect>,
+        writes: Vec<Write>,
+        reply: oneshot::Sender<Result<bool>>,
     },
     Close {
         reply: oneshot::Sender<()>,
@@ -61,6 +83,8 @@ pub(crate) async fn run(shared: Arc<Shared>, mut queue: mpsc::Receiver<Request>)
         let mut group: Vec<Pending> = Vec::new();
         let (mut bytes, mut writes) = (0, 0);
         let mut next = Some(first);
+        // A checked commit ends the group: it runs alone, after the group.
+        let mut checked = None;
         while let Some(request) = next.take() {
             match request {
                 Request::Commit {
@@ -73,6 +97,14 @@ pub(crate) async fn run(shared: Arc<Shared>, mut queue: mpsc::Receiver<Request>)
                         .sum::<usize>();
                     writes += batch.len();
                     group.push((batch, reply));
+                }
+                Request::Checked {
+                    expect,
+                    writes,
+                    reply,
+                } => {
+                    checked = Some((expect, writes, reply));
+                    break;
                 }
                 Request::Close { reply } => {
                     // Refuse new sends; what is already queued still arrives and is applied,
@@ -89,6 +121,18 @@ pub(crate) async fn run(shared: Arc<Shared>, mut queue: mpsc::Receiver<Request>)
             }
         }
         commit_group(&shared, group).await;
+        if let Some((expect, writes, reply)) = checked {
+            let outcome = apply_checked(&shared, &expect, &writes).await;
+            shared.note(&outcome);
+            if outcome.is_ok() {
+                shared.counters.checked.fetch_add(1, Ordering::Relaxed);
+            }
+            if matches!(outcome, Ok(true)) {
+                shared.counters.transactions.fetch_add(1, Ordering::Relaxed);
+                shared.counters.batches.fetch_add(1, Ordering::Relaxed);
+            }
+            let _ = reply.send(outcome);
+        }
     }
     for reply in close_replies {
         // The closer may have given up waiting; nothing to tell it then.
@@ -154,60 +198,81 @@ enum Failed {
     Other(tokio_postgres::Error),
 }
 
-/// Applies `batches`, in order, in one durable transaction.
-async fn apply(shared: &Shared, batches: &[&[Write]]) -> Result<()> {
-    // What applying every write in order leaves: the last write per key wins.
-    let mut last: BTreeMap<(i16, &[u8]), Option<&[u8]>> = BTreeMap::new();
-    for write in batches.iter().flat_map(|batch| batch.iter()) {
-        last.insert(
-            (table_id(write.table), write.key.as_bytes()),
-            write.value.as_deref(),
-        );
-    }
-    let (mut put_tables, mut put_keys, mut put_values) = (Vec::new(), Vec::new(), Vec::new());
-    let (mut gone_tables, mut gone_keys) = (Vec::new(), Vec::new());
-    for ((table, key), value) in last {
-        match value {
-            Some(value) => {
-                put_tables.push(table);
-                put_keys.push(key);
-                put_values.push(value);
-            }
-            None => {
-                gone_tables.push(table);
-                gone_keys.push(key);
-            }
+/// The net effect of writes applied in order: the last write per key wins. Sorted by (table,
+/// key), so transactions lock rows in one global order.
+#[derive(Default)]
+struct Changes<'a> {
+    last: BTreeMap<(i16, &'a [u8]), Option<&'a [u8]>>,
+}
+
+impl<'a> Changes<'a> {
+    fn of(batches: &[&'a [Write]]) -> Self {
+        let mut changes = Changes::default();
+        for write in batches.iter().flat_map(|batch| batch.iter()) {
+            changes.last.insert(
+                (table_id(write.table), write.key.as_bytes()),
+                write.value.as_deref(),
+            );
         }
-    }
-    if put_keys.is_empty() && gone_keys.is_empty() {
-        return Ok(());
+        changes
     }
 
+    /// Runs the upsert and the delete for these changes in `tx`.
+    async fn write(&self, tx: &deadpool_postgres::Transaction<'_>) -> Result<(), Failed> {
+        let (mut put_tables, mut put_keys, mut put_values) = (Vec::new(), Vec::new(), Vec::new());
+        let (mut gone_tables, mut gone_keys) = (Vec::new(), Vec::new());
+        for (&(table, key), value) in &self.last {
+            match value {
+                Some(value) => {
+                    put_tables.push(table);
+                    put_keys.push(key);
+                    put_values.push(*value);
+                }
+                None => {
+                    gone_tables.push(table);
+                    gone_keys.push(key);
+                }
+            }
+        }
+        if !put_keys.is_empty() {
+            let statement = tx.prepare_cached(UPSERT).await.map_err(failed)?;
+            tx.execute(&statement, &[&put_tables, &put_keys, &put_values])
+                .await
+                .map_err(failed)?;
+        }
+        if !gone_keys.is_empty() {
+            let statement = tx.prepare_cached(DELETE).await.map_err(failed)?;
+            tx.execute(&statement, &[&gone_tables, &gone_keys])
+                .await
+                .map_err(failed)?;
+        }
+        Ok(())
+    }
+}
+
+/// A failed statement inside a transaction: deadlocks and serialization failures rolled
+/// everything back and may be tried again.
+fn failed(e: tokio_postgres::Error) -> Failed {
+    let code = e.code().map(|c| c.code());
+    if matches!(code, Some("40001" | "40P01")) {
+        Failed::Retryable(e)
+    } else {
+        Failed::Other(e)
+    }
+}
+
+/// Applies `batches`, in order, in one durable transaction.
+async fn apply(shared: &Shared, batches: &[&[Write]]) -> Result<()> {
+    let changes = Changes::of(batches);
+    if changes.last.is_empty() {
+        return Ok(());
+    }
     let mut tried_again = false;
     loop {
         let mut client = shared.client().await?;
         let attempt = timeout(shared.op_timeout, async {
             let tx = client.transaction().await.map_err(Failed::Retryable)?;
-            let failed = |e: tokio_postgres::Error| {
-                let code = e.code().map(|c| c.code());
-                if matches!(code, Some("40001" | "40P01")) {
-                    Failed::Retryable(e)
-                } else {
-                    Failed::Other(e)
-                }
-            };
-            if !put_keys.is_empty() {
-                let statement = tx.prepare_cached(UPSERT).await.map_err(failed)?;
-                tx.execute(&statement, &[&put_tables, &put_keys, &put_values])
-                    .await
-                    .map_err(failed)?;
-            }
-            if !gone_keys.is_empty() {
-                let statement = tx.prepare_cached(DELETE).await.map_err(failed)?;
-                tx.execute(&statement, &[&gone_tables, &gone_keys])
-                    .await
-                    .map_err(failed)?;
-            }
+            changes.write(&tx).await?;
             // Durable once this returns: synchronous_commit is on for the session.
             tx.commit().await.map_err(Failed::Other)
         })
@@ -225,6 +290,75 @@ async fn apply(shared: &Shared, batches: &[&[Write]]) -> Result<()> {
                 // The connection is in an unknown state (perhaps mid-COMMIT): close it. The
                 // batch may or may not have been applied; the caller hears it was not
                 // confirmed.
+                discard(client);
+                return Err(timed_out("committing to PostgreSQL"));
+            }
+        }
+    }
+}
+
+/// Applies `writes` in one durable transaction if every condition of `expect` holds inside it;
+/// returns whether it did.
+async fn apply_checked(shared: &Shared, expect: &[Expect], writes: &[Write]) -> Result<bool> {
+    // One condition per key; two different ones on the same key cannot both hold.
+    let mut conditions: BTreeMap<(i16, &[u8]), Option<&[u8]>> = BTreeMap::new();
+    for condition in expect {
+        let key = (table_id(condition.table), condition.key.as_bytes());
+        let want = condition.value.as_deref();
+        if conditions
+            .insert(key, want)
+            .is_some_and(|before| before != want)
+        {
+            return Ok(false);
+        }
+    }
+    let mut tried_again = false;
+    loop {
+        let mut client = shared.client().await?;
+        let attempt = timeout(shared.op_timeout, async {
+            let tx = client.transaction().await.map_err(Failed::Retryable)?;
+            let read = tx.prepare_cached(LOCK_ROW).await.map_err(failed)?;
+            let claim = tx.prepare_cached(CLAIM).await.map_err(failed)?;
+            let mut changes = Changes::of(&[writes]);
+            for (&(table, key), want) in &conditions {
+                let row = tx.query_opt(&read, &[&table, &key]).await.map_err(failed)?;
+                let have: Option<Vec<u8>> = row.map(|row| row.get(0));
+                let holds = match (&have, want) {
+                    (None, None) => match tx.execute(&claim, &[&table, &key]).await {
+                        Ok(_) => {
+                            // Claimed; unless the batch writes the key, it goes again.
+                            changes.last.entry((table, key)).or_insert(None);
+                            true
+                        }
+                        // Another transaction inserted it and committed: no longer absent.
+                        Err(e) if e.code() == Some(&SqlState::UNIQUE_VIOLATION) => {
+                            return Ok(false);
+                        }
+                        Err(e) => return Err(failed(e)),
+                    },
+                    (Some(have), Some(want)) => have.as_slice() == *want,
+                    _ => false,
+                };
+                if !holds {
+                    tx.rollback().await.map_err(Failed::Other)?;
+                    return Ok(false);
+                }
+            }
+            changes.write(&tx).await?;
+            tx.commit().await.map_err(Failed::Other)?;
+            Ok(true)
+        })
+        .await;
+        match attempt {
+            Ok(Ok(applied)) => return Ok(applied),
+            Ok(Err(Failed::Retryable(e))) if !tried_again => {
+                tracing::debug!(error = %crate::error::describe(&e), "retrying a checked commit");
+                tried_again = true;
+            }
+            Ok(Err(Failed::Retryable(e) | Failed::Other(e))) => {
+                return Err(store_error("committing to PostgreSQL", &e));
+            }
+            Err(_) => {
                 discard(client);
                 return Err(timed_out("committing to PostgreSQL"));
             }

@@ -5,7 +5,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use twinhub_store::{Health, Store, Table, Write};
+use twinhub_store::{Expect, Health, Store, Table, Write};
 use twinhub_store_postgres::{ConnectError, PostgresOptions, PostgresStore, SCHEMA_VERSION};
 use twinhub_testsvc::postgres::{self, PgDatabase};
 
@@ -198,4 +198,205 @@ async fn a_missing_database_is_refused_not_unavailable() {
         Err(e) => panic!("expected Rejected, got {e}"),
         Ok(_) => panic!("connected to a database that does not exist"),
     }
+}
+
+/// Several stores on one database (as several hub nodes) race, without any lock of their own,
+/// to create the same key: exactly one checked commit applies.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn checked_commits_from_several_nodes_claim_a_key_once() {
+    const NODES: usize = 6;
+    let db = postgres::shared().fresh_database();
+    let mut nodes = Vec::new();
+    for _ in 0..NODES {
+        nodes.push(Arc::new(connect(&db).await));
+    }
+    let tasks: Vec<_> = nodes
+        .iter()
+        .enumerate()
+        .map(|(i, node)| {
+            let node = Arc::clone(node);
+            tokio::spawn(async move {
+                node.commit_checked(
+                    vec![Expect::absent(Table::Meta, "cluster-identity")],
+                    vec![
+                        Write::put(Table::Meta, "cluster-identity", format!("node-{i}").into()),
+                        Write::put(Table::Meta, format!("winner-side-effect-{i}"), vec![1]),
+                    ],
+                )
+                .await
+            })
+        })
+        .collect();
+    let mut winners = Vec::new();
+    for (i, task) in tasks.into_iter().enumerate() {
+        if task.await.expect("task").expect("commit_checked") {
+            winners.push(i);
+        }
+    }
+    assert_eq!(winners.len(), 1, "winners: {winners:?}");
+    let identity = nodes[0].get(Table::Meta, "cluster-identity").await.unwrap();
+    assert_eq!(identity, Some(format!("node-{}", winners[0]).into_bytes()));
+    // Only the winner's batch was applied; no placeholder is left behind.
+    assert_eq!(nodes[1].count(Table::Meta).await.unwrap(), 2);
+}
+
+/// Several nodes increment one counter with checked commits, no lock between them: every
+/// successful step moves it by exactly one (no lost update), and some steps are refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn checked_counter_across_nodes_loses_no_update() {
+    const NODES: usize = 4;
+    const TASKS_PER_NODE: usize = 4;
+    const STEPS: usize = 15;
+    let db = postgres::shared().fresh_database();
+    let mut nodes = Vec::new();
+    for _ in 0..NODES {
+        nodes.push(Arc::new(connect(&db).await));
+    }
+    nodes[0]
+        .commit(vec![Write::put(Table::Meta, "counter", b"0".to_vec())])
+        .await
+        .unwrap();
+    let mut tasks = Vec::new();
+    for node in &nodes {
+        for _ in 0..TASKS_PER_NODE {
+            let node = Arc::clone(node);
+            tasks.push(tokio::spawn(async move {
+                let mut applied = 0u64;
+                for _ in 0..STEPS {
+                    let now = node
+                        .get(Table::Meta, "counter")
+                        .await
+                        .unwrap()
+                        .expect("counter");
+                    let n: u64 = std::str::from_utf8(&now).unwrap().parse().unwrap();
+                    if node
+                        .commit_checked(
+                            vec![Expect::holds(Table::Meta, "counter", now)],
+                            vec![Write::put(
+                                Table::Meta,
+                                "counter",
+                                (n + 1).to_string().into_bytes(),
+                            )],
+                        )
+                        .await
+                        .unwrap()
+                    {
+                        applied += 1;
+                    }
+                }
+                applied
+            }));
+        }
+    }
+    let mut total = 0;
+    for task in tasks {
+        total += task.await.expect("task");
+    }
+    let last = nodes[2].get(Table::Meta, "counter").await.unwrap().unwrap();
+    assert_eq!(std::str::from_utf8(&last).unwrap(), total.to_string());
+    assert!(total > 0);
+    println!(
+        "{} checked increments from {NODES} nodes: {total} applied",
+        NODES * TASKS_PER_NODE * STEPS
+    );
+}
+
+/// A key a checked commit expected absent but did not write stays absent (its claim is not
+/// left behind), and a refused checked commit applies nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn checked_commit_leaves_no_claim_behind() {
+    let db = postgres::shared().fresh_database();
+    let store = connect(&db).await;
+    let applied = store
+        .commit_checked(
+            vec![Expect::absent(Table::Jobs, "lock")],
+            vec![Write::put(Table::Jobs, "job-1", b"j".to_vec())],
+        )
+        .await
+        .unwrap();
+    assert!(applied);
+    assert_eq!(store.get(Table::Jobs, "lock").await.unwrap(), None);
+    assert_eq!(store.count(Table::Jobs).await.unwrap(), 1);
+    let refused = store
+        .commit_checked(
+            vec![
+                Expect::absent(Table::Jobs, "lock"),
+                Expect::absent(Table::Jobs, "job-1"),
+            ],
+            vec![Write::put(Table::Jobs, "job-2", b"j".to_vec())],
+        )
+        .await
+        .unwrap();
+    assert!(!refused);
+    assert_eq!(store.count(Table::Jobs).await.unwrap(), 1);
+    // Two different conditions on one key cannot both hold.
+    let contradictory = store
+        .commit_checked(
+            vec![
+                Expect::absent(Table::Jobs, "x"),
+                Expect::holds(Table::Jobs, "x", b"v".to_vec()),
+            ],
+            Vec::new(),
+        )
+        .await
+        .unwrap();
+    assert!(!contradictory);
+    assert!(store.stats().checked >= 2);
+}
+
+/// When one batch in a group is refused by the database (here a trigger rejects one key), the
+/// other batches of its group still commit: the group is retried batch by batch, and only the
+/// guilty caller gets the error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_batch_does_not_fail_its_group() {
+    const CALLERS: usize = 128;
+    let db = postgres::shared().fresh_database();
+    let store = Arc::new(connect(&db).await);
+    postgres::shared().execute(
+        db.name(),
+        "CREATE FUNCTION reject_poison() RETURNS trigger LANGUAGE plpgsql AS $$
+         BEGIN
+           IF NEW.key = convert_to('poison', 'UTF8') THEN RAISE EXCEPTION 'poisoned key'; END IF;
+           RETURN NEW;
+         END $$;
+         CREATE TRIGGER reject_poison BEFORE INSERT OR UPDATE ON twinhub_kv
+           FOR EACH ROW EXECUTE FUNCTION reject_poison();",
+    );
+    let tasks: Vec<_> = (0..CALLERS)
+        .map(|i| {
+            let store = Arc::clone(&store);
+            tokio::spawn(async move {
+                let key = if i == CALLERS / 2 {
+                    "poison".to_string()
+                } else {
+                    format!("good-{i}")
+                };
+                store
+                    .commit(vec![Write::put(Table::Devices, key, vec![1])])
+                    .await
+            })
+        })
+        .collect();
+    for (i, task) in tasks.into_iter().enumerate() {
+        let outcome = task.await.expect("task");
+        if i == CALLERS / 2 {
+            assert!(
+                matches!(outcome, Err(twinhub_store::Error::Backend(_))),
+                "the poisoned batch returned {outcome:?}"
+            );
+        } else {
+            outcome.unwrap_or_else(|e| panic!("innocent batch {i} failed: {e}"));
+        }
+    }
+    assert_eq!(
+        store.count(Table::Devices).await.unwrap(),
+        CALLERS as u64 - 1
+    );
+    let stats = store.stats();
+    println!("a group with a refused batch: {stats:?}");
+    assert_eq!(
+        store.health(),
+        Health::Ok,
+        "a refused batch is not an outage"
+    );
 }
