@@ -10,6 +10,7 @@ use std::time::Duration;
 use async_nats::jetstream::{self, consumer::push, stream};
 use async_trait::async_trait;
 use bytes::{Bytes, BytesMut};
+use futures_util::StreamExt;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 use twinhub_eventlog::{
@@ -25,6 +26,8 @@ use crate::{follower, writer};
 const HEADER_ROOM: usize = 1024;
 /// How many messages a read looks up in the view at a time.
 const READ_CHUNK: usize = 64;
+/// How many messages a read fetches from the server at once (one request each).
+const FETCH_AHEAD: usize = 16;
 
 /// How the log talks to JetStream (the [`LogOptions`] say how it behaves as a log).
 #[derive(Debug, Clone)]
@@ -342,6 +345,52 @@ impl JetStreamLog {
     }
 }
 
+impl JetStreamLog {
+    /// The payloads of `messages`, in order, fetched (those not cached) a few at a time.
+    async fn fetch_all(
+        &self,
+        partition: u32,
+        messages: Vec<(Entry, Option<Bytes>)>,
+    ) -> Vec<Result<Option<Bytes>>> {
+        let fetches = messages.into_iter().map(|(entry, cached)| async move {
+            match cached {
+                Some(payload) => Ok(Some(payload)),
+                None => self.fetch(partition, &entry).await,
+            }
+        });
+        futures_util::stream::iter(fetches)
+            .buffered(FETCH_AHEAD)
+            .collect()
+            .await
+    }
+}
+
+/// How many of `chunk`'s messages (read from `cursor` on) the read's limits can reach, after
+/// `events` events of `bytes` bytes, judged by the sizes in their headers: a message that
+/// turns out not to be needed is merely fetched for nothing, and one too few only costs
+/// another pass.
+fn reachable(
+    chunk: &[(Entry, Option<Bytes>)],
+    cursor: i64,
+    mut events: usize,
+    mut bytes: usize,
+    max_events: usize,
+    max_bytes: usize,
+) -> usize {
+    let mut needed = 0;
+    for (entry, _) in chunk {
+        if events >= max_events || (events > 0 && bytes > max_bytes) {
+            break;
+        }
+        let batch = &entry.batch;
+        let skip = (cursor - batch.first_seq).clamp(0, i64::from(batch.count)) as usize;
+        events += batch.count as usize - skip;
+        bytes = bytes.saturating_add(usize::try_from(wire::data_len(batch)).unwrap_or(usize::MAX));
+        needed += 1;
+    }
+    needed
+}
+
 impl Drop for JetStreamLog {
     fn drop(&mut self) {
         // The writers end with their queues (dropped with `self`); the follower would not.
@@ -429,30 +478,31 @@ impl EventLog for JetStreamLog {
         let mut bytes = 0usize;
         let mut cursor = next;
         // Each pass either reads at least one message or forgets at least one purged one.
-        while events.len() < max_events {
+        'pass: while events.len() < max_events {
             let chunk = self.shared.view(partition)?.from(cursor, READ_CHUNK);
-            if chunk.is_empty() {
+            let needed = reachable(&chunk, cursor, events.len(), bytes, max_events, max_bytes);
+            let payloads = self.fetch_all(partition, chunk[..needed].to_vec()).await;
+            if payloads.is_empty() {
                 break;
             }
-            for (entry, cached) in chunk {
-                let payload = match cached {
-                    Some(payload) => payload,
-                    None => match self.fetch(partition, &entry).await? {
-                        Some(payload) => {
-                            self.shared
-                                .view(partition)?
-                                .cache_payload(entry.stream_seq, payload.clone());
-                            payload
-                        }
-                        None => {
-                            // Purged since the view was read: everything older is gone too.
-                            self.shared
-                                .view(partition)?
-                                .trim_before(entry.stream_seq + 1);
-                            break;
-                        }
-                    },
+            for ((entry, cached), payload) in chunk.iter().zip(payloads) {
+                let Some(payload) = payload? else {
+                    // Purged since the view was read: everything older is gone too.
+                    let mut view = self.shared.view(partition)?;
+                    view.trim_before(entry.stream_seq + 1);
+                    if view.holds(entry.stream_seq) {
+                        return Err(Error::Corrupt(format!(
+                            "message {} of partition {partition} is missing from the stream",
+                            entry.stream_seq
+                        )));
+                    }
+                    continue 'pass;
                 };
+                if cached.is_none() {
+                    self.shared
+                        .view(partition)?
+                        .cache_payload(entry.stream_seq, payload.clone());
+                }
                 let data = wire::decode(&payload, entry.batch.count)
                     .map_err(|e| Error::Corrupt(format!("message {}: {e}", entry.stream_seq)))?;
                 let skip = (cursor - entry.batch.first_seq).max(0) as usize;

@@ -219,6 +219,14 @@ impl View {
             .collect()
     }
 
+    /// Whether the view still lists the message at `stream_seq`.
+    pub(crate) fn holds(&self, stream_seq: u64) -> bool {
+        let k = self.entries.partition_point(|e| e.stream_seq < stream_seq);
+        self.entries
+            .get(k)
+            .is_some_and(|e| e.stream_seq == stream_seq)
+    }
+
     fn cached(&self, stream_seq: u64) -> Option<Bytes> {
         let k = self.cache.partition_point(|(seq, _)| *seq < stream_seq);
         self.cache

@@ -122,6 +122,13 @@ pub(crate) fn split_offset(offset: u64) -> (u64, u64) {
     )
 }
 
+/// The events' data in a message of this batch (its record bytes less their overhead).
+pub(crate) fn data_len(batch: &Batch) -> u64 {
+    batch
+        .bytes
+        .saturating_sub(u64::from(batch.count) * RECORD_OVERHEAD as u64)
+}
+
 /// The size other backends give an event of `data_len` bytes.
 pub(crate) fn record_len(data_len: usize) -> u64 {
     (data_len + RECORD_OVERHEAD) as u64

@@ -386,3 +386,31 @@ async fn appends_fail_while_the_server_is_down_and_recover() {
     assert_eq!(read.last().map(|e| e.sequence), Some(appended[1].sequence));
     log.close().await;
 }
+
+/// What numbering across writers rests on: the server (Debian's 2.9) stores a message only if
+/// the subject's last message is the one named in `Nats-Expected-Last-Subject-Sequence`,
+/// including 0 for "none yet".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_server_checks_the_expected_last_subject_sequence() {
+    use async_nats::header::NATS_EXPECTED_LAST_SUBJECT_SEQUENCE;
+    let server = nats::shared();
+    let name = server.unique_name("expected");
+    let log = node(&server.url(), &name, options()).await;
+    let appended = log.append(0, numbered("x", 0..1)).await.expect("append");
+    let client = async_nats::connect(server.url()).await.expect("connect");
+    let jetstream = async_nats::jetstream::new(client);
+    for stale in ["0", "999999"] {
+        let mut headers = async_nats::HeaderMap::new();
+        headers.insert(NATS_EXPECTED_LAST_SUBJECT_SEQUENCE, stale);
+        let ack = jetstream
+            .publish_with_headers(log.subject(0), headers, "intruder".into())
+            .await
+            .expect("publish")
+            .await;
+        assert!(ack.is_err(), "stored with a stale expectation {stale}");
+    }
+    // The log goes on numbering after its own message.
+    let next = log.append(0, numbered("x", 1..2)).await.expect("append");
+    assert_eq!(next[0].sequence, appended[0].sequence + 1);
+    assert_eq!(log.stats().conflicts, 0);
+}
