@@ -155,8 +155,12 @@ impl PostgresStore {
     /// tokio-postgres `key=value` string). TLS: `sslmode=require`, `verify-ca` or
     /// `verify-full` connect over TLS, always verifying the server's chain and host name,
     /// against the PEM CA named by `sslrootcert=` or else [`PostgresOptions::ca_file`], or
-    /// else the system's roots; without one of those modes the connection is plaintext. See
-    /// the `config` module for the details.
+    /// else the system's roots; without one of those modes the connection is plaintext (see
+    /// the crate documentation).
+    ///
+    /// Fails with [`ConnectError::Unavailable`] when the server cannot be reached (a caller may
+    /// retry), [`ConnectError::Rejected`] when it refuses the session (authentication, no such
+    /// database), [`ConnectError::SchemaTooNew`] when a newer build has migrated the database.
     ///
     /// Must be called within a tokio runtime (it spawns the writer and the health monitor).
     pub async fn connect(url: &str, options: PostgresOptions) -> Result<Self, ConnectError> {

@@ -369,7 +369,7 @@ impl Inner {
              unix_socket_directories = '{socket_dir}'\n\
              fsync = on\n\
              synchronous_commit = on\n\
-             max_connections = 200\n\
+             max_connections = 300\n\
              shared_buffers = 32MB\n"
         );
         let tcp = match &options.tls {
