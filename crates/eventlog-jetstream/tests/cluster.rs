@@ -343,9 +343,12 @@ async fn appends_fail_while_the_server_is_down_and_recover() {
     )
     .await
     .expect("open");
+    // Another node, to see that its follower comes back after the outage too.
+    let other = node(&server.url(), &name, options()).await;
     log.append(0, numbered("before", 0..3))
         .await
         .expect("append");
+    wait_until_seen(&other, 0, 3).await;
 
     server.stop();
     let started = Instant::now();
@@ -384,7 +387,12 @@ async fn appends_fail_while_the_server_is_down_and_recover() {
         assert!(data.contains(expected.as_bytes()), "{expected} missing");
     }
     assert_eq!(read.last().map(|e| e.sequence), Some(appended[1].sequence));
+    // The other node's follower resumed: it sees the appends made after the restart.
+    wait_until_seen(&other, 0, appended[1].sequence + 1).await;
+    let seen = read_all(&other, 0).await;
+    assert_eq!(seen, read);
     log.close().await;
+    other.close().await;
 }
 
 /// What numbering across writers rests on: the server (Debian's 2.9) stores a message only if
