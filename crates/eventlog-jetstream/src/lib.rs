@@ -40,9 +40,13 @@
 //! ordered push consumer on the stream delivering headers only (duplicates are recognised by
 //! stream sequence). `open` returns once that consumer has replayed the retained messages.
 //! `wait_for` is woken when a message enters the view, from either source: no polling.
-//! `read` maps partition sequences to messages through the view and fetches them by stream
-//! sequence (the newest payloads, up to `tail_cache_bytes` per partition, are kept in memory
-//! for tailing readers).
+//! `read` maps partition sequences to messages through the view and fetches the messages its
+//! limits can reach by stream sequence, several requests in flight (a message get answered by
+//! the stream's leader, so a message just acknowledged is always found; a direct get from a
+//! replica might not be). The newest payloads, up to `tail_cache_bytes` per partition, are
+//! kept in memory for tailing readers. Another node's append is visible here once the
+//! follower delivered it (a round trip or so later); this node's own, once `append`
+//! returned.
 //!
 //! # Group commit and durability
 //!
@@ -65,6 +69,17 @@
 //! nodes on `twinhub.<name>.purged`, so their views let go too. The stream has no `max_age`
 //! or `max_bytes` of its own: the server would drop a quiet partition's newest message, and
 //! with it the numbering the next append must continue.
+
+//!
+//! # Limits
+//!
+//! One append must fit one message: a batch above the server's `max_payload` (less room for
+//! headers) fails with [`Error::TooLarge`](twinhub_eventlog::Error::TooLarge), so the
+//! servers' `max_payload` must exceed `max_event_bytes` (NATS's default of 1 MB does not
+//! cover the default 1 MiB events). The numbering lives in the partitions' messages: a stream
+//! purged or edited behind the log's back (its newest message of a partition removed) makes
+//! appends to that partition fail, and a partition whose messages all vanished would number
+//! from 0 again. Each node keeps about 60 bytes per retained message in memory.
 
 mod follower;
 mod log;

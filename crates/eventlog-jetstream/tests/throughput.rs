@@ -57,3 +57,42 @@ async fn append_throughput() {
     run(64, 1, seconds).await;
     run(64, 4, seconds).await;
 }
+
+/// A node that did not write them reads 2,000 messages of 10 events each, in pages of 1,000
+/// events, from the server (its tail cache off).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "a measurement, not a check"]
+async fn cold_read_throughput() {
+    let server = twinhub_testsvc::nats::shared();
+    let name = server.unique_name("read-throughput");
+    let writer = JetStreamLog::connect(&server.url(), &name, LogOptions::default())
+        .await
+        .expect("open");
+    for _ in 0..2_000 {
+        let batch = (0..10).map(|_| NewEvent::new(vec![b'x'; 200])).collect();
+        writer.append(0, batch).await.expect("append");
+    }
+    let options = LogOptions {
+        tail_cache_bytes: 0,
+        ..LogOptions::default()
+    };
+    let started = Instant::now();
+    let reader = JetStreamLog::connect(&server.url(), &name, options)
+        .await
+        .expect("open");
+    let opened = started.elapsed();
+    let started = Instant::now();
+    let mut next = 0;
+    loop {
+        let page = reader.read(0, next, 1_000, usize::MAX).await.expect("read");
+        let Some(last) = page.last() else { break };
+        next = last.sequence + 1;
+    }
+    let elapsed = started.elapsed();
+    assert_eq!(next, 20_000);
+    println!(
+        "open (replaying 2,000 messages' headers): {opened:?}; cold read of 20,000 events: \
+         {elapsed:?}, {:.0} events/s",
+        20_000.0 / elapsed.as_secs_f64()
+    );
+}
