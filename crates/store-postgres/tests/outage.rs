@@ -117,3 +117,58 @@ async fn connect_to_a_stopped_server_is_unavailable() {
     }
     assert!(started.elapsed() < Duration::from_secs(10));
 }
+
+/// A server that hangs (its processes stopped, connections open, nothing answering) makes
+/// operations fail with `Unavailable` after the client's timeouts, not hang; once it answers
+/// again the store recovers by itself.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hung_server_times_out_and_recovers() {
+    let server = tokio::task::spawn_blocking(PgServer::start).await.unwrap();
+    let db = server.fresh_database();
+    let options = PostgresOptions {
+        connect_timeout: Duration::from_secs(1),
+        statement_timeout: Duration::from_secs(2),
+        ..PostgresOptions::default()
+    };
+    let store = PostgresStore::connect(&db.url(), options).await.unwrap();
+    store
+        .commit(vec![Write::put(Table::Devices, "before", b"1".to_vec())])
+        .await
+        .unwrap();
+    assert!(store.get(Table::Devices, "before").await.unwrap().is_some());
+
+    server.freeze();
+    // statement_timeout + 2 s of client slack per step: well under this bound.
+    const BOUND: Duration = Duration::from_secs(12);
+    let started = Instant::now();
+    let commit = store
+        .commit(vec![Write::put(Table::Devices, "frozen", b"2".to_vec())])
+        .await;
+    let commit_took = started.elapsed();
+    let started = Instant::now();
+    let read = store.get(Table::Devices, "before").await;
+    let read_took = started.elapsed();
+    println!("while hung: commit failed after {commit_took:?}, get after {read_took:?}");
+    assert!(
+        matches!(commit, Err(Error::Unavailable(_))),
+        "commit while hung returned {commit:?}"
+    );
+    assert!(
+        matches!(read, Err(Error::Unavailable(_))),
+        "get while hung returned {read:?}"
+    );
+    assert!(commit_took < BOUND && read_took < BOUND);
+    assert!(matches!(store.health(), Health::Faulty(_)));
+
+    server.thaw();
+    wait_for_health(&store, Duration::from_secs(20), |h| *h == Health::Ok).await;
+    store
+        .commit(vec![Write::put(Table::Devices, "after", b"3".to_vec())])
+        .await
+        .unwrap();
+    assert_eq!(
+        store.get(Table::Devices, "before").await.unwrap(),
+        Some(b"1".to_vec())
+    );
+    store.close().await.unwrap();
+}

@@ -49,6 +49,10 @@ const SUPERVISOR: &str = r#"
 trap '' INT TERM HUP QUIT
 cat >/dev/null
 if [ -f "$2/postmaster.pid" ]; then
+  # A frozen server (PgServer::freeze) must run again to hear the stop.
+  pid=$(head -n 1 "$2/postmaster.pid")
+  for child in $(pgrep -P "$pid"); do kill -CONT "$child" 2>/dev/null; done
+  kill -CONT "$pid" 2>/dev/null
   if [ "$4" = root ]; then
     setpriv --reuid=postgres --regid=postgres --init-groups "$3" -D "$2" -m immediate -w -t 30 stop >/dev/null 2>&1
   else
@@ -258,9 +262,60 @@ impl PgServer {
         self.inner.wait_ready();
     }
 
+    /// Freezes the server, as a hung host would be: SIGSTOP to the postmaster and every
+    /// backend, so connections stay open (the kernel still accepts and acknowledges) but
+    /// nothing answers. [`PgServer::thaw`] resumes it; so do dropping the handle and the test
+    /// process's end.
+    pub fn freeze(&self) {
+        let _lifecycle = self.inner.lock_lifecycle();
+        let postmaster = self.inner.postmaster_pid();
+        // The postmaster first, so it forks no backend we would miss.
+        signal(&["-STOP", &postmaster]);
+        let children = children_of(&postmaster);
+        if !children.is_empty() {
+            let mut args = vec!["-STOP"];
+            args.extend(children.iter().map(String::as_str));
+            signal(&args);
+        }
+    }
+
+    /// Resumes a server frozen by [`PgServer::freeze`].
+    pub fn thaw(&self) {
+        let _lifecycle = self.inner.lock_lifecycle();
+        let postmaster = self.inner.postmaster_pid();
+        let children = children_of(&postmaster);
+        if !children.is_empty() {
+            let mut args = vec!["-CONT"];
+            args.extend(children.iter().map(String::as_str));
+            signal(&args);
+        }
+        signal(&["-CONT", &postmaster]);
+    }
+
     /// The last lines of the server log, for failure messages.
     pub fn log_tail(&self) -> String {
         self.inner.log_tail()
+    }
+}
+
+/// The process ids whose parent is `pid`.
+fn children_of(pid: &str) -> Vec<String> {
+    let out = run(Command::new("pgrep").args(["-P", pid]), "pgrep -P");
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .map(str::to_owned)
+        .collect()
+}
+
+/// `kill` with these arguments (a signal, then process ids); panics when it fails.
+fn signal(args: &[&str]) {
+    let out = run(Command::new("kill").args(args), "kill");
+    if !out.status.success() {
+        panic!(
+            "kill {} failed: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
 }
 
@@ -333,6 +388,20 @@ impl Inner {
 
     fn url(&self, database: &str) -> String {
         format!("postgres://{SUPERUSER}@{HOST}:{}/{database}", self.port())
+    }
+
+    /// The running postmaster's process id, from its pid file.
+    fn postmaster_pid(&self) -> String {
+        let path = self.data.join("postmaster.pid");
+        let text = fs::read_to_string(&path)
+            .unwrap_or_else(|e| panic!("reading {} (is the server running?): {e}", path.display()));
+        let pid = text.lines().next().unwrap_or_default().trim().to_owned();
+        assert!(
+            !pid.is_empty() && pid.bytes().all(|b| b.is_ascii_digit()),
+            "{} holds no process id",
+            path.display()
+        );
+        pid
     }
 
     fn log_path(&self) -> PathBuf {
