@@ -65,6 +65,9 @@ enum Command {
         entity: Option<String>,
         #[arg(long, env = "TWINHUB_DATA_DIR", default_value = "./twinhub-data")]
         data_dir: PathBuf,
+        /// Read the cluster's shared identity from its PostgreSQL store instead of --data-dir
+        #[arg(long, env = "TWINHUB_STORE", value_name = "URL")]
+        store: Option<String>,
     },
     /// Manage device identities
     Device {
@@ -249,6 +252,16 @@ struct ServeArgs {
     /// Where the store, TLS material and policies live [default: ./twinhub-data]
     #[arg(long)]
     data_dir: Option<PathBuf>,
+    /// A PostgreSQL database shared by the nodes of a cluster (postgres://user:password@host/db)
+    /// instead of the embedded store in --data-dir
+    #[arg(long)]
+    store: Option<String>,
+    /// The NATS server (with JetStream) of a cluster, nats://host:port; needs --store
+    #[arg(long)]
+    cluster: Option<String>,
+    /// This node's name in the cluster [default: the machine's hostname]
+    #[arg(long)]
+    node_id: Option<String>,
     /// The hub's name in connection strings and SAS tokens [default: localhost]
     #[arg(long)]
     hostname: Option<String>,
@@ -484,12 +497,19 @@ async fn run(cli: Cli) -> Result<()> {
             plain,
             entity,
             data_dir,
+            store,
         } => {
-            let file = HubFile::read(&data_dir)?;
+            let (file, source) = match &store {
+                Some(url) => (
+                    twinhub_server::shared_identity::hub_file_from_store(url).await?,
+                    "the cluster's store".to_string(),
+                ),
+                None => (HubFile::read(&data_dir)?, data_dir.display().to_string()),
+            };
             let policy =
                 policy.unwrap_or_else(|| if events { "service" } else { "iothubowner" }.into());
             if !file.policies.iter().any(|p| p.name == policy) {
-                bail!("no policy named '{policy}' in {}", data_dir.display());
+                bail!("no policy named '{policy}' in {source}");
             }
             let cs = if events {
                 let found = match &entity {
@@ -542,6 +562,9 @@ async fn serve(args: ServeArgs) -> Result<()> {
     init_logs();
     let overrides = Overrides {
         data_dir: args.data_dir,
+        store: args.store,
+        cluster: args.cluster,
+        node_id: args.node_id,
         hostname: args.hostname,
         bind: args.bind,
         https_port: args.https_port,

@@ -21,6 +21,17 @@ use crate::error::ServerError;
 pub struct Config {
     /// Where the store, TLS material and policies live.
     pub data_dir: PathBuf,
+    /// The store: `None` for the embedded one in `data_dir`, or a `postgres://` URL for a
+    /// PostgreSQL database shared by the nodes of a cluster.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub store: Option<String>,
+    /// The NATS server (`nats://host:port`) of a cluster: the built-in events endpoint is kept
+    /// in a JetStream stream every node reads and writes. Needs a shared `store`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cluster: Option<String>,
+    /// This node's name in the cluster (default: the machine's hostname).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node_id: Option<String>,
     /// The hub's name: put into connection strings and accepted in SAS `sr`.
     pub hostname: String,
     /// The address both listeners bind.
@@ -108,6 +119,9 @@ impl Default for Config {
     fn default() -> Self {
         Config {
             data_dir: PathBuf::from("./twinhub-data"),
+            store: None,
+            cluster: None,
+            node_id: None,
             hostname: "localhost".into(),
             bind: IpAddr::from([127, 0, 0, 1]),
             https_port: 443,
@@ -150,6 +164,12 @@ impl Default for Config {
 pub struct Overrides {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub data_dir: Option<PathBuf>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub store: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cluster: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub node_id: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub hostname: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -208,8 +228,11 @@ pub struct Overrides {
     pub webhook_max_retry_secs: Option<u64>,
 }
 
-const KEYS: [&str; 29] = [
+const KEYS: [&str; 32] = [
     "data_dir",
+    "store",
+    "cluster",
+    "node_id",
     "hostname",
     "bind",
     "https_port",
@@ -300,6 +323,25 @@ impl Config {
     }
 
     fn validate(&self) -> Result<(), ServerError> {
+        if let Some(url) = &self.store
+            && !(url.starts_with("postgres://") || url.starts_with("postgresql://"))
+        {
+            return Err(ServerError::Config(
+                "store must be a postgres:// (or postgresql://) URL; leave it out for the embedded store in data_dir".into(),
+            ));
+        }
+        if let Some(url) = &self.cluster {
+            if !url.starts_with("nats://") {
+                return Err(ServerError::Config(
+                    "cluster must be a nats:// URL (the NATS server with JetStream the nodes share)".into(),
+                ));
+            }
+            if self.store.is_none() {
+                return Err(ServerError::Config(
+                    "cluster needs a shared store: give store = postgres://... too".into(),
+                ));
+            }
+        }
         if self.hostname.is_empty() || self.hostname.contains(['/', ' ', ':']) {
             return Err(ServerError::Config(format!(
                 "hostname '{}' must be a bare host name or IP address",
@@ -462,6 +504,47 @@ mod tests {
             assert_eq!(c.data_dir, PathBuf::from("./twinhub-data"));
             Ok(())
         });
+    }
+
+    #[test]
+    fn store_and_cluster_urls_are_checked() {
+        figment::Jail::expect_with(|jail| {
+            jail.set_env("TWINHUB_STORE", "postgres://hub@db.local/hub");
+            jail.set_env("TWINHUB_CLUSTER", "nats://nats.local:4222");
+            jail.set_env("TWINHUB_NODE_ID", "node-2");
+            let c = Config::load(None, &Overrides::default()).unwrap();
+            assert_eq!(c.store.as_deref(), Some("postgres://hub@db.local/hub"));
+            assert_eq!(c.cluster.as_deref(), Some("nats://nats.local:4222"));
+            assert_eq!(c.node_id.as_deref(), Some("node-2"));
+            Ok(())
+        });
+        let refused = |overrides: Overrides| {
+            Config::load(None, &overrides)
+                .expect_err("refused")
+                .to_string()
+        };
+        assert!(
+            refused(Overrides {
+                store: Some("mysql://db/hub".into()),
+                ..Default::default()
+            })
+            .contains("store must be a postgres://")
+        );
+        assert!(
+            refused(Overrides {
+                store: Some("postgresql://db/hub".into()),
+                cluster: Some("redis://bus".into()),
+                ..Default::default()
+            })
+            .contains("cluster must be a nats://")
+        );
+        assert!(
+            refused(Overrides {
+                cluster: Some("nats://bus:4222".into()),
+                ..Default::default()
+            })
+            .contains("cluster needs a shared store")
+        );
     }
 
     #[test]

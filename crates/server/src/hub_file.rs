@@ -160,6 +160,15 @@ impl HubFile {
         Ok(file)
     }
 
+    /// Takes a cluster's shared policies in place of this data dir's own.
+    pub fn adopt_policies(&mut self, dir: &Path, policies: Vec<Policy>) -> Result<(), ServerError> {
+        if self.policies != policies {
+            self.policies = policies;
+            self.write(dir)?;
+        }
+        Ok(())
+    }
+
     fn write(&self, dir: &Path) -> Result<(), ServerError> {
         let text = serde_json::to_string_pretty(self).unwrap_or_default();
         write_atomic(&Self::path(dir), text.as_bytes(), 0o600)

@@ -13,6 +13,7 @@ mod http_conn;
 pub mod hub_file;
 pub mod mqtt;
 pub mod rest;
+pub mod shared_identity;
 pub mod tls;
 pub mod webhook;
 mod ws;
@@ -63,11 +64,22 @@ pub struct RunningServer {
     pub ca_bundle: Option<PathBuf>,
     pub config: Config,
     pub admission: Arc<Admission>,
-    store: Arc<RedbStore>,
-    events: Arc<DiskLog>,
+    store: Arc<dyn Store>,
+    events: Arc<dyn EventLog>,
     endpoint_logs: EndpointLogs,
     shutdown: CancellationToken,
     tracker: TaskTracker,
+}
+
+/// Opens the PostgreSQL store at `url`, shared by the nodes of a cluster.
+pub async fn open_shared_store(url: &str) -> Result<Arc<dyn Store>, ServerError> {
+    let store = twinhub_store_postgres::PostgresStore::connect(
+        url,
+        twinhub_store_postgres::PostgresOptions::default(),
+    )
+    .await
+    .map_err(|e| ServerError::Config(format!("the store at --store cannot be used: {e}")))?;
+    Ok(Arc::new(store))
 }
 
 /// How often the event log's retention is enforced.
@@ -164,7 +176,7 @@ impl RunningServer {
             source: e,
         })?;
 
-        let hub_file = HubFile::load_or_create(
+        let mut hub_file = HubFile::load_or_create(
             &config,
             hub_file::Ports {
                 https: https_addr.port(),
@@ -173,21 +185,54 @@ impl RunningServer {
                 amqp_plain: amqp_plain_addr.map(|a| a.port()),
             },
         )?;
+        let store: Arc<dyn Store> = match &config.store {
+            None => Arc::new(RedbStore::open(&config.data_dir.join("store.redb"))?),
+            Some(url) => {
+                let store = open_shared_store(url).await?;
+                let candidate = shared_identity::SharedIdentity {
+                    hub: hub_file.clone(),
+                    ca: tls::dev_ca_pair(&config)?,
+                };
+                let shared = shared_identity::adopt(&*store, candidate).await?;
+                hub_file.adopt_policies(&config.data_dir, shared.hub.policies)?;
+                if let (Some(ca), None) = (&shared.ca, &config.tls_cert) {
+                    tls::install_dev_ca(&config, ca)?;
+                }
+                store
+            }
+        };
         let tls = tls::prepare(&config)?;
-        let store = Arc::new(RedbStore::open(&config.data_dir.join("store.redb"))?);
-        let events = Arc::new(
-            DiskLog::open(config.data_dir.join("events"), log_options(&config))
-                .map_err(|e| ServerError::Events(e.to_string()))?,
-        );
+        let events: Arc<dyn EventLog> = match &config.cluster {
+            None => Arc::new(
+                DiskLog::open(config.data_dir.join("events"), log_options(&config))
+                    .map_err(|e| ServerError::Events(e.to_string()))?,
+            ),
+            Some(url) => {
+                // One stream per hub, so that one NATS server can serve several hubs.
+                let name = format!(
+                    "{}-events",
+                    twinhub_proto::connection_string::hub_name(&config.hostname)
+                );
+                Arc::new(
+                    twinhub_eventlog_jetstream::JetStreamLog::connect(
+                        url,
+                        &name,
+                        log_options(&config),
+                    )
+                    .await
+                    .map_err(|e| ServerError::Events(format!("JetStream at --cluster: {e}")))?,
+                )
+            }
+        };
         let endpoint_logs = EndpointLogs::new(config.data_dir.join("endpoints"), &config);
         let mut options = HubOptions::new(config.hostname.clone(), hub_file.policies.clone());
         options.routing = config.routing();
         options.endpoint_logs = Some(endpoint_logs.opener());
         options.throttles = config.throttles();
         options.max_token_lifetime = Duration::from_secs(config.max_token_lifetime);
-        options.events = Some(events.clone() as Arc<dyn EventLog>);
+        options.events = Some(events.clone());
         options.c2d = config.c2d();
-        let hub = Hub::open(store.clone() as Arc<dyn Store>, options).await?;
+        let hub = Hub::open(store.clone(), options).await?;
         // The hub folds in only a file's `enabled = false` (its configuration cannot tell an
         // absent [fallback] from `true`); an explicit `true` is the operator's word as well.
         if config.fallback.is_some_and(|f| f.enabled) && !hub.routing().config().fallback_enabled {

@@ -339,6 +339,40 @@ fn parse_key(pem: &[u8], what: &str) -> Result<PrivateKeyDer<'static>, ServerErr
     PrivateKeyDer::from_pem_slice(pem).map_err(|e| tls_err(&format!("parsing {what}"), e))
 }
 
+/// The dev CA of this data dir (created on first start), for a cluster to share; `None` when
+/// the operator's certificate is configured.
+pub fn dev_ca_pair(config: &Config) -> Result<Option<crate::shared_identity::CaPair>, ServerError> {
+    if config.tls_cert.is_some() {
+        return Ok(None);
+    }
+    let dir = config.data_dir.join("tls");
+    fs::create_dir_all(&dir).map_err(|e| tls_err(&format!("creating {}", dir.display()), e))?;
+    let (cert_pem, key) = dev_ca(&dir)?;
+    Ok(Some(crate::shared_identity::CaPair {
+        cert_pem,
+        key_pem: key.serialize_pem(),
+    }))
+}
+
+/// Makes `ca` this data dir's dev CA (a cluster's shared one). A server certificate issued by
+/// another CA is then reissued by [`prepare`], which checks the issuer.
+pub fn install_dev_ca(
+    config: &Config,
+    ca: &crate::shared_identity::CaPair,
+) -> Result<(), ServerError> {
+    let dir = config.data_dir.join("tls");
+    fs::create_dir_all(&dir).map_err(|e| tls_err(&format!("creating {}", dir.display()), e))?;
+    let cert_path = dir.join("ca.pem");
+    if fs::read_to_string(&cert_path).is_ok_and(|have| have == ca.cert_pem) {
+        return Ok(());
+    }
+    KeyPair::from_pem(&ca.key_pem).map_err(|e| tls_err("parsing the shared CA key", e))?;
+    // The key first: a crash in between leaves a CA certificate that does not match its key
+    // file, which the next start replaces with the shared pair again.
+    write_private(&dir.join("ca-key.pem"), &ca.key_pem)?;
+    write_public(&cert_path, &ca.cert_pem)
+}
+
 /// Prepares TLS for a hub: the operator's certificate when configured, else the dev PKI in
 /// `<data_dir>/tls`.
 pub fn prepare(config: &Config) -> Result<TlsSetup, ServerError> {
