@@ -73,6 +73,8 @@ pub struct HubOptions {
     pub routing: twinhub_routing::RoutingConfig,
     /// Opens a custom endpoint's event log; `None` keeps them in memory (tests).
     pub endpoint_logs: Option<crate::routing::EndpointLogs>,
+    /// The other nodes of a cluster sharing the store; `None` on a single node.
+    pub cluster: Option<Arc<dyn crate::cluster::ClusterBus>>,
 }
 
 impl std::fmt::Debug for HubOptions {
@@ -84,6 +86,10 @@ impl std::fmt::Debug for HubOptions {
             .field("job_retention", &self.job_retention)
             .field("events", &self.events.is_some())
             .field("c2d", &self.c2d)
+            .field(
+                "cluster",
+                &self.cluster.as_ref().map(|bus| bus.node_id().to_owned()),
+            )
             .finish_non_exhaustive()
     }
 }
@@ -100,6 +106,7 @@ impl HubOptions {
             c2d: crate::c2d::C2dOptions::default(),
             routing: twinhub_routing::RoutingConfig::default(),
             endpoint_logs: None,
+            cluster: None,
         }
     }
 }
@@ -131,6 +138,8 @@ pub struct Hub {
     pub(crate) certificates: crate::certificates::CertificateAuthorities,
     /// Every twin as queries see it, kept in step by the store wrapper (`twin_index`).
     pub(crate) twin_index: Arc<crate::twin_index::TwinIndex>,
+    /// The other nodes, when this hub is one node of a cluster.
+    pub(crate) cluster: Option<Arc<dyn crate::cluster::ClusterBus>>,
 }
 
 impl Hub {
@@ -147,6 +156,7 @@ impl Hub {
         let store: Arc<dyn Store> = Arc::new(crate::twin_index::IndexedStore::new(
             store,
             twin_index.clone(),
+            options.cluster.clone(),
         ));
         let hub = Hub {
             store,
@@ -179,6 +189,7 @@ impl Hub {
             ),
             certificates: Default::default(),
             twin_index,
+            cluster: options.cluster,
         };
         hub.load_consumer_groups().await?;
         hub.load_c2d().await?;

@@ -6,6 +6,7 @@ pub mod auth;
 pub mod c2d;
 pub mod certificates;
 pub mod check;
+pub mod cluster;
 pub mod directory;
 pub mod error;
 pub mod hub;

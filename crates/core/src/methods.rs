@@ -72,7 +72,7 @@ impl MethodCall {
     }
 }
 
-fn not_online(key: &str) -> Error {
+pub(crate) fn not_online(key: &str) -> Error {
     let who = match crate::record::split_identity(key) {
         (device, Some(module)) => format!("module '{module}' of device '{device}'"),
         (device, None) => format!("device '{device}'"),
@@ -86,23 +86,72 @@ fn not_online(key: &str) -> Error {
 }
 
 impl Hub {
-    /// Invokes a direct method on a device and returns its answer.
+    /// Invokes a direct method on a device and returns its answer. In a cluster, a session
+    /// held by another node is reached through it.
     pub async fn invoke_method(&self, device_id: &str, call: MethodCall) -> Result<MethodResponse> {
         // The common case is a listening device: no store read on that path. Only when it is
         // not listening does the registry tell "unknown device" from "not online".
-        let listening = self
-            .directory
-            .get(device_id)
-            .filter(|h| h.is_subscribed(subs::METHODS));
-        let handle = match listening {
+        if let Some(handle) = self.listening(device_id) {
+            return self.invoke_on(device_id, handle, call).await;
+        }
+        // DeviceNotFound for a device, ModuleNotFound for a `deviceId/moduleId` key.
+        let rec = self.load_existing(device_id).await?;
+        let Some(poll) = self.presence_poll() else {
+            let handle = self
+                .wait_for_method_listener(device_id, call.connect_timeout)
+                .await?;
+            return self.invoke_on(device_id, handle, call).await;
+        };
+        let deadline = Instant::now() + call.connect_timeout;
+        let mut node = rec.node;
+        loop {
+            if let Some(remote) = self.remote_node(node.as_deref()) {
+                let left = deadline.saturating_duration_since(Instant::now());
+                return self.invoke_remote(remote, device_id, &call, left).await;
+            }
+            // Here, or nowhere yet: wait on this node's directory, and look in the store for
+            // a session another node took meanwhile.
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self
+                .wait_for_method_listener(device_id, left.min(poll))
+                .await
+            {
+                Ok(handle) => return self.invoke_on(device_id, handle, call).await,
+                Err(e) if Instant::now() >= deadline => return Err(e),
+                Err(_) => node = self.load_existing(device_id).await?.node,
+            }
+        }
+    }
+
+    /// Invokes a method on a session of this node only (a call another node forwarded).
+    pub(crate) async fn invoke_local(
+        &self,
+        device_id: &str,
+        call: MethodCall,
+    ) -> Result<MethodResponse> {
+        let handle = match self.listening(device_id) {
             Some(h) => h,
             None => {
-                // DeviceNotFound for a device, ModuleNotFound for a `deviceId/moduleId` key.
                 self.load_existing(device_id).await?;
                 self.wait_for_method_listener(device_id, call.connect_timeout)
                     .await?
             }
         };
+        self.invoke_on(device_id, handle, call).await
+    }
+
+    fn listening(&self, device_id: &str) -> Option<SessionHandle> {
+        self.directory
+            .get(device_id)
+            .filter(|h| h.is_subscribed(subs::METHODS))
+    }
+
+    async fn invoke_on(
+        &self,
+        device_id: &str,
+        handle: SessionHandle,
+        call: MethodCall,
+    ) -> Result<MethodResponse> {
         let (reply, answer) = oneshot::channel();
         let command = SessionCommand::InvokeMethod {
             method_name: call.method_name,

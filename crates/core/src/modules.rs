@@ -79,7 +79,7 @@ impl Hub {
         match self.module_records(device_id).await {
             Ok(records) => {
                 for rec in records {
-                    self.close_device_session(&rec.key(), CloseReason::DeviceDisabled);
+                    self.close_session_everywhere(&rec.key()).await;
                 }
             }
             Err(e) => tracing::warn!(
@@ -165,7 +165,7 @@ impl Hub {
                 rec.managed_by = body.managed_by.clone().filter(|m| !m.is_empty());
                 self.save(&rec).await?;
                 if close {
-                    self.close_device_session(&key, CloseReason::DeviceDisabled);
+                    self.close_session_everywhere(&key).await;
                 }
                 rec
             }
@@ -179,7 +179,7 @@ impl Hub {
 
     /// The Module document, with the live connection state.
     pub(crate) fn render_module(&self, rec: &DeviceRecord) -> Module {
-        rec.to_module(self.directory.is_connected(&rec.key()))
+        rec.to_module(self.connected_anywhere(&rec.key(), rec.node.as_deref()))
     }
 
     /// `GET /devices/{d}/modules/{m}`.

@@ -57,6 +57,10 @@ pub struct DeviceRecord {
     pub last_activity_time: String,
     pub cloud_to_device_message_count: u64,
     pub twin: TwinState,
+    /// In a cluster, the node holding the identity's session (set by its CONNECT, cleared by
+    /// its disconnect); never set on a single node.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node: Option<String>,
 }
 
 /// The key naming an identity throughout the hub (store, sessions, locks, throttles):

@@ -215,6 +215,7 @@ pub(crate) fn new_record(device_id: &str, spec: &DeviceSpec, now: &str) -> Resul
             desired: Section::new(now, true),
             reported: Section::new(now, false),
         },
+        node: None,
     })
 }
 
@@ -289,7 +290,7 @@ impl Hub {
                 self.save(&rec).await?;
                 self.counts.change(before, rec.status);
                 if close {
-                    self.close_device_session(device_id, CloseReason::DeviceDisabled);
+                    self.close_session_everywhere(device_id).await;
                 }
                 if rec.status == DeviceStatus::Disabled {
                     self.close_module_sessions(device_id).await;
@@ -305,14 +306,14 @@ impl Hub {
 
     /// The Device document, with the live connection state and queue depth.
     pub(crate) fn render_device(&self, rec: &DeviceRecord) -> Device {
-        let mut device = rec.to_device(self.directory.is_connected(&rec.key()));
+        let mut device = rec.to_device(self.connected_anywhere(&rec.key(), rec.node.as_deref()));
         device.cloud_to_device_message_count = Some(self.c2d.depth(&rec.device_id));
         device
     }
 
     /// The Twin document, with the live connection state and queue depth.
     pub(crate) fn render_twin(&self, rec: &DeviceRecord) -> twinhub_proto::model::Twin {
-        let mut twin = rec.to_twin(self.directory.is_connected(&rec.key()));
+        let mut twin = rec.to_twin(self.connected_anywhere(&rec.key(), rec.node.as_deref()));
         // Cloud-to-device queues are a device's; a module has none.
         twin.cloud_to_device_message_count = Some(if rec.is_module() {
             0
@@ -353,7 +354,7 @@ impl Hub {
         self.store.commit(writes).await?;
         self.c2d_forget(device_id);
         self.counts.remove(rec.status);
-        self.close_device_session(device_id, CloseReason::DeviceDisabled);
+        self.close_session_everywhere(device_id).await;
         self.redelivery.forget(device_id);
         let now = keys::now_text();
         let mut events: Vec<_> = modules
@@ -398,6 +399,18 @@ impl Hub {
     pub(crate) fn close_device_session(&self, device_id: &str, reason: CloseReason) {
         if let Some(h) = self.directory.get(device_id) {
             h.close.close(reason);
+        }
+    }
+
+    /// Closes the identity's session on this node and, in a cluster, on every other one
+    /// (the identity was disabled or deleted).
+    pub(crate) async fn close_session_everywhere(&self, device_id: &str) {
+        self.close_device_session(device_id, CloseReason::DeviceDisabled);
+        if let Some(bus) = self.cluster() {
+            let notice = crate::cluster::Notice::Disabled {
+                identity: device_id.to_owned(),
+            };
+            bus.broadcast(&notice).await;
         }
     }
 
@@ -507,7 +520,7 @@ impl Hub {
             if e.before.is_some()
                 && (e.after != Some(DeviceStatus::Enabled) || e.credentials_changed)
             {
-                self.close_device_session(&e.id, CloseReason::DeviceDisabled);
+                self.close_session_everywhere(&e.id).await;
             }
             if e.after == Some(DeviceStatus::Disabled) {
                 self.close_module_sessions(&e.id).await;

@@ -189,6 +189,15 @@ impl Hub {
         let now = keys::now_text();
         rec.connection_state_updated_time = now.clone();
         rec.last_activity_time = now.clone();
+        // In a cluster the record names the node holding the session, so that the others
+        // forward its methods and patches here and close the session this one replaces.
+        let replaced_node = match self.cluster() {
+            Some(bus) => {
+                let before = rec.node.replace(bus.node_id().to_owned());
+                self.remote_node(before.as_deref()).map(str::to_owned)
+            }
+            None => None,
+        };
         let mut writes = vec![rec.write()];
         if clean_session && previous.is_some() {
             writes.push(Write::delete(Table::Sessions, device_id));
@@ -196,6 +205,13 @@ impl Hub {
         self.store.commit(writes).await?;
         if let Some(old) = self.directory.register(device_id, handle) {
             old.close.close(CloseReason::ReplacedByNewConnection);
+        }
+        if let (Some(node), Some(bus)) = (replaced_node, self.cluster()) {
+            let notice = crate::cluster::Notice::Connected {
+                identity: device_id.to_owned(),
+                node: bus.node_id().to_owned(),
+            };
+            bus.notify(&node, &notice).await;
         }
         // A CA removed between the certificate check and this registration found nothing to
         // close: close it now (the sessions' note of their CA is gone).
@@ -279,6 +295,13 @@ impl Hub {
         };
         rec.connection_state_updated_time = now.to_owned();
         rec.last_activity_time = now.to_owned();
+        // Only this node's own mark is cleared: the identity may have signed in on another
+        // node since, which wrote its own.
+        if let Some(bus) = self.cluster()
+            && rec.node.as_deref() == Some(bus.node_id())
+        {
+            rec.node = None;
+        }
         let mut writes = vec![rec.write()];
         if clean_session {
             writes.push(Write::delete(Table::Sessions, device_id));

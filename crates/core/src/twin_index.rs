@@ -26,6 +26,8 @@ use async_trait::async_trait;
 use serde_json::Value;
 use twinhub_store::{Expect, Health, Store, Table, Write};
 
+use crate::cluster::ClusterBus;
+
 use crate::record::DeviceRecord;
 
 /// One identity's entry: the record's bytes until a query first needs the document.
@@ -107,6 +109,11 @@ impl TwinIndex {
         }
     }
 
+    /// Takes a record as the store now holds it (one another cluster node changed).
+    pub(crate) fn refresh(&self, table: Table, key: String, value: Option<Vec<u8>>) {
+        self.apply(table, key, value);
+    }
+
     fn apply(&self, table: Table, key: String, value: Option<Vec<u8>>) {
         let Some(map) = self.map(table) else { return };
         let mut map = map.write().unwrap_or_else(|e| e.into_inner());
@@ -155,11 +162,21 @@ impl TwinIndex {
 pub(crate) struct IndexedStore {
     inner: Arc<dyn Store>,
     index: Arc<TwinIndex>,
+    /// In a cluster, the other nodes are told which twins changed, for their indexes.
+    cluster: Option<Arc<dyn ClusterBus>>,
 }
 
 impl IndexedStore {
-    pub(crate) fn new(inner: Arc<dyn Store>, index: Arc<TwinIndex>) -> IndexedStore {
-        IndexedStore { inner, index }
+    pub(crate) fn new(
+        inner: Arc<dyn Store>,
+        index: Arc<TwinIndex>,
+        cluster: Option<Arc<dyn ClusterBus>>,
+    ) -> IndexedStore {
+        IndexedStore {
+            inner,
+            index,
+            cluster,
+        }
     }
 }
 
@@ -181,6 +198,17 @@ impl IndexedStore {
     /// Brings the index in step with a commit's outcome: `Ok(true)` applied the batch,
     /// `Ok(false)` applied nothing (a checked commit whose condition failed).
     async fn follow(&self, touched: Vec<Write>, outcome: Result<bool, &twinhub_store::Error>) {
+        if let Some(bus) = &self.cluster
+            && !touched.is_empty()
+            && !matches!(outcome, Ok(false))
+        {
+            // After a failed commit too: it may have reached the store all the same.
+            let notice = crate::cluster::Notice::Changed {
+                node: bus.node_id().to_owned(),
+                keys: crate::cluster::changed_keys(&touched),
+            };
+            bus.broadcast(&notice).await;
+        }
         match outcome {
             Ok(true) => {
                 for w in touched {
@@ -330,7 +358,7 @@ mod tests {
     #[tokio::test]
     async fn commits_reach_the_index_and_other_tables_do_not() {
         let index = Arc::new(TwinIndex::default());
-        let store = IndexedStore::new(Arc::new(MemoryStore::new()), index.clone());
+        let store = IndexedStore::new(Arc::new(MemoryStore::new()), index.clone(), None);
         let (a, b, m) = (record("a", None), record("b", None), record("a", Some("m")));
         store
             .commit(vec![
@@ -371,7 +399,7 @@ mod tests {
     async fn a_failed_commit_leaves_the_index_as_the_store_is() {
         let flaky = Arc::new(Flaky::default());
         let index = Arc::new(TwinIndex::default());
-        let store = IndexedStore::new(flaky.clone(), index.clone());
+        let store = IndexedStore::new(flaky.clone(), index.clone(), None);
         store.commit(vec![record("a", None).write()]).await.unwrap();
 
         // Committed although the caller was told it failed: the index has it.

@@ -120,7 +120,13 @@ impl Hub {
             )
         };
         if let Some(patch) = desired_patch {
-            self.push_desired(device_id, rec.twin.desired.version, patch);
+            self.push_desired(
+                device_id,
+                rec.node.as_deref(),
+                rec.twin.desired.version,
+                patch,
+            )
+            .await;
         }
         let twin = self.render_twin(&rec);
         drop(guard);
@@ -128,18 +134,41 @@ impl Hub {
         Ok(twin)
     }
 
-    /// Sends a committed desired patch to the device's session if it listens for them. Called
-    /// with the device lock held, so patches are queued in version order. A session whose
-    /// queue is full is closed: on reconnect the device reads the whole twin again.
-    fn push_desired(&self, device_id: &str, version: u64, mut patch: Map<String, Value>) {
+    /// Sends a committed desired patch to the device's session if it listens for them: here,
+    /// or through the cluster to the node holding it (`node`, from the record). Called with the
+    /// device lock held, so patches are queued in version order. A session whose queue is full
+    /// is closed: on reconnect the device reads the whole twin again.
+    async fn push_desired(
+        &self,
+        device_id: &str,
+        node: Option<&str>,
+        version: u64,
+        mut patch: Map<String, Value>,
+    ) {
+        patch.insert("$version".into(), Value::from(version));
+        let payload = Bytes::from(serde_json::to_vec(&patch).unwrap_or_default());
+        if let (Some(remote), Some(bus)) = (self.remote_node(node), self.cluster())
+            && !self.directory.is_connected(device_id)
+        {
+            let notice = crate::cluster::Notice::Desired {
+                identity: device_id.to_owned(),
+                version,
+                patch: String::from_utf8_lossy(&payload).into_owned(),
+            };
+            bus.notify(remote, &notice).await;
+            return;
+        }
+        self.push_desired_payload(device_id, version, payload);
+    }
+
+    /// Queues a desired patch (with its `$version`) for this node's session of the device.
+    pub(crate) fn push_desired_payload(&self, device_id: &str, version: u64, payload: Bytes) {
         let Some(handle) = self.directory.get(device_id) else {
             return;
         };
         if !handle.is_subscribed(subs::DESIRED) {
             return;
         }
-        patch.insert("$version".into(), Value::from(version));
-        let payload = Bytes::from(serde_json::to_vec(&patch).unwrap_or_default());
         if handle.close.is_closed() {
             // Closing already (a slow consumer, a replaced session): it resyncs on reconnect.
             return;

@@ -341,6 +341,10 @@ impl Config {
                     "cluster needs a shared store: give store = postgres://... too".into(),
                 ));
             }
+            if let Some(node) = &self.node_id {
+                twinhub_cluster_nats::validate_node_id(node)
+                    .map_err(|e| ServerError::Config(e.to_string()))?;
+            }
         }
         if self.hostname.is_empty() || self.hostname.contains(['/', ' ', ':']) {
             return Err(ServerError::Config(format!(

@@ -71,6 +71,26 @@ pub struct RunningServer {
     tracker: TaskTracker,
 }
 
+/// A cluster node's name when none is given: the machine's hostname, as a NATS subject token.
+fn default_node_id() -> String {
+    let raw = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .or_else(|_| std::fs::read_to_string("/etc/hostname"))
+        .unwrap_or_else(|_| "node".into());
+    let id: String = raw
+        .trim()
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .take(64)
+        .collect();
+    if id.is_empty() { "node".into() } else { id }
+}
+
 /// Opens the PostgreSQL store at `url`, shared by the nodes of a cluster.
 pub async fn open_shared_store(url: &str) -> Result<Arc<dyn Store>, ServerError> {
     let store = twinhub_store_postgres::PostgresStore::connect(
@@ -225,7 +245,22 @@ impl RunningServer {
             }
         };
         let endpoint_logs = EndpointLogs::new(config.data_dir.join("endpoints"), &config);
+        let bus = match &config.cluster {
+            Some(url) => {
+                let node = config.node_id.clone().unwrap_or_else(default_node_id);
+                let hub_name = twinhub_proto::connection_string::hub_name(&config.hostname);
+                let bus = twinhub_cluster_nats::NatsBus::connect(url, &hub_name, &node)
+                    .await
+                    .map_err(|e| ServerError::Config(format!("--cluster: {e}")))?;
+                tracing::info!(node, "joined the cluster");
+                Some(bus)
+            }
+            None => None,
+        };
         let mut options = HubOptions::new(config.hostname.clone(), hub_file.policies.clone());
+        options.cluster = bus
+            .clone()
+            .map(|b| b as Arc<dyn twinhub_core::cluster::ClusterBus>);
         options.routing = config.routing();
         options.endpoint_logs = Some(endpoint_logs.opener());
         options.throttles = config.throttles();
@@ -241,6 +276,11 @@ impl RunningServer {
 
         let shutdown = CancellationToken::new();
         let tracker = TaskTracker::new();
+        if let Some(bus) = &bus {
+            bus.serve(hub.clone(), shutdown.clone(), &tracker)
+                .await
+                .map_err(|e| ServerError::Config(format!("--cluster: {e}")))?;
+        }
         webhook::start(
             hub.clone(),
             config.webhook(),

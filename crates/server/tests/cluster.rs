@@ -1,0 +1,242 @@
+//! Two hub nodes sharing one PostgreSQL store and one NATS server (`--store`, `--cluster`),
+//! both real and on loopback: a device's direct methods and desired patches reach it through
+//! the other node, its connection state and twin changes show on both, a CONNECT on one node
+//! closes the identity's session on the other, disabling through one node closes the session
+//! on the other, a device connected nowhere is 404103 through either, and a second node under
+//! a name in use is refused.
+
+mod support;
+
+use std::time::Duration;
+
+use serde_json::{Value, json};
+use support::{RawMqtt, TestHub};
+use tokio::time::timeout;
+use twinhub_sdk::proto::model::{CloudToDeviceMethod, ConnectionState, DeviceStatus};
+use twinhub_sdk::{DeviceClient, Error, MethodResponse};
+
+const WAIT: Duration = Duration::from_secs(20);
+
+/// Two nodes, `a` and `b`, of one hub on a fresh database.
+struct Pair {
+    a: TestHub,
+    b: TestHub,
+    _database: twinhub_testsvc::postgres::PgDatabase,
+}
+
+async fn node(database: &str, name: &str) -> TestHub {
+    let (database, name) = (database.to_owned(), name.to_owned());
+    let nats = twinhub_testsvc::nats::shared().url();
+    TestHub::start_with(move |c| {
+        c.store = Some(database.clone());
+        c.cluster = Some(nats.clone());
+        c.node_id = Some(name.clone());
+    })
+    .await
+}
+
+/// The nodes are named after the test, so tests running at once on the shared NATS server
+/// never share a node name.
+async fn pair(test: &str) -> Pair {
+    let database = twinhub_testsvc::postgres::shared().fresh_database();
+    let a = node(&database.url(), &format!("{test}-a")).await;
+    let b = node(&database.url(), &format!("{test}-b")).await;
+    Pair {
+        a,
+        b,
+        _database: database,
+    }
+}
+
+fn device_on(hub: &TestHub, id: &str, key: &str) -> DeviceClient {
+    DeviceClient::builder(&format!(
+        "HostName=localhost;DeviceId={id};SharedAccessKey={key}"
+    ))
+    .extra_ca_pem(std::fs::read(hub.ca_pem()).unwrap())
+    .port(hub.mqtt.port())
+    .operation_timeout(WAIT)
+    .build()
+    .unwrap()
+}
+
+fn call(name: &str, connect_timeout: i64) -> CloudToDeviceMethod {
+    CloudToDeviceMethod {
+        method_name: name.into(),
+        payload: Some(json!({"through": "the other node"})),
+        response_timeout_in_seconds: Some(10),
+        connect_timeout_in_seconds: Some(connect_timeout),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn methods_patches_and_state_reach_a_device_on_the_other_node() {
+    let nodes = pair("reach").await;
+    let key = nodes.a.device("far-dev").await;
+    let device = device_on(&nodes.b, "far-dev", &key);
+    device.set_method_handler(|request| async move {
+        MethodResponse::new(
+            200,
+            json!({"method": request.name, "echo": request.payload}),
+        )
+    });
+    let mut patches = device.desired_patches();
+    device
+        .connect()
+        .await
+        .expect("the device connects to node b");
+    let first = timeout(WAIT, patches.recv()).await.unwrap().unwrap();
+    assert!(
+        first.full,
+        "the stream opens with the whole desired document"
+    );
+
+    // A method invoked through node a runs on node b's session.
+    let service = nodes.a.owner();
+    let result = service
+        .invoke_method("far-dev", &call("DeviceMethod", 0))
+        .await
+        .expect("the call through node a succeeds");
+    assert_eq!(result.status, 200);
+    assert_eq!(
+        result.payload,
+        json!({"method": "DeviceMethod", "echo": {"through": "the other node"}})
+    );
+
+    // A desired patch through node a reaches the device on node b, with its version.
+    let twin = service
+        .update_twin(
+            "far-dev",
+            &json!({"properties": {"desired": {"interval": 7}}}),
+            None,
+        )
+        .await
+        .expect("node a patches the twin");
+    let version = twin
+        .properties
+        .and_then(|p| p.desired.get("$version").and_then(Value::as_u64))
+        .expect("desired $version");
+    let patch = timeout(WAIT, patches.recv())
+        .await
+        .expect("the patch crosses to node b in time")
+        .expect("the stream is open");
+    assert_eq!(patch.version, version);
+    assert_eq!(patch.patch.get("interval"), Some(&json!(7)));
+
+    // Node a shows the device connected, and its queries see what node b wrote.
+    let seen = service.get_device("far-dev").await.unwrap();
+    assert_eq!(seen.connection_state, Some(ConnectionState::Connected));
+    device
+        .patch_reported(&json!({"firmware": "2.0"}))
+        .await
+        .expect("node b takes the reported patch");
+    let found = timeout(WAIT, async {
+        loop {
+            let rows = service
+                .query_all(
+                    "SELECT deviceId FROM devices WHERE properties.reported.firmware = '2.0'",
+                )
+                .await
+                .expect("the query runs on node a");
+            if !rows.is_empty() {
+                return rows;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await
+    .expect("node a's queries see node b's write in time");
+    assert_eq!(found, [json!({"deviceId": "far-dev"})]);
+
+    device.close().await;
+    // Gone from node b: node a no longer shows it connected.
+    let state = timeout(WAIT, async {
+        loop {
+            let d = service.get_device("far-dev").await.unwrap();
+            if d.connection_state == Some(ConnectionState::Disconnected) {
+                return d;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+    assert!(state.is_ok(), "node a sees the disconnect");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connect_on_one_node_closes_the_session_on_the_other() {
+    let nodes = pair("takeover").await;
+    let key = nodes.a.device("moving-dev").await;
+    let (mut on_a, _) = RawMqtt::device(&nodes.a, "moving-dev", &key, true).await;
+    let (_on_b, _) = RawMqtt::device(&nodes.b, "moving-dev", &key, true).await;
+    on_a.expect_closed(WAIT).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn disabling_through_one_node_closes_the_session_on_the_other() {
+    let nodes = pair("disable").await;
+    let key = nodes.a.device("doomed-dev").await;
+    let (mut on_b, _) = RawMqtt::device(&nodes.b, "doomed-dev", &key, true).await;
+    let service = nodes.a.owner();
+    let mut device = service.get_device("doomed-dev").await.unwrap();
+    device.status = DeviceStatus::Disabled;
+    service
+        .update_device(&device, Some("*"))
+        .await
+        .expect("node a disables the device");
+    on_b.expect_closed(WAIT).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_device_connected_nowhere_is_not_online_through_either_node() {
+    let nodes = pair("nowhere").await;
+    nodes.a.device("idle-dev").await;
+    for hub in [&nodes.a, &nodes.b] {
+        match hub
+            .owner()
+            .invoke_method("idle-dev", &call("anything", 0))
+            .await
+        {
+            Err(Error::Hub { code, .. }) => assert_eq!(code.map(|c| c.code()), Some(404103)),
+            other => panic!("expected 404103, got {other:?}"),
+        }
+    }
+    // With a connect timeout, a device that connects to the other node meanwhile is reached.
+    let key = nodes.a.device("late-dev").await;
+    let service = nodes.a.owner();
+    let waiting =
+        tokio::spawn(async move { service.invoke_method("late-dev", &call("late", 10)).await });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let device = device_on(&nodes.b, "late-dev", &key);
+    device.set_method_handler(|_| async { MethodResponse::new(201, json!("late but here")) });
+    device
+        .connect()
+        .await
+        .expect("the device connects to node b");
+    let result = timeout(WAIT, waiting)
+        .await
+        .expect("the waiting call ends in time")
+        .unwrap()
+        .expect("the waiting call reaches the device on node b");
+    assert_eq!(result.status, 201);
+    device.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_node_under_a_name_in_use_is_refused() {
+    let database = twinhub_testsvc::postgres::shared().fresh_database();
+    let _first = node(&database.url(), "twin-name").await;
+    let nats = twinhub_testsvc::nats::shared().url();
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = support::config(dir.path(), 0, 0);
+    config.store = Some(database.url());
+    config.cluster = Some(nats);
+    config.node_id = Some("twin-name".into());
+    let refused = twinhub_server::RunningServer::start(config)
+        .await
+        .err()
+        .expect("the second node is refused");
+    assert!(
+        refused.to_string().contains("already runs as 'twin-name'"),
+        "{refused}"
+    );
+}
