@@ -58,6 +58,10 @@ pub enum Notice {
     /// Records of these identities changed on `node`: the others re-read them for their twin
     /// index, so queries on every node see every node's writes.
     Changed { node: String, keys: Vec<String> },
+    /// A job was created on a node that does not run jobs: the leader starts it.
+    JobCreated { job_id: String },
+    /// A job is to be cancelled: the node running it flips its switch.
+    CancelJob { job_id: String },
 }
 
 /// The transport between the nodes of a cluster.
@@ -178,8 +182,16 @@ impl Hub {
     }
 
     /// Acts on a notice from another node.
-    pub async fn on_notice(&self, notice: Notice) {
+    pub async fn on_notice(self: &Arc<Self>, notice: Notice) {
         match notice {
+            Notice::JobCreated { job_id } => {
+                if *self.jobs.leading.borrow() {
+                    self.spawn_job(job_id);
+                }
+            }
+            Notice::CancelJob { job_id } => {
+                self.cancel_running_job(&job_id);
+            }
             Notice::Desired {
                 identity,
                 version,

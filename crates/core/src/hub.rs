@@ -220,7 +220,12 @@ impl Hub {
         let bad_jobs = crate::jobs::undecodable_jobs(&hub).await?;
         hub.quarantine(Table::Jobs, bad_jobs).await?;
         let hub = Arc::new(hub);
-        hub.resume_jobs().await?;
+        if hub.cluster.is_some() {
+            // The node holding the jobs lease resumes them (`jobs_leader`).
+            hub.spawn_jobs_leadership();
+        } else {
+            hub.resume_jobs().await?;
+        }
         hub.spawn_retention();
         hub.spawn_c2d_sweep();
         Ok(hub)

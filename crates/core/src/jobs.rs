@@ -96,6 +96,9 @@ pub(crate) struct JobsState {
     /// Set when the hub stops: runners stop without recording anything, so the devices they
     /// had not finished stay pending and the job resumes at the next start.
     pub(crate) suspend: watch::Sender<bool>,
+    /// Whether this hub runs jobs: always on a single node; in a cluster, while it holds the
+    /// jobs lease (`jobs_leader`). Runners stop without recording anything when it turns off.
+    pub(crate) leading: watch::Sender<bool>,
     budget: Arc<Semaphore>,
 }
 
@@ -105,6 +108,7 @@ impl Default for JobsState {
             cancels: Mutex::new(HashMap::new()),
             retention: DEFAULT_RETENTION,
             suspend: watch::channel(false).0,
+            leading: watch::channel(true).0,
             budget: Arc::new(Semaphore::new(ALL_JOBS_IN_FLIGHT)),
         }
     }
@@ -241,7 +245,15 @@ impl Hub {
         .await?;
         // Before the runner starts, so `jobCreated` always precedes the job's end.
         self.emit(self.job_event(&job, JobStep::Created)).await;
-        self.spawn_job(job_id.to_string());
+        if *self.jobs.leading.borrow() {
+            self.spawn_job(job_id.to_string());
+        } else if let Some(bus) = self.cluster() {
+            // The leader also finds it when it next looks over the unfinished jobs.
+            let notice = crate::cluster::Notice::JobCreated {
+                job_id: job_id.to_owned(),
+            };
+            bus.broadcast(&notice).await;
+        }
         Ok(job)
     }
 
@@ -281,6 +293,21 @@ impl Hub {
                 self.get_job(job_id).await
             }
             None => {
+                // In a cluster the runner is the leader's: ask it, and wait for it to record
+                // the cancellation; a job no node runs is cancelled here.
+                if let Some(bus) = self.cluster() {
+                    let notice = crate::cluster::Notice::CancelJob {
+                        job_id: job_id.to_owned(),
+                    };
+                    bus.broadcast(&notice).await;
+                    for _ in 0..100 {
+                        let now = self.get_job(job_id).await?;
+                        if is_terminal(&now.status) {
+                            return Ok(now);
+                        }
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                    }
+                }
                 let mut stored = self
                     .load_job(job_id)
                     .await?
@@ -434,7 +461,7 @@ impl Hub {
     /// Restarts the runners of jobs that had not finished when the hub stopped.
     pub(crate) async fn resume_jobs(self: &Arc<Self>) -> Result<()> {
         for job in self.all_jobs().await? {
-            if !is_terminal(&job.status) {
+            if !is_terminal(&job.status) && !self.job_is_running(&job.job_id) {
                 tracing::info!(job_id = %job.job_id, status = %job.status, "resuming job");
                 self.spawn_job(job.job_id);
             }
@@ -463,15 +490,39 @@ impl Hub {
         Ok(())
     }
 
-    fn spawn_job(self: &Arc<Self>, job_id: String) {
-        let (tx, rx) = watch::channel(false);
+    /// Whether this hub runs the job now.
+    pub(crate) fn job_is_running(&self, job_id: &str) -> bool {
         self.jobs
             .cancels
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .insert(job_id.clone(), tx);
+            .contains_key(job_id)
+    }
+
+    /// Flips a running job's cancel switch; false when this hub does not run it.
+    pub(crate) fn cancel_running_job(&self, job_id: &str) -> bool {
+        let switch = self
+            .jobs
+            .cancels
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(job_id)
+            .cloned();
+        switch.is_some_and(|tx| tx.send(true).is_ok())
+    }
+
+    pub(crate) fn spawn_job(self: &Arc<Self>, job_id: String) {
+        let (tx, rx) = watch::channel(false);
+        {
+            let mut cancels = self.jobs.cancels.lock().unwrap_or_else(|e| e.into_inner());
+            if cancels.contains_key(&job_id) {
+                return;
+            }
+            cancels.insert(job_id.clone(), tx);
+        }
         let hub = self.clone();
         let mut suspend = self.jobs.suspend.subscribe();
+        let mut leading = self.jobs.leading.subscribe();
         tokio::spawn(async move {
             // Whatever happens to the runner (even a panic), its cancel switch goes, so a
             // cancel never waits on a runner that is gone.
@@ -482,6 +533,8 @@ impl Hub {
             let outcome = tokio::select! {
                 r = hub.run_job(&job_id, rx) => Some(r),
                 _ = suspend.wait_for(|s| *s) => None,
+                // Another node leads now and resumes the job where it was recorded.
+                _ = leading.wait_for(|l| !*l) => None,
             };
             if let Some(Err(e)) = outcome {
                 tracing::error!(%job_id, "job runner failed: {}", e.message());
@@ -668,6 +721,7 @@ impl Hub {
             JoinSet::new();
         let mut queue = pending.into_iter();
         let mut last_saved = tokio::time::Instant::now();
+        let mut stats_behind = false;
         let mut outcome = "completed";
         loop {
             while tasks.len() < PER_JOB_IN_FLIGHT {
@@ -707,10 +761,20 @@ impl Hub {
             if outcome != "completed" || tasks.is_empty() {
                 break;
             }
-            let joined = tokio::select! {
-                j = tasks.join_next() => j,
+            // `None`: the timer to count results recorded but not yet counted in the job, so
+            // progress shows while the job waits on a slow or offline device.
+            let woke = tokio::select! {
+                j = tasks.join_next() => Some(j),
                 _ = cancel.wait_for(|c| *c) => { outcome = "cancelled"; break }
                 _ = tokio::time::sleep_until(deadline) => { outcome = "failed"; break }
+                _ = tokio::time::sleep_until(last_saved + STATS_EVERY), if stats_behind => None,
+            };
+            let Some(joined) = woke else {
+                stored.job.device_job_statistics = Some(statistics(&records));
+                self.save_job(&stored).await?;
+                last_saved = tokio::time::Instant::now();
+                stats_behind = false;
+                continue;
             };
             // Record this result and every other one already finished in one durable write.
             let mut finished: Vec<_> = joined.into_iter().flatten().collect();
@@ -745,6 +809,9 @@ impl Hub {
                 stored.job.device_job_statistics = Some(statistics(&records));
                 self.save_job(&stored).await?;
                 last_saved = tokio::time::Instant::now();
+                stats_behind = false;
+            } else {
+                stats_behind = true;
             }
         }
         tasks.abort_all();

@@ -12,6 +12,7 @@ pub mod error;
 pub mod hub;
 pub mod hub_events;
 pub mod jobs;
+mod jobs_leader;
 pub mod keys;
 pub mod logsafe;
 pub mod methods;

@@ -240,3 +240,176 @@ async fn a_second_node_under_a_name_in_use_is_refused() {
         "{refused}"
     );
 }
+
+/// The node holding the jobs lease, as the shared store says.
+async fn jobs_leader(hub: &TestHub) -> Option<String> {
+    let bytes = hub
+        .server()
+        .hub
+        .store()
+        .get(twinhub_store::Table::Meta, "cluster/jobs-leader")
+        .await
+        .expect("the store reads")?;
+    let lease: Value = serde_json::from_slice(&bytes).expect("the lease is JSON");
+    lease["node"].as_str().map(str::to_owned)
+}
+
+async fn wait_for_leader(hub: &TestHub, not: Option<&str>) -> String {
+    timeout(WAIT, async {
+        loop {
+            if let Some(node) = jobs_leader(hub).await
+                && Some(node.as_str()) != not
+            {
+                return node;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+    .await
+    .expect("a node takes the jobs lease in time")
+}
+
+/// A device that counts the calls it answers.
+fn counting(device: &DeviceClient) -> std::sync::Arc<std::sync::atomic::AtomicUsize> {
+    let calls = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counter = calls.clone();
+    device.set_method_handler(move |_| {
+        counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        async { MethodResponse::new(200, json!("done")) }
+    });
+    calls
+}
+
+async fn wait_for_job(service: &twinhub_sdk::ServiceClient, job_id: &str, status: &str) {
+    timeout(Duration::from_secs(40), async {
+        loop {
+            let job = service.get_job(job_id).await.expect("the job reads");
+            if job.status == status {
+                return job;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("job {job_id} did not become {status} in time"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_method_job_over_devices_on_both_nodes_runs_once() {
+    let nodes = pair("jobonce").await;
+    let leader = wait_for_leader(&nodes.a, None).await;
+    let mut devices = Vec::new();
+    let mut counts = Vec::new();
+    for (i, hub) in [&nodes.a, &nodes.b, &nodes.a, &nodes.b]
+        .into_iter()
+        .enumerate()
+    {
+        let id = format!("job-dev-{i}");
+        let key = nodes.a.device(&id).await;
+        let device = device_on(hub, &id, &key);
+        counts.push(counting(&device));
+        device.connect().await.expect("the device connects");
+        devices.push(device);
+    }
+    // Created through the node that does not lead: the leader runs it.
+    let through = if leader.ends_with("-a") {
+        &nodes.b
+    } else {
+        &nodes.a
+    };
+    let service = through.owner();
+    service
+        .schedule_method_job(
+            "once",
+            "deviceId IN ['job-dev-0', 'job-dev-1', 'job-dev-2', 'job-dev-3']",
+            &call("jobMethod", 0),
+            None,
+            Some(60),
+        )
+        .await
+        .expect("the job is created");
+    wait_for_job(&service, "once", "completed").await;
+    let job = nodes.b.owner().get_job("once").await.unwrap();
+    let stats = job.device_job_statistics.expect("statistics");
+    assert_eq!((stats.device_count, stats.succeeded_count), (4, 4));
+    for (i, count) in counts.iter().enumerate() {
+        assert_eq!(
+            count.load(std::sync::atomic::Ordering::SeqCst),
+            1,
+            "device {i} was called exactly once"
+        );
+    }
+    for device in devices {
+        device.close().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_resumes_on_another_node_when_its_leader_stops() {
+    let nodes = pair("jobmove").await;
+    let leader = wait_for_leader(&nodes.a, None).await;
+    let Pair { a, b, _database } = nodes;
+    let (mut leading, survivor, survivor_name) = if leader.ends_with("-a") {
+        (a, b, "jobmove-b")
+    } else {
+        (b, a, "jobmove-a")
+    };
+    let survivor = &survivor;
+    let done_key = survivor.device("done-dev").await;
+    let later_key = survivor.device("later-dev").await;
+    let done = device_on(survivor, "done-dev", &done_key);
+    let done_calls = counting(&done);
+    done.connect().await.unwrap();
+    let service = survivor.owner();
+    // `later-dev` is offline: the job waits for it up to the connect timeout.
+    service
+        .schedule_method_job(
+            "moving",
+            "deviceId IN ['done-dev', 'later-dev']",
+            &call("jobMethod", 60),
+            None,
+            Some(120),
+        )
+        .await
+        .expect("the job is created");
+    timeout(WAIT, async {
+        loop {
+            let job = service.get_job("moving").await.unwrap();
+            if job
+                .device_job_statistics
+                .is_some_and(|s| s.succeeded_count == 1)
+            {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await
+    .expect("the leader finishes the connected device");
+
+    // The leader goes; the survivor takes the lease and resumes the job.
+    leading.stop().await;
+    assert_eq!(
+        wait_for_leader(survivor, Some(&leader)).await,
+        survivor_name
+    );
+    let later = device_on(survivor, "later-dev", &later_key);
+    let later_calls = counting(&later);
+    later.connect().await.unwrap();
+    wait_for_job(&service, "moving", "completed").await;
+    assert_eq!(
+        done_calls.load(std::sync::atomic::Ordering::SeqCst),
+        1,
+        "a device finished before the handover is not called again"
+    );
+    assert_eq!(later_calls.load(std::sync::atomic::Ordering::SeqCst), 1);
+    let stats = service
+        .get_job("moving")
+        .await
+        .unwrap()
+        .device_job_statistics
+        .unwrap();
+    assert_eq!((stats.device_count, stats.succeeded_count), (2, 2));
+    done.close().await;
+    later.close().await;
+}

@@ -207,16 +207,17 @@ async fn read_events(stream: &mut twinhub_sdk::EventStream, n: usize) -> Vec<twi
 async fn telemetry_sent_to_either_node_is_read_through_both() {
     let database = twinhub_testsvc::postgres::shared().fresh_database();
     let nats = twinhub_testsvc::nats::shared().url();
-    let node = |db: String, nats: String| {
+    let node = |db: String, nats: String, name: &'static str| {
         TestHub::start_with(move |c| {
             c.store = Some(db.clone());
             c.cluster = Some(nats.clone());
+            c.node_id = Some(name.into());
             // The stream is named after the hub; this is the only test of this process on
             // the shared NATS server, so the default name is this test's own.
         })
     };
-    let first = node(database.url(), nats.clone()).await;
-    let second = node(database.url(), nats).await;
+    let first = node(database.url(), nats.clone(), "telemetry-1").await;
+    let second = node(database.url(), nats, "telemetry-2").await;
 
     let mut devices = Vec::new();
     for (i, hub) in [&first, &second].into_iter().enumerate() {
