@@ -15,7 +15,7 @@ use futures_util::StreamExt;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use twinhub_core::Hub;
-use twinhub_core::cluster::{ClusterBus, Notice, RemoteMethod, RemoteOutcome};
+use twinhub_core::cluster::{ClusterBus, ForwardError, Notice, RemoteMethod, RemoteOutcome};
 
 /// How long connecting, and the check that the node name is free, may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -244,8 +244,8 @@ impl ClusterBus for NatsBus {
         node: &str,
         call: &RemoteMethod,
         wait: Duration,
-    ) -> Result<RemoteOutcome, String> {
-        let body = serde_json::to_vec(call).map_err(|e| e.to_string())?;
+    ) -> Result<RemoteOutcome, ForwardError> {
+        let body = serde_json::to_vec(call).map_err(|e| ForwardError::Failed(e.to_string()))?;
         let request = async_nats::Request::new()
             .payload(Bytes::from(body))
             .timeout(Some(wait));
@@ -253,8 +253,12 @@ impl ClusterBus for NatsBus {
             .client
             .send_request(self.subject(node, "invoke"), request)
             .await
-            .map_err(|e| e.to_string())?;
-        serde_json::from_slice(&answer.payload).map_err(|e| format!("unreadable answer: {e}"))
+            .map_err(|e| match e.kind() {
+                async_nats::client::RequestErrorKind::NoResponders => ForwardError::NodeGone,
+                _ => ForwardError::Failed(e.to_string()),
+            })?;
+        serde_json::from_slice(&answer.payload)
+            .map_err(|e| ForwardError::Failed(format!("unreadable answer: {e}")))
     }
 
     async fn notify(&self, node: &str, notice: &Notice) {
@@ -263,6 +267,13 @@ impl ClusterBus for NatsBus {
 
     async fn broadcast(&self, notice: &Notice) {
         self.publish(self.all(), notice).await;
+    }
+
+    fn health(&self) -> Result<(), String> {
+        match self.client.connection_state() {
+            async_nats::connection::State::Connected => Ok(()),
+            state => Err(format!("NATS is {state}")),
+        }
     }
 }
 

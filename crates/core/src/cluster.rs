@@ -64,26 +64,39 @@ pub enum Notice {
     CancelJob { job_id: String },
 }
 
+/// Why a forwarded call got no outcome.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ForwardError {
+    /// No node of that name is running (it stopped or died): its sessions are gone.
+    NodeGone,
+    /// The node did not answer in time, or the bus failed; the reason is for logs.
+    Failed(String),
+}
+
 /// The transport between the nodes of a cluster.
 #[async_trait]
 pub trait ClusterBus: Send + Sync + 'static {
     /// This node's name, unique in the cluster.
     fn node_id(&self) -> &str;
 
-    /// Runs `call` on `node` and waits up to `wait` for its outcome. `Err` (the reason, for
-    /// logs) when the node cannot be reached or does not answer in time.
+    /// Runs `call` on `node` and waits up to `wait` for its outcome.
     async fn invoke_method(
         &self,
         node: &str,
         call: &RemoteMethod,
         wait: Duration,
-    ) -> std::result::Result<RemoteOutcome, String>;
+    ) -> std::result::Result<RemoteOutcome, ForwardError>;
 
     /// Sends `notice` to `node`, best effort.
     async fn notify(&self, node: &str, notice: &Notice);
 
     /// Sends `notice` to every other node, best effort.
     async fn broadcast(&self, notice: &Notice);
+
+    /// Whether the bus reaches the others now; `Err` says why (for `/health`).
+    fn health(&self) -> std::result::Result<(), String> {
+        Ok(())
+    }
 }
 
 /// Margin over a forwarded call's own timeouts for the hop between nodes.
@@ -162,10 +175,41 @@ impl Hub {
         let wait = call.response_timeout + connect_timeout + FORWARD_MARGIN;
         match bus.invoke_method(node, &remote, wait).await {
             Ok(outcome) => outcome.into_result(),
-            Err(reason) => {
+            Err(ForwardError::NodeGone) => {
+                // The record still names a node that is no longer running (killed before its
+                // devices' disconnects were written): nobody holds the session.
+                self.forget_gone_node(identity, node).await;
+                Err(crate::methods::not_online(identity))
+            }
+            Err(ForwardError::Failed(reason)) => {
                 tracing::warn!(node, identity, "forwarding a method call failed: {reason}");
                 Err(crate::methods::not_online(identity))
             }
+        }
+    }
+
+    /// Clears an identity's record of a session on `node`, a node found gone, unless the
+    /// record changed meanwhile (the device signed in again somewhere).
+    async fn forget_gone_node(&self, identity: &str, node: &str) {
+        let table = crate::record::table_of(identity);
+        let Ok(Some(bytes)) = self.store.get(table, identity).await else {
+            return;
+        };
+        let Ok(mut rec) = crate::record::DeviceRecord::decode(&bytes) else {
+            return;
+        };
+        if rec.node.as_deref() != Some(node) {
+            return;
+        }
+        rec.node = None;
+        let expect = twinhub_store::Expect::holds(table, identity, bytes);
+        match self
+            .store
+            .commit_checked(vec![expect], vec![rec.write()])
+            .await
+        {
+            Ok(_) => tracing::info!(node, identity, "cleared a session of a node that is gone"),
+            Err(e) => tracing::warn!(node, identity, "clearing a gone node's session failed: {e}"),
         }
     }
 
@@ -223,6 +267,11 @@ impl Hub {
                 }
             }
         }
+    }
+
+    /// Whether the cluster bus works, when this hub is one node of a cluster.
+    pub fn cluster_health(&self) -> Option<std::result::Result<(), String>> {
+        self.cluster.as_ref().map(|bus| bus.health())
     }
 
     /// Whether the identity has a session on this node, or, in a cluster, on any node.

@@ -413,3 +413,105 @@ async fn a_job_resumes_on_another_node_when_its_leader_stops() {
     done.close().await;
     later.close().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_on_a_node_that_is_gone_is_cleared_on_first_use() {
+    let nodes = pair("ghost").await;
+    nodes.a.device("orphan-dev").await;
+    // As a node killed before it could record its devices' disconnects leaves them.
+    let store = nodes.a.server().hub.store().clone();
+    let bytes = store
+        .get(twinhub_store::Table::Devices, "orphan-dev")
+        .await
+        .unwrap()
+        .expect("the record");
+    let mut rec: Value = serde_json::from_slice(&bytes).unwrap();
+    rec["node"] = json!("ghost-node");
+    store
+        .commit(vec![twinhub_store::Write::put(
+            twinhub_store::Table::Devices,
+            "orphan-dev",
+            serde_json::to_vec(&rec).unwrap(),
+        )])
+        .await
+        .unwrap();
+    let service = nodes.b.owner();
+    assert_eq!(
+        service
+            .get_device("orphan-dev")
+            .await
+            .unwrap()
+            .connection_state,
+        Some(ConnectionState::Connected),
+        "the record says a node holds the session"
+    );
+    match service
+        .invoke_method("orphan-dev", &call("anything", 0))
+        .await
+    {
+        Err(Error::Hub { code, .. }) => assert_eq!(code.map(|c| c.code()), Some(404103)),
+        other => panic!("expected 404103, got {other:?}"),
+    }
+    assert_eq!(
+        service
+            .get_device("orphan-dev")
+            .await
+            .unwrap()
+            .connection_state,
+        Some(ConnectionState::Disconnected),
+        "the gone node's session is cleared"
+    );
+}
+
+async fn health(hub: &TestHub) -> (u16, String) {
+    let client = reqwest::Client::builder()
+        .add_root_certificate(
+            reqwest::Certificate::from_pem(&std::fs::read(hub.ca_pem()).unwrap()).unwrap(),
+        )
+        .build()
+        .unwrap();
+    let resp = client
+        .get(format!("https://localhost:{}/health", hub.https.port()))
+        .send()
+        .await
+        .unwrap();
+    (resp.status().as_u16(), resp.text().await.unwrap())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_reports_nats_down_and_recovers_by_itself() {
+    let database = twinhub_testsvc::postgres::shared().fresh_database();
+    let nats = twinhub_testsvc::nats::NatsServer::start();
+    let url = (database.url(), nats.url());
+    let hub = TestHub::start_with(move |c| {
+        c.store = Some(url.0.clone());
+        c.cluster = Some(url.1.clone());
+        c.node_id = Some("health-a".into());
+    })
+    .await;
+    assert_eq!(health(&hub).await.0, 200);
+    nats.stop();
+    let down = timeout(WAIT, async {
+        loop {
+            let (status, body) = health(&hub).await;
+            if status == 503 {
+                return body;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+    .await
+    .expect("/health turns 503 while NATS is down");
+    assert!(down.contains("cluster bus"), "{down}");
+    nats.restart();
+    timeout(Duration::from_secs(30), async {
+        loop {
+            if health(&hub).await.0 == 200 {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+    .await
+    .expect("/health recovers once NATS is back");
+}

@@ -174,14 +174,21 @@ async fn track(req: Request, next: Next) -> Response {
 /// `ok` while the store accepts writes; 503 with the reason while it does not (a full disk,
 /// an I/O error), so a load balancer or supervisor sees it.
 async fn health(State(state): State<AppState>) -> Response {
-    match state.hub.store().health() {
-        twinhub_store::Health::Ok => (StatusCode::OK, "ok\n").into_response(),
-        twinhub_store::Health::Faulty(reason) => (
+    if let twinhub_store::Health::Faulty(reason) = state.hub.store().health() {
+        return (
             StatusCode::SERVICE_UNAVAILABLE,
             format!("unavailable: the store cannot write: {reason}\n"),
         )
-            .into_response(),
+            .into_response();
     }
+    if let Some(Err(reason)) = state.hub.cluster_health() {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("unavailable: the cluster bus cannot reach the other nodes: {reason}\n"),
+        )
+            .into_response();
+    }
+    (StatusCode::OK, "ok\n").into_response()
 }
 
 async fn render_metrics(State(state): State<AppState>) -> Response {
