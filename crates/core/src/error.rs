@@ -9,6 +9,8 @@ use twinhub_proto::error::ErrorCode;
 pub struct Error {
     code: ErrorCode,
     message: String,
+    /// A record changed on another cluster node between its read and its write.
+    conflict: bool,
 }
 
 impl Error {
@@ -16,6 +18,7 @@ impl Error {
         Error {
             code,
             message: message.into(),
+            conflict: false,
         }
     }
 
@@ -56,6 +59,22 @@ impl Error {
             ErrorCode::PreconditionFailed,
             format!("Precondition failed: {what} etag did not match"),
         )
+    }
+
+    /// A record another cluster node changed meanwhile (retried by the hub; a client sees it
+    /// only when retries ran out).
+    pub(crate) fn conflict(key: &str) -> Self {
+        Error {
+            code: ErrorCode::PreconditionFailed,
+            message: format!(
+                "The record of '{key}' was changed by another request at the same time; retry"
+            ),
+            conflict: true,
+        }
+    }
+
+    pub(crate) fn is_conflict(&self) -> bool {
+        self.conflict
     }
 
     pub fn internal() -> Self {

@@ -111,6 +111,9 @@ impl HubOptions {
     }
 }
 
+/// How often an operation is redone after another cluster node changed its record meanwhile.
+const CONFLICT_RETRIES: u32 = 8;
+
 /// The default bound on a SAS token's remaining lifetime: one year.
 pub const DEFAULT_MAX_TOKEN_LIFETIME: Duration = Duration::from_secs(365 * 86_400);
 
@@ -280,7 +283,13 @@ impl Hub {
     /// The record of an identity (a device id, or `deviceId/moduleId` for a module).
     pub(crate) async fn load(&self, key: &str) -> Result<Option<DeviceRecord>> {
         match self.store.get(crate::record::table_of(key), key).await? {
-            Some(bytes) => Ok(Some(DeviceRecord::decode(&bytes)?)),
+            Some(bytes) => {
+                let mut rec = DeviceRecord::decode(&bytes)?;
+                if self.cluster.is_some() {
+                    rec.read_as = crate::record::ReadAs(Some(bytes.into()));
+                }
+                Ok(Some(rec))
+            }
             None => Ok(None),
         }
     }
@@ -296,8 +305,47 @@ impl Hub {
     }
 
     pub(crate) async fn save(&self, record: &DeviceRecord) -> Result<()> {
-        self.store.commit(vec![record.write()]).await?;
-        Ok(())
+        self.commit_record(record, Vec::new()).await
+    }
+
+    /// Commits `record` with `more` writes. In a cluster only if the store still holds what
+    /// the record was read from (absent, for a new one); otherwise [`Error::conflict`]: another
+    /// node changed it meanwhile, and the caller reads it again and redoes its change.
+    pub(crate) async fn commit_record(
+        &self,
+        record: &DeviceRecord,
+        more: Vec<Write>,
+    ) -> Result<()> {
+        let mut writes = Vec::with_capacity(1 + more.len());
+        writes.push(record.write());
+        writes.extend(more);
+        if self.cluster.is_none() {
+            self.store.commit(writes).await?;
+            return Ok(());
+        }
+        let key = record.key();
+        let table = crate::record::table_of(&key);
+        let expect = match &record.read_as.0 {
+            Some(bytes) => twinhub_store::Expect::holds(table, key.clone(), bytes.to_vec()),
+            None => twinhub_store::Expect::absent(table, key.clone()),
+        };
+        if self.store.commit_checked(vec![expect], writes).await? {
+            Ok(())
+        } else {
+            Err(crate::error::Error::conflict(&key))
+        }
+    }
+
+    /// Whether an operation that failed with `e` is to be done again: it met a record another
+    /// cluster node changed between its read and its write ([`Error::conflict`]), and has not
+    /// been redone too often. Counts the attempt.
+    pub(crate) fn retry_after(&self, e: &crate::error::Error, attempt: &mut u32) -> bool {
+        if e.is_conflict() && *attempt < CONFLICT_RETRIES {
+            *attempt += 1;
+            true
+        } else {
+            false
+        }
     }
 
     /// Closes every connected session (on shutdown).

@@ -131,6 +131,9 @@ impl Hub {
             return Err(Error::device_not_found(device_id));
         }
         let guard = self.locks.lock(&key).await;
+        let mut attempt = 0;
+        let (record, event) = loop {
+            let result: Result<_> = async {
         let existing = self.load(&key).await?;
         let mut event = None;
         let record = match (existing, if_match.is_some()) {
@@ -168,6 +171,14 @@ impl Hub {
                     self.close_session_everywhere(&key).await;
                 }
                 rec
+            }
+        };
+        Ok((record, event))
+            }
+            .await;
+            match result {
+                Err(e) if self.retry_after(&e, &mut attempt) => continue,
+                other => break other?,
             }
         };
         let module = self.render_module(&record);

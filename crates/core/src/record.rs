@@ -61,6 +61,21 @@ pub struct DeviceRecord {
     /// its disconnect); never set on a single node.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub node: Option<String>,
+    /// In a cluster, the bytes this record was read from: its save applies only if the store
+    /// still holds them, so two nodes never overwrite each other's change. Not stored.
+    #[serde(skip)]
+    pub(crate) read_as: ReadAs,
+}
+
+/// The stored bytes a record was read from (see [`DeviceRecord::read_as`]). Records compare
+/// equal whatever they were read from.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct ReadAs(pub(crate) Option<std::sync::Arc<[u8]>>);
+
+impl PartialEq for ReadAs {
+    fn eq(&self, _: &ReadAs) -> bool {
+        true
+    }
 }
 
 /// The key naming an identity throughout the hub (store, sessions, locks, throttles):

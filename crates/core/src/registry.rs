@@ -216,6 +216,7 @@ pub(crate) fn new_record(device_id: &str, spec: &DeviceSpec, now: &str) -> Resul
             reported: Section::new(now, false),
         },
         node: None,
+        read_as: Default::default(),
     })
 }
 
@@ -266,36 +267,47 @@ impl Hub {
         let spec = DeviceSpec::from(body);
         let now = keys::now_text();
         let guard = self.locks.lock(device_id).await;
-        let existing = self.load(device_id).await?;
-        let mut event = None;
-        let record = match (existing, if_match.is_some()) {
-            (None, false) => {
-                let rec = new_record(device_id, &spec, &now)?;
-                self.save(&rec).await?;
-                self.counts.add(rec.status);
-                event = self.lifecycle_event(&rec, &now, Lifecycle::Created);
-                rec
+        let mut attempt = 0;
+        let (record, event) = loop {
+            let result: Result<_> = async {
+                let existing = self.load(device_id).await?;
+                let mut event = None;
+                let record = match (existing, if_match.is_some()) {
+                    (None, false) => {
+                        let rec = new_record(device_id, &spec, &now)?;
+                        self.save(&rec).await?;
+                        self.counts.add(rec.status);
+                        event = self.lifecycle_event(&rec, &now, Lifecycle::Created);
+                        rec
+                    }
+                    (None, true) => return Err(Error::device_not_found(device_id)),
+                    (Some(_), false) => {
+                        return Err(Error::new(
+                            ErrorCode::DeviceAlreadyExists,
+                            format!("A device with ID '{device_id}' is already registered"),
+                        ));
+                    }
+                    (Some(mut rec), true) => {
+                        check_etag(if_match, &rec.device_etag(), "device")?;
+                        let before = rec.status;
+                        let close = update_record(&mut rec, &spec, &now)?;
+                        self.save(&rec).await?;
+                        self.counts.change(before, rec.status);
+                        if close {
+                            self.close_session_everywhere(device_id).await;
+                        }
+                        if rec.status == DeviceStatus::Disabled {
+                            self.close_module_sessions(device_id).await;
+                        }
+                        rec
+                    }
+                };
+                Ok((record, event))
             }
-            (None, true) => return Err(Error::device_not_found(device_id)),
-            (Some(_), false) => {
-                return Err(Error::new(
-                    ErrorCode::DeviceAlreadyExists,
-                    format!("A device with ID '{device_id}' is already registered"),
-                ));
-            }
-            (Some(mut rec), true) => {
-                check_etag(if_match, &rec.device_etag(), "device")?;
-                let before = rec.status;
-                let close = update_record(&mut rec, &spec, &now)?;
-                self.save(&rec).await?;
-                self.counts.change(before, rec.status);
-                if close {
-                    self.close_session_everywhere(device_id).await;
-                }
-                if rec.status == DeviceStatus::Disabled {
-                    self.close_module_sessions(device_id).await;
-                }
-                rec
+            .await;
+            match result {
+                Err(e) if self.retry_after(&e, &mut attempt) => continue,
+                other => break other?,
             }
         };
         let device = self.render_device(&record);

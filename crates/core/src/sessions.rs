@@ -174,35 +174,47 @@ impl Hub {
         let token_expiry = self.check_credentials(&rec, credentials)?;
 
         let guard = self.locks.lock(device_id).await;
-        // Reload under the lock: the device may have changed since the check above.
-        let mut rec = self.enabled_identity(device_id).await?;
-        if rec.auth != auth_checked {
-            return Err(Error::unauthorized(format!(
-                "{} changed its credentials while connecting",
-                describe(device_id)
-            )));
-        }
-        let previous = match self.store.get(Table::Sessions, device_id).await? {
-            Some(bytes) => serde_json::from_slice::<PersistedSession>(&bytes).ok(),
-            None => None,
-        };
-        let now = keys::now_text();
-        rec.connection_state_updated_time = now.clone();
-        rec.last_activity_time = now.clone();
-        // In a cluster the record names the node holding the session, so that the others
-        // forward its methods and patches here and close the session this one replaces.
-        let replaced_node = match self.cluster() {
-            Some(bus) => {
-                let before = rec.node.replace(bus.node_id().to_owned());
-                self.remote_node(before.as_deref()).map(str::to_owned)
+        let mut attempt = 0;
+        let (rec, previous, now, replaced_node) = loop {
+            let result: Result<_> = async {
+                // Reload under the lock: the device may have changed since the check above.
+                let mut rec = self.enabled_identity(device_id).await?;
+                if rec.auth != auth_checked {
+                    return Err(Error::unauthorized(format!(
+                        "{} changed its credentials while connecting",
+                        describe(device_id)
+                    )));
+                }
+                let previous = match self.store.get(Table::Sessions, device_id).await? {
+                    Some(bytes) => serde_json::from_slice::<PersistedSession>(&bytes).ok(),
+                    None => None,
+                };
+                let now = keys::now_text();
+                rec.connection_state_updated_time = now.clone();
+                rec.last_activity_time = now.clone();
+                // In a cluster the record names the node holding the session, so that the
+                // others forward its methods and patches here and close the session this one
+                // replaces.
+                let replaced_node = match self.cluster() {
+                    Some(bus) => {
+                        let before = rec.node.replace(bus.node_id().to_owned());
+                        self.remote_node(before.as_deref()).map(str::to_owned)
+                    }
+                    None => None,
+                };
+                let mut more = Vec::new();
+                if clean_session && previous.is_some() {
+                    more.push(Write::delete(Table::Sessions, device_id));
+                }
+                self.commit_record(&rec, more).await?;
+                Ok((rec, previous, now, replaced_node))
             }
-            None => None,
+            .await;
+            match result {
+                Err(e) if self.retry_after(&e, &mut attempt) => continue,
+                other => break other?,
+            }
         };
-        let mut writes = vec![rec.write()];
-        if clean_session && previous.is_some() {
-            writes.push(Write::delete(Table::Sessions, device_id));
-        }
-        self.store.commit(writes).await?;
         if let Some(old) = self.directory.register(device_id, handle) {
             old.close.close(CloseReason::ReplacedByNewConnection);
         }
@@ -290,23 +302,32 @@ impl Hub {
         now: &str,
         clean_session: bool,
     ) -> Result<()> {
-        let Some(mut rec) = self.load(device_id).await? else {
-            return Ok(());
-        };
-        rec.connection_state_updated_time = now.to_owned();
-        rec.last_activity_time = now.to_owned();
-        // Only this node's own mark is cleared: the identity may have signed in on another
-        // node since, which wrote its own.
-        if let Some(bus) = self.cluster()
-            && rec.node.as_deref() == Some(bus.node_id())
-        {
-            rec.node = None;
+        let mut attempt = 0;
+        loop {
+            let result: Result<()> = async {
+                let Some(mut rec) = self.load(device_id).await? else {
+                    return Ok(());
+                };
+                rec.connection_state_updated_time = now.to_owned();
+                rec.last_activity_time = now.to_owned();
+                // Only this node's own mark is cleared: the identity may have signed in on
+                // another node since, which wrote its own.
+                if let Some(bus) = self.cluster()
+                    && rec.node.as_deref() == Some(bus.node_id())
+                {
+                    rec.node = None;
+                }
+                let mut more = Vec::new();
+                if clean_session {
+                    more.push(Write::delete(Table::Sessions, device_id));
+                }
+                self.commit_record(&rec, more).await
+            }
+            .await;
+            match result {
+                Err(e) if self.retry_after(&e, &mut attempt) => continue,
+                other => return other,
+            }
         }
-        let mut writes = vec![rec.write()];
-        if clean_session {
-            writes.push(Write::delete(Table::Sessions, device_id));
-        }
-        self.store.commit(writes).await?;
-        Ok(())
     }
 }

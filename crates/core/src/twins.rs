@@ -77,37 +77,48 @@ impl Hub {
         }
         let now = keys::now_text();
         let guard = self.locks.lock(device_id).await;
-        let mut rec = self.load_existing(device_id).await?;
-        if let Some(expected) = if_match_value(if_match)
-            && expected != rec.twin_etag()
-        {
-            return Err(Error::precondition_failed("twin"));
-        }
-        let mut desired_patch = None;
-        let mut tags_patch = None;
-        if replace {
-            let mut tags = input.tags.unwrap_or_default();
-            twin_doc::strip_nulls(&mut tags);
-            twin_doc::check_size(SectionKind::Tags, &tags)?;
-            let mut desired = input.desired.unwrap_or_default();
-            twin_doc::strip_nulls(&mut desired);
-            twin_doc::check_size(SectionKind::Desired, &desired)?;
-            rec.twin.tags = tags;
-            desired_patch = Some(rec.twin.desired.replace(desired, &now, true));
-        } else {
-            if let Some(patch) = input.tags {
-                merge_tags(&mut rec.twin.tags, &patch);
-                twin_doc::check_size(SectionKind::Tags, &rec.twin.tags)?;
-                tags_patch = Some(patch);
+        let mut attempt = 0;
+        let (rec, tags_patch, desired_patch) = loop {
+            let result: Result<_> = async {
+                let mut rec = self.load_existing(device_id).await?;
+                if let Some(expected) = if_match_value(if_match)
+                    && expected != rec.twin_etag()
+                {
+                    return Err(Error::precondition_failed("twin"));
+                }
+                let mut desired_patch = None;
+                let mut tags_patch = None;
+                if replace {
+                    let mut tags = input.tags.clone().unwrap_or_default();
+                    twin_doc::strip_nulls(&mut tags);
+                    twin_doc::check_size(SectionKind::Tags, &tags)?;
+                    let mut desired = input.desired.clone().unwrap_or_default();
+                    twin_doc::strip_nulls(&mut desired);
+                    twin_doc::check_size(SectionKind::Desired, &desired)?;
+                    rec.twin.tags = tags;
+                    desired_patch = Some(rec.twin.desired.replace(desired, &now, true));
+                } else {
+                    if let Some(patch) = &input.tags {
+                        merge_tags(&mut rec.twin.tags, patch);
+                        twin_doc::check_size(SectionKind::Tags, &rec.twin.tags)?;
+                        tags_patch = Some(patch.clone());
+                    }
+                    if let Some(patch) = &input.desired {
+                        rec.twin.desired.apply_patch(patch, &now, true);
+                        twin_doc::check_size(SectionKind::Desired, &rec.twin.desired.props)?;
+                        desired_patch = Some(patch.clone());
+                    }
+                }
+                rec.twin.version += 1;
+                self.save(&rec).await?;
+                Ok((rec, tags_patch, desired_patch))
             }
-            if let Some(patch) = input.desired {
-                rec.twin.desired.apply_patch(&patch, &now, true);
-                twin_doc::check_size(SectionKind::Desired, &rec.twin.desired.props)?;
-                desired_patch = Some(patch);
+            .await;
+            match result {
+                Err(e) if self.retry_after(&e, &mut attempt) => continue,
+                other => break other?,
             }
-        }
-        rec.twin.version += 1;
-        self.save(&rec).await?;
+        };
         let event = if replace {
             self.twin_replaced_event(&rec, &now)
         } else {
@@ -263,19 +274,38 @@ impl Hub {
         session: &SessionRef<'_>,
         patch: &Map<String, Value>,
     ) -> Result<Option<(u64, Option<HubEvent>)>> {
-        let Some(mut rec) = self.load(session.device_id).await? else {
+        let mut throttled = false;
+        let now = keys::now_text();
+        let mut attempt = 0;
+        let saved = loop {
+            let result: Result<_> = async {
+                let Some(mut rec) = self.load(session.device_id).await? else {
+                    return Ok(None);
+                };
+                if rec.generation_id != session.generation_id || rec.status != DeviceStatus::Enabled
+                {
+                    return Ok(None);
+                }
+                if !throttled {
+                    self.throttles.twin_write(session.device_id)?;
+                    throttled = true;
+                }
+                let version = rec.twin.reported.apply_patch(patch, &now, false);
+                twin_doc::check_size(SectionKind::Reported, &rec.twin.reported.props)?;
+                rec.twin.version += 1;
+                rec.last_activity_time = now.clone();
+                self.save(&rec).await?;
+                Ok(Some((rec, version)))
+            }
+            .await;
+            match result {
+                Err(e) if self.retry_after(&e, &mut attempt) => continue,
+                other => break other?,
+            }
+        };
+        let Some((rec, version)) = saved else {
             return Ok(None);
         };
-        if rec.generation_id != session.generation_id || rec.status != DeviceStatus::Enabled {
-            return Ok(None);
-        }
-        self.throttles.twin_write(session.device_id)?;
-        let now = keys::now_text();
-        let version = rec.twin.reported.apply_patch(patch, &now, false);
-        twin_doc::check_size(SectionKind::Reported, &rec.twin.reported.props)?;
-        rec.twin.version += 1;
-        rec.last_activity_time = now.clone();
-        self.save(&rec).await?;
         let event = self.twin_updated_event(&rec, &now, None, None, Some(patch));
         Ok(Some((version, event)))
     }

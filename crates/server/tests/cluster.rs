@@ -515,3 +515,59 @@ async fn health_reports_nats_down_and_recovers_by_itself() {
     .await
     .expect("/health recovers once NATS is back");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writes_to_one_twin_through_both_nodes_at_once_are_all_kept() {
+    let nodes = pair("race").await;
+    let key = nodes.a.device("busy-dev").await;
+    let device = device_on(&nodes.b, "busy-dev", &key);
+    device.connect().await.expect("the device connects to node b");
+    const EACH: usize = 40;
+    let reporter = {
+        let device = device.clone();
+        tokio::spawn(async move {
+            for i in 0..EACH {
+                device
+                    .patch_reported(&json!({ format!("r{i}"): i }))
+                    .await
+                    .expect("node b acknowledges the reported patch");
+            }
+        })
+    };
+    let writers: Vec<_> = [nodes.a.owner(), nodes.b.owner()]
+        .into_iter()
+        .enumerate()
+        .map(|(n, service)| {
+            tokio::spawn(async move {
+                for i in 0..EACH {
+                    service
+                        .update_twin(
+                            "busy-dev",
+                            &json!({"properties": {"desired": { format!("d{n}_{i}"): i }}}),
+                            None,
+                        )
+                        .await
+                        .expect("the desired patch is acknowledged");
+                }
+            })
+        })
+        .collect();
+    reporter.await.unwrap();
+    for w in writers {
+        w.await.unwrap();
+    }
+    let twin = nodes.a.owner().get_twin("busy-dev").await.unwrap();
+    let props = twin.properties.expect("properties");
+    let missing_reported: Vec<usize> = (0..EACH)
+        .filter(|i| props.reported.get(&format!("r{i}")).is_none())
+        .collect();
+    let missing_desired: Vec<String> = (0..2)
+        .flat_map(|n| (0..EACH).map(move |i| format!("d{n}_{i}")))
+        .filter(|k| props.desired.get(k).is_none())
+        .collect();
+    assert!(
+        missing_reported.is_empty() && missing_desired.is_empty(),
+        "acknowledged writes lost: reported {missing_reported:?}, desired {missing_desired:?}"
+    );
+    device.close().await;
+}
