@@ -70,6 +70,13 @@ def hub_factory(tmp_path_factory: pytest.TempPathFactory) -> Iterator[HubFactory
     factory.close()
 
 
+@pytest.fixture(scope="session")
+def address_allocator() -> AddressAllocator:
+    """The session's loopback addresses, for fixtures that place processes of their own
+    (a cluster's nodes and load balancer) beside the hubs above."""
+    return _ALLOCATOR
+
+
 @pytest.fixture(scope="module")
 def module_hub_factory(tmp_path_factory: pytest.TempPathFactory) -> Iterator[HubFactory]:
     factory = HubFactory(tmp_path_factory)
@@ -125,6 +132,9 @@ def _hubs_of(item: pytest.Item) -> list[Hub]:
             found.append(value)
         elif isinstance(value, HubFactory):
             found.extend(value.hubs)
+        elif isinstance(getattr(value, "nodes", None), list):
+            # A cluster (clusterlib.Cluster): its nodes are hubs.
+            found.extend(h for h in value.nodes if isinstance(h, Hub))
     unique: list[Hub] = []
     for h in found:
         if all(h is not u for u in unique):
@@ -147,3 +157,8 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]):
     if report.failed:
         for h in _hubs_of(item):
             report.sections.append((f"twinhub {h.ip} log", h.log_tail()))
+        for value in getattr(item, "funcargs", {}).values():
+            # Services a fixture runs beside the hubs (a cluster's load balancer, NATS, ...).
+            sections = getattr(value, "failure_sections", None)
+            if callable(sections):
+                report.sections.extend(sections())

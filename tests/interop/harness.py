@@ -321,10 +321,15 @@ class Hub:
         mqtt_port: int = 8883,
         mqtt_connect_timeout: float | None = None,
         extra_args: Iterable[str] = (),
+        hostname: str | None = None,
+        name: str | None = None,
     ) -> None:
         self.binary = binary
         self.ip = ip
-        self.hostname = ip
+        # What clients put in HostName and SAS tokens carry: the bind address, unless the hub
+        # is a node of a cluster behind a load balancer whose address it is.
+        self.hostname = hostname or ip
+        self.name = name or ip
         self.https_port = https_port
         self.mqtt_port = mqtt_port
         self.mqtt_connect_timeout = mqtt_connect_timeout
@@ -361,9 +366,15 @@ class Hub:
     def base_url(self) -> str:
         return f"https://{self.rest_host}"
 
+    @property
+    def own_url(self) -> str:
+        """HTTPS on this process's own address (a cluster node's, not the load balancer's)."""
+        return f"https://{self.ip}" if self.https_port == 443 else f"https://{self.ip}:{self.https_port}"
+
     def __repr__(self) -> str:
         state = "running" if self.running else "stopped"
-        return f"<Hub {self.ip} https={self.https_port} mqtt={self.mqtt_port} {state}>"
+        named = "" if self.name == self.ip else f"{self.name} "
+        return f"<Hub {named}{self.ip} https={self.https_port} mqtt={self.mqtt_port} {state}>"
 
     # ---- lifecycle -------------------------------------------------------------------------
 
