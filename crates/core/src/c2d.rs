@@ -271,7 +271,7 @@ impl CloudMessaging {
         n
     }
 
-    fn wake(&self, device_id: &str) {
+    pub(crate) fn wake(&self, device_id: &str) {
         let watchers = self.watchers.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(n) = watchers.get(device_id).and_then(Weak::upgrade) {
             n.notify_one();
@@ -393,6 +393,70 @@ impl Hub {
         Ok(())
     }
 
+    /// In a cluster, brings this node's index of the device's queue in step with the store:
+    /// another node may have queued, delivered or purged messages. Locks held here are kept;
+    /// messages whose removal is in flight stay until it lands. A single node has nothing to
+    /// learn and reads nothing.
+    pub(crate) async fn c2d_refresh(&self, device_id: &str) -> Result<()> {
+        if self.cluster.is_none() {
+            return Ok(());
+        }
+        let prefix = format!("{device_id}/");
+        let mut stored = BTreeMap::new();
+        let mut after = Some(prefix.clone());
+        'pages: loop {
+            let page = self
+                .store
+                .scan(Table::CloudMessages, after.as_deref(), 1000)
+                .await?;
+            let full = page.len() == 1000;
+            for (key, bytes) in &page {
+                if !key.starts_with(&prefix) {
+                    break 'pages;
+                }
+                if let Ok(m) = CloudMessage::decode(bytes) {
+                    stored.insert(m.sequence_number, m);
+                }
+            }
+            match page.last() {
+                Some((k, _)) if full => after = Some(k.clone()),
+                _ => break,
+            }
+        }
+        let mut queues = self.c2d.queues();
+        let q = queues.entry(device_id.to_owned()).or_default();
+        q.entries
+            .retain(|seq, e| e.leaving || stored.contains_key(seq));
+        for (seq, m) in &stored {
+            q.entries.entry(*seq).or_insert_with(|| Entry::of(m));
+        }
+        Ok(())
+    }
+
+    /// In a cluster, refreshes every queue from the store (before a sweep).
+    async fn c2d_refresh_all(&self) -> Result<()> {
+        let mut devices: std::collections::BTreeSet<String> =
+            self.c2d.queues().keys().cloned().collect();
+        let mut after: Option<String> = None;
+        loop {
+            let page = self
+                .store
+                .scan(Table::CloudMessages, after.as_deref(), 1000)
+                .await?;
+            let Some((last, _)) = page.last() else { break };
+            after = Some(last.clone());
+            for (key, _) in &page {
+                if let Some((device, _)) = key.rsplit_once('/') {
+                    devices.insert(device.to_owned());
+                }
+            }
+        }
+        for device in devices {
+            self.c2d_refresh(&device).await?;
+        }
+        Ok(())
+    }
+
     /// Queues `message` for the device its `to` names, once durable. Fills in the sequence
     /// number, enqueued time, expiry (the sender's, cut to the maximum, or the default) and
     /// the device's generation.
@@ -436,6 +500,7 @@ impl Hub {
         };
         let _guard = self.locks.lock(&device_id).await;
         let record = self.load_existing(&device_id).await?;
+        self.c2d_refresh(&device_id).await?;
         {
             let mut queues = self.c2d.queues();
             let q = queues.entry(device_id.clone()).or_default();
@@ -478,12 +543,20 @@ impl Hub {
         result?;
         metrics::counter!("twinhub_c2d_messages_total", "outcome" => "queued").increment(1);
         self.c2d.wake(&device_id);
+        if let (Some(node), Some(bus)) = (self.remote_node(record.node.as_deref()), self.cluster())
+        {
+            let notice = crate::cluster::Notice::C2dQueued {
+                identity: device_id.clone(),
+            };
+            bus.notify(node, &notice).await;
+        }
         Ok(message.sequence_number)
     }
 
     /// Locks and returns the device's next message in queue order, if one is waiting. Expired
     /// messages met on the way leave with `Expired` feedback and are never handed out.
     pub async fn c2d_receive(&self, device_id: &str, holder: Holder) -> Result<Option<Locked>> {
+        self.c2d_refresh(device_id).await?;
         loop {
             let now = Instant::now();
             let now_ms = crate::keys::now_millis();
@@ -659,6 +732,7 @@ impl Hub {
     pub async fn c2d_purge(&self, device_id: &str) -> Result<u64> {
         let _guard = self.locks.lock(device_id).await;
         self.load_existing(device_id).await?;
+        self.c2d_refresh(device_id).await?;
         let seqs: Vec<u64> = {
             let mut queues = self.c2d.queues();
             let Some(q) = queues.get_mut(device_id) else {
@@ -930,6 +1004,14 @@ impl Hub {
     /// feedback locks are released, feedback past its time to live or over the bound is
     /// dropped.
     pub async fn c2d_sweep(&self) -> Result<()> {
+        if self.cluster.is_some() {
+            // One node sweeps for the cluster (the one running the jobs), from the store's
+            // queues: another node's index may hold messages delivered since.
+            if !*self.jobs.leading.borrow() {
+                return Ok(());
+            }
+            self.c2d_refresh_all().await?;
+        }
         let now = Instant::now();
         let now_ms = crate::keys::now_millis();
         let (expired, woken): (Vec<(String, Vec<u64>)>, Vec<String>) = {

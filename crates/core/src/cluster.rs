@@ -58,6 +58,8 @@ pub enum Notice {
     /// Records of these identities changed on `node`: the others re-read them for their twin
     /// index, so queries on every node see every node's writes.
     Changed { node: String, keys: Vec<String> },
+    /// A cloud-to-device message was queued for the identity's session there.
+    C2dQueued { identity: String },
     /// A job was created on a node that does not run jobs: the leader starts it.
     JobCreated { job_id: String },
     /// A job is to be cancelled: the node running it flips its switch.
@@ -235,6 +237,10 @@ impl Hub {
             }
             Notice::CancelJob { job_id } => {
                 self.cancel_running_job(&job_id);
+            }
+            Notice::C2dQueued { identity } => {
+                // The session's next receive reads the queue from the store.
+                self.c2d.wake(&identity);
             }
             Notice::Desired {
                 identity,

@@ -338,6 +338,8 @@ impl Hub {
     pub async fn get_device(&self, device_id: &str) -> Result<Device> {
         validate_device_id(device_id)?;
         let rec = self.load_existing(device_id).await?;
+        // Its queue's depth, as another cluster node may have changed it.
+        self.c2d_refresh(device_id).await?;
         Ok(self.render_device(&rec))
     }
 

@@ -238,6 +238,17 @@ impl Hub {
                 self.close_device_session(device_id, CloseReason::DeviceDisabled);
             }
         }
+        // In a cluster, messages queued through other nodes while the device was away or
+        // connected elsewhere are in the store only.
+        if !rec.is_module()
+            && let Err(e) = self.c2d_refresh(device_id).await
+        {
+            tracing::warn!(
+                device_id,
+                "reading the cloud-to-device queue failed: {}",
+                e.message()
+            );
+        }
         // Numbered under the lock, so the device's events number in the order of its changes.
         let event = self.connection_event(device_id, &now, true).await;
         drop(guard);

@@ -59,6 +59,10 @@ impl Hub {
     /// `GET /twins/{id}`.
     pub async fn get_twin(&self, device_id: &str) -> Result<Twin> {
         let rec = self.load_existing(device_id).await?;
+        // Its queue's depth, as another cluster node may have changed it.
+        if !rec.is_module() {
+            self.c2d_refresh(device_id).await?;
+        }
         Ok(self.render_twin(&rec))
     }
 

@@ -521,7 +521,10 @@ async fn writes_to_one_twin_through_both_nodes_at_once_are_all_kept() {
     let nodes = pair("race").await;
     let key = nodes.a.device("busy-dev").await;
     let device = device_on(&nodes.b, "busy-dev", &key);
-    device.connect().await.expect("the device connects to node b");
+    device
+        .connect()
+        .await
+        .expect("the device connects to node b");
     const EACH: usize = 40;
     let reporter = {
         let device = device.clone();
@@ -568,6 +571,72 @@ async fn writes_to_one_twin_through_both_nodes_at_once_are_all_kept() {
     assert!(
         missing_reported.is_empty() && missing_desired.is_empty(),
         "acknowledged writes lost: reported {missing_reported:?}, desired {missing_desired:?}"
+    );
+    device.close().await;
+}
+
+fn c2d_message(device: &str, id: &str) -> twinhub_proto::c2d::CloudMessage {
+    twinhub_proto::c2d::CloudMessage {
+        message_id: Some(id.into()),
+        to: format!("/devices/{device}/messages/devicebound"),
+        body: format!("{{\"id\":\"{id}\"}}").into_bytes(),
+        ..Default::default()
+    }
+}
+
+async fn next_c2d(messages: &mut twinhub_sdk::CloudToDeviceMessages) -> String {
+    let m = timeout(WAIT, messages.recv())
+        .await
+        .expect("a cloud-to-device message arrives in time")
+        .expect("the stream is open");
+    m.message_id.expect("a message id")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cloud_to_device_messages_sent_through_one_node_reach_a_device_on_the_other() {
+    let nodes = pair("c2d").await;
+    let key = nodes.a.device("c2d-dev").await;
+    // Queued through node a while the device is away...
+    let hub_a = &nodes.a.server().hub;
+    hub_a
+        .send_c2d(c2d_message("c2d-dev", "while-away"))
+        .await
+        .unwrap();
+    // ...then it connects to node b and gets it, and what node a sends next.
+    let device = device_on(&nodes.b, "c2d-dev", &key);
+    let mut messages = device.c2d_messages();
+    device
+        .connect()
+        .await
+        .expect("the device connects to node b");
+    assert_eq!(next_c2d(&mut messages).await, "while-away");
+    hub_a
+        .send_c2d(c2d_message("c2d-dev", "while-there"))
+        .await
+        .unwrap();
+    assert_eq!(next_c2d(&mut messages).await, "while-there");
+    // Both were completed on node b: node a sees the queue empty.
+    timeout(WAIT, async {
+        loop {
+            let queued = nodes
+                .a
+                .owner()
+                .get_device("c2d-dev")
+                .await
+                .unwrap()
+                .cloud_to_device_message_count;
+            if queued == Some(0) {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+    .await
+    .expect("node a shows the queue empty");
+    assert_eq!(
+        hub_a.c2d_purge("c2d-dev").await.unwrap(),
+        0,
+        "nothing left to purge"
     );
     device.close().await;
 }
