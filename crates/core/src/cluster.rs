@@ -292,6 +292,48 @@ impl Hub {
     }
 }
 
+/// A cluster's registry, counted from the shared store.
+pub(crate) struct ClusterCounts {
+    pub total: u64,
+    pub enabled: u64,
+    /// Devices whose record names a node holding their session.
+    pub connected: u64,
+}
+
+impl Hub {
+    /// Counts every device record in the store: a scan, so its cost grows with the registry
+    /// (about a second per 100,000 devices); statistics are not on any device's path.
+    pub(crate) async fn cluster_counts(&self) -> Result<ClusterCounts> {
+        let mut counts = ClusterCounts {
+            total: 0,
+            enabled: 0,
+            connected: 0,
+        };
+        let mut after: Option<String> = None;
+        loop {
+            let page = self
+                .store
+                .scan(Table::Devices, after.as_deref(), 1000)
+                .await?;
+            let Some((last, _)) = page.last() else { break };
+            after = Some(last.clone());
+            for (_, bytes) in &page {
+                let Ok(rec) = crate::record::DeviceRecord::decode(bytes) else {
+                    continue;
+                };
+                counts.total += 1;
+                if rec.status == twinhub_proto::model::DeviceStatus::Enabled {
+                    counts.enabled += 1;
+                }
+                if rec.node.is_some() {
+                    counts.connected += 1;
+                }
+            }
+        }
+        Ok(counts)
+    }
+}
+
 /// The keys of twin records in a batch, for [`Notice::Changed`].
 pub(crate) fn changed_keys(writes: &[twinhub_store::Write]) -> Vec<String> {
     writes

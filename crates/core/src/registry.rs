@@ -410,6 +410,31 @@ impl Hub {
         }
     }
 
+    /// `GET /statistics/devices`: this hub's counts, or in a cluster the shared registry's
+    /// (counted from the store, as devices come and go through every node).
+    pub async fn registry_statistics_now(&self) -> Result<RegistryStatistics> {
+        if self.cluster().is_none() {
+            return Ok(self.registry_statistics());
+        }
+        let counts = self.cluster_counts().await?;
+        Ok(RegistryStatistics {
+            total_device_count: counts.total,
+            enabled_device_count: counts.enabled,
+            disabled_device_count: counts.total.saturating_sub(counts.enabled),
+        })
+    }
+
+    /// `GET /statistics/service`: devices connected to this hub, or to any node of its
+    /// cluster.
+    pub async fn service_statistics_now(&self) -> Result<ServiceStatistics> {
+        if self.cluster().is_none() {
+            return Ok(self.service_statistics());
+        }
+        Ok(ServiceStatistics {
+            connected_device_count: self.cluster_counts().await?.connected,
+        })
+    }
+
     pub(crate) fn close_device_session(&self, device_id: &str, reason: CloseReason) {
         if let Some(h) = self.directory.get(device_id) {
             h.close.close(reason);

@@ -125,6 +125,26 @@ async fn methods_patches_and_state_reach_a_device_on_the_other_node() {
     // Node a shows the device connected, and its queries see what node b wrote.
     let seen = service.get_device("far-dev").await.unwrap();
     assert_eq!(seen.connection_state, Some(ConnectionState::Connected));
+    // The statistics are the cluster's, through either node.
+    for hub in [&nodes.a, &nodes.b] {
+        let owner = hub.owner();
+        assert_eq!(
+            owner
+                .service_statistics()
+                .await
+                .unwrap()
+                .connected_device_count,
+            1
+        );
+        assert_eq!(
+            owner
+                .registry_statistics()
+                .await
+                .unwrap()
+                .total_device_count,
+            1
+        );
+    }
     device
         .patch_reported(&json!({"firmware": "2.0"}))
         .await

@@ -96,11 +96,11 @@ async fn bulk(State(s): State<AppState>, _: Authorized<Write>, body: Bytes) -> A
 }
 
 async fn registry_statistics(State(s): State<AppState>, _: Authorized<Read>) -> ApiResult {
-    Ok(ok_json(&s.hub.registry_statistics()))
+    Ok(ok_json(&s.hub.registry_statistics_now().await?))
 }
 
 async fn service_statistics(State(s): State<AppState>, _: Authorized<ServiceConnect>) -> ApiResult {
-    Ok(ok_json(&s.hub.service_statistics()))
+    Ok(ok_json(&s.hub.service_statistics_now().await?))
 }
 
 async fn list_modules(
