@@ -112,7 +112,7 @@ impl HubOptions {
 }
 
 /// How often an operation is redone after another cluster node changed its record meanwhile.
-const CONFLICT_RETRIES: u32 = 8;
+const CONFLICT_RETRIES: u32 = 32;
 
 /// The default bound on a SAS token's remaining lifetime: one year.
 pub const DEFAULT_MAX_TOKEN_LIFETIME: Duration = Duration::from_secs(365 * 86_400);
@@ -332,6 +332,13 @@ impl Hub {
         if self.store.commit_checked(vec![expect], writes).await? {
             Ok(())
         } else {
+            // A random pause before the caller reads again, so that writers racing on one
+            // record from several nodes fall out of step instead of colliding again.
+            let jitter = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.subsec_nanos())
+                % 4_000;
+            tokio::time::sleep(Duration::from_micros(u64::from(jitter) + 200)).await;
             Err(crate::error::Error::conflict(&key))
         }
     }

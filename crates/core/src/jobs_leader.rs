@@ -32,6 +32,13 @@ struct Lease {
 }
 
 impl Hub {
+    /// Whether this node does the cluster's one-node work (jobs, webhook delivery, the
+    /// cloud-to-device sweep): always true on a single node; in a cluster, while it holds the
+    /// lease.
+    pub fn leads_cluster_work(&self) -> tokio::sync::watch::Receiver<bool> {
+        self.jobs.leading.subscribe()
+    }
+
     /// Starts competing for the jobs lease (cluster nodes only; a single node always leads).
     pub(crate) fn spawn_jobs_leadership(self: &Arc<Self>) {
         self.jobs.leading.send_replace(false);

@@ -425,6 +425,26 @@ impl RunningServer {
     }
 }
 
+/// Opens a custom endpoint's JetStream stream from the hub's synchronous endpoint opener,
+/// which runs inside the server's multi-threaded runtime.
+fn open_endpoint_stream(
+    url: &str,
+    name: &str,
+    options: LogOptions,
+) -> Result<twinhub_eventlog_jetstream::JetStreamLog, String> {
+    let handle = tokio::runtime::Handle::try_current()
+        .map_err(|_| "no runtime to open a JetStream endpoint log on".to_string())?;
+    if handle.runtime_flavor() != tokio::runtime::RuntimeFlavor::MultiThread {
+        return Err("a JetStream endpoint log needs the multi-threaded runtime".into());
+    }
+    tokio::task::block_in_place(|| {
+        handle.block_on(twinhub_eventlog_jetstream::JetStreamLog::connect(
+            url, name, options,
+        ))
+    })
+    .map_err(|e| format!("JetStream stream {name}: {e}"))
+}
+
 /// The layout and retention of the built-in log, which custom stream endpoints share.
 fn log_options(config: &Config) -> LogOptions {
     LogOptions {
@@ -435,15 +455,18 @@ fn log_options(config: &Config) -> LogOptions {
     }
 }
 
-/// The disk logs of custom endpoints, `<data-dir>/endpoints/<lower-cased name>`, opened when
-/// the hub first needs one and kept open until shutdown. Kept even after an endpoint is
-/// removed: a reader may still hold the log, and a `DiskLog` locks its directory, so adding
-/// the endpoint again must get the same log rather than a second one on the same files.
+/// The logs of custom endpoints, opened when the hub first needs one and kept open until
+/// shutdown: on one node, disk logs in `<data-dir>/endpoints/<lower-cased name>`; in a cluster,
+/// JetStream streams every node shares. Kept even after an endpoint is removed: a reader may
+/// still hold the log, and a `DiskLog` locks its directory, so adding the endpoint again must
+/// get the same log rather than a second one on the same files.
 #[derive(Clone)]
 struct EndpointLogs {
     dir: PathBuf,
     options: LogOptions,
-    open: Arc<std::sync::Mutex<std::collections::HashMap<String, Arc<DiskLog>>>>,
+    /// In a cluster: the NATS URL and the hub's name, which prefixes the streams.
+    jetstream: Option<(String, String)>,
+    open: Arc<std::sync::Mutex<std::collections::HashMap<String, Arc<dyn EventLog>>>>,
 }
 
 impl EndpointLogs {
@@ -451,32 +474,46 @@ impl EndpointLogs {
         EndpointLogs {
             dir,
             options: log_options(config),
+            jetstream: config.cluster.clone().map(|url| {
+                (
+                    url,
+                    twinhub_proto::connection_string::hub_name(&config.hostname),
+                )
+            }),
             open: Arc::default(),
         }
     }
 
-    fn opened(&self) -> Vec<(String, Arc<DiskLog>)> {
+    fn opened(&self) -> Vec<(String, Arc<dyn EventLog>)> {
         let open = self.open.lock().unwrap_or_else(|e| e.into_inner());
         open.iter().map(|(k, v)| (k.clone(), v.clone())).collect()
     }
 
     /// What the hub calls to get an endpoint's log. Names match without case in routing, so
-    /// the directory is the lower-cased name. Opening recovers the log's files in place
-    /// (blocking, like the built-in log's open at start): fine for the rare endpoint change.
+    /// the directory (or stream) is the lower-cased name. Opening recovers the log's files in
+    /// place, or connects to JetStream, blocking like the built-in log's open at start: fine
+    /// for the rare endpoint change.
     fn opener(&self) -> twinhub_core::routing::EndpointLogs {
         let this = self.clone();
         Arc::new(move |name: &str| {
             let key = name.to_ascii_lowercase();
             let mut open = this.open.lock().unwrap_or_else(|e| e.into_inner());
             if let Some(log) = open.get(&key) {
-                return Ok(log.clone() as Arc<dyn EventLog>);
+                return Ok(log.clone());
             }
-            let log = Arc::new(
-                DiskLog::open(this.dir.join(&key), this.options.clone())
-                    .map_err(|e| e.to_string())?,
-            );
+            let log: Arc<dyn EventLog> = match &this.jetstream {
+                None => Arc::new(
+                    DiskLog::open(this.dir.join(&key), this.options.clone())
+                        .map_err(|e| e.to_string())?,
+                ),
+                Some((url, hub)) => Arc::new(open_endpoint_stream(
+                    url,
+                    &format!("{hub}-endpoint-{key}"),
+                    this.options.clone(),
+                )?),
+            };
             open.insert(key, log.clone());
-            Ok(log as Arc<dyn EventLog>)
+            Ok(log)
         })
     }
 

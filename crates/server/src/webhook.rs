@@ -213,15 +213,19 @@ struct Running {
 /// Keeps one deliverer per webhook endpoint of the routing configuration in force.
 async fn supervise(shared: Arc<Shared>, shutdown: CancellationToken) {
     let mut changed = shared.hub.routing().changed.subscribe();
+    // In a cluster one node delivers (the lease holder), or every node would post every
+    // message; the others stop their deliverers, which save their cursors as they go.
+    let mut leading = shared.hub.leads_cluster_work();
     let mut running: HashMap<String, Running> = HashMap::new();
     loop {
         changed.borrow_and_update();
+        let delivers = *leading.borrow_and_update();
         let wanted: HashMap<String, twinhub_core::routing::Endpoint> = shared
             .hub
             .routing()
             .endpoints()
             .into_iter()
-            .filter(|e| e.spec.kind == twinhub_routing::EndpointKind::Webhook)
+            .filter(|e| delivers && e.spec.kind == twinhub_routing::EndpointKind::Webhook)
             .map(|e| (e.spec.name.to_ascii_lowercase(), e))
             .collect();
         // Stop those removed or pointed elsewhere first: a restarted deliverer must read the
@@ -273,6 +277,10 @@ async fn supervise(shared: Arc<Shared>, shutdown: CancellationToken) {
         tokio::select! {
             _ = shutdown.cancelled() => break,
             r = changed.changed() => if r.is_err() {
+                shutdown.cancelled().await;
+                break;
+            },
+            r = leading.changed() => if r.is_err() {
                 shutdown.cancelled().await;
                 break;
             },

@@ -660,3 +660,67 @@ async fn cloud_to_device_messages_sent_through_one_node_reach_a_device_on_the_ot
     );
     device.close().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_custom_stream_endpoint_is_shared_by_the_nodes() {
+    let database = twinhub_testsvc::postgres::shared().fresh_database();
+    let nats = twinhub_testsvc::nats::shared().url();
+    let node = |name: &'static str| {
+        let (db, nats) = (database.url(), nats.clone());
+        TestHub::start_with(move |c| {
+            c.store = Some(db.clone());
+            c.cluster = Some(nats.clone());
+            c.node_id = Some(name.into());
+            c.endpoints =
+                vec![serde_json::from_value(json!({"name": "alerts", "kind": "stream"})).unwrap()];
+            c.routes = vec![
+                serde_json::from_value(json!({
+                    "name": "hot",
+                    "source": "DeviceMessages",
+                    "condition": "true",
+                    "endpoints": ["alerts"]
+                }))
+                .unwrap(),
+            ];
+        })
+    };
+    let a = node("endpoint-a").await;
+    let b = node("endpoint-b").await;
+    for (i, hub) in [&a, &b].into_iter().enumerate() {
+        let id = format!("routed-{i}");
+        let key = a.device(&id).await;
+        let device = device_on(hub, &id, &key);
+        device.connect().await.unwrap();
+        device
+            .send_event(format!("{{\"from\":{i}}}"), &[])
+            .await
+            .expect("the node acknowledges the routed event");
+        device.close().await;
+    }
+    for hub in [&a, &b] {
+        let cs = hub
+            .server()
+            .hub_file
+            .entity_connection_string("service", false, "alerts")
+            .expect("the endpoint's connection string");
+        let client = twinhub_sdk::EventsClient::builder(&cs)
+            .extra_ca_pem(std::fs::read(hub.ca_pem()).unwrap())
+            .port(hub.server().amqp_addr.port())
+            .connect()
+            .await
+            .expect("the reader signs in");
+        let mut stream = client
+            .receive(None, twinhub_sdk::StartPosition::Earliest)
+            .await
+            .unwrap();
+        let mut got = Vec::new();
+        while got.len() < 2 {
+            match timeout(WAIT, stream.next()).await {
+                Ok(Some(Ok(e))) => got.push(String::from_utf8_lossy(&e.body).into_owned()),
+                other => panic!("reading the endpoint failed after {got:?}: {other:?}"),
+            }
+        }
+        got.sort();
+        assert_eq!(got, [r#"{"from":0}"#, r#"{"from":1}"#]);
+    }
+}
