@@ -187,7 +187,7 @@ pub struct CloudMessaging {
     queues: Mutex<HashMap<String, DeviceQueue>>,
     watchers: Mutex<HashMap<String, Weak<Notify>>>,
     feedback: Mutex<FeedbackState>,
-    feedback_ready: Notify,
+    pub(crate) feedback_ready: Notify,
     /// Message and feedback record numbers, hub-wide.
     sequence: Reserved,
 }
@@ -429,6 +429,48 @@ impl Hub {
             .retain(|seq, e| e.leaving || stored.contains_key(seq));
         for (seq, m) in &stored {
             q.entries.entry(*seq).or_insert_with(|| Entry::of(m));
+        }
+        Ok(())
+    }
+
+    /// In a cluster, takes the feedback records other nodes wrote (messages completed,
+    /// rejected or expired there) and drops those another node's receiver has taken. Records
+    /// locked by a receiver of this node are kept until it settles them.
+    async fn c2d_feedback_refresh(&self) -> Result<()> {
+        if self.cluster.is_none() {
+            return Ok(());
+        }
+        let mut stored = BTreeMap::new();
+        let mut after: Option<String> = None;
+        loop {
+            let page = self
+                .store
+                .scan(Table::Feedback, after.as_deref(), 1000)
+                .await?;
+            let Some((last, _)) = page.last() else { break };
+            after = Some(last.clone());
+            for (key, bytes) in page {
+                if let (Ok(seq), Ok(record)) = (
+                    u64::from_str_radix(&key, 16),
+                    serde_json::from_slice::<FeedbackRecord>(&bytes),
+                ) {
+                    stored.insert(seq, record);
+                }
+            }
+        }
+        let mut state = self.c2d.feedback_state();
+        state
+            .records
+            .retain(|seq, r| r.lock.is_some() || stored.contains_key(seq));
+        let now = Instant::now();
+        for (seq, record) in stored {
+            state.records.entry(seq).or_insert_with(|| PendingFeedback {
+                device_id: record.device_id.clone(),
+                record,
+                created: now,
+                lock: None,
+                abandons: 0,
+            });
         }
         Ok(())
     }
@@ -789,33 +831,40 @@ impl Hub {
             Ok(records)
         }
         .await;
-        let mut queues = self.c2d.queues();
-        let Some(q) = queues.get_mut(device_id) else {
-            return Ok(0);
-        };
-        match committed {
-            Ok(records) => {
-                for seq in seqs {
-                    q.entries.remove(seq);
-                }
-                metrics::counter!("twinhub_c2d_messages_total", "outcome" => status.as_str())
-                    .increment(stubs.len() as u64);
-                if q.entries.is_empty() && q.reserved == 0 {
-                    queues.remove(device_id);
-                }
-                drop(queues);
-                self.c2d.publish_feedback(records);
-                Ok(stubs.len() as u64)
-            }
-            Err(e) => {
-                for seq in seqs {
-                    if let Some(e) = q.entries.get_mut(seq) {
-                        e.leaving = false;
+        let published = {
+            let mut queues = self.c2d.queues();
+            let Some(q) = queues.get_mut(device_id) else {
+                return Ok(0);
+            };
+            match committed {
+                Ok(records) => {
+                    for seq in seqs {
+                        q.entries.remove(seq);
                     }
+                    metrics::counter!("twinhub_c2d_messages_total", "outcome" => status.as_str())
+                        .increment(stubs.len() as u64);
+                    if q.entries.is_empty() && q.reserved == 0 {
+                        queues.remove(device_id);
+                    }
+                    drop(queues);
+                    let published = !records.is_empty();
+                    self.c2d.publish_feedback(records);
+                    published
                 }
-                Err(e)
+                Err(e) => {
+                    for seq in seqs {
+                        if let Some(e) = q.entries.get_mut(seq) {
+                            e.leaving = false;
+                        }
+                    }
+                    return Err(e);
+                }
             }
+        };
+        if published && let Some(bus) = self.cluster() {
+            bus.broadcast(&crate::cluster::Notice::FeedbackQueued).await;
         }
+        Ok(stubs.len() as u64)
     }
 
     /// The writes that drop a deleted device's queue and its pending feedback; the registry
@@ -857,6 +906,9 @@ impl Hub {
             let notified = self.c2d.feedback_ready.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
+            if let Err(e) = self.c2d_feedback_refresh().await {
+                tracing::warn!("reading the cluster's feedback failed: {}", e.message());
+            }
             let wait = match self.c2d_feedback_take(false) {
                 Ok(batch) => return batch,
                 Err(wait) => wait,

@@ -60,6 +60,8 @@ pub enum Notice {
     Changed { node: String, keys: Vec<String> },
     /// A cloud-to-device message was queued for the identity's session there.
     C2dQueued { identity: String },
+    /// Delivery feedback was written: feedback receivers read the store again.
+    FeedbackQueued,
     /// A job was created on a node that does not run jobs: the leader starts it.
     JobCreated { job_id: String },
     /// A job is to be cancelled: the node running it flips its switch.
@@ -242,6 +244,7 @@ impl Hub {
                 // The session's next receive reads the queue from the store.
                 self.c2d.wake(&identity);
             }
+            Notice::FeedbackQueued => self.c2d.feedback_ready.notify_waiters(),
             Notice::Desired {
                 identity,
                 version,

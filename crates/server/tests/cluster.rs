@@ -630,11 +630,24 @@ async fn cloud_to_device_messages_sent_through_one_node_reach_a_device_on_the_ot
         .await
         .expect("the device connects to node b");
     assert_eq!(next_c2d(&mut messages).await, "while-away");
+    let mut asking = c2d_message("c2d-dev", "while-there");
+    asking.ack = twinhub_proto::c2d::Ack::Full;
+    hub_a.send_c2d(asking).await.unwrap();
+    assert_eq!(next_c2d(&mut messages).await, "while-there");
+    // Completed on node b, its feedback reaches a feedback receiver on node a.
+    let feedback = timeout(WAIT, hub_a.c2d_feedback_next())
+        .await
+        .expect("node a's feedback receiver gets node b's feedback in time");
+    let ids: Vec<_> = feedback
+        .records
+        .iter()
+        .map(|r| r.original_message_id.clone())
+        .collect();
+    assert_eq!(ids, ["while-there"]);
     hub_a
-        .send_c2d(c2d_message("c2d-dev", "while-there"))
+        .c2d_feedback_complete(&feedback.lock_token)
         .await
         .unwrap();
-    assert_eq!(next_c2d(&mut messages).await, "while-there");
     // Both were completed on node b: node a sees the queue empty.
     timeout(WAIT, async {
         loop {
