@@ -37,12 +37,20 @@ pub enum Error {
     Subscribe(String),
 }
 
+/// How long after (re)connecting to NATS a missing responder is not taken as a node gone: the
+/// other nodes may still be resubscribing.
+const SETTLE: Duration = Duration::from_secs(5);
+/// How long a node found without responders is given before it is asked again.
+const RECHECK: Duration = Duration::from_millis(500);
+
 /// A node's connection to the others.
 pub struct NatsBus {
     client: async_nats::Client,
     /// `twinhub.<hub token>`.
     prefix: String,
     node: String,
+    /// When the client last (re)connected.
+    connected_at: Arc<std::sync::Mutex<std::time::Instant>>,
 }
 
 /// A hub name as one subject token: letters, digits, `-` and `_` kept, anything else `_`.
@@ -82,10 +90,21 @@ impl NatsBus {
             url: url.to_owned(),
             reason,
         };
+        let connected_at = Arc::new(std::sync::Mutex::new(std::time::Instant::now()));
+        let on_event = connected_at.clone();
         let client = tokio::time::timeout(
             CONNECT_TIMEOUT,
             async_nats::ConnectOptions::new()
                 .name(format!("twinhub node {node}"))
+                .event_callback(move |event| {
+                    let on_event = on_event.clone();
+                    async move {
+                        if matches!(event, async_nats::Event::Connected) {
+                            *on_event.lock().unwrap_or_else(|e| e.into_inner()) =
+                                std::time::Instant::now();
+                        }
+                    }
+                })
                 // Nodes keep retrying a NATS server that restarts; callers see failed
                 // forwards meanwhile, never a hang.
                 .retry_on_initial_connect()
@@ -98,6 +117,7 @@ impl NatsBus {
             client,
             prefix: format!("twinhub.{}", token(hub)),
             node: node.to_owned(),
+            connected_at,
         };
         let ping = async_nats::Request::new()
             .payload(Bytes::new())
@@ -225,6 +245,28 @@ impl NatsBus {
         }
     }
 
+    /// Whether `node` is really gone after it had no responder: only when this node's own
+    /// connection has settled (after a NATS restart every node resubscribes, and for a moment
+    /// none answers) and the node still does not answer a ping a moment later.
+    async fn node_gone(&self, node: &str) -> bool {
+        let since = *self.connected_at.lock().unwrap_or_else(|e| e.into_inner());
+        if since.elapsed() < SETTLE || self.health().is_err() {
+            return false;
+        }
+        tokio::time::sleep(RECHECK).await;
+        let ping = async_nats::Request::new()
+            .payload(Bytes::new())
+            .timeout(Some(PING_WAIT));
+        match self
+            .client
+            .send_request(self.subject(node, "ping"), ping)
+            .await
+        {
+            Ok(_) => false,
+            Err(e) => e.kind() == async_nats::client::RequestErrorKind::NoResponders,
+        }
+    }
+
     async fn publish(&self, subject: String, notice: &Notice) {
         let body = serde_json::to_vec(notice).unwrap_or_default();
         if let Err(e) = self.client.publish(subject, Bytes::from(body)).await {
@@ -249,14 +291,21 @@ impl ClusterBus for NatsBus {
         let request = async_nats::Request::new()
             .payload(Bytes::from(body))
             .timeout(Some(wait));
-        let answer = self
+        let answer = match self
             .client
             .send_request(self.subject(node, "invoke"), request)
             .await
-            .map_err(|e| match e.kind() {
-                async_nats::client::RequestErrorKind::NoResponders => ForwardError::NodeGone,
-                _ => ForwardError::Failed(e.to_string()),
-            })?;
+        {
+            Ok(answer) => answer,
+            Err(e) if e.kind() == async_nats::client::RequestErrorKind::NoResponders => {
+                return Err(if self.node_gone(node).await {
+                    ForwardError::NodeGone
+                } else {
+                    ForwardError::Failed(format!("node {node} did not take the call"))
+                });
+            }
+            Err(e) => return Err(ForwardError::Failed(e.to_string())),
+        };
         serde_json::from_slice(&answer.payload)
             .map_err(|e| ForwardError::Failed(format!("unreadable answer: {e}")))
     }

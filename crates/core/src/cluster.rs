@@ -176,6 +176,13 @@ impl Hub {
             response_timeout_ms: call.response_timeout.as_millis() as u64,
             connect_timeout_ms: connect_timeout.as_millis() as u64,
         };
+        // With the bus down no node can be reached: said at once, as the hub's own outage.
+        if let Err(reason) = bus.health() {
+            return Err(Error::new(
+                ErrorCode::ServiceUnavailable,
+                format!("The hub cannot reach its other nodes now ({reason}); retry later"),
+            ));
+        }
         let wait = call.response_timeout + connect_timeout + FORWARD_MARGIN;
         match bus.invoke_method(node, &remote, wait).await {
             Ok(outcome) => outcome.into_result(),
@@ -187,7 +194,12 @@ impl Hub {
             }
             Err(ForwardError::Failed(reason)) => {
                 tracing::warn!(node, identity, "forwarding a method call failed: {reason}");
-                Err(crate::methods::not_online(identity))
+                Err(Error::new(
+                    ErrorCode::ServiceUnavailable,
+                    format!(
+                        "The hub could not reach the node holding the session of '{identity}'; retry later"
+                    ),
+                ))
             }
         }
     }
