@@ -245,28 +245,6 @@ impl NatsBus {
         }
     }
 
-    /// Whether `node` is really gone after it had no responder: only when this node's own
-    /// connection has settled (after a NATS restart every node resubscribes, and for a moment
-    /// none answers) and the node still does not answer a ping a moment later.
-    async fn node_gone(&self, node: &str) -> bool {
-        let since = *self.connected_at.lock().unwrap_or_else(|e| e.into_inner());
-        if since.elapsed() < SETTLE || self.health().is_err() {
-            return false;
-        }
-        tokio::time::sleep(RECHECK).await;
-        let ping = async_nats::Request::new()
-            .payload(Bytes::new())
-            .timeout(Some(PING_WAIT));
-        match self
-            .client
-            .send_request(self.subject(node, "ping"), ping)
-            .await
-        {
-            Ok(_) => false,
-            Err(e) => e.kind() == async_nats::client::RequestErrorKind::NoResponders,
-        }
-    }
-
     async fn publish(&self, subject: String, notice: &Notice) {
         let body = serde_json::to_vec(notice).unwrap_or_default();
         if let Err(e) = self.client.publish(subject, Bytes::from(body)).await {
@@ -316,6 +294,28 @@ impl ClusterBus for NatsBus {
 
     async fn broadcast(&self, notice: &Notice) {
         self.publish(self.all(), notice).await;
+    }
+
+    /// Gone only when this node's own connection has settled (after a NATS restart every node
+    /// resubscribes, and for a moment none answers) and the node does not answer a ping, nor
+    /// another one a moment later.
+    async fn node_gone(&self, node: &str) -> bool {
+        let since = *self.connected_at.lock().unwrap_or_else(|e| e.into_inner());
+        if since.elapsed() < SETTLE || self.health().is_err() {
+            return false;
+        }
+        tokio::time::sleep(RECHECK).await;
+        let ping = async_nats::Request::new()
+            .payload(Bytes::new())
+            .timeout(Some(PING_WAIT));
+        match self
+            .client
+            .send_request(self.subject(node, "ping"), ping)
+            .await
+        {
+            Ok(_) => false,
+            Err(e) => e.kind() == async_nats::client::RequestErrorKind::NoResponders,
+        }
     }
 
     fn health(&self) -> Result<(), String> {

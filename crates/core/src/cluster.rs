@@ -97,6 +97,12 @@ pub trait ClusterBus: Send + Sync + 'static {
     /// Sends `notice` to every other node, best effort.
     async fn broadcast(&self, notice: &Notice);
 
+    /// Whether `node` is gone (no longer running), as sure as the bus can tell; `false` when
+    /// in doubt.
+    async fn node_gone(&self, _node: &str) -> bool {
+        false
+    }
+
     /// Whether the bus reaches the others now; `Err` says why (for `/health`).
     fn health(&self) -> std::result::Result<(), String> {
         Ok(())
@@ -200,6 +206,37 @@ impl Hub {
                         "The hub could not reach the node holding the session of '{identity}'; retry later"
                     ),
                 ))
+            }
+        }
+    }
+
+    /// Clears the records naming `node` (this node when `None`) as holding their sessions.
+    pub(crate) async fn forget_sessions_of_node(&self, node: Option<&str>) {
+        let Some(bus) = self.cluster() else { return };
+        let node = node.unwrap_or(bus.node_id()).to_owned();
+        for (key, holder) in self.twin_index.sessions() {
+            if *holder == *node {
+                self.forget_gone_node(&key, &node).await;
+            }
+        }
+    }
+
+    /// Clears the sessions of nodes that are gone (killed without writing their devices'
+    /// disconnects), so their devices stop showing connected (run by the lease holder).
+    pub(crate) async fn sweep_gone_nodes(&self) {
+        let Some(bus) = self.cluster() else { return };
+        let me = bus.node_id();
+        let nodes: std::collections::BTreeSet<Arc<str>> = self
+            .twin_index
+            .sessions()
+            .into_iter()
+            .map(|(_, node)| node)
+            .filter(|node| &**node != me)
+            .collect();
+        for node in nodes {
+            if bus.node_gone(&node).await {
+                tracing::warn!(node = %node, "a node is gone: its devices' sessions are cleared");
+                self.forget_sessions_of_node(Some(&node)).await;
             }
         }
     }

@@ -198,6 +198,9 @@ impl Hub {
         hub.load_c2d().await?;
         hub.load_routing(&options.routing).await?;
         hub.load_certificates().await?;
+        if hub.cluster.is_some() {
+            hub.twin_index.track_presence();
+        }
         for table in [Table::Devices, Table::Modules] {
             let mut after: Option<String> = None;
             let mut bad = Vec::new();
@@ -223,6 +226,9 @@ impl Hub {
         let bad_jobs = crate::jobs::undecodable_jobs(&hub).await?;
         hub.quarantine(Table::Jobs, bad_jobs).await?;
         let hub = Arc::new(hub);
+        // This node holds no session yet: records naming it are left from a run that ended
+        // without writing its devices' disconnects.
+        hub.forget_sessions_of_node(None).await;
         if hub.cluster.is_some() {
             // The node holding the jobs lease resumes them (`jobs_leader`).
             hub.spawn_jobs_leadership();

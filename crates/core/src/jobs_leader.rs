@@ -21,7 +21,7 @@ const LEASE: Duration = Duration::from_secs(5);
 /// How often the holder renews it and the others look at it.
 const RENEW: Duration = Duration::from_secs(1);
 /// Every this many rounds the holder looks for unfinished jobs it does not run (one created on
-/// another node whose notice was lost).
+/// another node whose notice was lost) and for nodes that are gone with sessions on record.
 const RESCAN_ROUNDS: u32 = 10;
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -75,6 +75,7 @@ impl Hub {
                     if let Err(e) = hub.resume_jobs().await {
                         tracing::warn!("resuming jobs failed: {}", e.message());
                     }
+                    hub.sweep_gone_nodes().await;
                 } else if was && !held {
                     tracing::warn!("this node no longer runs the cluster's jobs");
                 }

@@ -265,7 +265,9 @@ impl Hub {
     fn fill_live(&self, key: &str, doc: &mut Value) {
         let Value::Object(fields) = doc else { return };
         if let Some(state) = fields.get_mut("connectionState") {
-            let now = if self.directory.is_connected(key) {
+            let now = if self.directory.is_connected(key)
+                || (self.cluster.is_some() && self.twin_index.node_of(key).is_some())
+            {
                 ConnectionState::Connected
             } else {
                 ConnectionState::Disconnected

@@ -84,6 +84,18 @@ pub(crate) struct TwinIndex {
     /// touched could not be read back: the index may then differ from the store, so queries
     /// read the store until the hub restarts.
     unreliable: AtomicBool,
+    /// In a cluster: the identities whose records name a node holding their session, with
+    /// that node (connectionState in queries, and the sweep of nodes that are gone).
+    presence: RwLock<std::collections::HashMap<Arc<str>, Arc<str>>>,
+    /// Whether `presence` is kept (cluster nodes only: it costs a parse per write).
+    tracks_presence: AtomicBool,
+}
+
+/// The one field of a record `presence` needs.
+#[derive(serde::Deserialize)]
+struct NodeOnly {
+    #[serde(default)]
+    node: Option<String>,
 }
 
 impl TwinIndex {
@@ -100,8 +112,47 @@ impl TwinIndex {
         !self.unreliable.load(Ordering::Acquire)
     }
 
+    /// Keeps the identities' session nodes from now on (a cluster node, before it loads).
+    pub(crate) fn track_presence(&self) {
+        self.tracks_presence.store(true, Ordering::Release);
+    }
+
+    /// The node a record names as holding the identity's session.
+    pub(crate) fn node_of(&self, key: &str) -> Option<Arc<str>> {
+        self.presence
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(key)
+            .cloned()
+    }
+
+    /// Every identity whose record names a session node, with the node.
+    pub(crate) fn sessions(&self) -> Vec<(Arc<str>, Arc<str>)> {
+        self.presence
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .map(|(k, n)| (k.clone(), n.clone()))
+            .collect()
+    }
+
+    fn note_presence(&self, key: &str, node: Option<String>) {
+        let mut presence = self.presence.write().unwrap_or_else(|e| e.into_inner());
+        match node {
+            Some(node) => {
+                presence.insert(Arc::from(key), Arc::from(node));
+            }
+            None => {
+                presence.remove(key);
+            }
+        }
+    }
+
     /// Adds a record read at open, rendered at once (the hub has just decoded it anyway).
     pub(crate) fn insert_record(&self, table: Table, key: &str, rec: &DeviceRecord) {
+        if rec.node.is_some() {
+            self.note_presence(key, rec.node.clone());
+        }
         if let Some(map) = self.map(table) {
             map.write()
                 .unwrap_or_else(|e| e.into_inner())
@@ -116,6 +167,13 @@ impl TwinIndex {
 
     fn apply(&self, table: Table, key: String, value: Option<Vec<u8>>) {
         let Some(map) = self.map(table) else { return };
+        if self.tracks_presence.load(Ordering::Acquire) {
+            let node = value
+                .as_deref()
+                .and_then(|bytes| serde_json::from_slice::<NodeOnly>(bytes).ok())
+                .and_then(|n| n.node);
+            self.note_presence(&key, node);
+        }
         let mut map = map.write().unwrap_or_else(|e| e.into_inner());
         match value {
             Some(bytes) => {
