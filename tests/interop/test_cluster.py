@@ -10,6 +10,9 @@ The tests share one cluster and run in order: the spread of devices, the two see
 and desired patches across nodes, telemetry read through every AMQP endpoint, then the
 disruptive ones: kill -9 of a node under load (its devices reconnect through HAProxy, nothing
 acknowledged is lost, the node rejoins), and PostgreSQL and NATS restarts under light load.
+Last, jobs, which only the holder of the jobs lease runs: a method job over devices on every
+node calls each once, and a job whose leader is killed with kill -9 is resumed by the node that
+takes the lease over and completes there.
 Measured times are printed (`pytest -rP` shows them).
 """
 
@@ -26,7 +29,7 @@ import pytest
 
 from apprunner import App
 from clusterlib import Cluster, wait_for
-from harness import Hub, shutdown_bounded, unique_id
+from harness import Hub, sdk_call, shutdown_bounded, unique_id
 
 pytestmark = pytest.mark.device
 
@@ -756,3 +759,275 @@ def test_nats_restart_under_light_load_recovers_by_itself(cluster: Cluster, flee
         d.client.send_message(Message(json.dumps({"run": after, "dev": d.id, "i": 0})))
     for tag in (before, after):
         read_tagged_events(cluster, tag, {(d.id, 0) for d in fleet})
+
+
+# --------------------------------------------------------------------------------------------
+# Jobs: run once cluster-wide by the holder of the jobs lease, resumed by another node
+# --------------------------------------------------------------------------------------------
+
+# From kill -9 of the jobs leader to the job's completion: the lease lapses 5 s after its
+# holder's last renewal, another node looks every second and resumes the unfinished jobs, and
+# the late device connects through HAProxy (retrying if it is sent to the dead node).
+JOB_FAILOVER_S = 20.0
+JOB_TIMEOUT_S = 30.0
+LEASE_KEY = "cluster/jobs-leader"
+
+
+def job_manager(cluster: Cluster, node: Hub):
+    """An IoTHubJobManager with tokens for L, calling `node`'s own address."""
+    from azure.iot.hub import IoTHubJobManager
+
+    jm = IoTHubJobManager.from_connection_string(cluster.service_cs())
+    jm.protocol.config.base_url = node.own_url
+    jm.protocol.config.connection.verify = str(cluster.ca_bundle)
+    return jm
+
+
+def tag_devices(cluster: Cluster, ids: list[str], marker: str) -> None:
+    from azure.iot.hub.models import Twin
+
+    rm = cluster.registry()
+    for did in ids:
+        rm.update_twin(did, Twin(tags={"jobsuite": marker}))
+
+
+def method_job(job_id: str, marker: str, name: str, connect_timeout: int = 0):
+    import datetime as dt
+
+    from azure.iot.hub.models import JobRequest
+
+    return JobRequest(
+        job_id=job_id,
+        type="scheduleDeviceMethod",
+        cloud_to_device_method=method(
+            name, {"job": job_id}, response_timeout=10, connect_timeout=connect_timeout
+        ),
+        query_condition=f"tags.jobsuite = '{marker}'",
+        start_time=dt.datetime.now(dt.timezone.utc).replace(tzinfo=None).isoformat(),
+        max_execution_time_in_seconds=120,
+    )
+
+
+def job_state(jm, job_id: str):
+    return sdk_call(jm.get_scheduled_job, job_id)
+
+
+def stats_of(job) -> dict[str, Any]:
+    s = job.device_job_statistics
+    if s is None:
+        return {"status": job.status}
+    return {
+        "status": job.status,
+        "devices": s.device_count,
+        "succeeded": s.succeeded_count,
+        "failed": s.failed_count,
+        "running": s.running_count,
+        "pending": s.pending_count,
+    }
+
+
+def wait_job_completed(cluster: Cluster, jm, job_id: str, timeout: float, what: str):
+    last: dict[str, Any] = {}
+
+    def done():
+        job = job_state(jm, job_id)
+        last["job"] = job
+        if job.status in ("failed", "cancelled"):
+            raise AssertionError(
+                f"job {job_id} ended as {job.status!r}: {job.as_dict()}\n{cluster.logs_tail(60)}"
+            )
+        return job if job.status == "completed" else None
+
+    return wait_for(
+        done,
+        timeout,
+        what,
+        interval=0.2,
+        detail=lambda: f"job: {stats_of(last['job']) if 'job' in last else None}\n{cluster.logs_tail(60)}",
+    )
+
+
+def calls_named(d: Device, name: str) -> int:
+    with d.lock:
+        return sum(1 for n, _ in d.methods if n == name)
+
+
+def lease_holder(cluster: Cluster) -> dict[str, Any] | None:
+    """The jobs lease as stored in PostgreSQL (meta table, tbl 1), or None if absent."""
+    database = cluster.store_url.rsplit("/", 1)[1]
+    out = cluster.pg.psql(
+        database,
+        "SELECT convert_from(value, 'UTF8') FROM twinhub_kv "
+        f"WHERE tbl = 1 AND key = convert_to('{LEASE_KEY}', 'UTF8')",
+    ).strip()
+    return json.loads(out) if out else None
+
+
+def current_leader(cluster: Cluster) -> Hub | None:
+    """The running node whose lease is still valid, or None."""
+    lease = lease_holder(cluster)
+    if not lease or lease.get("untilMs", 0) <= time.time() * 1000:
+        return None
+    return next((h for h in cluster.nodes if h.name == lease.get("node") and h.running), None)
+
+
+@pytest.mark.timeout(120)
+def test_a_method_job_over_devices_on_all_nodes_completes_once(cluster: Cluster):
+    started = time.monotonic()
+    marker = unique_id("jobs")
+    name = "jobOnce"
+    devices: list[Device] = []
+    try:
+        # Through HAProxy, until every node holds at least one of them (bounded).
+        while len({d.node.name for d in devices if d.node}) < len(cluster.nodes) and len(devices) < 9:
+            devices.append(Device(cluster, unique_id("jobdev")).start(cluster))
+        by_node = spread(devices)
+        report("job_once_spread", {k: len(v) for k, v in sorted(by_node.items())})
+        assert sorted(by_node) == [h.name for h in cluster.nodes], f"devices by node: {by_node}"
+        tag_devices(cluster, [d.id for d in devices], marker)
+
+        leader = current_leader(cluster)
+        # Created through a node that does not run the jobs, so the job crosses the bus.
+        via = next((h for h in cluster.nodes if h is not leader), cluster.nodes[0])
+        jm = job_manager(cluster, via)
+        job_id = unique_id("oncejob")
+        created_at = time.monotonic()
+        sdk_call(jm.create_scheduled_job, job_id, method_job(job_id, marker, name))
+        job = wait_job_completed(
+            cluster, jm, job_id, JOB_TIMEOUT_S, f"job {job_id} (created via {via.name}) to complete"
+        )
+        report("job_once_seconds", round(time.monotonic() - created_at, 2))
+        report("job_once_nodes", {"leader": leader.name if leader else None, "created_via": via.name})
+
+        stats = stats_of(job)
+        n = len(devices)
+        want = {"status": "completed", "devices": n, "succeeded": n, "failed": 0, "running": 0, "pending": 0}
+        assert stats == want, f"{stats}\n{job.as_dict()}\n{cluster.logs_tail(60)}"
+        # Another node running the job too would call the devices a second time: give it a moment.
+        time.sleep(1.0)
+        counts = {d.id: calls_named(d, name) for d in devices}
+        assert all(c == 1 for c in counts.values()), (
+            f"each device must be called exactly once: {counts} (spread {by_node})\n{cluster.logs_tail(60)}"
+        )
+        # The job's statistics read the same through every node.
+        for node in cluster.nodes:
+            assert stats_of(job_state(job_manager(cluster, node), job_id)) == stats, node.name
+    finally:
+        for d in devices:
+            shutdown_bounded(d.client)
+    report("job_once_test_seconds", round(time.monotonic() - started, 2))
+
+
+@pytest.mark.timeout(150)
+def test_a_job_led_by_a_killed_node_finishes_on_another_node(cluster: Cluster):
+    started = time.monotonic()
+    marker = unique_id("jobsf")
+    name = "jobResume"
+    leader = wait_for(
+        lambda: current_leader(cluster),
+        10,
+        "a running node to hold the jobs lease",
+        detail=lambda: f"lease: {lease_holder(cluster)}\n{cluster.logs_tail(30)}",
+    )
+    others = [h for h in cluster.nodes if h is not leader and h.running]
+    assert others, "no node besides the leader is running"
+    online: list[Device] = []
+    late_client = None
+    try:
+        # At least one device on the leader, so one finished device moves node after the kill.
+        while len(online) < 3 or (leader.name not in spread(online) and len(online) < 6):
+            online.append(Device(cluster, unique_id("jobon")).start(cluster))
+        # Registered, with its client built, but not connected until the leader is gone.
+        late = Device(cluster, unique_id("joblate"))
+        late_client = late.client
+        tag_devices(cluster, [d.id for d in [*online, late]], marker)
+
+        # Created through another node (the job reaches the leader over NATS) and watched there.
+        jm = job_manager(cluster, others[0])
+        job_id = unique_id("failjob")
+        sdk_call(jm.create_scheduled_job, job_id, method_job(job_id, marker, name, connect_timeout=60))
+        wait_for(
+            lambda: (stats_of(job_state(jm, job_id)).get("succeeded") or 0) >= len(online),
+            JOB_TIMEOUT_S,
+            f"the {len(online)} connected devices to be done in job {job_id}",
+            interval=0.2,
+            detail=lambda: f"job: {stats_of(job_state(jm, job_id))}\n{cluster.logs_tail(40)}",
+        )
+        before_kill = stats_of(job_state(jm, job_id))
+        assert before_kill["status"] == "running" and before_kill["succeeded"] == len(online), (
+            f"{before_kill}\n{cluster.logs_tail(40)}"
+        )
+        early = {d.id: calls_named(d, name) for d in online}
+        assert early == {d.id: 1 for d in online}, f"calls before the kill: {early}\n{cluster.logs_tail(40)}"
+
+        killed_at = time.monotonic()
+        leader.kill()
+        report("job_failover_killed", {"leader": leader.name, "spread": spread(online), "late": late.id})
+
+        # Another node takes the lease once it lapses; only then does the late device come online
+        # (through HAProxy, which may still try the dead node once), so the node that resumed the
+        # job is the one that sees it connect, wherever its session lands.
+        def successor() -> Hub | None:
+            holder = current_leader(cluster)
+            return holder if holder is not None and holder is not leader else None
+
+        new_leader = wait_for(
+            successor,
+            15,
+            f"another node to take the jobs lease after kill -9 of {leader.name}",
+            interval=0.2,
+            detail=lambda: f"lease: {lease_holder(cluster)}\n{cluster.logs_tail(40)}",
+        )
+        took_over_at = time.monotonic()
+        deadline = time.monotonic() + 20
+        errors: list[str] = []
+        while True:
+            try:
+                late_client.connect()
+                break
+            except Exception as e:  # noqa: BLE001 - retried, bounded
+                errors.append(f"{type(e).__name__}: {e}")
+                if time.monotonic() >= deadline:
+                    raise AssertionError(f"the late device could not connect through HAProxy: {errors[-3:]}")
+                time.sleep(0.5)
+        late_client.on_method_request_received = late._on_method
+        connected_at = time.monotonic()
+
+        job = wait_job_completed(
+            cluster,
+            jm,
+            job_id,
+            max(1.0, JOB_FAILOVER_S - (time.monotonic() - killed_at)),
+            f"job {job_id} to complete on {new_leader.name} within {JOB_FAILOVER_S}s of kill -9 of "
+            f"its leader {leader.name}",
+        )
+        done_at = time.monotonic()
+        report(
+            "job_failover_seconds",
+            {
+                "lease_taken_after_kill": round(took_over_at - killed_at, 2),
+                "late_connected_after_kill": round(connected_at - killed_at, 2),
+                "completed_after_kill": round(done_at - killed_at, 2),
+                "new_leader": new_leader.name if new_leader else None,
+                "connect_retries": len(errors),
+            },
+        )
+        n = len(online) + 1
+        stats = stats_of(job)
+        want = {"status": "completed", "devices": n, "succeeded": n, "failed": 0, "running": 0, "pending": 0}
+        assert stats == want, f"{stats}\n{job.as_dict()}\n{cluster.logs_tail(60)}"
+        assert current_leader(cluster) is new_leader, f"lease after the job: {lease_holder(cluster)}"
+        time.sleep(1.0)
+        counts = {d.id: calls_named(d, name) for d in [*online, late]}
+        assert counts == {d.id: 1 for d in [*online, late]}, (
+            f"devices done before the kill once, the late device once: {counts}\n{cluster.logs_tail(60)}"
+        )
+    finally:
+        for d in online:
+            shutdown_bounded(d.client)
+        if late_client is not None:
+            shutdown_bounded(late_client)
+        # The killed node rejoins, as after the kill test above.
+        if not leader.running:
+            leader.start()
+    report("job_failover_test_seconds", round(time.monotonic() - started, 2))
