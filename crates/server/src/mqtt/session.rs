@@ -268,6 +268,7 @@ async fn session<S>(
         filters: BTreeSet::new(),
         next_rid: 1,
         pending: HashMap::new(),
+        answered: false,
         twin_since_flush: 0,
         c2d: Outbox::new(),
         out,
@@ -566,6 +567,8 @@ struct Session<W> {
     filters: BTreeSet<String>,
     next_rid: u64,
     pending: HashMap<String, Reply>,
+    /// A method caller was handed its answer since the last flush.
+    answered: bool,
     /// Twin requests answered since the last flush.
     twin_since_flush: usize,
     /// Cloud-to-device messages out to the device.
@@ -640,6 +643,16 @@ impl<W: AsyncWrite + Unpin> Session<W> {
             return end;
         }
         loop {
+            if self.answered {
+                // The device answered method calls in what was just read. Their callers'
+                // tasks were woken but cannot run while this one does: yield once, so the
+                // HTTP responses leave before this session writes the PUBACKs (which nobody
+                // waits for), then send the PUBACKs together with any method requests queued
+                // meanwhile, in one write.
+                self.answered = false;
+                tokio::task::yield_now().await;
+                self.take_commands(&mut commands);
+            }
             if let Err(end) = self.flush().await {
                 return end;
             }
@@ -663,18 +676,16 @@ impl<W: AsyncWrite + Unpin> Session<W> {
                         if let Err(end) = Box::pin(self.drain_input(&mut inbuf)).await {
                             return end;
                         }
+                        // Requests queued while the input was handled leave in the same
+                        // write as its answers and PUBACKs.
+                        self.take_commands(&mut commands);
                     }
                     Err(e) => return because(format!("read failed: {e}")),
                 },
                 Some(cmd) = commands.recv() => {
                     self.command(cmd);
                     // Take whatever else is queued so it leaves in the same write.
-                    for _ in 0..64 {
-                        match commands.try_recv() {
-                            Ok(cmd) => self.command(cmd),
-                            Err(_) => break,
-                        }
-                    }
+                    self.take_commands(&mut commands);
                 }
                 _ = self.c2d.changed(), if self.c2d.wants_more() => {
                     if let Err(end) = Box::pin(self.fill_c2d()).await {
@@ -744,6 +755,16 @@ impl<W: AsyncWrite + Unpin> Session<W> {
                     self.flush_telemetry().await?;
                     return Err(because(format!("malformed packet: {e}")));
                 }
+            }
+        }
+    }
+
+    /// Takes up to 64 queued commands without waiting.
+    fn take_commands(&mut self, commands: &mut CommandReceiver) {
+        for _ in 0..64 {
+            match commands.try_recv() {
+                Ok(cmd) => self.command(cmd),
+                Err(_) => break,
             }
         }
     }
@@ -1026,7 +1047,7 @@ impl<W: AsyncWrite + Unpin> Session<W> {
                 let rid = rid.to_string();
                 match self.pending.remove(&rid) {
                     Some(reply) => {
-                        let _ = reply.send(method_answer(status, &p.payload));
+                        self.answered |= reply.send(method_answer(status, &p.payload)).is_ok();
                     }
                     None => {
                         tracing::debug!(device_id = %self.device_id, rid = %Shown(&rid), "late or unknown method response dropped")
