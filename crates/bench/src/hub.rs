@@ -63,6 +63,13 @@ pub struct Options {
     /// Routing endpoints, routes, enrichments and the fallback switch: written to a TOML file
     /// beside the data dir and passed as `--config` (in-process: set on the `Config`).
     pub routing: Option<RoutingConfig>,
+    /// A PostgreSQL store shared by the nodes of a cluster (`--store postgres://...`) instead
+    /// of the embedded store in the data dir.
+    pub store: Option<String>,
+    /// The cluster's NATS server (`--cluster nats://...`); needs `store`.
+    pub cluster: Option<String>,
+    /// This node's name in the cluster (`--node-id`).
+    pub node_id: Option<String>,
 }
 
 /// The policy the bench reads telemetry as (ServiceConnect only, as a back end would).
@@ -152,6 +159,9 @@ impl Hub {
                     fallback: options.routing.as_ref().map(|r| Fallback {
                         enabled: r.fallback_enabled,
                     }),
+                    store: options.store.clone(),
+                    cluster: options.cluster.clone(),
+                    node_id: options.node_id.clone(),
                     ..defaults
                 })
                 .await?;
@@ -224,6 +234,15 @@ impl Hub {
             std::fs::write(&path, routing_toml(routing))
                 .map_err(|e| Error::io(format!("writing {}", path.display()), e))?;
             command.arg("--config").arg(&path);
+        }
+        if let Some(url) = &options.store {
+            command.args(["--store", url]);
+        }
+        if let Some(url) = &options.cluster {
+            command.args(["--cluster", url]);
+        }
+        if let Some(node) = &options.node_id {
+            command.args(["--node-id", node]);
         }
         let mut child = ChildProcess::spawn(
             command

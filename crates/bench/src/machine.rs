@@ -66,7 +66,7 @@ pub fn rss_bytes(pid: u32) -> Option<u64> {
 
 /// Clock ticks per second in `/proc/*/stat` (USER_HZ: 100 on every Linux architecture the
 /// bench runs on; reading it properly needs sysconf, which needs `unsafe`).
-const USER_HZ: f64 = 100.0;
+pub(crate) const USER_HZ: f64 = 100.0;
 
 /// CPU time (user + system, all threads) process `pid` has used so far, in seconds.
 pub fn cpu_seconds(pid: u32) -> Option<f64> {

@@ -192,6 +192,12 @@ struct RunArgs {
     /// Bulk import calls in flight while the query scenario registers its twins
     #[arg(long)]
     query_bulk_concurrency: Option<usize>,
+    /// Callers of the cluster scenario's PostgreSQL-against-embedded phases (comma-separated)
+    #[arg(long, value_delimiter = ',')]
+    cluster_concurrency: Vec<usize>,
+    /// Callers of the cluster scenario's same-node / cross-node phases (comma-separated)
+    #[arg(long, value_delimiter = ',')]
+    cluster_latency_concurrency: Vec<usize>,
     /// Seconds to wait before each phase for other load on the machine to pass (0: don't)
     #[arg(long)]
     quiet_wait: Option<f64>,
@@ -223,6 +229,12 @@ fn settings(args: RunArgs) -> Result<Settings> {
     }
     if !args.concurrency.is_empty() {
         s.concurrency = args.concurrency;
+    }
+    if !args.cluster_concurrency.is_empty() {
+        s.cluster_concurrency = args.cluster_concurrency;
+    }
+    if !args.cluster_latency_concurrency.is_empty() {
+        s.cluster_latency_concurrency = args.cluster_latency_concurrency;
     }
     macro_rules! set {
         ($($field:ident = $value:expr),* $(,)?) => {

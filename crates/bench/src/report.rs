@@ -251,6 +251,9 @@ pub struct Report {
     /// Message routing: its cost per message, and webhook delivery.
     pub routing: Option<RoutingReport>,
     pub query: Option<crate::scenario::query::QueryRun>,
+    /// PostgreSQL against the embedded store, cross node against same node, CPU per process.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cluster: Option<crate::scenario::cluster::ClusterRun>,
     pub targets: Vec<TargetCheck>,
     pub notes: Vec<String>,
 }
@@ -496,6 +499,11 @@ impl Report {
         if let Some(q) = &self.query {
             t.out.push('\n');
             t.out.push_str(&crate::scenario::query::table(q));
+        }
+
+        if let Some(c) = &self.cluster {
+            t.out.push('\n');
+            t.out.push_str(&crate::scenario::cluster::table(c));
         }
 
         if !self.targets.is_empty() {
@@ -1246,6 +1254,7 @@ mod tests {
             c2d: None,
             routing: None,
             query: None,
+            cluster: None,
             targets: Vec::new(),
             notes: vec!["a note".into()],
         }

@@ -15,7 +15,8 @@ use crate::mosquitto::{self, Mosquitto};
 use crate::progress::Progress;
 use crate::report::{MethodsRow, Pair, Report, RoutingReport, TelemetryReport, Versions};
 use crate::scenario::{
-    self, Ctx, Flavor, Target, c2d, connect, fanout, methods, query, routing, telemetry, twin,
+    self, Ctx, Flavor, Target, c2d, cluster, connect, fanout, methods, query, routing, telemetry,
+    twin,
 };
 use crate::tls;
 
@@ -42,6 +43,9 @@ pub enum Scenario {
     C2d,
     Routing,
     Query,
+    /// Not in [`Scenario::ALL`]: it needs PostgreSQL and nats-server installed
+    /// (`scripts/debian-services.sh`), so it runs only when named.
+    Cluster,
 }
 
 impl Scenario {
@@ -142,6 +146,10 @@ pub struct Settings {
     pub query_repetitions: usize,
     /// Bulk import calls in flight while the query scenario registers its twins.
     pub query_bulk_concurrency: usize,
+    /// Callers of the cluster scenario's single-node phases (PostgreSQL against embedded).
+    pub cluster_concurrency: Vec<usize>,
+    /// Callers of the cluster scenario's same-node / cross-node phases.
+    pub cluster_latency_concurrency: Vec<usize>,
     pub floor: bool,
     /// How long to wait, before each phase, for other load on the machine to pass.
     pub quiet_wait_secs: f64,
@@ -210,6 +218,8 @@ impl Settings {
             query_twins: 100_000,
             query_repetitions: 10,
             query_bulk_concurrency: 8,
+            cluster_concurrency: vec![16, 64],
+            cluster_latency_concurrency: vec![1, 4, 16],
             floor: true,
             quiet_wait_secs: 15.0,
             hub,
@@ -330,6 +340,22 @@ impl Settings {
         }
     }
 
+    fn cluster_shape(&self) -> cluster::Shape {
+        cluster::Shape {
+            devices: self.methods_devices.max(1),
+            caller_conns: self.caller_conns.max(1),
+            warmup: secs(self.warmup_secs),
+            duration: secs(self.duration_secs),
+            concurrency: self.cluster_concurrency.clone(),
+            latency_concurrency: self.cluster_latency_concurrency.clone(),
+            twin_devices: self.twin_devices.max(1),
+            twin_inflight: self.twin_inflight.max(1),
+            twin_duration: secs(self.twin_duration_secs),
+            partitions: self.partitions,
+            quiet_wait: secs(self.quiet_wait_secs),
+        }
+    }
+
     fn methods_shape(&self) -> methods::Shape {
         methods::Shape {
             devices: self.methods_devices.max(1),
@@ -422,6 +448,7 @@ pub async fn run(mut settings: Settings, progress: Progress) -> Result<Report> {
         c2d: results.c2d,
         routing: results.routing,
         query: results.query,
+        cluster: results.cluster,
         registration: results.registration,
         targets: Vec::new(),
         notes,
@@ -441,6 +468,7 @@ struct Results {
     c2d: Option<crate::report::C2dReport>,
     routing: Option<RoutingReport>,
     query: Option<query::QueryRun>,
+    cluster: Option<cluster::ClusterRun>,
 }
 
 async fn start_targets(
@@ -453,7 +481,7 @@ async fn start_targets(
     let options = hub::Options {
         partitions: Some(settings.partitions),
         c2d_max_queue_depth: settings.c2d_max_queue_depth,
-        routing: None,
+        ..hub::Options::default()
     };
     let hub = Hub::start_with_options(&settings.hub, &work_dir.join("hub"), &options).await?;
     if let Some(pid) = hub.pid() {
@@ -473,6 +501,7 @@ async fn start_targets(
         mqtt_addr: hub.mqtt_addr,
         pid: hub.pid(),
         flavor: Flavor::Hub { services },
+        watch: Vec::new(),
     };
     let peer_cert = tls::issue_server_cert(&hub.ca_pem, &hub.ca_key_pem)?;
 
@@ -515,6 +544,7 @@ async fn start_targets(
         mqtt_addr: m.addr,
         pid: Some(m.pid()),
         flavor: Flavor::Broker,
+        watch: Vec::new(),
     });
 
     let mut echo = None;
@@ -848,6 +878,11 @@ async fn scenarios(
                 q.twins
             ));
         }
+    }
+    if settings.runs(Scenario::Cluster) {
+        let shape = settings.cluster_shape();
+        let outcome = cluster::run(&settings.hub, work_dir, ctx, &shape, notes).await;
+        results.cluster = keep(notes, "cluster", outcome);
     }
     Ok(results)
 }
@@ -1224,6 +1259,7 @@ async fn catch_up_phase(
             flavor: Flavor::Hub {
                 services: vec![service.clone()],
             },
+            watch: Vec::new(),
         };
         let endpoint = telemetry::Endpoint {
             connection_string: hub.events_connection_string.clone(),

@@ -37,6 +37,27 @@ pub struct Throughput {
     /// CPU the server and the load generator used during the window.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cpu: Option<CpuUse>,
+    /// CPU of further processes watched during the window (the cluster scenario: each node,
+    /// PostgreSQL, nats-server).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub processes: Vec<ProcessCpu>,
+}
+
+/// One watched process (or process tree) over a measured window.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+pub struct ProcessCpu {
+    pub name: String,
+    /// CPU seconds per second of window.
+    pub cores: f64,
+    /// CPU microseconds per completed operation of the window.
+    pub us_per_op: Option<f64>,
+}
+
+impl Throughput {
+    /// The watched process named `name`, if it was read.
+    pub fn process(&self, name: &str) -> Option<&ProcessCpu> {
+        self.processes.iter().find(|p| p.name == name)
+    }
 }
 
 /// CPU used during a measured window, in cores (CPU seconds per second of window).
@@ -186,6 +207,7 @@ impl Recorder {
             latency: self.latency(),
             first_error: self.first_error.clone(),
             cpu: None,
+            processes: Vec::new(),
         }
     }
 }

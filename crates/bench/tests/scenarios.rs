@@ -244,3 +244,47 @@ async fn every_scenario_runs_against_an_in_process_hub() {
     assert_eq!(json["methods"][1]["concurrency"], 4);
     assert_eq!(json["settings"]["mode"], "quick");
 }
+
+/// The cluster scenario at a tiny scale with in-process hubs: a private PostgreSQL and
+/// nats-server (Debian's binaries, as the store and cluster tests use), a node on each store,
+/// then two nodes with calls across them. In-process hubs have no CPU of their own to read;
+/// PostgreSQL's and nats-server's are read.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cluster_scenario_runs_against_in_process_nodes() {
+    use twinhub_bench::run::Scenario;
+    let dir = tempfile::tempdir().expect("a temp dir");
+    let work = dir.path().join("work");
+    let mut s = tiny(work.clone());
+    s.scenarios = vec![Scenario::Cluster];
+    s.floor = false;
+    s.cluster_concurrency = vec![2];
+    s.cluster_latency_concurrency = vec![1];
+    s.duration_secs = 0.3;
+    s.twin_duration_secs = 0.3;
+    let report = twinhub_bench::run(s, Progress::silent())
+        .await
+        .expect("the run completes");
+    assert!(report.notes.is_empty(), "{:?}", report.notes);
+    assert!(!work.exists(), "the work dir is removed after the run");
+    let c = report.cluster.as_ref().expect("cluster figures");
+    assert!(c.postgresql.is_some() && c.nats_server.is_some(), "{c:?}");
+    let mut phases = Vec::new();
+    for row in c
+        .single_methods
+        .iter()
+        .chain(&c.single_twin)
+        .chain(&c.nodes)
+    {
+        phases.extend([row.first.as_ref(), row.second.as_ref()]);
+    }
+    assert_eq!(phases.len(), 6);
+    for t in phases {
+        let t = t.expect("both sides measured");
+        assert!(t.completed > 0 && t.errors == 0, "{t:?}");
+        assert!(t.process("postgresql").is_some(), "{t:?}");
+    }
+    let cross = c.nodes[0].first.as_ref().expect("cross-node figures");
+    assert!(cross.process("nats-server").is_some(), "{cross:?}");
+    assert!(c.nodes[0].ratios.p50.is_some());
+    assert!(report.table().contains("cross node"));
+}

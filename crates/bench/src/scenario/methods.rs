@@ -17,7 +17,7 @@ use twinhub_proto::topic::{self, Delivery};
 
 use super::{
     Ctx, Flavor, Outcome, Stop, Target, closed_loop, connect_fleet, cpu_of, cpu_probe,
-    stop_devices, window_bar,
+    stop_devices, watch_probe, watched_of, window_bar,
 };
 use crate::error::{Error, Result};
 use crate::hub::device_id;
@@ -163,6 +163,7 @@ async fn hub_callers(ctx: &Ctx, target: &Target, shape: Shape) -> Result<Through
     let services = target.services()?;
     let window = Window::starting_now(shape.warmup, shape.duration);
     let cpu = cpu_probe(target.pid, window);
+    let watched = watch_probe(&target.watch, window);
     let bar = window_bar(
         ctx,
         &format!("{} methods C={}", target.name, shape.concurrency),
@@ -206,10 +207,12 @@ async fn hub_callers(ctx: &Ctx, target: &Target, shape: Shape) -> Result<Through
     }
     let total = Recorder::join_all(callers, "a caller task").await;
     bar.abort();
-    Ok(Throughput {
+    let mut t = Throughput {
         cpu: cpu_of(cpu).await,
         ..total.throughput(window.measured())
-    })
+    };
+    t.processes = watched_of(watched, &t).await;
+    Ok(t)
 }
 
 /// C callers spread over `caller_conns` MQTT connections to a broker; each connection keeps

@@ -4,6 +4,7 @@
 //! device tasks at the end of a phase.
 
 pub mod c2d;
+pub mod cluster;
 pub mod connect;
 pub mod fanout;
 pub mod methods;
@@ -117,6 +118,113 @@ pub struct Target {
     /// The process to read resident memory from, when it is a separate process.
     pub pid: Option<u32>,
     pub flavor: Flavor,
+    /// Further processes whose CPU the methods and twin phases read over their window.
+    pub watch: Vec<Watched>,
+}
+
+/// A process whose CPU a phase reads besides the server's: another node of a cluster,
+/// PostgreSQL, nats-server.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Watched {
+    /// As it appears in the report.
+    pub name: String,
+    pub pid: u32,
+    /// Count the process's children too (PostgreSQL's postmaster and its backends): their
+    /// utime + stime while they live, and the parent's cutime + cstime for those it reaped.
+    pub tree: bool,
+}
+
+impl Watched {
+    /// CPU seconds used so far.
+    pub fn cpu_seconds(&self) -> Option<f64> {
+        if !self.tree {
+            return cpu_seconds(self.pid);
+        }
+        let own = std::fs::read_to_string(format!("/proc/{}/stat", self.pid)).ok()?;
+        let mut total = stat_ticks(&own, true)?;
+        for entry in std::fs::read_dir("/proc").ok()?.flatten() {
+            let name = entry.file_name();
+            let Some(pid) = name.to_str().and_then(|n| n.parse::<u32>().ok()) else {
+                continue;
+            };
+            if pid == self.pid {
+                continue;
+            }
+            let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+                continue;
+            };
+            if stat_ppid(&stat) == Some(self.pid) {
+                total += stat_ticks(&stat, false).unwrap_or(0);
+            }
+        }
+        Some(total as f64 / crate::machine::USER_HZ)
+    }
+}
+
+/// The parent pid from a `/proc/*/stat` line.
+fn stat_ppid(stat: &str) -> Option<u32> {
+    stat[stat.rfind(')')? + 1..]
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
+}
+
+/// utime + stime (and cutime + cstime when `reaped`) from a `/proc/*/stat` line, in ticks.
+fn stat_ticks(stat: &str, reaped: bool) -> Option<u64> {
+    let fields: Vec<&str> = stat[stat.rfind(')')? + 1..]
+        .split_whitespace()
+        .skip(11)
+        .take(4)
+        .collect();
+    let n = |i: usize| fields.get(i).and_then(|f| f.parse::<u64>().ok());
+    let own = n(0)? + n(1)?;
+    Some(if reaped {
+        own + n(2).unwrap_or(0) + n(3).unwrap_or(0)
+    } else {
+        own
+    })
+}
+
+/// Reads the CPU of `watched` at the window's warm end and at its end; resolves when the
+/// window ends, with each one's cores over the window (`us_per_op` is left for the caller,
+/// who knows the count).
+pub fn watch_probe(
+    watched: &[Watched],
+    window: Window,
+) -> tokio::task::JoinHandle<Vec<crate::stats::ProcessCpu>> {
+    let watched = watched.to_vec();
+    tokio::spawn(async move {
+        let read = |w: &[Watched]| w.iter().map(Watched::cpu_seconds).collect::<Vec<_>>();
+        tokio::time::sleep_until(tokio::time::Instant::from_std(window.warm_end)).await;
+        let before = read(&watched);
+        tokio::time::sleep_until(tokio::time::Instant::from_std(window.end)).await;
+        let after = read(&watched);
+        let secs = window.measured().as_secs_f64().max(1e-9);
+        watched
+            .iter()
+            .zip(before.into_iter().zip(after))
+            .filter_map(|(w, (a, b))| {
+                Some(crate::stats::ProcessCpu {
+                    name: w.name.clone(),
+                    cores: (b? - a?).max(0.0) / secs,
+                    us_per_op: None,
+                })
+            })
+            .collect()
+    })
+}
+
+/// Waits for a watch probe and fills in each process's CPU per operation of `t`.
+pub async fn watched_of(
+    probe: tokio::task::JoinHandle<Vec<crate::stats::ProcessCpu>>,
+    t: &crate::stats::Throughput,
+) -> Vec<crate::stats::ProcessCpu> {
+    let mut out = probe.await.unwrap_or_default();
+    for p in &mut out {
+        p.us_per_op = (t.per_second > 0.0).then(|| p.cores * 1e6 / t.per_second);
+    }
+    out
 }
 
 impl Target {
@@ -361,6 +469,7 @@ mod tests {
                 .unwrap_or(SocketAddr::from(([127, 0, 0, 1], 1))),
             pid: None,
             flavor: Flavor::Hub { services: vec![] },
+            watch: Vec::new(),
         };
         let login = hub.login(5).unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(login.client_id, "dev-000005");

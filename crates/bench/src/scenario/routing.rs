@@ -291,6 +291,7 @@ impl ScenarioHub {
                 flavor: Flavor::Hub {
                     services: vec![service.clone()],
                 },
+                watch: Vec::new(),
             };
             Ok::<_, Error>((ctx, target, service))
         }

@@ -11,7 +11,8 @@ use twinhub_mqtt::{Packet, QoS};
 use twinhub_proto::topic::{self, Delivery};
 
 use super::{
-    Ctx, Flavor, Outcome, Target, closed_loop, connect_fleet, cpu_of, cpu_probe, window_bar,
+    Ctx, Flavor, Outcome, Target, closed_loop, connect_fleet, cpu_of, cpu_probe, watch_probe,
+    watched_of, window_bar,
 };
 use crate::error::Result;
 use crate::hub::device_id;
@@ -44,6 +45,7 @@ pub async fn run(ctx: &Ctx, target: &Target, shape: Shape) -> Result<Throughput>
     .await?;
     let window = Window::starting_now(shape.warmup, shape.duration);
     let cpu = cpu_probe(target.pid, window);
+    let watched = watch_probe(&target.watch, window);
     let bar = window_bar(ctx, &format!("{} twin patches", target.name), window);
     let mut set = JoinSet::new();
     for (i, conn) in conns.into_iter().enumerate() {
@@ -54,10 +56,12 @@ pub async fn run(ctx: &Ctx, target: &Target, shape: Shape) -> Result<Throughput>
     }
     let total = Recorder::join_all(set, "a device task").await;
     bar.abort();
-    Ok(Throughput {
+    let mut t = Throughput {
         cpu: cpu_of(cpu).await,
         ..total.throughput(window.measured())
-    })
+    };
+    t.processes = watched_of(watched, &t).await;
+    Ok(t)
 }
 
 /// One device's closed loop of reported patches.
