@@ -94,6 +94,19 @@ impl Hub {
         if let Some(handle) = self.listening(device_id) {
             return self.invoke_on(device_id, handle, call).await;
         }
+        // In a cluster the index knows which node holds the session: straight there, with no
+        // store read. It may be a moment behind (the device just moved): then the store says.
+        if let Some(node) = self.twin_index.node_of(device_id)
+            && let Some(remote) = self.remote_node(Some(&node))
+        {
+            match self
+                .invoke_remote(remote, device_id, &call, Duration::ZERO)
+                .await
+            {
+                Err(e) if e.code() == ErrorCode::DeviceNotOnline => {}
+                done => return done,
+            }
+        }
         // DeviceNotFound for a device, ModuleNotFound for a `deviceId/moduleId` key.
         let rec = self.load_existing(device_id).await?;
         let Some(poll) = self.presence_poll() else {
