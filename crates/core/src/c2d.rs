@@ -441,23 +441,15 @@ impl Hub {
             return Ok(());
         }
         let mut stored = BTreeMap::new();
-        let mut after: Option<String> = None;
-        loop {
-            let page = self
-                .store
-                .scan(Table::Feedback, after.as_deref(), 1000)
-                .await?;
-            let Some((last, _)) = page.last() else { break };
-            after = Some(last.clone());
-            for (key, bytes) in page {
-                if let (Ok(seq), Ok(record)) = (
-                    u64::from_str_radix(&key, 16),
-                    serde_json::from_slice::<FeedbackRecord>(&bytes),
-                ) {
-                    stored.insert(seq, record);
-                }
+        self.for_each_entry(Table::Feedback, |key, bytes| {
+            if let (Ok(seq), Ok(record)) = (
+                u64::from_str_radix(&key, 16),
+                serde_json::from_slice::<FeedbackRecord>(&bytes),
+            ) {
+                stored.insert(seq, record);
             }
-        }
+        })
+        .await?;
         let mut state = self.c2d.feedback_state();
         state
             .records
@@ -479,20 +471,12 @@ impl Hub {
     async fn c2d_refresh_all(&self) -> Result<()> {
         let mut devices: std::collections::BTreeSet<String> =
             self.c2d.queues().keys().cloned().collect();
-        let mut after: Option<String> = None;
-        loop {
-            let page = self
-                .store
-                .scan(Table::CloudMessages, after.as_deref(), 1000)
-                .await?;
-            let Some((last, _)) = page.last() else { break };
-            after = Some(last.clone());
-            for (key, _) in &page {
-                if let Some((device, _)) = key.rsplit_once('/') {
-                    devices.insert(device.to_owned());
-                }
+        self.for_each_entry(Table::CloudMessages, |key, _| {
+            if let Some((device, _)) = key.rsplit_once('/') {
+                devices.insert(device.to_owned());
             }
-        }
+        })
+        .await?;
         for device in devices {
             self.c2d_refresh(&device).await?;
         }

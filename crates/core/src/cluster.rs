@@ -361,27 +361,19 @@ impl Hub {
             enabled: 0,
             connected: 0,
         };
-        let mut after: Option<String> = None;
-        loop {
-            let page = self
-                .store
-                .scan(Table::Devices, after.as_deref(), 1000)
-                .await?;
-            let Some((last, _)) = page.last() else { break };
-            after = Some(last.clone());
-            for (_, bytes) in &page {
-                let Ok(rec) = crate::record::DeviceRecord::decode(bytes) else {
-                    continue;
-                };
-                counts.total += 1;
-                if rec.status == twinhub_proto::model::DeviceStatus::Enabled {
-                    counts.enabled += 1;
-                }
-                if rec.node.is_some() {
-                    counts.connected += 1;
-                }
+        self.for_each_entry(Table::Devices, |_, bytes| {
+            let Ok(rec) = crate::record::DeviceRecord::decode(&bytes) else {
+                return;
+            };
+            counts.total += 1;
+            if rec.status == twinhub_proto::model::DeviceStatus::Enabled {
+                counts.enabled += 1;
             }
-        }
+            if rec.node.is_some() {
+                counts.connected += 1;
+            }
+        })
+        .await?;
         Ok(counts)
     }
 }

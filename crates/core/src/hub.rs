@@ -300,6 +300,25 @@ impl Hub {
         }
     }
 
+    /// Hands every entry of `table` to `each`, in key order, reading a page at a time.
+    pub(crate) async fn for_each_entry(
+        &self,
+        table: Table,
+        mut each: impl FnMut(String, Vec<u8>),
+    ) -> Result<()> {
+        let mut after: Option<String> = None;
+        loop {
+            let page = self.store.scan(table, after.as_deref(), 1000).await?;
+            let Some((last, _)) = page.last() else {
+                return Ok(());
+            };
+            after = Some(last.clone());
+            for (key, bytes) in page {
+                each(key, bytes);
+            }
+        }
+    }
+
     /// The device's record, or DeviceNotFound.
     pub(crate) async fn load_existing(&self, key: &str) -> Result<DeviceRecord> {
         self.load(key)

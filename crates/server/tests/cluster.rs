@@ -10,7 +10,7 @@ mod support;
 use std::time::Duration;
 
 use serde_json::{Value, json};
-use support::{RawMqtt, TestHub};
+use support::{RawMqtt, TestHub, health};
 use tokio::time::timeout;
 use twinhub_sdk::proto::model::{CloudToDeviceMethod, ConnectionState, DeviceStatus};
 use twinhub_sdk::{DeviceClient, Error, MethodResponse};
@@ -487,21 +487,6 @@ async fn a_session_on_a_node_that_is_gone_is_cleared_on_first_use() {
     );
 }
 
-async fn health(hub: &TestHub) -> (u16, String) {
-    let client = reqwest::Client::builder()
-        .add_root_certificate(
-            reqwest::Certificate::from_pem(&std::fs::read(hub.ca_pem()).unwrap()).unwrap(),
-        )
-        .build()
-        .unwrap();
-    let resp = client
-        .get(format!("https://localhost:{}/health", hub.https.port()))
-        .send()
-        .await
-        .unwrap();
-    (resp.status().as_u16(), resp.text().await.unwrap())
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn health_reports_nats_down_and_recovers_by_itself() {
     let database = twinhub_testsvc::postgres::shared().fresh_database();
@@ -715,30 +700,10 @@ async fn a_custom_stream_endpoint_is_shared_by_the_nodes() {
         device.close().await;
     }
     for hub in [&a, &b] {
-        let cs = hub
-            .server()
-            .hub_file
-            .entity_connection_string("service", false, "alerts")
-            .expect("the endpoint's connection string");
-        let client = twinhub_sdk::EventsClient::builder(&cs)
-            .extra_ca_pem(std::fs::read(hub.ca_pem()).unwrap())
-            .port(hub.server().amqp_addr.port())
-            .connect()
-            .await
-            .expect("the reader signs in");
-        let mut stream = client
-            .receive(None, twinhub_sdk::StartPosition::Earliest)
-            .await
-            .unwrap();
-        let mut got = Vec::new();
-        while got.len() < 2 {
-            match timeout(WAIT, stream.next()).await {
-                Ok(Some(Ok(e))) => got.push(String::from_utf8_lossy(&e.body).into_owned()),
-                other => panic!("reading the endpoint failed after {got:?}: {other:?}"),
-            }
-        }
-        got.sort();
-        assert_eq!(got, [r#"{"from":0}"#, r#"{"from":1}"#]);
+        assert_eq!(
+            support::event_bodies(hub, Some("alerts"), 2).await,
+            [r#"{"from":0}"#, r#"{"from":1}"#]
+        );
     }
 }
 

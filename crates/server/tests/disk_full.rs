@@ -31,21 +31,6 @@ fn fill(dir: &std::path::Path) -> std::path::PathBuf {
     path
 }
 
-async fn health(hub: &TestHub) -> (u16, String) {
-    let client = reqwest::Client::builder()
-        .add_root_certificate(
-            reqwest::Certificate::from_pem(&std::fs::read(hub.ca_pem()).unwrap()).unwrap(),
-        )
-        .build()
-        .unwrap();
-    let resp = client
-        .get(format!("https://localhost:{}/health", hub.https.port()))
-        .send()
-        .await
-        .unwrap();
-    (resp.status().as_u16(), resp.text().await.unwrap())
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_disk_is_reported_refused_with_503_and_recovered_from() {
     let dir = tempfile::tempdir().unwrap();

@@ -190,19 +190,6 @@ async fn two_nodes_on_one_database_share_identity_registry_and_twins() {
     device.close().await;
 }
 
-async fn read_events(stream: &mut twinhub_sdk::EventStream, n: usize) -> Vec<twinhub_sdk::Event> {
-    let mut got = Vec::new();
-    while got.len() < n {
-        match timeout(WAIT, stream.next()).await {
-            Ok(Some(Ok(e))) => got.push(e),
-            Ok(Some(Err(e))) => panic!("reading events failed: {e}"),
-            Ok(None) => panic!("the event stream ended after {} of {n}", got.len()),
-            Err(_) => panic!("only {} of {n} events arrived within {WAIT:?}", got.len()),
-        }
-    }
-    got
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn telemetry_sent_to_either_node_is_read_through_both() {
     let database = twinhub_testsvc::postgres::shared().fresh_database();
@@ -242,29 +229,8 @@ async fn telemetry_sent_to_either_node_is_read_through_both() {
     }
 
     for hub in [&first, &second] {
-        let cs = hub
-            .server()
-            .hub_file
-            .events_connection_string("service", false)
-            .expect("the events endpoint");
-        let client = twinhub_sdk::EventsClient::builder(&cs)
-            .extra_ca_pem(std::fs::read(hub.ca_pem()).unwrap())
-            .port(hub.server().amqp_addr.port())
-            .connect()
-            .await
-            .expect("the events client signs in");
-        let mut stream = client
-            .receive(None, twinhub_sdk::StartPosition::Earliest)
-            .await
-            .unwrap();
-        let mut bodies: Vec<String> = read_events(&mut stream, 6)
-            .await
-            .iter()
-            .map(|e| String::from_utf8_lossy(&e.body).into_owned())
-            .collect();
-        bodies.sort();
         assert_eq!(
-            bodies,
+            support::event_bodies(hub, None, 6).await,
             [
                 r#"{"node":0,"n":0}"#,
                 r#"{"node":0,"n":1}"#,

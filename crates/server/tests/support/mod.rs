@@ -538,3 +538,49 @@ pub async fn raw_amqp_session(
     let session = fe2o3_amqp::Session::begin(&mut connection).await.unwrap();
     (connection, session)
 }
+
+/// `GET /health` on the hub's HTTPS port: the status and the body.
+pub async fn health(hub: &TestHub) -> (u16, String) {
+    let client = reqwest::Client::builder()
+        .add_root_certificate(
+            reqwest::Certificate::from_pem(&std::fs::read(hub.ca_pem()).unwrap()).unwrap(),
+        )
+        .build()
+        .unwrap();
+    let resp = client
+        .get(format!("https://localhost:{}/health", hub.https.port()))
+        .send()
+        .await
+        .unwrap();
+    (resp.status().as_u16(), resp.text().await.unwrap())
+}
+
+/// The bodies of the first `n` events of `entity` (`None`: the built-in endpoint), read from
+/// the start of every partition through this hub's own AMQP port, sorted.
+pub async fn event_bodies(hub: &TestHub, entity: Option<&str>, n: usize) -> Vec<String> {
+    let file = &hub.server().hub_file;
+    let cs = match entity {
+        Some(name) => file.entity_connection_string("service", false, name),
+        None => file.events_connection_string("service", false),
+    }
+    .expect("the endpoint's connection string");
+    let client = twinhub_sdk::EventsClient::builder(&cs)
+        .extra_ca_pem(std::fs::read(hub.ca_pem()).unwrap())
+        .port(hub.server().amqp_addr.port())
+        .connect()
+        .await
+        .expect("the events client signs in");
+    let mut stream = client
+        .receive(None, twinhub_sdk::StartPosition::Earliest)
+        .await
+        .expect("the receivers attach");
+    let mut got = Vec::new();
+    while got.len() < n {
+        match tokio::time::timeout(Duration::from_secs(30), stream.next()).await {
+            Ok(Some(Ok(e))) => got.push(String::from_utf8_lossy(&e.body).into_owned()),
+            other => panic!("reading events failed after {got:?}: {other:?}"),
+        }
+    }
+    got.sort();
+    got
+}
