@@ -160,20 +160,27 @@ impl Hub {
         version: u64,
         mut patch: Map<String, Value>,
     ) {
-        patch.insert("$version".into(), Value::from(version));
-        let payload = Bytes::from(serde_json::to_vec(&patch).unwrap_or_default());
-        if let (Some(remote), Some(bus)) = (self.remote_node(node), self.cluster())
-            && !self.directory.is_connected(device_id)
-        {
+        // Rendered only for a session that will take it: most patches meet a device that is
+        // offline or does not listen for them.
+        let render = |patch: &mut Map<String, Value>| {
+            patch.insert("$version".into(), Value::from(version));
+            Bytes::from(serde_json::to_vec(&*patch).unwrap_or_default())
+        };
+        if let Some(handle) = self.directory.get(device_id) {
+            if handle.is_subscribed(subs::DESIRED) {
+                self.push_desired_payload(device_id, version, render(&mut patch));
+            }
+            return;
+        }
+        if let (Some(remote), Some(bus)) = (self.remote_node(node), self.cluster()) {
+            let payload = render(&mut patch);
             let notice = crate::cluster::Notice::Desired {
                 identity: device_id.to_owned(),
                 version,
                 patch: String::from_utf8_lossy(&payload).into_owned(),
             };
             bus.notify(remote, &notice).await;
-            return;
         }
-        self.push_desired_payload(device_id, version, payload);
     }
 
     /// Queues a desired patch (with its `$version`) for this node's session of the device.
