@@ -53,8 +53,9 @@ pub struct NatsBus {
     connected_at: Arc<std::sync::Mutex<std::time::Instant>>,
 }
 
-/// A hub name as one subject token: letters, digits, `-` and `_` kept, anything else `_`.
-fn token(name: &str) -> String {
+/// A name as one subject token (a hub's, or a hostname for a default node id): letters,
+/// digits, `-` and `_` kept, anything else `_`.
+pub fn token(name: &str) -> String {
     name.chars()
         .map(|c| {
             if c.is_ascii_alphanumeric() || c == '-' || c == '_' {

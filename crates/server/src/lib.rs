@@ -76,18 +76,8 @@ fn default_node_id() -> String {
     let raw = std::fs::read_to_string("/proc/sys/kernel/hostname")
         .or_else(|_| std::fs::read_to_string("/etc/hostname"))
         .unwrap_or_else(|_| "node".into());
-    let id: String = raw
-        .trim()
-        .chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
-                c
-            } else {
-                '_'
-            }
-        })
-        .take(64)
-        .collect();
+    let mut id = twinhub_cluster_nats::token(raw.trim());
+    id.truncate(64);
     if id.is_empty() { "node".into() } else { id }
 }
 

@@ -48,17 +48,6 @@ async fn pair(test: &str) -> Pair {
     }
 }
 
-fn device_on(hub: &TestHub, id: &str, key: &str) -> DeviceClient {
-    DeviceClient::builder(&format!(
-        "HostName=localhost;DeviceId={id};SharedAccessKey={key}"
-    ))
-    .extra_ca_pem(std::fs::read(hub.ca_pem()).unwrap())
-    .port(hub.mqtt.port())
-    .operation_timeout(WAIT)
-    .build()
-    .unwrap()
-}
-
 fn call(name: &str, connect_timeout: i64) -> CloudToDeviceMethod {
     CloudToDeviceMethod {
         method_name: name.into(),
@@ -72,7 +61,7 @@ fn call(name: &str, connect_timeout: i64) -> CloudToDeviceMethod {
 async fn methods_patches_and_state_reach_a_device_on_the_other_node() {
     let nodes = pair("reach").await;
     let key = nodes.a.device("far-dev").await;
-    let device = device_on(&nodes.b, "far-dev", &key);
+    let device = support::device_client(&nodes.b, "far-dev", &key);
     device.set_method_handler(|request| async move {
         MethodResponse::new(
             200,
@@ -235,7 +224,7 @@ async fn a_device_connected_nowhere_is_not_online_through_either_node() {
     let waiting =
         tokio::spawn(async move { service.invoke_method("late-dev", &call("late", 10)).await });
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let device = device_on(&nodes.b, "late-dev", &key);
+    let device = support::device_client(&nodes.b, "late-dev", &key);
     device.set_method_handler(|_| async { MethodResponse::new(201, json!("late but here")) });
     device
         .connect()
@@ -335,7 +324,7 @@ async fn a_method_job_over_devices_on_both_nodes_runs_once() {
     {
         let id = format!("job-dev-{i}");
         let key = nodes.a.device(&id).await;
-        let device = device_on(hub, &id, &key);
+        let device = support::device_client(hub, &id, &key);
         counts.push(counting(&device));
         device.connect().await.expect("the device connects");
         devices.push(device);
@@ -386,7 +375,7 @@ async fn a_job_resumes_on_another_node_when_its_leader_stops() {
     let survivor = &survivor;
     let done_key = survivor.device("done-dev").await;
     let later_key = survivor.device("later-dev").await;
-    let done = device_on(survivor, "done-dev", &done_key);
+    let done = support::device_client(survivor, "done-dev", &done_key);
     let done_calls = counting(&done);
     done.connect().await.unwrap();
     let service = survivor.owner();
@@ -422,7 +411,7 @@ async fn a_job_resumes_on_another_node_when_its_leader_stops() {
         wait_for_leader(survivor, Some(&leader)).await,
         survivor_name
     );
-    let later = device_on(survivor, "later-dev", &later_key);
+    let later = support::device_client(survivor, "later-dev", &later_key);
     let later_calls = counting(&later);
     later.connect().await.unwrap();
     wait_for_job(&service, "moving", "completed").await;
@@ -529,7 +518,7 @@ async fn health_reports_nats_down_and_recovers_by_itself() {
 async fn writes_to_one_twin_through_both_nodes_at_once_are_all_kept() {
     let nodes = pair("race").await;
     let key = nodes.a.device("busy-dev").await;
-    let device = device_on(&nodes.b, "busy-dev", &key);
+    let device = support::device_client(&nodes.b, "busy-dev", &key);
     device
         .connect()
         .await
@@ -612,7 +601,7 @@ async fn cloud_to_device_messages_sent_through_one_node_reach_a_device_on_the_ot
         .await
         .unwrap();
     // ...then it connects to node b and gets it, and what node a sends next.
-    let device = device_on(&nodes.b, "c2d-dev", &key);
+    let device = support::device_client(&nodes.b, "c2d-dev", &key);
     let mut messages = device.c2d_messages();
     device
         .connect()
@@ -691,7 +680,7 @@ async fn a_custom_stream_endpoint_is_shared_by_the_nodes() {
     for (i, hub) in [&a, &b].into_iter().enumerate() {
         let id = format!("routed-{i}");
         let key = a.device(&id).await;
-        let device = device_on(hub, &id, &key);
+        let device = support::device_client(hub, &id, &key);
         device.connect().await.unwrap();
         device
             .send_event(format!("{{\"from\":{i}}}"), &[])

@@ -21,17 +21,6 @@ async fn hub_on(url: &str) -> TestHub {
     TestHub::start_with(move |c| c.store = Some(url.clone())).await
 }
 
-fn device_client(hub: &TestHub, id: &str, key: &str) -> DeviceClient {
-    DeviceClient::builder(&format!(
-        "HostName=localhost;DeviceId={id};SharedAccessKey={key}"
-    ))
-    .extra_ca_pem(std::fs::read(hub.ca_pem()).unwrap())
-    .port(hub.mqtt.port())
-    .operation_timeout(WAIT)
-    .build()
-    .unwrap()
-}
-
 /// The device side of the device-management seed: answers `rebootDevice` with 200 and reports
 /// the reboot time.
 fn reboot_handler(device: &DeviceClient) {
@@ -92,7 +81,7 @@ async fn the_seed_flow_runs_on_postgres_and_survives_a_restart() {
     let mut hub = hub_on(&database.url()).await;
     let service = hub.owner();
     let key = hub.device("reboot-dev").await;
-    let device = device_client(&hub, "reboot-dev", &key);
+    let device = support::device_client(&hub, "reboot-dev", &key);
     reboot_handler(&device);
     device.connect().await.expect("the device connects");
 
@@ -117,7 +106,7 @@ async fn the_seed_flow_runs_on_postgres_and_survives_a_restart() {
         Some(json!("2026-12-04T16:00:00Z")),
         "the twin is kept in PostgreSQL across a restart"
     );
-    let device = device_client(&hub, "reboot-dev", &key);
+    let device = support::device_client(&hub, "reboot-dev", &key);
     reboot_handler(&device);
     device
         .connect()
@@ -159,7 +148,7 @@ async fn two_nodes_on_one_database_share_identity_registry_and_twins() {
     // A device registered through one node signs in on the other; its reported properties
     // written there read back through the first.
     let key = first.device("shared-dev").await;
-    let device = device_client(&second, "shared-dev", &key);
+    let device = support::device_client(&second, "shared-dev", &key);
     reboot_handler(&device);
     device
         .connect()
@@ -210,14 +199,7 @@ async fn telemetry_sent_to_either_node_is_read_through_both() {
     for (i, hub) in [&first, &second].into_iter().enumerate() {
         let id = format!("tel-node-{i}");
         let key = first.device(&id).await;
-        let device = DeviceClient::builder(&format!(
-            "HostName=localhost;DeviceId={id};SharedAccessKey={key}"
-        ))
-        .extra_ca_pem(std::fs::read(hub.ca_pem()).unwrap())
-        .port(hub.mqtt.port())
-        .operation_timeout(WAIT)
-        .build()
-        .unwrap();
+        let device = support::device_client(hub, &id, &key);
         device.connect().await.expect("the device connects");
         for n in 0..3 {
             device

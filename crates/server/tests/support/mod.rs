@@ -584,3 +584,15 @@ pub async fn event_bodies(hub: &TestHub, entity: Option<&str>, n: usize) -> Vec<
     got.sort();
     got
 }
+
+/// The Rust SDK's client for SAS device `id`, aimed at this hub's MQTT port.
+pub fn device_client(hub: &TestHub, id: &str, key: &str) -> twinhub_sdk::DeviceClient {
+    twinhub_sdk::DeviceClient::builder(&format!(
+        "HostName=localhost;DeviceId={id};SharedAccessKey={key}"
+    ))
+    .extra_ca_pem(std::fs::read(hub.ca_pem()).unwrap())
+    .port(hub.mqtt.port())
+    .operation_timeout(Duration::from_secs(30))
+    .build()
+    .unwrap()
+}
