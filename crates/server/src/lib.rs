@@ -8,6 +8,7 @@ pub mod admission;
 pub mod amqp;
 pub mod check;
 pub mod config;
+pub mod console;
 pub mod error;
 mod http_conn;
 pub mod hub_file;
@@ -332,6 +333,19 @@ impl RunningServer {
             sessions: sessions.clone(),
             amqp: amqp_ctx.clone(),
             admission: admission.clone(),
+            console: Arc::new(console::Console::new(console::HubFacts {
+                host_name: hub_file.hostname.clone(),
+                hub_name: twinhub_proto::connection_string::hub_name(&hub_file.hostname),
+                https_port: hub_file.https_port,
+                mqtt_port: hub_file.mqtt_port,
+                amqp_port: hub_file.amqp_port,
+                amqp_plain_port: hub_file.amqp_plain_port,
+                event_hub_name: hub_file.event_hub_name.clone(),
+                node_id: config
+                    .cluster
+                    .as_ref()
+                    .map(|_| config.node_id.clone().unwrap_or_else(default_node_id)),
+            })),
         });
 
         tracker.spawn(accept_loop(

@@ -46,6 +46,7 @@ pub struct AppState {
     pub sessions: SessionContext,
     pub amqp: crate::amqp::AmqpContext,
     pub admission: Arc<Admission>,
+    pub console: Arc<crate::console::Console>,
 }
 
 /// A hub error on its way to an HTTP client.
@@ -304,6 +305,7 @@ pub fn router(state: AppState) -> Router {
         .merge(messages::routes())
         .merge(routing::routes())
         .merge(certificates::routes())
+        .merge(crate::console::routes())
         .route("/$iothub/websocket", get(websocket))
         .route("/$servicebus/websocket", get(amqp_websocket))
         .route("/$servicebus/websocket/", get(amqp_websocket))

@@ -1,0 +1,5 @@
+// Placeholder until the view lands.
+import { h, heading } from "../ui.js";
+export function render(main) {
+  main.append(heading("devices"), h("p", {}, "Not built yet."));
+}
