@@ -65,6 +65,8 @@ pub struct RunningServer {
     pub ca_bundle: Option<PathBuf>,
     pub config: Config,
     pub admission: Arc<Admission>,
+    /// The web console's state (its open telemetry streams).
+    pub console: Arc<console::Console>,
     store: Arc<dyn Store>,
     events: Arc<dyn EventLog>,
     endpoint_logs: EndpointLogs,
@@ -327,25 +329,26 @@ impl RunningServer {
             shutdown: shutdown.clone(),
             tracker: tracker.clone(),
         };
+        let console = Arc::new(console::Console::new(console::HubFacts {
+            host_name: hub_file.hostname.clone(),
+            hub_name: twinhub_proto::connection_string::hub_name(&hub_file.hostname),
+            https_port: hub_file.https_port,
+            mqtt_port: hub_file.mqtt_port,
+            amqp_port: hub_file.amqp_port,
+            amqp_plain_port: hub_file.amqp_plain_port,
+            event_hub_name: hub_file.event_hub_name.clone(),
+            node_id: config
+                .cluster
+                .as_ref()
+                .map(|_| config.node_id.clone().unwrap_or_else(default_node_id)),
+        }));
         let router = rest::router(rest::AppState {
             hub: hub.clone(),
             metrics,
             sessions: sessions.clone(),
             amqp: amqp_ctx.clone(),
             admission: admission.clone(),
-            console: Arc::new(console::Console::new(console::HubFacts {
-                host_name: hub_file.hostname.clone(),
-                hub_name: twinhub_proto::connection_string::hub_name(&hub_file.hostname),
-                https_port: hub_file.https_port,
-                mqtt_port: hub_file.mqtt_port,
-                amqp_port: hub_file.amqp_port,
-                amqp_plain_port: hub_file.amqp_plain_port,
-                event_hub_name: hub_file.event_hub_name.clone(),
-                node_id: config
-                    .cluster
-                    .as_ref()
-                    .map(|_| config.node_id.clone().unwrap_or_else(default_node_id)),
-            })),
+            console: console.clone(),
         });
 
         tracker.spawn(accept_loop(
@@ -393,6 +396,7 @@ impl RunningServer {
             ca_bundle: tls.ca_bundle,
             config,
             admission,
+            console,
             store,
             events,
             endpoint_logs,
