@@ -273,7 +273,7 @@ async fn open_stream(
     last_id: Option<&str>,
 ) -> reqwest::Response {
     let mut req = client
-        .get(url(&hub, &format!("/twinhub/telemetry{query}")))
+        .get(url(hub, &format!("/twinhub/telemetry{query}")))
         .header("authorization", auth);
     if let Some(id) = last_id {
         req = req.header("last-event-id", id);
