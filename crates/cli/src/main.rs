@@ -626,6 +626,10 @@ fn print_banner(server: &RunningServer) {
         server.https_addr
     );
     println!(
+        "  Web console:                            https://{}/",
+        server.https_addr
+    );
+    println!(
         "  MQTT over TLS:                          mqtts://{}",
         server.mqtt_addr
     );

@@ -192,6 +192,12 @@ fn serve_banner_cli_commands_and_sigterm() {
     );
     assert!(banner.contains("export REQUESTS_CA_BUNDLE="), "{banner}");
     assert!(banner.contains("export SSL_CERT_FILE="), "{banner}");
+    // The web console is served on the HTTPS port, and the banner says where.
+    let console = format!(
+        "Web console:                            https://127.0.0.1:{}/",
+        served.https_port
+    );
+    assert!(banner.contains(&console), "{banner}");
     let d = dir.path();
 
     let cs = run(&["connection-string", "--policy", "service"], d);
