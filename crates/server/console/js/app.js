@@ -60,11 +60,6 @@ function signOut(message) {
 /** Checks a connection string against the hub; resolves to a ready ctx or throws. */
 async function connect(text) {
   const conn = parseConnectionString(text);
-  if (conn.host.toLowerCase() !== window.location.hostname.toLowerCase()
-      && !window.location.hostname.match(/^[\d.]+$|^\[/)) {
-    // Tokens name the hub's host; a string for another hub would be refused anyway, but say why.
-    console.warn(`connection string HostName ${conn.host} differs from this page's ${window.location.hostname}`);
-  }
   const api = new Api(conn);
   const facts = await api.facts();
   const rights = new Set(facts.rights);
@@ -127,7 +122,16 @@ function showShell() {
       h('span', { class: 'policy', title: `Rights: ${ctx.facts.rights.join(', ')}` }, ctx.facts.policy),
       themeSelect(),
       h('button', { type: 'button', class: 'small', onclick: () => signOut() }, 'Sign out')));
-  fill(app, header, main);
+  const missing = ['RegistryRead', 'RegistryWrite', 'ServiceConnect'].filter((r) => !ctx.can(r));
+  const limits = missing.length === 0 ? null : h('p', { class: 'notice warn rights-note', role: 'note' },
+    `Policy ${ctx.facts.policy} does not grant ${missing.join(' or ')}: `
+    + [
+      missing.includes('RegistryRead') ? 'the registry and twins cannot be read' : null,
+      missing.includes('RegistryWrite') ? 'devices, twins, jobs and routing cannot be changed' : null,
+      missing.includes('ServiceConnect') ? 'direct methods, cloud-to-device messages and telemetry are unavailable' : null,
+    ].filter(Boolean).join('; ')
+    + '. Those controls are disabled.');
+  fill(app, header, limits, main);
   route();
 }
 
