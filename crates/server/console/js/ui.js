@@ -145,3 +145,45 @@ export function heading(title, ...actions) {
 export function section(title, ...children) {
   return h('section', { class: 'card', 'aria-label': title }, h('h2', {}, title), children);
 }
+
+// --- Helpers added with the overview, jobs, routing and telemetry views ---
+
+/**
+ * A connection string with its key masked (`reveal(shown)` toggles it); the copy button
+ * always copies the whole string. `label` names the group and the copy button.
+ */
+export function secretLine(label, text, key) {
+  const code = h('code', { class: 'keyline-text' });
+  const el = h('div', { class: 'keyline', role: 'group', 'aria-label': label },
+    h('div', { class: 'keyline-label' }, label),
+    h('div', { class: 'keyline-row' }, code, copyButton('Copy', () => text, `Copy ${label}`)));
+  el.reveal = (shown) => {
+    code.textContent = shown || !key ? text : text.split(key).join('••••••••••••');
+  };
+  el.reveal(false);
+  return el;
+}
+
+/** A "Show keys" toggle (aria-pressed) calling `onToggle(shown)`. */
+export function showKeysButton(onToggle) {
+  const b = h('button', { type: 'button', class: 'small keys-toggle', 'aria-pressed': 'false' }, 'Show keys');
+  b.addEventListener('click', () => {
+    const shown = b.getAttribute('aria-pressed') !== 'true';
+    b.setAttribute('aria-pressed', String(shown));
+    onToggle(shown);
+  });
+  return b;
+}
+
+/** A timer calling async `work()` every `ms` after the previous run ended; returns stop(). */
+export function every(ms, work) {
+  let stopped = false;
+  let timer = null;
+  const run = async () => {
+    if (stopped) return;
+    try { await work(); } catch { /* the work shows its own errors */ }
+    if (!stopped) timer = setTimeout(run, ms);
+  };
+  run();
+  return () => { stopped = true; clearTimeout(timer); };
+}
