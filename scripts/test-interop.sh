@@ -4,10 +4,11 @@
 #   scripts/test-interop.sh [pytest args...]
 #
 # Builds the hub (`cargo build -p twinhub`) unless TWINHUB_BIN names a binary, prepares the
-# venv (scripts/python-env.sh) and the Node.js packages (scripts/node-env.sh, exported as
-# TWINHUB_NODE_MODULES), runs `pytest tests/interop -q` and exits non-zero when any
-# test fails or errors, when nothing ran, or when anything was skipped or xfailed without
-# being listed in ALLOWED_SKIPS below with a reason.
+# venv (scripts/python-env.sh), the Node.js packages (scripts/node-env.sh, exported as
+# TWINHUB_NODE_MODULES) and Debian's chromium for the web console's browser tests
+# (scripts/chromium-env.sh, exported as TWINHUB_CHROMIUM), runs `pytest tests/interop -q`
+# and exits non-zero when any test fails or errors, when nothing ran, or when anything was
+# skipped or xfailed without being listed in ALLOWED_SKIPS below with a reason.
 set -euo pipefail
 
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -34,6 +35,11 @@ python="$venv/bin/python"
 # for the *_node.py tests.
 TWINHUB_NODE_MODULES="$("$repo/scripts/node-env.sh")"
 export TWINHUB_NODE_MODULES
+
+# Debian's chromium, driven headless by playwright-core in test_console.py (installed with
+# apt-get when missing and running as root; fails otherwise, so the browser tests never skip).
+TWINHUB_CHROMIUM="$("$repo/scripts/chromium-env.sh")"
+export TWINHUB_CHROMIUM
 
 workdir="$(mktemp -d "${TMPDIR:-/tmp}/twinhub-interop.XXXXXX")"
 trap 'rm -rf "$workdir"' EXIT
