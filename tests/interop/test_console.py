@@ -29,13 +29,12 @@ import re
 import signal
 import subprocess
 import threading
-import time
 from pathlib import Path
 from typing import Any, Iterator
 
 import pytest
 
-from harness import REPO, Hub, random_key
+from harness import REPO, Hub, random_key, unique_id
 from node_runner import NODE_DIR, node_binary, node_modules
 
 CHROMIUM_ENV_SCRIPT = REPO / "scripts" / "chromium-env.sh"
@@ -81,8 +80,9 @@ def chromium_executable() -> str:
 # --------------------------------------------------------------------------------------------
 
 
-def role(kind: str, name: str | None = None, *, exact: bool = False, name_re: str | None = None,
-         **extra: Any) -> dict[str, Any]:
+def role(
+    kind: str, name: str | None = None, *, exact: bool = False, name_re: str | None = None, **extra: Any
+) -> dict[str, Any]:
     step: dict[str, Any] = {"role": kind}
     if name is not None:
         step["name"] = name
@@ -127,14 +127,18 @@ def _format_diag(diag: dict[str, Any] | None) -> str:
         return "(no diagnostics)"
     parts = [f"page URL: {diag.get('url')}", f"failure screenshot: {diag.get('screenshot')}"]
     console = diag.get("console") or []
-    parts.append("browser console errors/warnings:" + ("".join(
-        f"\n  [{m.get('type')}] {m.get('text')} ({m.get('url')})" for m in console) or " (none)"))
+    parts.append(
+        "browser console errors/warnings:"
+        + ("".join(f"\n  [{m.get('type')}] {m.get('text')} ({m.get('url')})" for m in console) or " (none)")
+    )
     page_errors = diag.get("pageErrors") or []
     parts.append("page errors:" + ("".join(f"\n  {e}" for e in page_errors) or " (none)"))
     failed = diag.get("failedRequests") or []
     if failed:
-        parts.append("failed requests:" + "".join(
-            f"\n  {f.get('method')} {f.get('url')}: {f.get('failure')}" for f in failed))
+        parts.append(
+            "failed requests:"
+            + "".join(f"\n  {f.get('method')} {f.get('url')}: {f.get('failure')}" for f in failed)
+        )
     parts.append(f"visible text of the page:\n{diag.get('text')}")
     return "\n".join(parts)
 
@@ -155,9 +159,12 @@ class Browser:
             [
                 node_binary(),
                 str(NODE_DIR / "console_browser.mjs"),
-                "--chromium", chromium_executable(),
-                "--server-cert", str(hub.tls_dir / "server.pem"),
-                "--out", str(SCREENSHOTS),
+                "--chromium",
+                chromium_executable(),
+                "--server-cert",
+                str(hub.tls_dir / "server.pem"),
+                "--out",
+                str(SCREENSHOTS),
             ],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
@@ -204,7 +211,9 @@ class Browser:
         """Runs one op; its waits are bounded by `timeout` seconds (the answer by a little more)."""
         __tracebackhide__ = True
         if self.proc.poll() is not None:
-            raise BrowserError(f"the browser driver is gone (exit {self.proc.returncode})\n{self.stderr_tail()}")
+            raise BrowserError(
+                f"the browser driver is gone (exit {self.proc.returncode})\n{self.stderr_tail()}"
+            )
         self._next_id += 1
         cmd = {"id": self._next_id, "op": op, "timeout": int(timeout * 1000), "diagName": diag_name, **args}
         assert self.proc.stdin is not None
@@ -287,8 +296,9 @@ class Page:
     def click(self, loc: Any, timeout: float = DEFAULT_WAIT_S) -> None:
         self.call("click", loc=loc, timeout=timeout)
 
-    def select(self, loc: Any, *, label: str | None = None, value: str | None = None,
-               timeout: float = DEFAULT_WAIT_S) -> None:
+    def select(
+        self, loc: Any, *, label: str | None = None, value: str | None = None, timeout: float = DEFAULT_WAIT_S
+    ) -> None:
         args: dict[str, Any] = {"label": label} if label is not None else {"value": value}
         self.call("select", loc=loc, timeout=timeout, **args)
 
@@ -298,8 +308,14 @@ class Page:
     def gone(self, loc: Any, timeout: float = DEFAULT_WAIT_S) -> None:
         self.call("waitFor", loc=loc, state="hidden", timeout=timeout)
 
-    def wait_text(self, loc: Any, *contains: str, absent: tuple[str, ...] = (), regex: str | None = None,
-                  timeout: float = DEFAULT_WAIT_S) -> str:
+    def wait_text(
+        self,
+        loc: Any,
+        *contains: str,
+        absent: tuple[str, ...] = (),
+        regex: str | None = None,
+        timeout: float = DEFAULT_WAIT_S,
+    ) -> str:
         """Polls the element's (or the page's, loc=None) visible text until it holds every string."""
         args: dict[str, Any] = {"contains": list(contains), "absent": list(absent)}
         if loc is not None:
@@ -341,6 +357,19 @@ class Page:
         if wait_shell:
             self.visible(NAV, timeout=15)
 
+    def nav(self, name: str) -> None:
+        """Follows a link of the main navigation and waits for the view's heading."""
+        self.click([NAV, role("link", name, exact=True)])
+        self.visible(role("heading", name, exact=True, level=1), timeout=15)
+
+    def open_device(self, device_id: str, tab: str | None = None) -> None:
+        """The device view (#/devices/<id>), then one of its tabs."""
+        self.eval(f"location.hash = {json.dumps('#/devices/' + device_id)}")
+        self.visible(role("heading", device_id, exact=True, level=1), timeout=15)
+        if tab is not None:
+            self.click(role("tab", tab, exact=True))
+            self.visible(role("tabpanel", tab, exact=True))
+
     def expect_http_errors(self, *statuses: int) -> None:
         """This test provokes these HTTP statuses: Chromium's console lines for them are fine."""
         self.expected_http_errors.update(statuses)
@@ -368,20 +397,28 @@ class Page:
                 found.append(f"request failed: {f['method']} {f['url']}: {f['failure']}")
         for r in log["requests"]:
             url = r["url"]
-            if not (url == self.origin or url.startswith(self.origin + "/")
-                    or url.startswith("data:") or url.startswith("blob:")):
+            if not (
+                url == self.origin
+                or url.startswith(self.origin + "/")
+                or url.startswith("data:")
+                or url.startswith("blob:")
+            ):
                 found.append(f"request to another origin: {r['method']} {url}")
             for secret in self.secrets:
                 where = [
-                    part for part, value in (
+                    part
+                    for part, value in (
                         ("URL", url),
                         ("headers", json.dumps(r.get("headers") or {})),
                         ("body", r.get("body") or ""),
-                    ) if secret in value
+                    )
+                    if secret in value
                 ]
                 if where:
-                    found.append(f"the policy's SharedAccessKey was sent in the {'/'.join(where)} of "
-                                 f"{r['method']} {url}")
+                    found.append(
+                        f"the policy's SharedAccessKey was sent in the {'/'.join(where)} of "
+                        f"{r['method']} {url}"
+                    )
         return found
 
     def failure_sections(self) -> list[tuple[str, str]]:
@@ -416,6 +453,54 @@ def page(browser: Browser, hub: Hub, request: pytest.FixtureRequest) -> Iterator
 @pytest.fixture(scope="module")
 def owner_cs(hub: Hub) -> str:
     return hub.service_cs("iothubowner")
+
+
+class SdkDevice:
+    """An official IoTHubDeviceClient (MQTT/TLS on 8883) that answers every direct method with
+    ANSWER plus the payload it got, and keeps the calls, desired patches and C2D messages it
+    receives in queues (each wait bounded)."""
+
+    ANSWER = {"answeredBy": "azure-iot-device", "ok": True}
+
+    def __init__(self, client: Any) -> None:
+        from azure.iot.device import MethodResponse
+
+        self.client = client
+        self.methods: queue.Queue[tuple[str, Any]] = queue.Queue()
+        self.patches: queue.Queue[dict[str, Any]] = queue.Queue()
+        self.messages: queue.Queue[Any] = queue.Queue()
+
+        def on_method(request: Any) -> None:
+            self.methods.put((request.name, request.payload))
+            payload = {**self.ANSWER, "echo": request.payload}
+            client.send_method_response(MethodResponse.create_from_method_request(request, 200, payload))
+
+        client.connect()
+        # Each setter subscribes before it returns.
+        client.on_method_request_received = on_method
+        client.on_twin_desired_properties_patch_received = self.patches.put
+        client.on_message_received = self.messages.put
+
+    @staticmethod
+    def next(q: queue.Queue, what: str, timeout: float = 15.0) -> Any:
+        __tracebackhide__ = True
+        try:
+            return q.get(timeout=timeout)
+        except queue.Empty:
+            raise AssertionError(f"the device got no {what} within {timeout}s") from None
+
+
+@pytest.fixture
+def sdk_device(hub: Hub, device_client):
+    """Makes a connected SdkDevice: `sdk_device()` for a new device, or `sdk_device(cs)`."""
+
+    def make(cs: str | None = None) -> tuple[str, SdkDevice]:
+        if cs is None:
+            cs = hub.device_cs(unique_id("web"))
+        did = dict(part.split("=", 1) for part in cs.split(";"))["DeviceId"]
+        return did, SdkDevice(device_client(cs))
+
+    return make
 
 
 # --------------------------------------------------------------------------------------------
@@ -453,8 +538,11 @@ def test_sign_in_keeps_the_string_in_session_storage_only(page: Page, owner_cs: 
         auth = (r["headers"] or {}).get("authorization", "")
         assert auth.startswith("SharedAccessSignature sr="), r
         assert "skn=iothubowner" in auth, r
-    leaks = [r["url"] for r in requests_made
-             if key in r["url"] or key in json.dumps(r["headers"] or {}) or key in (r.get("body") or "")]
+    leaks = [
+        r["url"]
+        for r in requests_made
+        if key in r["url"] or key in json.dumps(r["headers"] or {}) or key in (r.get("body") or "")
+    ]
     assert not leaks, f"the SharedAccessKey went out in: {leaks}"
 
     page.click(SIGN_OUT)
@@ -490,7 +578,8 @@ def test_wrong_key_is_refused_in_iot_hub_words(page: Page, hub: Hub, owner_cs: s
     page.screenshot("signin-refused")
 
     # A policy the hub does not have is refused the same way.
-    page.fill(CS_FIELD, owner_cs.replace("SharedAccessKeyName=iothubowner", "SharedAccessKeyName=nosuchpolicy"))
+    unknown = owner_cs.replace("SharedAccessKeyName=iothubowner", "SharedAccessKeyName=nosuchpolicy")
+    page.fill(CS_FIELD, unknown)
     page.click(SIGN_IN)
     page.wait_text(ALERT, "IotHubUnauthorizedAccess")
     assert page.count(NAV) == 0
@@ -516,3 +605,203 @@ def test_malformed_connection_string_gets_a_message(page: Page, entered: str, ex
     assert page.storage()["session"] == {}
     # The form stays usable with the text still there to correct.
     assert page.value(CS_FIELD) == entered
+
+
+# --------------------------------------------------------------------------------------------
+# c. create a device; the official SDK connects with the string the console showed
+# --------------------------------------------------------------------------------------------
+
+
+def device_row(device_id: str) -> list[dict[str, Any]]:
+    return [role("table", "Devices"), role("row", hasText=device_id)]
+
+
+def test_create_a_device_and_watch_it_connect(page: Page, hub: Hub, owner_cs: str, sdk_device):
+    did = unique_id("ui")
+    page.sign_in(owner_cs)
+    page.nav("Devices")
+    # The list shows this device alone, whatever else the module's hub holds.
+    page.fill(label("Query", exact=True), f"SELECT * FROM devices WHERE deviceId = '{did}'")
+    page.click(role("button", "Run query", exact=True))
+    page.wait_text(None, "No devices match this query.")
+
+    page.click(role("button", "New device", exact=True))
+    page.fill(label("Device ID", exact=True), did)
+    page.click(role("button", "Create", exact=True))
+    created = page.wait_text(role("form", "New device"), f"Created device {did}", "SharedAccessKey=")
+    shown = page.text([role("form", "New device"), css("code")])
+    assert shown.startswith(f"HostName={hub.hostname};DeviceId={did};SharedAccessKey="), created
+    # The notice's Copy button copies that same string, and so does the list's.
+    page.click([role("form", "New device"), role("button", f"Copy connection string of {did}")])
+    assert page.eval("navigator.clipboard.readText()") == shown
+    page.eval("navigator.clipboard.writeText('')")
+    row = device_row(did)
+    page.wait_text(row, "Enabled", "Disconnected", "Symmetric key")
+    page.click([row, role("button", f"Copy connection string of {did}")])
+    page.wait_text(row, "Copied")
+    assert page.eval("navigator.clipboard.readText()") == shown
+    page.screenshot("devices-created")
+
+    # The official device SDK connects with the string the console showed.
+    _, device = sdk_device(shown)
+    page.wait_text(row, "Connected", absent=("Disconnected",), timeout=15)
+    page.screenshot("devices-connected")
+    device.client.disconnect()
+    page.wait_text(row, "Disconnected", timeout=15)
+
+
+# --------------------------------------------------------------------------------------------
+# d. a direct method from the device view
+# --------------------------------------------------------------------------------------------
+
+
+def test_invoke_a_direct_method(page: Page, owner_cs: str, sdk_device):
+    did, device = sdk_device()
+    page.sign_in(owner_cs)
+    page.open_device(did, "Identity")
+    page.wait_text(css(".device-pills"), "Connected", absent=("Disconnected",), timeout=15)
+
+    page.click(role("tab", "Direct method", exact=True))
+    page.fill(label("Method name", exact=True), "setInterval")
+    page.fill(label("Payload", exact=True), json.dumps({"seconds": 7, "unit": "s"}))
+    page.click(role("button", "Invoke method", exact=True))
+    result = page.wait_text(
+        role("region", "Method result"), "Status 200", '"answeredBy": "azure-iot-device"', timeout=20
+    )
+    assert '"seconds": 7' in result, result
+    assert SdkDevice.next(device.methods, "method call") == ("setInterval", {"seconds": 7, "unit": "s"})
+    page.screenshot("device-method-answered")
+
+    # An offline device: the hub's 404 (DeviceNotOnline, 404103), shown in IoT Hub's words.
+    page.expect_http_errors(404)
+    device.client.disconnect()
+    page.wait_text(css(".device-pills"), "Disconnected", timeout=15)
+    page.click(role("button", "Invoke method", exact=True))
+    page.wait_text(role("region", "Method result"), "DeviceNotOnline", timeout=20)
+
+
+# --------------------------------------------------------------------------------------------
+# e. the twin: a desired property reaches the device; an etag conflict is resolved
+# --------------------------------------------------------------------------------------------
+
+
+def desired_of(hub: Hub, device_id: str) -> dict[str, Any]:
+    r = hub.rest("GET", f"/twins/{device_id}")
+    assert r.status_code == 200, r.text
+    return {k: v for k, v in r.json()["properties"]["desired"].items() if not k.startswith("$")}
+
+
+def test_edit_desired_properties_and_resolve_a_conflict(page: Page, hub: Hub, owner_cs: str, sdk_device):
+    did, device = sdk_device()
+    page.sign_in(owner_cs)
+    page.open_device(did, "Twin")
+    twin = role("region", "Twin", exact=True)
+    page.wait_text(twin, "Twin version", "ETag")
+    desired = label("Desired properties", exact=True)
+    assert json.loads(page.value(desired)) == {}
+
+    page.fill(desired, json.dumps({"fan": "on", "speed": 3}))
+    page.click(role("button", "Save twin", exact=True))
+    page.wait_text(twin, "Saved: the twin is now version")
+    patch = SdkDevice.next(device.patches, "desired patch")
+    assert patch["fan"] == "on" and patch["speed"] == 3, patch
+    page.screenshot("device-twin-saved")
+
+    # Someone else changes the twin behind the page's back; the page still holds the old etag.
+    r = hub.rest(
+        "PATCH",
+        f"/twins/{did}",
+        json_body={"properties": {"desired": {"mode": "eco"}}},
+        headers={"If-Match": "*"},
+    )
+    assert r.status_code == 200, r.text
+    assert SdkDevice.next(device.patches, "desired patch from REST").get("mode") == "eco"
+
+    page.expect_http_errors(412)
+    page.fill(desired, json.dumps({"fan": "off", "speed": 3}))
+    page.click(role("button", "Save twin", exact=True))
+    page.wait_text(twin, "The twin changed since you loaded it")
+    page.screenshot("device-twin-conflict")
+    assert desired_of(hub, did) == {"fan": "on", "speed": 3, "mode": "eco"}, "the stale save was applied"
+
+    page.click(role("button", "Apply my changes to the latest", exact=True))
+    page.wait_text(twin, "Saved: the twin is now version")
+    patch = SdkDevice.next(device.patches, "desired patch after the conflict")
+    assert patch.get("fan") == "off" and "mode" not in patch, patch
+    # My change on top of the latest: the other writer's key stays.
+    assert desired_of(hub, did) == {"fan": "off", "speed": 3, "mode": "eco"}
+    assert json.loads(page.value(desired)) == {"fan": "off", "speed": 3, "mode": "eco"}
+
+
+# --------------------------------------------------------------------------------------------
+# f. live telemetry in the device view
+# --------------------------------------------------------------------------------------------
+
+
+def test_live_telemetry_of_a_device(page: Page, owner_cs: str, sdk_device):
+    from azure.iot.device import Message
+
+    did, device = sdk_device()
+    page.sign_in(owner_cs)
+    page.open_device(did, "Telemetry")
+    page.wait_text(role("tabpanel", "Telemetry"), "Listening", timeout=15)
+
+    marker = unique_id("reading")
+    msg = Message(json.dumps({"temperature": 21.5, "marker": marker}))
+    msg.content_type = "application/json"
+    msg.content_encoding = "utf-8"
+    msg.custom_properties["source"] = "console-test"
+    device.client.send_message(msg)
+
+    live = role("log", "Live telemetry")
+    shown = page.wait_text(live, marker, "source=console-test", timeout=15)
+    assert '"temperature": 21.5' in shown, shown
+    page.screenshot("device-telemetry-live")
+
+
+# --------------------------------------------------------------------------------------------
+# h. cloud-to-device
+# --------------------------------------------------------------------------------------------
+
+
+def test_send_a_cloud_to_device_message(page: Page, owner_cs: str, sdk_device):
+    did, device = sdk_device()
+    page.sign_in(owner_cs)
+    page.open_device(did, "Cloud-to-device")
+    body = f"hello from the console {unique_id('c2d')}"
+    page.fill(label("Message body", exact=True), body)
+    page.fill(label("Properties (JSON object of strings)", exact=True), json.dumps({"kind": "greeting"}))
+    page.click(role("button", "Send message", exact=True))
+    page.wait_text(role("tabpanel", "Cloud-to-device"), f"Queued for {did}")
+    got = SdkDevice.next(device.messages, "cloud-to-device message")
+    assert got.data.decode() == body
+    assert got.custom_properties.get("kind") == "greeting", got.custom_properties
+    page.screenshot("device-c2d-sent")
+
+
+# --------------------------------------------------------------------------------------------
+# g. a direct-method job from the Jobs view
+# --------------------------------------------------------------------------------------------
+
+
+def test_run_a_method_job_to_completion(page: Page, owner_cs: str, sdk_device):
+    did, device = sdk_device()
+    job_id = unique_id("webjob")
+    page.sign_in(owner_cs)
+    page.nav("Jobs")
+    page.click(role("button", "New job", exact=True))
+    form = role("form", "New job")
+    page.fill(label("Job ID", exact=True), job_id)
+    page.select(label("Job type", exact=True), label="Direct method")
+    page.fill(label("Query condition", exact=True), f"deviceId = '{did}'")
+    page.fill(label("Method name", exact=True), "blink")
+    page.fill(label("Payload", exact=True), json.dumps({"times": 3}))
+    page.screenshot("jobs-new")
+    page.click([form, role("button", "Schedule job", exact=True)])
+
+    row = [role("table", "Jobs"), role("row", hasText=job_id)]
+    page.wait_text(row, "completed", timeout=30)
+    results = page.wait_text(role("table", "Device results"), did, "Status 200", timeout=15)
+    assert "answeredBy" in results, results
+    assert SdkDevice.next(device.methods, "job's method call") == ("blink", {"times": 3})
+    page.screenshot("jobs-completed")

@@ -19,7 +19,7 @@
 // errors and page errors so far, and the path of a screenshot taken at the failure.
 //
 // A command is {"id", "op", ...}. Elements are named by a locator spec: one step or a list of
-// steps, each {"role","name"?,"exact"?} | {"label"} | {"text"} | {"css"} | {"placeholder"},
+// steps, each {"role","name"?,"exact"?,"level"?} | {"label"} | {"text"} | {"css"} | {"placeholder"},
 // with optional "hasText" (or "hasTextRe"), "nameRe" (a regular expression for the accessible
 // name), "nth" and "first". Every op that waits takes "timeout" (ms, default 10000); nothing
 // waits without a bound. Ops:
@@ -108,6 +108,9 @@ async function launch() {
       "--disable-sync",
       "--disable-dev-shm-usage",
       `--ignore-certificate-errors-spki-list=${pin}`,
+      // Loopback only: no host name resolves, so nothing the browser might try leaves the
+      // machine; the hub is reached by its 127.0.0.N address.
+      "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.*",
     ],
   });
   return browser.version();
@@ -122,6 +125,8 @@ async function newPage({ viewport, colorScheme }) {
     colorScheme: colorScheme || "light",
     ignoreHTTPSErrors: false,
     serviceWorkers: "block",
+    // The console's Copy buttons write the clipboard; the tests read it back.
+    permissions: ["clipboard-read", "clipboard-write"],
   });
   page = await context.newPage();
   page.on("request", (req) => {
@@ -153,12 +158,13 @@ function byName(opts, step) {
   if (step.nameRe !== undefined) opts.name = new RegExp(step.nameRe, step.flags || "");
   else if (step.name !== undefined) opts.name = step.name;
   if (step.exact) opts.exact = true;
+  if (step.level !== undefined) opts.level = step.level;
   return opts;
 }
 
 function locate(spec) {
   let cur = needPage();
-  const steps = Array.isArray(spec) ? spec : [spec];
+  const steps = Array.isArray(spec) ? spec.flat(Infinity) : [spec];
   if (steps.length === 0) throw new Error("empty locator");
   for (const step of steps) {
     let l;
@@ -219,8 +225,9 @@ async function waitText(cmd, timeout) {
 }
 
 async function screenshot(name, fullPage) {
-  const safe = String(name).replace(/[^A-Za-z0-9._-]+/g, "_");
-  const file = path.join(outDir, `${safe}.png`);
+  // A name may hold one subdirectory ("failures/x"); nothing may leave the output directory.
+  const safe = String(name).split("/").map((part) => part.replace(/[^A-Za-z0-9._-]+/g, "_").replace(/^\.+/, "_"));
+  const file = path.join(outDir, ...safe) + ".png";
   fs.mkdirSync(path.dirname(file), { recursive: true });
   await needPage().screenshot({ path: file, fullPage: fullPage !== false, timeout: 15000 });
   return file;
@@ -252,7 +259,7 @@ async function diag(name) {
     out.failedRequests = log.failedRequests;
   }
   try {
-    out.screenshot = await screenshot(path.join("failures", `${name || "failure"}-${process.pid}-${++shotCounter}`), true);
+    out.screenshot = await screenshot(`failures/${name || "failure"}-${process.pid}-${++shotCounter}`, true);
   } catch (e) {
     out.screenshot = `(no screenshot: ${e.message.split("\n")[0]})`;
   }
