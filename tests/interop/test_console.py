@@ -333,6 +333,9 @@ class Page:
     def count(self, loc: Any) -> int:
         return self.call("count", loc=loc)
 
+    def attr(self, loc: Any, name: str, timeout: float = DEFAULT_WAIT_S) -> str | None:
+        return self.call("attr", loc=loc, name=name, timeout=timeout)
+
     def eval(self, expr: str) -> Any:
         return self.call("eval", expr=expr)
 
@@ -605,6 +608,26 @@ def test_malformed_connection_string_gets_a_message(page: Page, entered: str, ex
     assert page.storage()["session"] == {}
     # The form stays usable with the text still there to correct.
     assert page.value(CS_FIELD) == entered
+
+
+def test_a_policy_without_rights_sees_the_controls_disabled_and_why(page: Page, hub: Hub):
+    did = unique_id("ro")
+    hub.device_cs(did)  # creates it
+    page.sign_in(hub.service_cs("registryRead"))
+    note = page.wait_text(role("note"), "registryRead", "RegistryWrite", "ServiceConnect")
+    assert "disabled" in note, note
+
+    page.nav("Devices")
+    new_device = role("button", "New device", exact=True)
+    page.visible(new_device)
+    assert page.attr(new_device, "disabled") is not None, "New device is enabled without RegistryWrite"
+    assert "RegistryWrite" in (page.attr(new_device, "title") or "")
+
+    page.open_device(did, "Direct method")
+    invoke = role("button", "Invoke method", exact=True)
+    assert page.attr(invoke, "disabled") is not None, "Invoke method is enabled without ServiceConnect"
+    assert "ServiceConnect" in (page.attr(invoke, "title") or "")
+    page.screenshot("rights-registryRead")
 
 
 # --------------------------------------------------------------------------------------------
