@@ -148,7 +148,8 @@ function endpointsPart(ctx) {
     h('dl', { class: 'props' }, ports.map(([k, v]) => [h('dt', {}, k), h('dd', {}, v)])),
     h('div', { class: 'keylines' }, lines),
     h('p', { class: 'hint' },
-      `The strings carry the key of the policy you signed in with (${f.policy}). Event Hubs SDKs read the built-in endpoint with the Event Hub-compatible one.`));
+      `The strings carry the key of the policy you signed in with (${f.policy}). Event Hubs SDKs read the built-in endpoint with the Event Hub-compatible one`,
+      ctx.can('ServiceConnect') ? '.' : `, which needs ServiceConnect: ${f.policy} does not grant it.`));
 }
 
 function consumerGroupsPart(ctx) {
