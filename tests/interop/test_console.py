@@ -26,6 +26,7 @@ import json
 import os
 import queue
 import re
+import shutil
 import signal
 import subprocess
 import threading
@@ -148,6 +149,8 @@ class Browser:
 
     def __init__(self, hub: Hub, workdir: Path) -> None:
         SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+        # Failure screenshots left are this run's only.
+        shutil.rmtree(SCREENSHOTS / "failures", ignore_errors=True)
         self.stderr_path = workdir / "console_browser.stderr"
         self._stderr = self.stderr_path.open("wb")
         env = dict(os.environ)
@@ -781,6 +784,28 @@ def test_live_telemetry_of_a_device(page: Page, owner_cs: str, sdk_device):
     assert '"temperature": 21.5' in shown, shown
     page.screenshot("device-telemetry-live")
 
+    # The hub-wide view, for this device from the earliest retained message: the same message.
+    page.nav("Telemetry")
+    # The view listens to all devices from now as it opens; Start is enabled once stopped.
+    page.wait_text(role("status"), "Listening", "all devices", timeout=15)
+    page.click(role("button", "Stop", exact=True))
+    page.fill(label("Device ID", exact=True), did)
+    page.select(label("From", exact=True), label="Earliest retained")
+    page.click(role("button", "Start", exact=True))
+    status = page.wait_text(role("status"), "Listening", did, timeout=15)
+    assert "earliest" in status, status
+    article = [live, role("article", f"Message from {did}", hasText=marker)]
+    page.wait_text(article, marker, "Application properties (1)", timeout=15)
+    page.click([article, text("Application properties (1)")])
+    page.wait_text(article, "source", "console-test")
+
+    # And one sent now arrives live, newest first.
+    later = unique_id("reading")
+    device.client.send_message(Message(json.dumps({"temperature": 22.0, "marker": later})))
+    shown = page.wait_text(live, later, marker, timeout=15)
+    assert shown.index(later) < shown.index(marker), "the newest message is not first"
+    page.screenshot("telemetry-live")
+
 
 # --------------------------------------------------------------------------------------------
 # h. cloud-to-device
@@ -828,3 +853,80 @@ def test_run_a_method_job_to_completion(page: Page, owner_cs: str, sdk_device):
     assert "answeredBy" in results, results
     assert SdkDevice.next(device.methods, "job's method call") == ("blink", {"times": 3})
     page.screenshot("jobs-completed")
+
+
+# --------------------------------------------------------------------------------------------
+# i. every view, light and dark, saved under target/console-screenshots/
+# --------------------------------------------------------------------------------------------
+
+# Each view and what it shows once its data has loaded (so the screenshot is not a spinner).
+VIEWS: list[tuple[str, str, tuple[str, ...]]] = [
+    ("Overview", "overview", ("Total devices", "Endpoints")),
+    ("Devices", "devices", ("Page 1",)),
+    ("Jobs", "jobs", ()),
+    ("Routing", "routing", ()),
+    ("Telemetry", "telemetry", ("Listening",)),
+]
+DEVICE_TABS: list[tuple[str, str, tuple[str, ...]]] = [
+    ("Identity", "identity", ("Connection state", "Connected")),
+    ("Twin", "twin", ("Twin version", "firmware")),
+    ("Direct method", "method", ("Invoke method",)),
+    ("Cloud-to-device", "c2d", ("Send message",)),
+    ("Telemetry", "telemetry", ("Listening",)),
+    ("Modules", "modules", ("Create module",)),
+]
+
+
+def background_luminance(page: Page) -> float:
+    """The relative luminance (0 black .. 1 white) of the page's background colour."""
+    rgb = page.eval("getComputedStyle(document.body).backgroundColor")
+    r, g, b = (int(v) / 255 for v in re.findall(r"[\d.]+", rgb)[:3])
+    return 0.2126 * r + 0.7152 * g + 0.0722 * b
+
+
+def test_screenshots_of_every_view(page: Page, hub: Hub, owner_cs: str, sdk_device):
+    from azure.iot.device import Message
+
+    did, device = sdk_device()
+    device.client.patch_twin_reported_properties({"firmware": "1.4.2", "battery": 88})
+    r = hub.rest(
+        "PATCH",
+        f"/twins/{did}",
+        headers={"If-Match": "*"},
+        json_body={"tags": {"site": "lab"}, "properties": {"desired": {"interval": 30}}},
+    )
+    assert r.status_code == 200, r.text
+    device.client.send_message(Message(json.dumps({"temperature": 20.5})))
+
+    page.sign_in(owner_cs)
+    for name, slug, ready in VIEWS:
+        page.nav(name)
+        page.wait_text(role("main"), *ready)
+        if slug == "overview":
+            # Rates need two samples of /metrics, 2 s apart.
+            page.wait_text(role("group", "Messages/s"), regex=r"^\s*\d", timeout=15)
+        assert page.count(ALERT) == 0, page.text(ALERT)
+        page.screenshot(slug)
+    # The overview counts this device as connected.
+    page.nav("Overview")
+    page.wait_text(role("group", "Connected devices"), regex=r"^\s*[1-9]")
+
+    for tab, slug, ready in DEVICE_TABS:
+        if tab == DEVICE_TABS[0][0]:
+            page.open_device(did, tab)
+        else:
+            page.click(role("tab", tab, exact=True))
+        panel = role("tabpanel", tab, exact=True)
+        page.visible(panel)
+        page.wait_text(panel, *ready, timeout=15)
+        page.screenshot(f"device-{slug}")
+
+    light = background_luminance(page)
+    page.call("emulateMedia", colorScheme="dark")
+    dark = background_luminance(page)
+    assert dark < 0.2 < light, f"the dark scheme left the background at luminance {dark} (light: {light})"
+    page.click(role("tab", "Twin", exact=True))
+    page.screenshot("dark-device-twin")
+    page.nav("Overview")
+    page.wait_text(role("main"), "Total devices")
+    page.screenshot("dark-overview")
