@@ -94,7 +94,8 @@ fn message_error(e: MessageError) -> Error {
     }
 }
 
-pub(crate) fn log_error(e: twinhub_eventlog::Error) -> Error {
+/// An event log failure in IoT Hub's terms, for whoever reads or writes the log.
+pub fn log_error(e: twinhub_eventlog::Error) -> Error {
     match e {
         twinhub_eventlog::Error::TooLarge { .. } => {
             Error::new(ErrorCode::MessageTooLarge, e.to_string())

@@ -250,12 +250,9 @@ pub(super) async fn telemetry(
                 None => Position::Latest,
             },
         };
-        let next = log.resolve(p, &position).map_err(|e| {
-            ApiError::from(twinhub_core::Error::new(
-                ErrorCode::ServiceUnavailable,
-                format!("the event log cannot be read: {e}"),
-            ))
-        })?;
+        let next = log
+            .resolve(p, &position)
+            .map_err(|e| ApiError::from(twinhub_core::telemetry::log_error(e)))?;
         cursor.insert(p, next - 1);
         readers.push(partition_events(Reader {
             log: log.clone(),

@@ -14,7 +14,7 @@ mod messages;
 mod routing;
 mod twins;
 
-pub use auth::{Authorized, Read, ServiceConnect, Write};
+pub use auth::{Authorized, Query, Read, ServiceConnect, Write};
 
 use std::future::Future;
 use std::sync::Arc;
