@@ -8,7 +8,7 @@ mod support;
 
 use std::time::Duration;
 
-use support::{RawMqtt, TestHub, device_token};
+use support::{RawMqtt, TestHub, device_token, https_client, policy_token};
 use twinhub_mqtt::{Packet, QoS};
 use twinhub_proto::c2d::{Ack, CloudMessage};
 
@@ -27,27 +27,8 @@ fn message(id: &str, ack: Ack) -> CloudMessage {
     }
 }
 
-fn http(hub: &TestHub) -> reqwest::Client {
-    let _ = rustls::crypto::ring::default_provider().install_default();
-    let ca = reqwest::Certificate::from_pem(&std::fs::read(hub.ca_pem()).unwrap()).unwrap();
-    reqwest::Client::builder()
-        .tls_certs_only([ca])
-        .build()
-        .unwrap()
-}
-
 fn base(hub: &TestHub) -> String {
     format!("https://localhost:{}", hub.https.port())
-}
-
-fn service_token(hub: &TestHub) -> String {
-    twinhub_proto::sas::generate_sas_token(
-        "localhost",
-        &hub.server().hub_file.policies[0].primary_key,
-        Some("iothubowner"),
-        support::now_unix() + 600,
-    )
-    .unwrap()
 }
 
 async fn depth(hub: &TestHub) -> u64 {
@@ -74,8 +55,8 @@ fn prop<'a>(bag: &'a [(String, String)], key: &str) -> Option<&'a str> {
 }
 
 async fn feedback_statuses(hub: &TestHub) -> Vec<(String, String)> {
-    let http = http(hub);
-    let token = service_token(hub);
+    let http = https_client(hub);
+    let token = policy_token(hub, "iothubowner", 600);
     let mut out = Vec::new();
     for _ in 0..100 {
         let resp = http
@@ -251,7 +232,7 @@ async fn a_puback_out_of_order_closes_the_connection_and_nothing_is_lost() {
 async fn https_device_receives_completes_rejects_and_abandons() {
     let hub = TestHub::start_with(|c| c.c2d_max_delivery_count = 2).await;
     let key = hub.device("d1").await;
-    let http = http(&hub);
+    let http = https_client(&hub);
     let token = device_token("d1", &key, 600);
     let url = format!(
         "{}/devices/d1/messages/deviceBound?api-version=2021-04-12",
@@ -379,7 +360,7 @@ async fn https_device_receives_completes_rejects_and_abandons() {
 async fn https_telemetry_reaches_the_event_log_with_its_properties() {
     let hub = TestHub::start().await;
     let key = hub.device("d1").await;
-    let http = http(&hub);
+    let http = https_client(&hub);
     let resp = http
         .post(format!(
             "{}/devices/d1/messages/events?api-version=2021-04-12",
@@ -420,13 +401,13 @@ async fn purge_over_rest_empties_the_queue() {
         h.send_c2d(message(id, Ack::Negative)).await.unwrap();
     }
     assert_eq!(depth(&hub).await, 3);
-    let http = http(&hub);
+    let http = https_client(&hub);
     let resp = http
         .delete(format!(
             "{}/devices/d1/commands?api-version=2021-04-12",
             base(&hub)
         ))
-        .header("Authorization", service_token(&hub))
+        .header("Authorization", policy_token(&hub, "iothubowner", 600))
         .send()
         .await
         .unwrap();
@@ -452,7 +433,7 @@ async fn purge_over_rest_empties_the_queue() {
             "{}/devices/nobody/commands?api-version=2021-04-12",
             base(&hub)
         ))
-        .header("Authorization", service_token(&hub))
+        .header("Authorization", policy_token(&hub, "iothubowner", 600))
         .send()
         .await
         .unwrap();

@@ -13,33 +13,14 @@ use support::*;
 
 const WAIT: Duration = Duration::from_secs(15);
 
-fn http(hub: &TestHub) -> reqwest::Client {
-    let _ = rustls::crypto::ring::default_provider().install_default();
-    let ca = reqwest::Certificate::from_pem(&std::fs::read(hub.ca_pem()).unwrap()).unwrap();
-    reqwest::Client::builder()
-        .tls_certs_only([ca])
-        .build()
-        .unwrap()
-}
-
 fn url(hub: &TestHub, path: &str) -> String {
     format!("https://localhost:{}{path}", hub.https.port())
-}
-
-fn token(hub: &TestHub, policy: &str, ttl_secs: u64) -> String {
-    twinhub_proto::sas::generate_sas_token(
-        "localhost",
-        &policy_key(hub, policy),
-        Some(policy),
-        now_unix() + ttl_secs,
-    )
-    .unwrap()
 }
 
 #[tokio::test]
 async fn the_console_is_served_from_the_binary_with_its_security_headers() {
     let hub = TestHub::start().await;
-    let client = http(&hub);
+    let client = https_client(&hub);
 
     let index = client.get(url(&hub, "/")).send().await.unwrap();
     assert_eq!(index.status(), 200);
@@ -96,7 +77,7 @@ async fn the_console_is_served_from_the_binary_with_its_security_headers() {
 #[tokio::test]
 async fn hub_facts_name_the_policy_and_its_rights_and_need_a_valid_token() {
     let hub = TestHub::start().await;
-    let client = http(&hub);
+    let client = https_client(&hub);
 
     let missing = client.get(url(&hub, "/twinhub/hub")).send().await.unwrap();
     assert_eq!(missing.status(), 401);
@@ -136,7 +117,7 @@ async fn hub_facts_name_the_policy_and_its_rights_and_need_a_valid_token() {
     ] {
         let facts: serde_json::Value = client
             .get(url(&hub, "/twinhub/hub"))
-            .header("authorization", token(&hub, policy, 60))
+            .header("authorization", policy_token(&hub, policy, 60))
             .send()
             .await
             .unwrap()
@@ -154,7 +135,7 @@ async fn hub_facts_name_the_policy_and_its_rights_and_need_a_valid_token() {
 #[tokio::test]
 async fn a_c2d_message_sent_over_https_reaches_the_device() {
     let hub = TestHub::start().await;
-    let client = http(&hub);
+    let client = https_client(&hub);
     let key = hub.device("d1").await;
     let device = device_client(&hub, "d1", &key);
     device.connect().await.unwrap();
@@ -163,7 +144,7 @@ async fn a_c2d_message_sent_over_https_reaches_the_device() {
     // ServiceConnect is needed: the registry-only policy is refused.
     let refused = client
         .post(url(&hub, "/twinhub/devices/d1/messages"))
-        .header("authorization", token(&hub, "registryRead", 60))
+        .header("authorization", policy_token(&hub, "registryRead", 60))
         .body(r#"{"body":"x"}"#)
         .send()
         .await
@@ -172,7 +153,7 @@ async fn a_c2d_message_sent_over_https_reaches_the_device() {
 
     let bad = client
         .post(url(&hub, "/twinhub/devices/d1/messages"))
-        .header("authorization", token(&hub, "service", 60))
+        .header("authorization", policy_token(&hub, "service", 60))
         .body(r#"{"body":"x","ack":"sometimes"}"#)
         .send()
         .await
@@ -182,7 +163,7 @@ async fn a_c2d_message_sent_over_https_reaches_the_device() {
 
     let unknown = client
         .post(url(&hub, "/twinhub/devices/nobody/messages"))
-        .header("authorization", token(&hub, "service", 60))
+        .header("authorization", policy_token(&hub, "service", 60))
         .body(r#"{"body":"x"}"#)
         .send()
         .await
@@ -192,7 +173,7 @@ async fn a_c2d_message_sent_over_https_reaches_the_device() {
 
     let sent: serde_json::Value = client
         .post(url(&hub, "/twinhub/devices/d1/messages"))
-        .header("authorization", token(&hub, "service", 60))
+        .header("authorization", policy_token(&hub, "service", 60))
         .body(
             r#"{"body":"turn on","properties":{"color":"green"},"messageId":"m-1","ack":"full","ttlSeconds":600}"#,
         )
@@ -284,7 +265,7 @@ async fn open_stream(
 #[tokio::test]
 async fn the_telemetry_stream_needs_service_connect() {
     let hub = TestHub::start().await;
-    let client = http(&hub);
+    let client = https_client(&hub);
     let none = client
         .get(url(&hub, "/twinhub/telemetry"))
         .send()
@@ -292,7 +273,7 @@ async fn the_telemetry_stream_needs_service_connect() {
         .unwrap();
     assert_eq!(none.status(), 401);
     for policy in ["registryRead", "registryReadWrite"] {
-        let resp = open_stream(&client, &hub, "", &token(&hub, policy, 60), None).await;
+        let resp = open_stream(&client, &hub, "", &policy_token(&hub, policy, 60), None).await;
         assert_eq!(resp.status(), 401, "{policy}");
         assert_eq!(
             resp.headers()["iothub-errorcode"],
@@ -303,7 +284,7 @@ async fn the_telemetry_stream_needs_service_connect() {
         &client,
         &hub,
         "?from=yesterday",
-        &token(&hub, "service", 60),
+        &policy_token(&hub, "service", 60),
         None,
     )
     .await;
@@ -314,8 +295,8 @@ async fn the_telemetry_stream_needs_service_connect() {
 #[tokio::test]
 async fn the_telemetry_stream_shows_one_device_or_all_and_resumes_from_its_id() {
     let hub = TestHub::start().await;
-    let client = http(&hub);
-    let auth = token(&hub, "service", 600);
+    let client = https_client(&hub);
+    let auth = policy_token(&hub, "service", 600);
     let k1 = hub.device("d1").await;
     let k2 = hub.device("d2").await;
     let d1 = device_client(&hub, "d1", &k1);
@@ -385,8 +366,8 @@ async fn the_telemetry_stream_shows_one_device_or_all_and_resumes_from_its_id() 
 #[tokio::test]
 async fn a_client_that_goes_away_releases_its_stream() {
     let hub = TestHub::start().await;
-    let client = http(&hub);
-    let auth = token(&hub, "service", 600);
+    let client = https_client(&hub);
+    let auth = policy_token(&hub, "service", 600);
     let key = hub.device("d1").await;
     let device = device_client(&hub, "d1", &key);
     device.connect().await.unwrap();
@@ -417,9 +398,9 @@ async fn a_client_that_goes_away_releases_its_stream() {
 #[tokio::test]
 async fn a_stream_ends_when_its_token_expires() {
     let hub = TestHub::start().await;
-    let client = http(&hub);
+    let client = https_client(&hub);
     let started = std::time::Instant::now();
-    let resp = open_stream(&client, &hub, "", &token(&hub, "service", 2), None).await;
+    let resp = open_stream(&client, &hub, "", &policy_token(&hub, "service", 2), None).await;
     assert_eq!(resp.status(), 200);
     let mut sse = Sse::new(resp);
     assert!(sse.next().await.is_none(), "no events, then the end");

@@ -12,7 +12,7 @@ use std::time::Duration;
 use bytes::BytesMut;
 use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair, KeyUsagePurpose};
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName};
-use support::{RawMqtt, TestHub, connect_packet};
+use support::{RawMqtt, TestHub, connect_packet, https_client, policy_token};
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 use twinhub_core::certificates::{sha1_hex, sha256_hex};
@@ -386,25 +386,6 @@ async fn the_certificate_api_refuses_bad_input_with_iot_hub_errors() {
     assert!(svc.list_certificates().await.unwrap().is_empty());
 }
 
-fn http(hub: &TestHub) -> reqwest::Client {
-    let _ = rustls::crypto::ring::default_provider().install_default();
-    let ca = reqwest::Certificate::from_pem(&std::fs::read(hub.ca_pem()).unwrap()).unwrap();
-    reqwest::Client::builder()
-        .tls_certs_only([ca])
-        .build()
-        .unwrap()
-}
-
-fn owner_token(hub: &TestHub) -> String {
-    twinhub_proto::sas::generate_sas_token(
-        "localhost",
-        &hub.server().hub_file.policies[0].primary_key,
-        Some("iothubowner"),
-        support::now_unix() + 600,
-    )
-    .unwrap()
-}
-
 #[tokio::test]
 async fn resource_manager_shapes_and_module_common_names() {
     let hub = TestHub::start().await;
@@ -415,17 +396,17 @@ async fn resource_manager_shapes_and_module_common_names() {
         hub.https.port()
     );
     // Resource Manager's PUT body, isVerified on upload (no proof of possession).
-    let put = http(&hub)
+    let put = https_client(&hub)
         .put(format!("{url}/arm?api-version=2021-04-12"))
-        .header("Authorization", owner_token(&hub))
+        .header("Authorization", policy_token(&hub, "iothubowner", 600))
         .json(&serde_json::json!({"properties": {"certificate": root.pem, "isVerified": true}}))
         .send()
         .await
         .unwrap();
     assert_eq!(put.status(), 200);
-    let list: serde_json::Value = http(&hub)
+    let list: serde_json::Value = https_client(&hub)
         .get(format!("{url}?api-version=2021-04-12"))
-        .header("Authorization", owner_token(&hub))
+        .header("Authorization", policy_token(&hub, "iothubowner", 600))
         .send()
         .await
         .unwrap()
@@ -450,12 +431,12 @@ async fn resource_manager_shapes_and_module_common_names() {
         }),
         ..Default::default()
     };
-    let put = http(&hub)
+    let put = https_client(&hub)
         .put(format!(
             "https://localhost:{}/devices/md/modules/m1?api-version=2021-04-12",
             hub.https.port()
         ))
-        .header("Authorization", owner_token(&hub))
+        .header("Authorization", policy_token(&hub, "iothubowner", 600))
         .json(&module)
         .send()
         .await

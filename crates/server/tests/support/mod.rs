@@ -596,3 +596,24 @@ pub fn device_client(hub: &TestHub, id: &str, key: &str) -> twinhub_sdk::DeviceC
     .build()
     .unwrap()
 }
+
+/// A reqwest client trusting only this hub's development CA, for raw HTTPS calls.
+pub fn https_client(hub: &TestHub) -> reqwest::Client {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let ca = reqwest::Certificate::from_pem(&std::fs::read(hub.ca_pem()).unwrap()).unwrap();
+    reqwest::Client::builder()
+        .tls_certs_only([ca])
+        .build()
+        .unwrap()
+}
+
+/// A service SAS token of shared access policy `policy`, valid `ttl_secs`.
+pub fn policy_token(hub: &TestHub, policy: &str, ttl_secs: u64) -> String {
+    twinhub_proto::sas::generate_sas_token(
+        "localhost",
+        &policy_key(hub, policy),
+        Some(policy),
+        now_unix() + ttl_secs,
+    )
+    .unwrap()
+}
