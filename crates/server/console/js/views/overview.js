@@ -49,7 +49,8 @@ function hubConnectionString(ctx) {
   return `HostName=${serviceHost(ctx.facts)};SharedAccessKeyName=${ctx.conn.policy};SharedAccessKey=${ctx.conn.key}`;
 }
 
-function eventsConnectionString(ctx, entity, plain = false) {
+/** The Event Hub-compatible connection string of `entity` (the built-in endpoint or a stream). */
+export function eventsConnectionString(ctx, entity, plain = false) {
   const f = ctx.facts;
   if (plain) {
     if (!f.amqpPlainPort) return null;

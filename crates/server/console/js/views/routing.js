@@ -7,6 +7,7 @@ import {
   h, fill, field, notice, busy, describe, needs, pill, heading, section, pretty, parseJson,
   secretLine, showKeysButton,
 } from '../ui.js';
+import { eventsConnectionString } from './overview.js';
 
 const SOURCES = [
   ['DeviceMessages', 'Device telemetry messages'],
@@ -38,13 +39,6 @@ function endpointChecks(legend, names) {
   };
   el.disable = (off) => { for (const b of boxes) b.input.disabled = off; };
   return el;
-}
-
-function streamConnectionString(ctx, entity) {
-  const f = ctx.facts;
-  if (!f.amqpPort) return null;
-  const host = f.amqpPort === 5671 ? f.hostName : `${f.hostName}:${f.amqpPort}`;
-  return `Endpoint=sb://${host}/;SharedAccessKeyName=${ctx.conn.policy};SharedAccessKey=${ctx.conn.key};EntityPath=${entity}`;
 }
 
 export async function render(main, ctx) {
@@ -89,7 +83,7 @@ export async function render(main, ctx) {
     for (const e of config.endpoints) {
       let details;
       if (e.kind === 'stream') {
-        const cs = streamConnectionString(ctx, e.name);
+        const cs = eventsConnectionString(ctx, e.name);
         const line = cs ? secretLine(`Event Hub-compatible connection string of ${e.name}`, cs, ctx.conn.key) : null;
         if (line) { line.reveal(keysShown); lines.push(line); }
         details = h('div', {}, h('div', { class: 'hint' }, `A stream hosted by twinhub; read it with EntityPath=${e.name}.`), line);
